@@ -1,0 +1,92 @@
+"""The storage interface: the one narrow door between the bot and its database.
+
+Processing and the nursery only ever see `Store`. `open_store(DATABASE_URL)` picks the
+implementation (SQLite today). Every method is one transaction: it either happens
+whole or not at all, so a cancelled request can never leave half an exchange behind.
+
+`claim_event` is the durable half of "every event is handled exactly once": when several
+replicas share a database later, it becomes the cross-process dedupe (an INSERT that
+only one replica wins), without processing noticing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+Role = Literal["user", "assistant"]
+Outcome = Literal["answered", "timeout", "error", "interrupted"]
+
+
+@dataclass(frozen=True)
+class ThreadKey:
+    """A Slack conversation thread: the channel and the `ts` of its first message."""
+
+    channel: str
+    thread_ts: str
+
+    def __str__(self) -> str:
+        return f"{self.channel}/{self.thread_ts}"
+
+
+@dataclass(frozen=True)
+class HistoryMessage:
+    role: Role
+    content: str
+    ts: str = ""  # Slack ts of the message this came from ("" when unknown)
+
+
+@dataclass(frozen=True)
+class InFlightRequest:
+    """A request recorded as started and not yet finished: the placeholder to fix up
+    after a crash."""
+
+    request_id: str
+    thread: ThreadKey
+    placeholder_ts: str
+    started_at: float
+
+
+class Store(Protocol):
+    async def claim_event(self, key: str) -> bool:
+        """Record `key` (an event id, or `channel:ts`) as handled. True the first time,
+        False if it was already claimed — by this process or an earlier one."""
+
+    async def thread_known(self, thread: ThreadKey) -> bool:
+        """True if the bot has taken part in this thread (so follow-ups need no mention)."""
+
+    async def load_history(self, thread: ThreadKey) -> list[HistoryMessage]:
+        """The thread's conversation, oldest first: user messages and the bot's answers."""
+
+    async def import_history(self, thread: ThreadKey, messages: list[HistoryMessage]) -> None:
+        """Seed an unknown thread with history rebuilt from Slack; a no-op if the thread
+        already has history."""
+
+    async def start_request(
+        self, request_id: str, thread: ThreadKey, *, user_ts: str, placeholder_ts: str, started_at: float
+    ) -> None:
+        """Record a request as in flight (its placeholder is on screen); marks the thread known."""
+
+    async def finish_request(
+        self,
+        request_id: str,
+        *,
+        outcome: Outcome,
+        user_text: str,
+        user_ts: str,
+        reply_text: str,
+        finished_at: float,
+        detail: str = "",
+    ) -> None:
+        """Close a request and, in the same transaction, append the exchange to the
+        thread's history. Only answered exchanges enter the history the model sees;
+        the others are kept with their outcome for the record."""
+
+    async def in_flight(self) -> list[InFlightRequest]:
+        """Requests started and never finished (a killed process leaves these)."""
+
+    async def prune_events(self, older_than: float) -> int:
+        """Forget claimed event keys claimed before `older_than` (epoch seconds)."""
+
+    async def aclose(self) -> None:
+        """Close the database; later calls raise."""

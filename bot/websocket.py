@@ -1,0 +1,204 @@
+"""A small WebSocket client: wsproto over an AnyIO byte stream (TCP, TLS for wss://).
+
+Why our own: it runs unchanged on Trio and asyncio, adds no second HTTP stack beside
+httpx2, and gives the Socket Mode reader exactly the three things it needs — send a
+text frame, receive the next text frame, and know when the peer last said anything
+(pongs included) so a silent dead socket can be abandoned.
+
+`WebSocket` is the interface the reader uses; `connect_websocket` is the real
+implementation. Tests swap in an in-memory one with the same methods.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+import certifi
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # Slack envelopes are small; this only stops a runaway peer.
+
+
+class WebSocketClosed(Exception):
+    """The connection is gone: a close frame, a TCP reset, EOF, or a protocol error."""
+
+
+class WebSocket(Protocol):
+    last_activity: float  # anyio.current_time() when the peer last sent anything
+
+    async def send_text(self, text: str) -> None: ...
+
+    async def receive_text(self) -> str:
+        """The next complete text message. Raises WebSocketClosed when the socket ends."""
+
+    async def ping(self) -> None: ...
+
+    async def aclose(self) -> None:
+        """Close politely, bounded in time (Slack may never finish the TCP close)."""
+
+
+class Connector(Protocol):
+    async def __call__(self, url: str) -> WebSocket: ...
+
+
+def _ssl_context() -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=certifi.where())
+
+
+async def connect_websocket(url: str, *, timeout: float = 15.0) -> WsprotoWebSocket:
+    """Open a WebSocket to `url` (ws:// or wss://) and complete the upgrade handshake."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise WebSocketClosed(f"not a WebSocket URL: {parts.scheme}://{parts.hostname}")
+    tls = parts.scheme == "wss"
+    port = parts.port or (443 if tls else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    with anyio.fail_after(timeout):
+        try:
+            if tls:
+                stream = await anyio.connect_tcp(
+                    parts.hostname, port, tls=True, ssl_context=_ssl_context(),
+                    tls_hostname=parts.hostname, tls_standard_compatible=False,
+                )
+            else:
+                stream = await anyio.connect_tcp(parts.hostname, port)
+        except OSError as exc:
+            raise WebSocketClosed(f"cannot connect to {parts.hostname}:{port}: {exc}") from None
+        ws = WsprotoWebSocket(stream)
+        try:
+            await ws._handshake(host_header, target)
+        except BaseException:
+            await ws._abort()
+            raise
+    return ws
+
+
+class WsprotoWebSocket:
+    """The real client. One task reads (the Socket Mode reader); any task may send —
+    writes are serialised by an anyio.Lock so frames never interleave."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self._stream = stream
+        self._conn = WSConnection(ConnectionType.CLIENT)
+        self._send_lock = anyio.Lock()
+        self._parts: list[str] = []
+        self._size = 0
+        self._closed = False
+        self._pending: list[str] = []
+        self.last_activity = anyio.current_time()
+
+    async def _write(self, event) -> None:
+        try:
+            data = self._conn.send(event)
+        except LocalProtocolError as exc:
+            raise WebSocketClosed(f"cannot send on this socket: {exc}") from None
+        async with self._send_lock:
+            try:
+                await self._stream.send(data)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                self._closed = True
+                raise WebSocketClosed(f"send failed: {exc!r}") from None
+
+    async def _handshake(self, host: str, target: str) -> None:
+        await self._write(Request(host=host, target=target))
+        while True:
+            data = await self._read_chunk()
+            self._conn.receive_data(data)
+            for event in self._conn.events():
+                if isinstance(event, AcceptConnection):
+                    return
+                if isinstance(event, (RejectConnection, RejectData)):
+                    code = getattr(event, "status_code", "?")
+                    raise WebSocketClosed(f"WebSocket upgrade refused (HTTP {code})")
+
+    async def _read_chunk(self) -> bytes:
+        try:
+            data = await self._stream.receive(65536)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._closed = True
+            raise WebSocketClosed(f"connection lost: {exc!r}") from None
+        self.last_activity = anyio.current_time()
+        return data
+
+    async def send_text(self, text: str) -> None:
+        if self._closed:
+            raise WebSocketClosed("socket is closed")
+        await self._write(TextMessage(data=text))
+
+    async def ping(self) -> None:
+        if not self._closed:
+            await self._write(Ping(payload=b"slackbot-ping"))
+
+    async def receive_text(self) -> str:
+        while not self._pending:
+            if self._closed:
+                raise WebSocketClosed("socket is closed")
+            data = await self._read_chunk()
+            try:
+                self._conn.receive_data(data)
+            except LocalProtocolError as exc:
+                self._closed = True
+                raise WebSocketClosed(f"protocol error: {exc}") from None
+            for event in self._conn.events():
+                await self._on_event(event)
+        return self._pending.pop(0)
+
+    async def _on_event(self, event) -> None:
+        if isinstance(event, TextMessage):
+            self._parts.append(event.data)
+            self._size += len(event.data)
+            if self._size > MAX_MESSAGE_BYTES:
+                self._closed = True
+                raise WebSocketClosed("message too large")
+            if event.message_finished:
+                self._pending.append("".join(self._parts))
+                self._parts.clear()
+                self._size = 0
+        elif isinstance(event, Ping):
+            await self._write(event.response())
+        elif isinstance(event, CloseConnection):
+            try:
+                await self._write(event.response())
+            except WebSocketClosed:
+                pass
+            self._closed = True
+            if not self._pending:
+                raise WebSocketClosed(f"closed by peer: {event.code} {event.reason or ''}".strip())
+        elif isinstance(event, (Pong, BytesMessage)):
+            pass  # activity already recorded; Slack sends no binary frames
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with anyio.move_on_after(1.0, shield=True):
+                try:
+                    data = self._conn.send(CloseConnection(code=1000))
+                    async with self._send_lock:
+                        await self._stream.send(data)
+                except Exception:  # noqa: BLE001 - best effort on a socket we are leaving
+                    pass
+        await self._abort()
+
+    async def _abort(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(self._stream)
