@@ -1,0 +1,72 @@
+"""Build the model's input from a thread's history, trimmed to the context budget.
+
+Keeps, in order of priority: the system prompt, the new user message (cut down with a
+visible note if it alone is too big), then as much recent history as fits, newest first.
+Older turns are dropped whole, never cut mid-message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bot.processing.tokens import PER_MESSAGE_OVERHEAD, count_tokens, message_tokens
+from bot.storage.base import HistoryMessage
+
+TRUNCATION_NOTE = "\n\n[… message truncated: it was too long for the model's context …]"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    messages: list[dict]
+    dropped_history: int  # older messages left out to fit the budget
+    truncated_user_message: bool
+
+
+def _truncate_to(text: str, budget: int) -> str:
+    """Cut `text` so that it and the note fit `budget` tokens (binary search on length)."""
+    budget -= count_tokens(TRUNCATION_NOTE)
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count_tokens(text[:mid]) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + TRUNCATION_NOTE
+
+
+def build_prompt(
+    system_prompt: str,
+    history: list[HistoryMessage],
+    user_text: str,
+    *,
+    budget_tokens: int,
+    reserve_for_answer: int,
+) -> Prompt:
+    budget = budget_tokens - reserve_for_answer
+    system = {"role": "system", "content": system_prompt}
+    used = message_tokens(system)
+    truncated = False
+    user = {"role": "user", "content": user_text}
+    user_cost = message_tokens(user)
+    if used + user_cost > budget:
+        room = max(budget - used - PER_MESSAGE_OVERHEAD, 50)
+        user = {"role": "user", "content": _truncate_to(user_text, room)}
+        user_cost = message_tokens(user)
+        truncated = True
+    used += user_cost
+
+    kept: list[dict] = []
+    for item in reversed(history):
+        msg = {"role": item.role, "content": item.content}
+        cost = message_tokens(msg)
+        if used + cost > budget:
+            break
+        kept.append(msg)
+        used += cost
+    kept.reverse()
+    return Prompt(
+        messages=[system, *kept, user],
+        dropped_history=len(history) - len(kept),
+        truncated_user_message=truncated,
+    )

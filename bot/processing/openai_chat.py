@@ -1,0 +1,89 @@
+"""Stream one chat completion from an OpenAI-compatible endpoint, with two deadlines.
+
+- The request's overall deadline is the caller's `move_on_after`; here we only make the
+  SDK's own HTTP timeout fit inside what is left of it, so the SDK never waits longer
+  than the request may.
+- The idle-gap deadline is a cancel scope whose deadline moves forward with every chunk:
+  a stream that goes silent (the commonest real hang) is cut after
+  `idle_timeout` seconds, not after the SDK's 600 s read timeout.
+
+The stream is always closed by its `async with`, whether it ends, fails, stalls or is
+cancelled, so no connection is left open.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+import httpx2
+import openai
+
+
+class StreamStalled(Exception):
+    """The model stopped sending for longer than the idle-gap deadline."""
+
+    def __init__(self, idle_timeout: float) -> None:
+        super().__init__(f"no data from the model for {idle_timeout:g}s")
+        self.idle_timeout = idle_timeout
+
+
+@dataclass
+class ChatResult:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _sdk_timeout(seconds_left: float) -> httpx2.Timeout:
+    left = max(0.5, seconds_left)
+    return httpx2.Timeout(left, connect=min(10.0, left))
+
+
+async def stream_chat(
+    client: openai.AsyncOpenAI,
+    *,
+    model: str,
+    messages: list[dict],
+    max_tokens: int,
+    idle_timeout: float,
+    on_delta: Callable[[str], None],
+) -> ChatResult:
+    """Stream the answer, calling `on_delta(piece)` for each piece of text as it arrives.
+
+    Raises openai errors as the SDK raises them, or StreamStalled.
+    """
+    deadline = anyio.current_effective_deadline()
+    left = deadline - anyio.current_time() if math.isfinite(deadline) else 600.0
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=messages,
+        stream=True,
+        stream_options={"include_usage": True},
+        max_completion_tokens=max_tokens,
+        timeout=_sdk_timeout(left),
+    )
+    result = ChatResult(text="", finish_reason=None)
+    pieces: list[str] = []
+    async with stream:
+        with anyio.CancelScope(deadline=anyio.current_time() + idle_timeout) as idle:
+            async for chunk in stream:
+                idle.deadline = anyio.current_time() + idle_timeout
+                if chunk.usage is not None:
+                    result.prompt_tokens = chunk.usage.prompt_tokens or 0
+                    result.completion_tokens = chunk.usage.completion_tokens or 0
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                if choice.delta is not None and choice.delta.content:
+                    pieces.append(choice.delta.content)
+                    on_delta(choice.delta.content)
+                if choice.finish_reason:
+                    result.finish_reason = choice.finish_reason
+        if idle.cancelled_caught:
+            raise StreamStalled(idle_timeout)
+    result.text = "".join(pieces)
+    return result

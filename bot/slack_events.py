@@ -1,0 +1,126 @@
+"""Turn a Socket Mode envelope's payload into an `IncomingMessage`, or say why not.
+
+This is pure data work (no I/O), so every rule about which Slack events the bot
+answers lives here and is tested directly:
+
+- DMs (`message` in an `im` channel) are answered;
+- `app_mention`s in channels are answered;
+- a plain `message` in a channel thread is a *candidate follow-up*: it is answered only
+  if the bot already takes part in that thread (the nursery asks storage);
+- the bot's own messages, other bots, and subtypes other than `file_share` are ignored.
+
+A mention arrives twice (as `app_mention` and as `message`); `dedupe_keys` gives both
+the event id and `channel:ts`, so whichever comes second is dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from bot.storage.base import ThreadKey
+
+ANSWERED_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
+MAX_TEXT_CHARS = 40_000  # Slack's own cap on a message's text
+
+
+@dataclass(frozen=True)
+class BotIdentity:
+    user_id: str
+    bot_id: str
+    app_id: str = ""
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    event_id: str
+    kind: str  # "dm" | "mention" | "thread_followup"
+    channel: str
+    user: str
+    text: str
+    ts: str
+    thread_ts: str  # the thread the reply goes in (the message's own ts when it starts one)
+    in_existing_thread: bool  # the message was posted inside a thread that existed before it
+
+    @property
+    def thread(self) -> ThreadKey:
+        return ThreadKey(self.channel, self.thread_ts)
+
+    @property
+    def dedupe_keys(self) -> tuple[str, str]:
+        return (f"event:{self.event_id}", f"msg:{self.channel}:{self.ts}")
+
+
+@dataclass(frozen=True)
+class Skip:
+    """The event is deliberately not answered; `reason` goes to the debug log."""
+
+    reason: str
+
+
+def strip_mention(text: str, bot_user_id: str) -> str:
+    """Remove `<@UBOT>` (and `<@UBOT|name>`) from the text the model sees."""
+    return re.sub(rf"<@{re.escape(bot_user_id)}(\|[^>]*)?>", "", text).strip()
+
+
+def parse_event(payload: object, me: BotIdentity) -> IncomingMessage | Skip:
+    """Classify an `events_api` payload. Never raises on malformed input."""
+    if not isinstance(payload, dict):
+        return Skip("payload is not an object")
+    event = payload.get("event")
+    if not isinstance(event, dict):
+        return Skip("payload has no event object")
+    event_type = event.get("type")
+    if event_type not in ("message", "app_mention"):
+        return Skip(f"event type {event_type!r} is not handled")
+
+    subtype = event.get("subtype")
+    if subtype not in ANSWERED_SUBTYPES:
+        return Skip(f"message subtype {subtype!r} is ignored")
+    if event.get("bot_id") or event.get("bot_profile") or (me.app_id and event.get("app_id") == me.app_id):
+        return Skip("message from a bot")
+    user = event.get("user")
+    if user == me.user_id:
+        return Skip("the bot's own message")
+
+    channel, ts, text = event.get("channel"), event.get("ts"), event.get("text", "")
+    if not isinstance(user, str) or not user:
+        return Skip("event has no user")
+    if not isinstance(channel, str) or not channel or not isinstance(ts, str) or not ts:
+        return Skip("event is missing channel or ts")
+    if not isinstance(text, str):
+        text = ""
+    event_id = payload.get("event_id")
+    if not isinstance(event_id, str) or not event_id:
+        event_id = f"{channel}:{ts}"
+    thread_ts = event.get("thread_ts")
+    in_thread = isinstance(thread_ts, str) and bool(thread_ts) and thread_ts != ts
+    reply_thread = thread_ts if in_thread else ts
+
+    is_dm = event.get("channel_type") == "im" or (event_type == "message" and channel.startswith("D"))
+    if event_type == "app_mention":
+        kind = "dm" if is_dm else "mention"
+    elif is_dm:
+        kind = "dm"
+    elif f"<@{me.user_id}" in text:
+        # Its `app_mention` twin carries the answer; without that subscription the
+        # channel+ts dedupe would still let only one of them through.
+        kind = "mention"
+    elif in_thread:
+        kind = "thread_followup"
+    else:
+        return Skip("channel message outside a thread, without a mention")
+
+    clean = strip_mention(text, me.user_id)
+    if not clean and not event.get("files"):
+        return Skip("empty message")
+    return IncomingMessage(
+        event_id=event_id,
+        kind=kind,
+        channel=channel,
+        user=user,
+        text=clean,
+        ts=ts,
+        thread_ts=reply_thread,
+        in_existing_thread=in_thread,
+    )

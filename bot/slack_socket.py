@@ -1,0 +1,264 @@
+"""The Socket Mode reader: keeps a WebSocket to Slack open and turns frames into envelopes.
+
+Its one promise: **every envelope is acked the moment it arrives**, before anything
+else happens, then handed to `on_envelope` (a plain function the nursery gives it, which
+starts a task and returns at once). Nothing here waits on processing, so a slow OpenAI
+call can never make Slack's 3-second ack deadline slip.
+
+Connections:
+- each one starts with `apps.connections.open` (a fresh, single-use URL) and is usable
+  once `hello` arrives;
+- a `disconnect` frame (`warning`, `refresh_requested`, …) asks for a replacement: the new
+  socket is opened *before* the old one is closed (make-before-break), and the old one
+  keeps reading and acking until the new one has said hello;
+- a socket that says nothing for 4 ping intervals (not even a pong) is abandoned;
+- failures reconnect with jittered exponential backoff; `link_disabled` and
+  `too_many_websockets` back off for minutes instead of hot-looping.
+
+Duplicates (redeliveries, the same event on two sockets) are not this module's
+concern: it acks them too, and the nursery dedupes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from bot.slack_api import SlackAPIError, SlackWebAPI
+from bot.websocket import Connector, WebSocket, WebSocketClosed
+
+log = logging.getLogger(__name__)
+
+ENVELOPE_TYPES = frozenset({"events_api", "slash_commands", "interactive"})
+LONG_BACKOFF_REASONS = {"link_disabled": 300.0, "too_many_websockets": 60.0}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    envelope_id: str
+    type: str
+    payload: dict
+    retry_attempt: int = 0
+    received_at: float = 0.0  # anyio.current_time() when the frame was read
+
+
+EnvelopeHandler = Callable[[Envelope], None]
+
+
+class Backoff:
+    """Exponential backoff with full jitter: 0.5 s, 1 s, 2 s … capped at `cap`."""
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> None:
+        self.base, self.cap, self.failures = base, cap, 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.base * (2**self.failures))
+        self.failures += 1
+        return delay / 2 + self._rng.uniform(0, delay / 2)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass
+class _Connection:
+    number: int
+    ws: WebSocket
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    hello: anyio.Event = field(default_factory=anyio.Event)
+    wants_replacement: anyio.Event = field(default_factory=anyio.Event)
+    reason: str = ""
+    opened_at: float = field(default_factory=anyio.current_time)
+
+    def end(self, reason: str) -> None:
+        if not self.reason:
+            self.reason = reason
+        self.wants_replacement.set()
+
+
+class SocketModeReader:
+    def __init__(
+        self,
+        slack: SlackWebAPI,
+        connector: Connector,
+        on_envelope: EnvelopeHandler,
+        *,
+        ping_interval: float = 10.0,
+        hello_timeout: float = 15.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._slack = slack
+        self._connect_ws = connector
+        self._on_envelope = on_envelope
+        self._ping_interval = ping_interval
+        self._hello_timeout = hello_timeout
+        self._backoff = Backoff(rng=rng)
+        self._count = 0
+        self.connected = anyio.Event()  # set once the first socket said hello
+        self.reconnects: dict[str, int] = {}
+        self.envelopes_acked = 0
+        self.live_sockets = 0
+
+    async def run(self) -> None:
+        """Keep one socket serving (two while one replaces the other), until cancelled."""
+        async with anyio.create_task_group() as tg:
+            previous: _Connection | None = None
+            while True:
+                conn = await self._open_with_backoff(tg)
+                if previous is not None:
+                    previous.scope.cancel()  # make-before-break: the new one is live now
+                previous = conn
+                await conn.wants_replacement.wait()
+                self.reconnects[conn.reason] = self.reconnects.get(conn.reason, 0) + 1
+                log.info("socket #%d needs replacing (%s)", conn.number, conn.reason)
+                pause = LONG_BACKOFF_REASONS.get(conn.reason)
+                if pause is None and conn.reason in ("dropped", "stale", "closed") and anyio.current_time() - conn.opened_at < 5.0:
+                    pause = self._backoff.next_delay()  # a socket that dies at once: don't hot-loop
+                    await anyio.sleep(pause)
+                elif pause is not None:
+                    log.error("Slack said %s; waiting %.0fs before reconnecting", conn.reason, pause)
+                    conn.scope.cancel()
+                    await anyio.sleep(pause)
+
+    async def _open_with_backoff(self, tg) -> _Connection:
+        while True:
+            try:
+                conn = await self._open()
+            except (SlackAPIError, WebSocketClosed, TimeoutError, OSError) as exc:
+                delay = self._backoff.next_delay()
+                if isinstance(exc, SlackAPIError) and exc.error in ("invalid_auth", "not_authed", "account_inactive"):
+                    delay = max(delay, 60.0)
+                    log.error("apps.connections.open refused the app token (%s); check SLACK_APP_TOKEN", exc.error)
+                log.warning("cannot open Socket Mode connection (%s); retrying in %.1fs", exc, delay)
+                await anyio.sleep(delay)
+                continue
+            tg.start_soon(self._serve, conn)
+            with anyio.move_on_after(self._hello_timeout) as wait:
+                await _first_of(conn.hello, conn.wants_replacement)
+            if conn.hello.is_set():
+                self._backoff.reset()
+                self.connected.set()
+                return conn
+            conn.scope.cancel()
+            delay = self._backoff.next_delay()
+            why = "no hello" if wait.cancelled_caught else conn.reason
+            log.warning("socket #%d failed before hello (%s); retrying in %.1fs", conn.number, why, delay)
+            await anyio.sleep(delay)
+
+    async def _open(self) -> _Connection:
+        body = await self._slack.call("apps.connections.open", app_token=True)
+        url = body.get("url")
+        if not isinstance(url, str) or not url:
+            raise SlackAPIError("apps.connections.open", "no_url_in_response")
+        with anyio.fail_after(self._hello_timeout):
+            ws = await self._connect_ws(url)
+        self._count += 1
+        return _Connection(self._count, ws)
+
+    async def _serve(self, conn: _Connection) -> None:
+        """Read one socket until it ends or is replaced; always close it on the way out."""
+        self.live_sockets += 1
+        try:
+            with conn.scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._keepalive, conn)
+                    try:
+                        while True:
+                            text = await conn.ws.receive_text()
+                            await self._on_frame(conn, text)
+                    except WebSocketClosed as exc:
+                        log.info("socket #%d closed: %s", conn.number, exc)
+                        conn.end("dropped")
+                    tg.cancel_scope.cancel()
+        finally:
+            self.live_sockets -= 1
+            conn.end("closed")
+            with anyio.CancelScope(shield=True):
+                await conn.ws.aclose()
+
+    async def _keepalive(self, conn: _Connection) -> None:
+        """Ping every interval; a socket silent for 4 intervals is dead."""
+        while True:
+            await anyio.sleep(self._ping_interval)
+            if anyio.current_time() - conn.ws.last_activity > 4 * self._ping_interval:
+                log.warning("socket #%d silent for %.0fs; abandoning it", conn.number, 4 * self._ping_interval)
+                conn.end("stale")
+                conn.scope.cancel()
+                return
+            try:
+                await conn.ws.ping()
+            except WebSocketClosed:
+                conn.end("dropped")
+                conn.scope.cancel()
+                return
+
+    async def _on_frame(self, conn: _Connection, text: str) -> None:
+        received_at = anyio.current_time()
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            log.warning("socket #%d: frame is not JSON (%d chars); ignored", conn.number, len(text))
+            return
+        if not isinstance(frame, dict):
+            log.warning("socket #%d: frame is not a JSON object; ignored", conn.number)
+            return
+        envelope_id = frame.get("envelope_id")
+        if isinstance(envelope_id, str) and envelope_id:
+            # Ack first, whatever the envelope holds: Slack redelivers anything un-acked.
+            try:
+                await conn.ws.send_text(json.dumps({"envelope_id": envelope_id}))
+                self.envelopes_acked += 1
+            except WebSocketClosed:
+                conn.end("dropped")
+                conn.scope.cancel()
+                return  # not acked: Slack redelivers it, possibly on the new socket
+            self._dispatch(frame, envelope_id, received_at)
+            return
+        frame_type = frame.get("type")
+        if frame_type == "hello":
+            info = frame.get("debug_info") or {}
+            log.info("socket #%d ready (connections: %s, refresh in ~%ss)", conn.number,
+                     frame.get("num_connections"), info.get("approximate_connection_time", "?"))
+            conn.hello.set()
+        elif frame_type == "disconnect":
+            reason = str(frame.get("reason") or "unknown")
+            log.info("socket #%d: Slack sent disconnect (%s)", conn.number, reason)
+            conn.end(reason)
+        else:
+            log.warning("socket #%d: unknown frame type %r; ignored", conn.number, frame_type)
+
+    def _dispatch(self, frame: dict, envelope_id: str, received_at: float) -> None:
+        env_type = frame.get("type")
+        payload = frame.get("payload")
+        if env_type not in ENVELOPE_TYPES or not isinstance(payload, dict):
+            log.warning("envelope %s: unexpected type %r or payload; acked and ignored", envelope_id, env_type)
+            return
+        retry = frame.get("retry_attempt")
+        envelope = Envelope(
+            envelope_id=envelope_id,
+            type=str(env_type),
+            payload=payload,
+            retry_attempt=retry if isinstance(retry, int) else 0,
+            received_at=received_at,
+        )
+        try:
+            self._on_envelope(envelope)
+        except Exception:  # the reader must outlive any bug downstream
+            log.exception("envelope %s: handler failed to start", envelope_id)
+
+
+async def _first_of(*events: anyio.Event) -> None:
+    """Return as soon as any of `events` is set."""
+    async with anyio.create_task_group() as tg:
+        async def wait(ev: anyio.Event) -> None:
+            await ev.wait()
+            tg.cancel_scope.cancel()
+
+        for ev in events:
+            tg.start_soon(wait, ev)

@@ -1,0 +1,114 @@
+"""Bring the bot up and take it down: clients, storage, identity, crash recovery.
+
+`run_bot` opens everything with `async with` (so everything is closed however the run
+ends), learns who the bot is (`auth.test`), marks requests a killed process left in
+flight as interrupted, then hands over to the nursery.
+
+The transports and the socket connector are parameters: production uses real
+sockets; the simulation passes httpx2 mock transports and an in-memory socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import AsyncExitStack
+
+import anyio
+import httpx2
+import openai
+
+from bot.config import Settings
+from bot.nursery import Nursery
+from bot.processing.context import Services
+from bot.processing.failures import INTERRUPTED_NOTICE
+from bot.slack_api import SlackAPIError, SlackWebAPI
+from bot.slack_events import BotIdentity
+from bot.storage import Store, open_store
+from bot.websocket import Connector, connect_websocket
+
+log = logging.getLogger(__name__)
+
+AUTH_ERRORS = frozenset({"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"})
+
+
+class StartupError(Exception):
+    """The bot cannot start (for example Slack rejects the bot token). One clear line."""
+
+
+async def identify(slack: SlackWebAPI) -> BotIdentity:
+    """`auth.test` with retries for transient failures; auth failures are fatal."""
+    delay = 1.0
+    while True:
+        try:
+            body = await slack.call("auth.test")
+            return BotIdentity(user_id=str(body.get("user_id", "")), bot_id=str(body.get("bot_id", "")))
+        except SlackAPIError as exc:
+            if exc.error in AUTH_ERRORS:
+                raise StartupError(f"Slack rejected SLACK_BOT_TOKEN ({exc.error}); check the token") from None
+            log.warning("auth.test failed (%s); retrying in %.0fs", exc.error, delay)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+async def recover_interrupted(slack: SlackWebAPI, store: Store) -> int:
+    """Fix up placeholders that a killed process left saying "Thinking…"."""
+    stale = await store.in_flight()
+    for req in stale:
+        with anyio.move_on_after(10):
+            try:
+                await slack.update_message(req.thread.channel, req.placeholder_ts, markdown_text=INTERRUPTED_NOTICE)
+            except SlackAPIError as exc:
+                log.warning("could not mark placeholder %s interrupted: %s", req.placeholder_ts, exc.error)
+        await store.finish_request(req.request_id, outcome="interrupted", user_text="", user_ts="",
+                                   reply_text="", finished_at=time.time(), detail="process stopped")
+    if stale:
+        log.info("marked %d request(s) from a previous run as interrupted", len(stale))
+    return len(stale)
+
+
+async def run_bot(
+    settings: Settings,
+    *,
+    slack_transport: httpx2.AsyncBaseTransport | None = None,
+    openai_transport: httpx2.AsyncBaseTransport | None = None,
+    connector: Connector = connect_websocket,
+    store: Store | None = None,
+    handle_signals: bool = True,
+    on_ready=None,
+) -> None:
+    """Run until stopped (signal, or `nursery.stop()` via `on_ready(nursery)`)."""
+    async with AsyncExitStack() as stack:
+        slack_http = await stack.enter_async_context(
+            httpx2.AsyncClient(transport=slack_transport, timeout=httpx2.Timeout(30.0, connect=10.0),
+                               limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50))
+        )
+        openai_http = await stack.enter_async_context(
+            openai.DefaultAsyncHttpx2Client(transport=openai_transport)
+            if openai_transport is not None else openai.DefaultAsyncHttpx2Client()
+        )
+        ai = await stack.enter_async_context(
+            openai.AsyncOpenAI(api_key=settings.openai_api_key, base_url=settings.openai_base_url,
+                               http_client=openai_http, max_retries=2)
+        )
+        if store is None:
+            store = await open_store(settings.database_url)
+            stack.push_async_callback(_close_store, store)
+        slack = SlackWebAPI(bot_token=settings.slack_bot_token, app_token=settings.slack_app_token,
+                            base_url=settings.slack_api_url, client=slack_http)
+        me = await identify(slack)
+        log.info("connected to Slack as bot user %s", me.user_id)
+        await recover_interrupted(slack, store)
+        services = Services(
+            settings=settings, slack=slack, openai=ai, store=store, me=me,
+            model_slots=anyio.CapacityLimiter(settings.async_max_concurrent_requests),
+        )
+        nursery = Nursery(services, connector, handle_signals=handle_signals)
+        if on_ready is not None:
+            on_ready(nursery)
+        await nursery.run()
+
+
+async def _close_store(store: Store) -> None:
+    with anyio.CancelScope(shield=True):
+        await store.aclose()
