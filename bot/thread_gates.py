@@ -31,15 +31,16 @@ class ThreadGates:
         limiter = self._limiters.get(thread)
         if limiter is None:
             limiter = self._limiters[thread] = anyio.CapacityLimiter(1)
+        holder = object()  # one borrower per entry, whichever task it runs in
         try:
-            limiter.acquire_nowait()
+            limiter.acquire_on_behalf_of_nowait(holder)
         except anyio.WouldBlock:
             yield False
             return
         try:
             yield True
         finally:
-            limiter.release()
+            limiter.release_on_behalf_of(holder)
 
     def busy(self, thread: ThreadKey) -> bool:
         limiter = self._limiters.get(thread)

@@ -1,0 +1,90 @@
+"""Thread gates, in-memory dedupe, settings and log redaction."""
+
+import logging
+
+import anyio
+import pytest
+
+from bot.config import ConfigError, load_settings
+from bot.dedupe import RecentKeys
+from bot.logs import RedactSecrets
+from bot.storage.base import ThreadKey
+from bot.thread_gates import ThreadGates
+
+pytestmark = pytest.mark.anyio
+
+BASE_ENV = {"SLACK_BOT_TOKEN": "xoxb-1-abc", "SLACK_APP_TOKEN": "xapp-1-abc", "OPENAI_API_KEY": "sk-abcdef123"}
+
+
+async def test_gate_admits_one_and_refuses_the_second_at_once():
+    gates = ThreadGates()
+    t = ThreadKey("C1", "1.0")
+    async with gates.try_enter(t) as first:
+        assert first and gates.busy(t)
+        async with gates.try_enter(t) as second:
+            assert second is False
+        async with gates.try_enter(ThreadKey("C1", "2.0")) as other:
+            assert other  # another thread is independent
+    assert not gates.busy(t)
+    assert gates.prune() == 2 and len(gates) == 0
+
+
+async def test_gate_is_released_when_the_holder_is_cancelled():
+    gates = ThreadGates()
+    t = ThreadKey("C1", "1.0")
+    with anyio.move_on_after(0.01):
+        async with gates.try_enter(t) as entered:
+            assert entered
+            await anyio.sleep(10)
+    async with gates.try_enter(t) as again:
+        assert again
+
+
+async def test_prune_keeps_held_gates():
+    gates = ThreadGates()
+    async with gates.try_enter(ThreadKey("C", "1")):
+        assert gates.prune() == 0
+        assert gates.held == 1
+
+
+def test_recent_keys_dedupe_and_bounds():
+    keys = RecentKeys(max_keys=3, max_age=10)
+    assert keys.add_all(("a", "b"), now=0)
+    assert not keys.add_all(("c", "b"), now=1)  # shares "b"
+    assert keys.add_all(("d",), now=2)
+    assert len(keys) == 3  # bounded
+    assert keys.prune(now=11.5) == 2 and len(keys) == 1
+
+
+def test_settings_defaults_and_repr_hides_tokens():
+    s = load_settings(BASE_ENV, dotenv_path=None)
+    assert s.async_timeout_seconds == 305 and s.async_max_concurrent_requests == 100
+    assert s.database_url == "sqlite:///data/bot.db" and s.async_backend == "trio"
+    assert "xoxb" not in repr(s) and "sk-" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    "change, name",
+    [
+        ({"SLACK_BOT_TOKEN": ""}, "SLACK_BOT_TOKEN"),
+        ({"SLACK_APP_TOKEN": "xoxb-wrong"}, "SLACK_APP_TOKEN"),
+        ({"ASYNC_TIMEOUT_SECONDS": "soon"}, "ASYNC_TIMEOUT_SECONDS"),
+        ({"ASYNC_MAX_CONCURRENT_REQUESTS": "0"}, "ASYNC_MAX_CONCURRENT_REQUESTS"),
+        ({"DATABASE_URL": "postgres://x"}, "DATABASE_URL"),
+        ({"SLACK_API_URL": "ftp://x"}, "SLACK_API_URL"),
+        ({"BOT_ASYNC_BACKEND": "curio"}, "BOT_ASYNC_BACKEND"),
+    ],
+)
+def test_bad_settings_name_the_variable(change, name):
+    with pytest.raises(ConfigError, match=name):
+        load_settings({**BASE_ENV, **change}, dotenv_path=None)
+
+
+def test_redaction_hides_configured_and_token_shaped_secrets():
+    f = RedactSecrets(("my-very-secret",))
+    record = logging.LogRecord("x", logging.INFO, "", 0, "key %s and %s and xoxb-999-zzz",
+                               ("my-very-secret", "sk-live-ABCDEFGH123"), None)
+    f.filter(record)
+    text = record.getMessage()
+    assert "my-very-secret" not in text and "sk-live" not in text and "xoxb-999" not in text
+    assert text.count("[redacted]") == 3
