@@ -1,0 +1,715 @@
+"""A fake Slack that speaks the real wire formats: the Web API and Socket Mode.
+
+Why a fake and not mocks: the bot's HTTP client and WebSocket reader run unchanged
+against it, so a test exercises the same JSON, headers, tokens, tickets, envelopes and
+acks as production. It is pure AnyIO (no threads, no wall clock), so it also runs in a
+Trio MockClock simulation where hours of reconnects and timeouts cost no real time.
+
+Two ways to reach it:
+- in-process: `httpx2.MockTransport(fake.handle)` for the Web API and `fake.connector`
+  (a `bot.websocket.Connector`) for Socket Mode;
+- over real sockets: `tests.fakes.servers.slack_server(fake)`.
+
+Both kinds of Socket Mode connection implement `Link` (the server side of one socket), so
+`send_event`, `disconnect`, `drop`, `silence` and the ack log work the same for both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, parse_qsl, urlsplit
+
+import anyio
+import anyio.lowlevel
+import httpx2
+
+from bot.websocket import WebSocketClosed
+
+FIRST_TS = 1_700_000_000
+MAX_CONNECTIONS = 10  # Slack's per-app cap on Socket Mode connections
+MARKDOWN_TEXT_LIMIT = 12_000
+TEXT_LIMIT = 40_000
+# Form-encoded requests carry these structured arguments as JSON strings.
+_JSON_ARGS = frozenset({"blocks", "attachments", "files", "metadata", "prompts", "view", "chunks"})
+
+
+class SlackError(Exception):
+    """Raised inside a method implementation; becomes `{"ok": false, "error": code}`."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class NoConnection(RuntimeError):
+    """`send_event` found no live Socket Mode connection to deliver on."""
+
+
+@dataclass
+class Fault:
+    error: str = "internal_error"
+    status: int = 200
+    retry_after: float | None = None
+    body: str | None = None  # raw (non-JSON) body, e.g. an HTML 502 page
+    times: int = 1
+
+
+@dataclass
+class Delivery:
+    """One envelope sent to the client (kept so tests can check acks and redeliveries)."""
+
+    envelope_id: str
+    event_id: str | None
+    envelope: dict
+    connection: Link
+    sent_at: float
+    retry_attempt: int = 0
+    redelivered: bool = False
+
+
+class Link:
+    """Server side of one Socket Mode connection.
+
+    FakeSlack talks to every connection only through this interface, which is what lets
+    in-memory and real wsproto connections be driven by the same test code.
+    """
+
+    def __init__(self, fake: FakeSlack) -> None:
+        self.fake = fake
+        self.id = 0  # set by FakeSlack when the connection is accepted
+        self.closed = False
+        self.silenced = False  # dead socket: nothing sent, pings unanswered, client frames lost
+        self.close_deadline: float | None = None  # set by disconnect(warning/refresh_requested)
+        self.opened_at = anyio.current_time()
+        self.pings = 0
+
+    @property
+    def live(self) -> bool:
+        return not self.closed and (self.close_deadline is None or anyio.current_time() < self.close_deadline)
+
+    @property
+    def draining(self) -> bool:
+        """Told to disconnect, still open for the grace period."""
+        return self.close_deadline is not None
+
+    def close_later(self, delay: float) -> None:
+        self.close_deadline = anyio.current_time() + delay
+
+    def _mark_closed(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.fake._changed()
+
+    async def send(self, text: str) -> None:
+        """Send a text frame to the client (dropped if silenced or closed)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Polite close: a close frame after everything already sent."""
+        raise NotImplementedError
+
+    async def abort(self) -> None:
+        """Abrupt close: the client's next receive raises WebSocketClosed."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "silenced" if self.silenced else "draining" if self.draining else "live"
+        return f"<{type(self).__name__} #{self.id} {state}>"
+
+
+class MemoryLink(Link):
+    """An in-memory connection. Server→client frames go through an unbounded memory object
+    stream (sending never blocks the fake); client→server frames are handled at once."""
+
+    def __init__(self, fake: FakeSlack) -> None:
+        super().__init__(fake)
+        self._to_client, self._from_server = anyio.create_memory_object_stream[str](math.inf)
+        self.dropped = False
+        self.client = MemoryWebSocket(self)
+
+    async def send(self, text: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        if self.live and not self.silenced:
+            self._to_client.send_nowait(text)
+
+    async def close(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        self._to_client.close()  # the client drains what was sent, then sees the end
+        self._mark_closed()
+
+    async def abort(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        self.dropped = True
+        self._to_client.close()
+        self._from_server.close()  # wakes a blocked receive_text at once
+        self._mark_closed()
+
+
+class MemoryWebSocket:
+    """The client end of a MemoryLink; implements bot.websocket.WebSocket."""
+
+    def __init__(self, link: MemoryLink) -> None:
+        self._link = link
+        self._closed = False
+        self.last_activity = anyio.current_time()
+
+    async def send_text(self, text: str) -> None:
+        await anyio.lowlevel.checkpoint()
+        if self._closed or self._link.closed:
+            raise WebSocketClosed("socket is closed")
+        if not self._link.silenced:
+            self._link.fake._on_client_frame(self._link, text)
+
+    async def receive_text(self) -> str:
+        await anyio.lowlevel.checkpoint()
+        link = self._link
+        deadline = link.close_deadline if link.close_deadline is not None else math.inf
+        with anyio.CancelScope(deadline=deadline) as scope:
+            try:
+                if self._closed or link.dropped:
+                    raise anyio.ClosedResourceError
+                try:  # frames sent before a close are delivered even after the deadline
+                    text = link._from_server.receive_nowait()
+                except anyio.WouldBlock:
+                    text = await link._from_server.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                self._shut()
+                raise WebSocketClosed("connection lost" if link.dropped else "closed by peer") from None
+        if scope.cancelled_caught:  # the grace period after a `disconnect` ran out
+            await link.close()
+            self._shut()
+            raise WebSocketClosed("closed by peer: 1000")
+        self.last_activity = anyio.current_time()
+        return text
+
+    async def ping(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        if not self._closed and self._link.live and not self._link.silenced:
+            self._link.pings += 1
+            self.last_activity = anyio.current_time()  # the pong arrives at once
+            self._link.fake._changed()
+
+    async def aclose(self) -> None:
+        self._shut()
+        self._link._to_client.close()
+        self._link._mark_closed()
+
+    def _shut(self) -> None:
+        self._closed = True
+        self._link._from_server.close()
+
+
+class FakeSlack:
+    """Slack's Web API (`handle`) and Socket Mode (`connector`, `send_event`, ...) in one object."""
+
+    def __init__(
+        self,
+        *,
+        bot_token: str = "xoxb-test-token",
+        app_token: str = "xapp-test-token",
+        bot_user_id: str = "UBOT",
+        bot_id: str = "BBOT",
+        team_id: str = "T1",
+        app_id: str = "A1",
+        ws_url: str = "ws://fake-slack.invalid/link",
+        echo_bot_messages: bool = False,
+    ) -> None:
+        self.bot_token, self.app_token = bot_token, app_token
+        self.bot_user_id, self.bot_id, self.team_id, self.app_id = bot_user_id, bot_id, team_id, app_id
+        self.ws_url = ws_url
+        self.echo_bot_messages = echo_bot_messages  # real Slack sends the bot's own posts back as events
+        # Web API state
+        self.messages: dict[str, list[dict]] = {}
+        self.updates: dict[tuple[str, str], list[str]] = {}  # every text a message had, post first
+        self.deleted: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, dict]] = []
+        self.users: dict[str, dict] = {}  # overrides for users.info
+        self.latency: dict[str, float] = {}  # per-method delay ("*" = every method); math.inf hangs
+        self._faults: dict[str, list[Fault]] = {}
+        self._ts = 0
+        # Socket Mode state
+        self.connections: list[Link] = []
+        self.connections_opened = 0
+        self.max_live_connections = 0
+        self.refuse_connects = 0  # the next N WebSocket upgrades are refused
+        self.approximate_connection_time = 18060
+        self.deliveries: dict[str, Delivery] = {}
+        self.acks: dict[str, float] = {}  # envelope_id -> anyio.current_time() of the first ack
+        self.ack_payloads: dict[str, Any] = {}
+        self.client_frames: list[tuple[int, str]] = []  # (connection id, raw text), acks included
+        self._tickets: dict[str, bool] = {}  # ticket -> used
+        self._round_robin = 0
+        self._ids = 0
+        self._event: anyio.Event | None = None
+
+    # ------------------------------------------------------------------ waiting
+
+    def _changed(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = None
+
+    async def wait_until(self, predicate: Callable[[], Any], timeout: float = 10.0) -> None:
+        """Block until `predicate()` is true; re-checked on every state change (a call, a
+        message, an ack, a connection opening or closing, a grace period ending)."""
+        with anyio.fail_after(timeout):
+            while not predicate():
+                if self._event is None:
+                    self._event = anyio.Event()
+                event = self._event
+                now = anyio.current_time()
+                wake = min((c.close_deadline for c in self.connections
+                            if c.close_deadline is not None and c.close_deadline > now), default=math.inf)
+                with anyio.CancelScope(deadline=wake):
+                    await event.wait()
+
+    async def wait_acked(self, envelope_id: str, timeout: float = 5.0) -> float:
+        """The ack time of `envelope_id`; TimeoutError if it is not acked in time."""
+        await self.wait_until(lambda: envelope_id in self.acks, timeout)
+        return self.acks[envelope_id]
+
+    # ------------------------------------------------------------------ Web API
+
+    def fail_next(self, method: str, *, error: str = "internal_error", status: int = 200,
+                  retry_after: float | None = None, body: str | None = None, times: int = 1) -> None:
+        """The next `times` calls to `method` fail. status=429 answers `ratelimited` with a
+        Retry-After header; `body` replaces the JSON with raw text (a proxy's 502 page)."""
+        self._faults.setdefault(method, []).append(Fault(error, status, retry_after, body, times))
+
+    async def handle(self, request: httpx2.Request) -> httpx2.Response:
+        """The Web API: `POST /api/<method>` (GET works too, as on Slack)."""
+        path = request.url.path
+        method = path.split("/api/", 1)[1] if "/api/" in path else path.strip("/")
+        try:
+            args = _parse_args(request)
+        except SlackError as exc:
+            self.calls.append((method, {}))
+            self._changed()
+            return _json({"ok": False, "error": exc.code})
+        self.calls.append((method, args))
+        self._changed()
+        delay = self.latency.get(method, self.latency.get("*", 0.0))
+        if delay:
+            await anyio.sleep(delay)
+        fault = self._take_fault(method)
+        if fault is not None:
+            return fault
+        try:
+            self._check_token(method, request.headers.get("authorization", ""))
+            impl = _METHODS.get(method)
+            if impl is None:
+                raise SlackError("unknown_method")
+            body = impl(self, args)
+        except SlackError as exc:
+            return _json({"ok": False, "error": exc.code})
+        if method == "chat.postMessage" and self.echo_bot_messages and self._candidates():
+            event = {**body["message"], "channel": body["channel"], "event_ts": body["ts"], "channel_type": "im"}
+            await self.send_event(event)
+        self._changed()
+        return _json({"ok": True, **body})
+
+    def _take_fault(self, method: str) -> httpx2.Response | None:
+        queue = self._faults.get(method)
+        if not queue:
+            return None
+        fault = queue[0]
+        fault.times -= 1
+        if fault.times <= 0:
+            queue.pop(0)
+        if fault.status == 429:
+            retry = fault.retry_after if fault.retry_after is not None else 1
+            return _json({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": f"{retry:g}"})
+        headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
+        if fault.body is not None:
+            return httpx2.Response(fault.status, text=fault.body, headers={"Content-Type": "text/html", **headers})
+        return _json({"ok": False, "error": fault.error}, status=fault.status, headers=headers)
+
+    def _check_token(self, method: str, authorization: str) -> None:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise SlackError("not_authed")
+        expected = self.app_token if method == "apps.connections.open" else self.bot_token
+        if token != expected:
+            raise SlackError("invalid_auth")
+
+    def _next_ts(self) -> str:
+        """Deterministic, strictly increasing Slack timestamps (no wall clock)."""
+        self._ts += 1
+        micros = self._ts * 100
+        return f"{FIRST_TS + micros // 1_000_000}.{micros % 1_000_000:06d}"
+
+    def _find(self, channel: str, ts: str) -> dict | None:
+        return next((m for m in self.messages.get(channel, []) if m["ts"] == ts), None)
+
+    def _store(self, channel: str, message: dict) -> dict:
+        self.messages.setdefault(channel, []).append(message)
+        self.updates[(channel, message["ts"])] = [message["text"]]
+        self._changed()
+        return message
+
+    def _auth_test(self, args: dict) -> dict:
+        return {"url": "https://fake-team.slack.com/", "team": "Fake Team", "user": "bot",
+                "team_id": self.team_id, "user_id": self.bot_user_id, "bot_id": self.bot_id,
+                "is_enterprise_install": False}
+
+    def _connections_open(self, args: dict) -> dict:
+        ticket = f"{len(self._tickets) + 1}"
+        self._tickets[ticket] = False
+        sep = "&" if "?" in self.ws_url else "?"
+        return {"url": f"{self.ws_url}{sep}ticket={ticket}&app_id={self.app_id}"}
+
+    def _text_args(self, args: dict, *, required: bool) -> dict:
+        text, markdown = args.get("text"), args.get("markdown_text")
+        if markdown is not None and (text is not None or args.get("blocks")):
+            raise SlackError("markdown_text_conflict")
+        if markdown is not None:
+            if len(markdown) > MARKDOWN_TEXT_LIMIT:
+                raise SlackError("msg_too_long")
+            return {"text": markdown, "markdown_text": markdown}
+        if text is None and not args.get("blocks"):
+            if required:
+                raise SlackError("no_text")
+            return {}
+        if text is not None and len(text) > TEXT_LIMIT:
+            raise SlackError("msg_too_long")
+        out: dict = {"text": text or ""}
+        if args.get("blocks"):
+            out["blocks"] = args["blocks"]
+        return out
+
+    def _post_message(self, args: dict) -> dict:
+        channel = args.get("channel")
+        if not channel:
+            raise SlackError("channel_not_found")
+        message = {"type": "message", "ts": self._next_ts(), "user": self.bot_user_id, "bot_id": self.bot_id,
+                   "app_id": self.app_id, "team": self.team_id, **self._text_args(args, required=True)}
+        if args.get("thread_ts"):
+            message["thread_ts"] = str(args["thread_ts"])
+        self._store(channel, message)
+        return {"channel": channel, "ts": message["ts"], "message": dict(message)}
+
+    def _own_message(self, args: dict, refusal: str) -> dict:
+        message = self._find(args.get("channel", ""), str(args.get("ts", "")))
+        if message is None:
+            raise SlackError("message_not_found")
+        if message.get("bot_id") != self.bot_id:
+            raise SlackError(refusal)
+        return message
+
+    def _update(self, args: dict) -> dict:
+        message = self._own_message(args, "cant_update_message")
+        changes = self._text_args(args, required=True)
+        if "markdown_text" not in changes:
+            message.pop("markdown_text", None)
+        message.update(changes, edited={"user": self.bot_user_id, "ts": self._next_ts()})
+        self.updates[(args["channel"], message["ts"])].append(message["text"])
+        return {"channel": args["channel"], "ts": message["ts"], "text": message["text"], "message": dict(message)}
+
+    def _delete(self, args: dict) -> dict:
+        message = self._own_message(args, "cant_delete_message")
+        self.messages[args["channel"]].remove(message)
+        self.deleted.append((args["channel"], message["ts"]))
+        return {"channel": args["channel"], "ts": message["ts"]}
+
+    def _replies(self, args: dict) -> dict:
+        channel, ts = args.get("channel", ""), str(args.get("ts", ""))
+        if channel not in self.messages:
+            raise SlackError("channel_not_found")
+        thread = self.thread_messages(channel, ts)
+        if not thread:
+            raise SlackError("thread_not_found")
+        try:
+            limit = max(1, min(int(args.get("limit") or 100), 1000))
+            start = int(str(args.get("cursor") or "offset_0").removeprefix("offset_"))
+        except ValueError:
+            raise SlackError("invalid_arguments") from None
+        page = thread[start:start + limit]
+        more = start + limit < len(thread)
+        return {"messages": page, "has_more": more,
+                "response_metadata": {"next_cursor": f"offset_{start + limit}" if more else ""}}
+
+    def _users_info(self, args: dict) -> dict:
+        user = args.get("user")
+        if not user:
+            raise SlackError("user_not_found")
+        default = {"id": user, "team_id": self.team_id, "name": f"user-{user.lower()}", "real_name": f"User {user}",
+                   "deleted": False, "is_bot": user == self.bot_user_id, "tz": "UTC", "tz_offset": 0,
+                   "profile": {"real_name": f"User {user}", "display_name": f"user-{user.lower()}"}}
+        return {"user": {**default, **self.users.get(user, {})}}
+
+    # ------------------------------------------------------------------ helpers for tests
+
+    def add_user_message(self, channel: str, user: str, text: str, thread_ts: str | None = None, *,
+                         files: list[dict] | None = None) -> str:
+        """Store a message so conversations.replies sees it; returns its ts. With
+        user=bot_user_id it is stored as the bot's own (e.g. a placeholder left by a crash)."""
+        message = {"type": "message", "ts": self._next_ts(), "user": user, "text": text, "team": self.team_id}
+        if user == self.bot_user_id:
+            message.update(bot_id=self.bot_id, app_id=self.app_id)
+        else:
+            message["client_msg_id"] = str(uuid.UUID(int=self._ts))
+        if thread_ts:
+            message["thread_ts"] = thread_ts
+        if files:
+            message["files"] = files
+        return self._store(channel, message)["ts"]
+
+    def thread_messages(self, channel: str, thread_ts: str) -> list[dict]:
+        """The thread as conversations.replies returns it: parent first, then replies by ts."""
+        all_messages = self.messages.get(channel, [])
+        thread = sorted((m for m in all_messages if m["ts"] == thread_ts or m.get("thread_ts") == thread_ts),
+                        key=lambda m: m["ts"])
+        if not thread or thread[0]["ts"] != thread_ts:
+            return [dict(m) for m in thread]
+        replies = thread[1:]
+        parent = dict(thread[0])
+        if replies:
+            parent.update(thread_ts=thread_ts, reply_count=len(replies),
+                          reply_users=sorted({m["user"] for m in replies}), latest_reply=replies[-1]["ts"])
+        return [parent, *(dict(m) for m in replies)]
+
+    def bot_replies(self, channel: str, thread_ts: str) -> list[str]:
+        """Final texts of the bot's replies in a thread, oldest first."""
+        return [m["text"] for m in self.thread_messages(channel, thread_ts)
+                if m.get("bot_id") == self.bot_id and m["ts"] != thread_ts]
+
+    def message_event(self, channel: str, user: str, text: str, ts: str | None = None, thread_ts: str | None = None,
+                      channel_type: str = "im", subtype: str | None = None, files: list[dict] | None = None) -> dict:
+        """A `message` event as Slack delivers it. Without `ts` a plain (or file_share /
+        thread_broadcast) message is also stored, so the bot finds it in the thread."""
+        if ts is None:
+            stored = subtype in (None, "file_share", "thread_broadcast")
+            ts = self.add_user_message(channel, user, text, thread_ts, files=files) if stored else self._next_ts()
+        event = {"type": "message", "channel": channel, "user": user, "text": text, "ts": ts, "event_ts": ts,
+                 "channel_type": channel_type, "team": self.team_id, "blocks": _rich_text(text)}
+        if thread_ts:
+            event["thread_ts"] = thread_ts
+        if subtype:
+            event["subtype"] = subtype
+        if files:
+            event["files"] = files
+        return event
+
+    def app_mention_event(self, channel: str, user: str, text: str, ts: str | None = None,
+                          thread_ts: str | None = None) -> dict:
+        """An `app_mention` event; `<@bot>` is prefixed when the text lacks it."""
+        mention = f"<@{self.bot_user_id}>"
+        if mention not in text:
+            text = f"{mention} {text}"
+        if ts is None:
+            ts = self.add_user_message(channel, user, text, thread_ts)
+        event = {"type": "app_mention", "channel": channel, "user": user, "text": text, "ts": ts, "event_ts": ts,
+                 "team": self.team_id, "blocks": _rich_text(text)}
+        if thread_ts:
+            event["thread_ts"] = thread_ts
+        return event
+
+    # ------------------------------------------------------------------ Socket Mode
+
+    @property
+    def live_connections(self) -> list[Link]:
+        return [c for c in self.connections if c.live]
+
+    async def connector(self, url: str) -> MemoryWebSocket:
+        """A `bot.websocket.Connector`: an in-memory socket to this fake for a URL from
+        apps.connections.open (unknown or reused tickets raise WebSocketClosed)."""
+        await anyio.lowlevel.checkpoint()
+        self.claim_ticket(url)
+        link = MemoryLink(self)
+        await self.attach(link)
+        return link.client
+
+    def claim_ticket(self, url: str) -> None:
+        """Accept a connection URL once; raise WebSocketClosed like a refused upgrade."""
+        if self.refuse_connects > 0:
+            self.refuse_connects -= 1
+            raise WebSocketClosed("WebSocket upgrade refused (HTTP 503)")
+        ticket = parse_qs(urlsplit(url).query).get("ticket", [""])[0]
+        if ticket not in self._tickets:
+            raise WebSocketClosed("WebSocket upgrade refused (HTTP 401): unknown ticket")
+        if self._tickets[ticket]:
+            raise WebSocketClosed("WebSocket upgrade refused (HTTP 401): ticket already used")
+        self._tickets[ticket] = True
+
+    async def attach(self, link: Link) -> None:
+        """Register an accepted connection and greet it (used by both transports)."""
+        self.connections_opened += 1
+        link.id = self.connections_opened
+        self.connections.append(link)
+        live = len(self.live_connections)
+        self.max_live_connections = max(self.max_live_connections, live)
+        self._changed()
+        if live > MAX_CONNECTIONS:
+            await link.send(json.dumps({"type": "disconnect", "reason": "too_many_websockets",
+                                        "num_connections": live, "connection_info": {"app_id": self.app_id},
+                                        "debug_info": {"host": "fake-slack"}}))
+            await link.close()
+            return
+        await link.send(json.dumps({
+            "type": "hello", "num_connections": live, "connection_info": {"app_id": self.app_id},
+            "debug_info": {"host": "fake-slack", "build_number": 1,
+                           "approximate_connection_time": self.approximate_connection_time},
+        }))
+
+    def _on_client_frame(self, link: Link, text: str) -> None:
+        """A text frame from the client; acks are recorded with their time and payload."""
+        self.client_frames.append((link.id, text))
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            frame = None
+        if isinstance(frame, dict) and isinstance(frame.get("envelope_id"), str):
+            envelope_id = frame["envelope_id"]
+            if envelope_id not in self.acks:
+                self.acks[envelope_id] = anyio.current_time()
+                self.ack_payloads[envelope_id] = frame.get("payload")
+        self._changed()
+
+    def _candidates(self) -> list[Link]:
+        live = [c for c in self.live_connections if not c.silenced]
+        return [c for c in live if not c.draining] or live
+
+    def _pick(self, connection: Link | None) -> Link:
+        if connection is not None:
+            return connection
+        candidates = self._candidates()
+        if not candidates:
+            raise NoConnection("no live Socket Mode connection")
+        link = candidates[self._round_robin % len(candidates)]
+        self._round_robin += 1
+        return link
+
+    async def send_envelope(self, type: str, payload: dict, *, accepts_response_payload: bool = False,
+                            retry_attempt: int = 0, retry_reason: str = "", connection: Link | None = None) -> str:
+        """Send any envelope (`events_api`, `slash_commands`, `interactive`); returns its envelope_id."""
+        link = self._pick(connection)
+        self._ids += 1
+        envelope_id = str(uuid.UUID(int=self._ids))
+        envelope = {"envelope_id": envelope_id, "type": type, "accepts_response_payload": accepts_response_payload,
+                    "retry_attempt": retry_attempt, "retry_reason": retry_reason, "payload": payload}
+        self.deliveries[envelope_id] = Delivery(envelope_id, payload.get("event_id"), envelope, link,
+                                                anyio.current_time(), retry_attempt)
+        await link.send(json.dumps(envelope))
+        return envelope_id
+
+    async def send_event(self, event: dict, *, event_id: str | None = None, retry_attempt: int = 0,
+                         connection: Link | None = None) -> str:
+        """Wrap `event` in an event_callback + `events_api` envelope and deliver it on a live
+        connection (round-robin, preferring ones not told to disconnect). Returns envelope_id."""
+        if event_id is None:
+            self._ids += 1
+            event_id = f"Ev{self._ids:010d}"
+        event_time = int(float(event.get("event_ts") or event.get("ts") or FIRST_TS))
+        payload = {
+            "token": "fake-verification-token", "team_id": self.team_id, "context_team_id": self.team_id,
+            "context_enterprise_id": None, "api_app_id": self.app_id, "event": event, "type": "event_callback",
+            "event_id": event_id, "event_time": event_time,
+            "authorizations": [{"enterprise_id": None, "team_id": self.team_id, "user_id": self.bot_user_id,
+                                "is_bot": True, "is_enterprise_install": False}],
+            "is_ext_shared_channel": False, "event_context": f"4-fake-{event_id}",
+        }
+        return await self.send_envelope("events_api", payload, retry_attempt=retry_attempt,
+                                        retry_reason="timeout" if retry_attempt else "", connection=connection)
+
+    async def redeliver_unacked(self, after: float = 3.0) -> list[str]:
+        """Resend events not acked `after` seconds after delivery (same event_id,
+        retry_attempt + 1), as Slack does; returns the new envelope ids."""
+        now, new = anyio.current_time(), []
+        for delivery in list(self.deliveries.values()):
+            due = now - delivery.sent_at >= after and delivery.envelope_id not in self.acks
+            if due and not delivery.redelivered and delivery.envelope["type"] == "events_api" and self._candidates():
+                delivery.redelivered = True
+                payload = delivery.envelope["payload"]
+                new.append(await self.send_event(payload["event"], event_id=payload["event_id"],
+                                                 retry_attempt=delivery.retry_attempt + 1))
+        return new
+
+    async def send_raw(self, text: str, connection: Link | None = None) -> None:
+        """Send any text (malformed JSON, unknown frame types) as is."""
+        await self._pick(connection).send(text)
+
+    def _target(self, connection: Link | None) -> Link:
+        if connection is not None:
+            return connection
+        live = self.live_connections
+        if not live:
+            raise NoConnection("no live Socket Mode connection")
+        return live[0]
+
+    async def disconnect(self, reason: str = "refresh_requested", connection: Link | None = None, *,
+                         grace: float = 5.0) -> Link:
+        """Send a `disconnect` frame (default: to the oldest live connection). For `warning`
+        and `refresh_requested` the socket stays open until the client closes it or `grace`
+        seconds pass; for other reasons it is closed right after the frame."""
+        link = self._target(connection)
+        await link.send(json.dumps({"type": "disconnect", "reason": reason, "debug_info": {"host": "fake-slack"}}))
+        if reason in ("warning", "refresh_requested"):
+            link.close_later(grace)
+            self._changed()
+        else:
+            await link.close()
+        return link
+
+    async def drop(self, connection: Link | None = None) -> Link:
+        """Cut a connection abruptly (no disconnect, no close frame)."""
+        link = self._target(connection)
+        await link.abort()
+        return link
+
+    def silence(self, connection: Link | None = None) -> Link:
+        """Make a connection a dead socket: it stays open but nothing passes either way."""
+        link = self._target(connection)
+        link.silenced = True
+        self._changed()
+        return link
+
+
+def _json(body: dict, status: int = 200, headers: dict | None = None) -> httpx2.Response:
+    return httpx2.Response(status, content=json.dumps(body).encode(),
+                           headers={"Content-Type": "application/json; charset=utf-8", **(headers or {})})
+
+
+def _parse_args(request: httpx2.Request) -> dict:
+    """Arguments from the query string plus a JSON or form body, as Slack reads them."""
+    args: dict[str, Any] = dict(request.url.params)
+    content_type = request.headers.get("content-type", "").lower()
+    body = request.content
+    if content_type.startswith("application/json"):
+        if body:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                raise SlackError("invalid_json") from None
+            if not isinstance(parsed, dict):
+                raise SlackError("json_not_object")
+            args.update(parsed)
+    elif body:
+        for key, value in parse_qsl(body.decode(), keep_blank_values=True):
+            if key in _JSON_ARGS:
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            args[key] = value
+    return args
+
+
+def _rich_text(text: str) -> list[dict]:
+    return [{"type": "rich_text", "block_id": "fake",
+             "elements": [{"type": "rich_text_section", "elements": [{"type": "text", "text": text}]}]}]
+
+
+_METHODS: dict[str, Callable[[FakeSlack, dict], dict]] = {
+    "auth.test": FakeSlack._auth_test,
+    "apps.connections.open": FakeSlack._connections_open,
+    "chat.postMessage": FakeSlack._post_message,
+    "chat.update": FakeSlack._update,
+    "chat.delete": FakeSlack._delete,
+    "conversations.replies": FakeSlack._replies,
+    "users.info": FakeSlack._users_info,
+}
