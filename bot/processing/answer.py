@@ -45,11 +45,11 @@ async def answer_message(services: Services, state: RequestState) -> str:
             state.stage = "posting placeholder"
             state.placeholder_ts = await writer.start()
             rebuild = msg.in_existing_thread and not await services.store.thread_known(msg.thread)
+            recorded = True  # before the call: finishing a request never started is a no-op
             await services.store.start_request(
                 state.request_id, msg.thread, user_ts=msg.ts,
                 placeholder_ts=state.placeholder_ts, started_at=time.time(),
             )
-            recorded = True
             state.stage = "loading history"
             history = await load_history(services, msg, rebuild=rebuild, exclude_ts={state.placeholder_ts})
             prompt = build_prompt(settings.system_prompt, history, msg.text,

@@ -22,6 +22,7 @@ from bot.slack_api import SlackAPIError, SlackWebAPI
 log = logging.getLogger(__name__)
 
 PLACEHOLDER = "_Thinking…_"
+POST_TIMEOUT = 15.0
 
 
 class ReplyWriter:
@@ -48,9 +49,17 @@ class ReplyWriter:
         return self.message_ts[0] if self.message_ts else ""
 
     async def start(self, status: str = PLACEHOLDER) -> str:
-        """Post the placeholder in the thread; returns its ts. Raises SlackAPIError."""
+        """Post the placeholder in the thread; returns its ts. Raises SlackAPIError.
+
+        Shielded (and bounded): a cancellation that lands while Slack is creating the
+        message would otherwise leave a "Thinking…" message whose ts we never learnt
+        and so could never finalize. Cancellation takes effect right after."""
         self._status = status
-        ts = await self._slack.post_message(self.channel, self.thread_ts, markdown_text=status)
+        ts = None
+        with anyio.CancelScope(shield=True), anyio.move_on_after(POST_TIMEOUT):
+            ts = await self._slack.post_message(self.channel, self.thread_ts, markdown_text=status)
+        if ts is None:
+            raise SlackAPIError("chat.postMessage", "timeout")
         self.message_ts.append(ts)
         self._shown.append(status)
         return ts
