@@ -129,7 +129,7 @@ class Nursery:
     def on_envelope(self, envelope: Envelope) -> None:
         """Called by the reader right after the ack: start the request's task and return."""
         if self._tg is None or not self._accepting:
-            log.info("envelope %s arrived while shutting down; Slack will redeliver it", envelope.envelope_id)
+            log.warning("envelope %s arrived after shutdown began; not handled", envelope.envelope_id)
             return
         self._tg.start_soon(self._request, envelope, name=f"envelope {envelope.envelope_id}")
 
@@ -139,7 +139,8 @@ class Nursery:
             return
         parsed = parse_event(envelope.payload, self.services.me)
         if isinstance(parsed, Skip):
-            log.debug("envelope %s skipped: %s", envelope.envelope_id, parsed.reason)
+            level = logging.WARNING if parsed.malformed else logging.DEBUG
+            log.log(level, "envelope %s skipped: %s", envelope.envelope_id, parsed.reason)
             return
         msg = parsed
         if not await self._first_time(msg):

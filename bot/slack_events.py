@@ -53,9 +53,11 @@ class IncomingMessage:
 
 @dataclass(frozen=True)
 class Skip:
-    """The event is deliberately not answered; `reason` goes to the debug log."""
+    """The event is not answered. `reason` goes to the log: at DEBUG for the ordinary
+    cases (bots, edits, chatter), at WARNING when the event was `malformed`."""
 
     reason: str
+    malformed: bool = False
 
 
 def strip_mention(text: str, bot_user_id: str) -> str:
@@ -66,10 +68,10 @@ def strip_mention(text: str, bot_user_id: str) -> str:
 def parse_event(payload: object, me: BotIdentity) -> IncomingMessage | Skip:
     """Classify an `events_api` payload. Never raises on malformed input."""
     if not isinstance(payload, dict):
-        return Skip("payload is not an object")
+        return Skip("payload is not an object", malformed=True)
     event = payload.get("event")
     if not isinstance(event, dict):
-        return Skip("payload has no event object")
+        return Skip("payload has no event object", malformed=True)
     event_type = event.get("type")
     if event_type not in ("message", "app_mention"):
         return Skip(f"event type {event_type!r} is not handled")
@@ -87,7 +89,7 @@ def parse_event(payload: object, me: BotIdentity) -> IncomingMessage | Skip:
     if not isinstance(user, str) or not user:
         return Skip("event has no user")
     if not isinstance(channel, str) or not channel or not isinstance(ts, str) or not ts:
-        return Skip("event is missing channel or ts")
+        return Skip("event is missing channel or ts", malformed=True)
     if not isinstance(text, str):
         text = ""
     event_id = payload.get("event_id")

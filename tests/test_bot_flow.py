@@ -254,3 +254,43 @@ async def test_queued_requests_say_they_are_waiting(slack, ai):
         await wait_reply(slack, "D1", a["ts"], "ok a")
         await wait_reply(slack, "D2", b["ts"], "ok b")
     assert ai.max_open_streams == 1
+
+
+async def test_slack_refusing_the_placeholder_is_explained_once_possible(slack, ai):
+    slack.fail_next("chat.postMessage", error="channel_not_found")
+    async with running_bot(slack, ai):
+        _, ev = await send_dm(slack, "hello")
+        replies = await wait_reply(slack, "D1", ev["ts"], "channel_not_found")
+    assert len(replies) == 1 and "Slack returned an error" in replies[0]
+    assert ai.requests == []  # nothing was asked of the model without a place to answer
+
+
+async def test_unexpected_web_api_errors_while_streaming_do_not_lose_the_answer(slack, ai):
+    slack.fail_next("chat.update", status=502, body="<html>Bad gateway</html>")
+    slack.fail_next("chat.update", error="internal_error")
+    ai.enqueue(Behaviour(text="a complete answer in pieces", chunks=6, chunk_delay=0.05))
+    async with running_bot(slack, ai):
+        _, ev = await send_dm(slack, "go")
+        replies = await wait_reply(slack, "D1", ev["ts"], "a complete answer in pieces")
+    assert replies == ["a complete answer in pieces"]
+
+
+async def test_storage_failure_is_a_clear_line(slack, ai):
+    from bot.storage import StorageError
+
+    store = await open_store("sqlite:///:memory:")
+
+    class FailingStore:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        async def start_request(self, *args, **kwargs):
+            raise StorageError("start_request failed: database or disk is full")
+
+    try:
+        async with running_bot(slack, ai, store=FailingStore()):
+            _, ev = await send_dm(slack, "save me")
+            replies = await wait_reply(slack, "D1", ev["ts"], "could not save this conversation")
+        assert len(replies) == 1
+    finally:
+        await store.aclose()

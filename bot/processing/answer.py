@@ -25,7 +25,7 @@ from bot.storage.base import HistoryMessage
 
 log = logging.getLogger(__name__)
 
-FINALIZE_SECONDS = 10.0  # upper bound on the shielded clean-up after a request
+FINALIZE_SECONDS = 4.0  # bound on the shielded clean-up; keeps shutdown under 10 s
 WAITING_STATUS = "_Waiting for a free slot: many conversations are running right now…_"
 LENGTH_NOTICE = "_(The answer was cut short: it reached the maximum length.)_"
 EMPTY_NOTICE = "_(The model returned an empty answer. Please try rephrasing.)_"

@@ -15,6 +15,7 @@ import openai
 
 from bot.processing.openai_chat import StreamStalled
 from bot.slack_api import SlackAPIError
+from bot.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ def describe(exc: BaseException) -> Failure:
     if isinstance(exc, SlackAPIError):
         return Failure("slack_error", f":warning: Slack returned an error (`{exc.error}`) while I was "
                                       "answering.")
+    if isinstance(exc, StorageError):
+        log.error("storage failed: %s", exc)
+        return Failure("storage_error", ":floppy_disk: I could not save this conversation (a storage error). "
+                                        "An admin should check the bot's disk and log.")
     error_id = uuid.uuid4().hex[:8]
     log.error("unexpected error %s", error_id, exc_info=exc)
     return Failure("internal_error", f":warning: Something went wrong on my side (error id `{error_id}`). "
