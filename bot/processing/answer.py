@@ -26,6 +26,7 @@ from bot.storage.base import HistoryMessage
 log = logging.getLogger(__name__)
 
 FINALIZE_SECONDS = 4.0  # bound on the shielded clean-up; keeps shutdown under 10 s
+STORE_RESERVE_SECONDS = 1.0  # of FINALIZE_SECONDS, kept for closing the request in storage
 WAITING_STATUS = "_Waiting for a free slot: many conversations are running right now…_"
 LENGTH_NOTICE = "_(The answer was cut short: it reached the maximum length.)_"
 EMPTY_NOTICE = "_(The model returned an empty answer. Please try rephrasing.)_"
@@ -116,14 +117,20 @@ async def _stream_answer(services: Services, state: RequestState, writer: ReplyW
 async def _finalize(services: Services, state: RequestState, writer: ReplyWriter, outcome: str,
                     notice: str, detail: str, recorded: bool) -> None:
     msg = state.message
-    if writer.message_ts:
-        await writer.finish(notice)
-    elif notice and outcome != "interrupted":
-        # The placeholder itself could not be posted; try once to say why.
-        try:
-            await services.slack.post_message(msg.channel, msg.thread_ts, markdown_text=notice)
-        except Exception as exc:  # noqa: BLE001 - nothing more we can tell the user
-            log.error("request %s: could not post the failure notice either: %s", state.request_id, exc)
+    # Slack gets its own, shorter bound: a final write that hangs must not use up the
+    # whole of FINALIZE_SECONDS, or the request would never be closed in storage.
+    with anyio.move_on_after(FINALIZE_SECONDS - STORE_RESERVE_SECONDS) as slack_bound:
+        if writer.message_ts:
+            await writer.finish(notice)
+        elif notice and outcome != "interrupted":
+            # The placeholder itself could not be posted; try once to say why.
+            try:
+                await services.slack.post_message(msg.channel, msg.thread_ts, markdown_text=notice)
+            except Exception as exc:  # noqa: BLE001 - nothing more we can tell the user
+                log.error("request %s: could not post the failure notice either: %s", state.request_id, exc)
+    if slack_bound.cancelled_caught:
+        log.warning("request %s: Slack did not take the final text within %gs", state.request_id,
+                    FINALIZE_SECONDS - STORE_RESERVE_SECONDS)
     if recorded:
         try:
             await services.store.finish_request(
