@@ -35,6 +35,7 @@ from bot.websocket import Connector, WebSocket, WebSocketClosed
 log = logging.getLogger(__name__)
 
 ENVELOPE_TYPES = frozenset({"events_api", "slash_commands", "interactive"})
+RETIRE_DRAIN_SECONDS = 2.0  # how long a replaced socket keeps reading before we close it
 LONG_BACKOFF_REASONS = {"link_disabled": 300.0, "too_many_websockets": 60.0}
 
 
@@ -73,6 +74,7 @@ class _Connection:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     hello: anyio.Event = field(default_factory=anyio.Event)
     wants_replacement: anyio.Event = field(default_factory=anyio.Event)
+    closed: anyio.Event = field(default_factory=anyio.Event)
     reason: str = ""
     opened_at: float = field(default_factory=anyio.current_time)
 
@@ -112,7 +114,9 @@ class SocketModeReader:
             while True:
                 conn = await self._open_with_backoff(tg)
                 if previous is not None:
-                    previous.scope.cancel()  # make-before-break: the new one is live now
+                    # Make-before-break: the new socket is live. The old one keeps reading
+                    # (and acking) a moment longer for frames already on their way to it.
+                    tg.start_soon(self._retire, previous)
                 previous = conn
                 await conn.wants_replacement.wait()
                 self.reconnects[conn.reason] = self.reconnects.get(conn.reason, 0) + 1
@@ -125,6 +129,11 @@ class SocketModeReader:
                     log.error("Slack said %s; waiting %.0fs before reconnecting", conn.reason, pause)
                     conn.scope.cancel()
                     await anyio.sleep(pause)
+
+    async def _retire(self, conn: _Connection) -> None:
+        with anyio.move_on_after(RETIRE_DRAIN_SECONDS):
+            await conn.closed.wait()
+        conn.scope.cancel()
 
     async def _open_with_backoff(self, tg) -> _Connection:
         while True:
@@ -179,6 +188,7 @@ class SocketModeReader:
         finally:
             self.live_sockets -= 1
             conn.end("closed")
+            conn.closed.set()
             with anyio.CancelScope(shield=True):
                 await conn.ws.aclose()
 
