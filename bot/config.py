@@ -46,6 +46,9 @@ class Settings:
     watchdog_interval_seconds: float = 30.0
     watchdog_threshold_seconds: float = 120.0
     socket_ping_interval_seconds: float = 10.0
+    # --- images and documents -------------------------------------------------------
+    # --- user settings and Slack UX --------------------------------------------------
+    # --- observability ----------------------------------------------------------------
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -142,7 +145,25 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv_path: str | No
         socket_ping_interval_seconds=_number(
             env, "SOCKET_PING_INTERVAL_SECONDS", Settings.socket_ping_interval_seconds
         ),
+        **_media_settings(env),
+        **_ux_settings(env),
+        **_observability_settings(env),
     )
+
+
+def _media_settings(env: Mapping[str, str]) -> dict:
+    """Settings for images and documents."""
+    return {}
+
+
+def _ux_settings(env: Mapping[str, str]) -> dict:
+    """Settings for user preferences, access control and Slack UX."""
+    return {}
+
+
+def _observability_settings(env: Mapping[str, str]) -> dict:
+    """Settings for metrics, health endpoints and log format."""
+    return {}
 
 
 def sqlite_path(database_url: str) -> str:

@@ -41,6 +41,7 @@ class IncomingMessage:
     ts: str
     thread_ts: str  # the thread the reply goes in (the message's own ts when it starts one)
     in_existing_thread: bool  # the message was posted inside a thread that existed before it
+    files: tuple[dict, ...] = ()  # Slack file objects attached to the message (as the event gives them)
 
     @property
     def thread(self) -> ThreadKey:
@@ -125,4 +126,5 @@ def parse_event(payload: object, me: BotIdentity) -> IncomingMessage | Skip:
         ts=ts,
         thread_ts=reply_thread,
         in_existing_thread=in_thread,
+        files=tuple(f for f in event.get("files") or () if isinstance(f, dict)),
     )

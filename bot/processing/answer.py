@@ -19,6 +19,7 @@ from bot.processing.context import RequestState, Services
 from bot.processing.conversation import build_prompt
 from bot.processing.failures import INTERRUPTED_NOTICE, describe, timeout_notice
 from bot.processing.openai_chat import stream_chat
+from bot.processing.options import RequestOptions, resolve_options
 from bot.processing.reply import ReplyWriter
 from bot.slack_events import IncomingMessage, strip_mention
 from bot.storage.base import HistoryMessage
@@ -51,15 +52,18 @@ async def answer_message(services: Services, state: RequestState) -> str:
                 state.request_id, msg.thread, user_ts=msg.ts,
                 placeholder_ts=state.placeholder_ts, started_at=time.time(),
             )
+            options = await resolve_options(services, msg)
             state.stage = "loading history"
             history = await load_history(services, msg, rebuild=rebuild, exclude_ts={state.placeholder_ts})
-            prompt = build_prompt(settings.system_prompt, history, msg.text,
+            if options.history_messages is not None:
+                history = history[-options.history_messages:] if options.history_messages else []
+            prompt = build_prompt(options.system_prompt, history, msg.text,
                                   budget_tokens=settings.context_budget_tokens,
-                                  reserve_for_answer=settings.max_answer_tokens)
+                                  reserve_for_answer=options.max_answer_tokens)
             if prompt.dropped_history:
                 log.info("request %s: left out %d older messages to fit the context budget",
                          state.request_id, prompt.dropped_history)
-            finish_reason = await _stream_answer(services, state, writer, prompt.messages)
+            finish_reason = await _stream_answer(services, state, writer, prompt.messages, options)
             outcome = "answered"
             if finish_reason == "length":
                 notice = LENGTH_NOTICE
@@ -84,7 +88,7 @@ async def answer_message(services: Services, state: RequestState) -> str:
 
 
 async def _stream_answer(services: Services, state: RequestState, writer: ReplyWriter,
-                         messages: list[dict]) -> str | None:
+                         messages: list[dict], options: RequestOptions) -> str | None:
     """Wait for a model slot, then stream; the writer's flush task lives only as long
     as the stream. Errors are caught inside the task group so they leave it unwrapped."""
     settings = services.settings
@@ -100,8 +104,9 @@ async def _stream_answer(services: Services, state: RequestState, writer: ReplyW
                 state.stage = "streaming"
                 writer.set_status("_Thinking…_")
                 result = await stream_chat(
-                    services.openai, model=settings.openai_model, messages=messages,
-                    max_tokens=settings.max_answer_tokens,
+                    services.openai, model=options.model, messages=messages,
+                    max_tokens=options.max_answer_tokens, temperature=options.temperature,
+                    reasoning_effort=options.reasoning_effort,
                     idle_timeout=settings.stream_idle_timeout_seconds, on_delta=writer.append,
                 )
                 finish_reason = result.finish_reason

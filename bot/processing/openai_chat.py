@@ -38,6 +38,11 @@ class ChatResult:
     completion_tokens: int = 0
 
 
+def _optional(**params: object) -> dict:
+    """Only the parameters that were set: some models reject e.g. `temperature`."""
+    return {k: v for k, v in params.items() if v is not None}
+
+
 def _sdk_timeout(seconds_left: float) -> httpx2.Timeout:
     left = max(0.5, seconds_left)
     return httpx2.Timeout(left, connect=min(10.0, left))
@@ -50,6 +55,8 @@ async def stream_chat(
     messages: list[dict],
     max_tokens: int,
     idle_timeout: float,
+    temperature: float | None = None,
+    reasoning_effort: str | None = None,
     on_delta: Callable[[str], None],
 ) -> ChatResult:
     """Stream the answer, calling `on_delta(piece)` for each piece of text as it arrives.
@@ -65,6 +72,7 @@ async def stream_chat(
         stream_options={"include_usage": True},
         max_completion_tokens=max_tokens,
         timeout=_sdk_timeout(left),
+        **_optional(temperature=temperature, reasoning_effort=reasoning_effort),
     )
     result = ChatResult(text="", finish_reason=None)
     pieces: list[str] = []
