@@ -179,8 +179,7 @@ class SocketModeReader:
                     tg.start_soon(self._keepalive, conn)
                     try:
                         while True:
-                            text = await conn.ws.receive_text()
-                            await self._on_frame(conn, text)
+                            await self._on_frames(conn, await _receive_burst(conn.ws))
                     except WebSocketClosed as exc:
                         log.info("socket #%d closed: %s", conn.number, exc)
                         conn.end("dropped")
@@ -209,27 +208,44 @@ class SocketModeReader:
                 return
 
     async def _on_frame(self, conn: _Connection, text: str) -> None:
+        await self._on_frames(conn, [text])
+
+    async def _on_frames(self, conn: _Connection, texts: list[str]) -> None:
+        """Handle frames that arrived together. Every envelope among them is acked, in one
+        write, before any of them is dispatched or any other frame is handled: under a
+        burst, acking one envelope per trip through a busy event loop made the last acks
+        wait behind the work the first ones started."""
         received_at = anyio.current_time()
+        frames = [frame for text in texts if (frame := self._parse(conn, text)) is not None]
+        acks = [json.dumps({"envelope_id": _envelope_id(frame)}) for frame in frames if _envelope_id(frame)]
+        if acks:
+            # Ack first, whatever the envelopes hold: Slack redelivers anything un-acked.
+            try:
+                await _send_all(conn.ws, acks)
+                self.envelopes_acked += len(acks)
+            except WebSocketClosed:
+                conn.end("dropped")
+                conn.scope.cancel()
+                return  # not acked: Slack redelivers them, possibly on the new socket
+        for frame in frames:
+            envelope_id = _envelope_id(frame)
+            if envelope_id:
+                self._dispatch(frame, envelope_id, received_at)
+            else:
+                self._on_control(conn, frame)
+
+    def _parse(self, conn: _Connection, text: str) -> dict | None:
         try:
             frame = json.loads(text)
         except ValueError:
             log.warning("socket #%d: frame is not JSON (%d chars); ignored", conn.number, len(text))
-            return
+            return None
         if not isinstance(frame, dict):
             log.warning("socket #%d: frame is not a JSON object; ignored", conn.number)
-            return
-        envelope_id = frame.get("envelope_id")
-        if isinstance(envelope_id, str) and envelope_id:
-            # Ack first, whatever the envelope holds: Slack redelivers anything un-acked.
-            try:
-                await conn.ws.send_text(json.dumps({"envelope_id": envelope_id}))
-                self.envelopes_acked += 1
-            except WebSocketClosed:
-                conn.end("dropped")
-                conn.scope.cancel()
-                return  # not acked: Slack redelivers it, possibly on the new socket
-            self._dispatch(frame, envelope_id, received_at)
-            return
+            return None
+        return frame
+
+    def _on_control(self, conn: _Connection, frame: dict) -> None:
         frame_type = frame.get("type")
         if frame_type == "hello":
             info = frame.get("debug_info") or {}
@@ -261,6 +277,28 @@ class SocketModeReader:
             self._on_envelope(envelope)
         except Exception:  # the reader must outlive any bug downstream
             log.exception("envelope %s: handler failed to start", envelope_id)
+
+
+def _envelope_id(frame: dict) -> str:
+    envelope_id = frame.get("envelope_id")
+    return envelope_id if isinstance(envelope_id, str) else ""
+
+
+async def _receive_burst(ws: WebSocket) -> list[str]:
+    """The next message, plus any already received behind it (taken without waiting)."""
+    first = await ws.receive_text()
+    take_buffered = getattr(ws, "take_buffered", None)
+    return [first, *take_buffered()] if take_buffered is not None else [first]
+
+
+async def _send_all(ws: WebSocket, texts: list[str]) -> None:
+    """Send `texts` in order; in one write when the socket can."""
+    send_texts = getattr(ws, "send_texts", None)
+    if send_texts is not None and len(texts) > 1:
+        await send_texts(texts)
+        return
+    for text in texts:
+        await ws.send_text(text)
 
 
 async def _first_of(*events: anyio.Event) -> None:

@@ -55,6 +55,10 @@ class WebSocket(Protocol):
     async def aclose(self) -> None:
         """Close politely, bounded in time (Slack may never finish the TCP close)."""
 
+    # Optional (the reader falls back to the methods above without them):
+    #   def take_buffered(self) -> list[str]           messages already received, no waiting
+    #   async def send_texts(self, texts: list[str])    several messages in one write
+
 
 class Connector(Protocol):
     async def __call__(self, url: str) -> WebSocket: ...
@@ -107,9 +111,10 @@ class WsprotoWebSocket:
         self._pending: list[str] = []
         self.last_activity = anyio.current_time()
 
-    async def _write(self, event) -> None:
+    async def _write(self, *events) -> None:
+        """Send `events` (frames, in order) in one write."""
         try:
-            data = self._conn.send(event)
+            data = b"".join(self._conn.send(event) for event in events)
         except LocalProtocolError as exc:
             raise WebSocketClosed(f"cannot send on this socket: {exc}") from None
         async with self._send_lock:
@@ -144,6 +149,20 @@ class WsprotoWebSocket:
         if self._closed:
             raise WebSocketClosed("socket is closed")
         await self._write(TextMessage(data=text))
+
+    async def send_texts(self, texts: list[str]) -> None:
+        """Several text messages, back to back, in one write (one trip through the event
+        loop instead of one per message)."""
+        if self._closed:
+            raise WebSocketClosed("socket is closed")
+        await self._write(*(TextMessage(data=text) for text in texts))
+
+    def take_buffered(self) -> list[str]:
+        """The complete messages already received behind the last one `receive_text`
+        returned, without waiting (not a checkpoint). Lets the reader ack a burst in one
+        write before anything else runs."""
+        texts, self._pending = self._pending, []
+        return texts
 
     async def ping(self) -> None:
         if not self._closed:

@@ -20,7 +20,7 @@ from bot.processing.conversation import build_prompt
 from bot.processing.failures import INTERRUPTED_NOTICE, describe, timeout_notice
 from bot.processing.openai_chat import stream_chat
 from bot.processing.options import RequestOptions, resolve_options
-from bot.processing.reply import ReplyWriter
+from bot.processing.reply import ReplySurface, ReplyWriter
 from bot.slack_events import IncomingMessage, strip_mention
 from bot.storage.base import HistoryMessage
 
@@ -33,13 +33,16 @@ LENGTH_NOTICE = "_(The answer was cut short: it reached the maximum length.)_"
 EMPTY_NOTICE = "_(The model returned an empty answer. Please try rephrasing.)_"
 
 
-async def answer_message(services: Services, state: RequestState) -> str:
+async def answer_message(services: Services, state: RequestState, writer: ReplySurface | None = None) -> str:
     """Run one request to a terminal outcome and return it
-    ("answered" | "timeout" | "error" | "interrupted")."""
+    ("answered" | "timeout" | "error" | "interrupted").
+
+    `writer` is where the answer appears: Slack by default; `slackbot shell` passes a
+    terminal one, which is why nothing here talks to Slack directly."""
     msg = state.message
     settings = services.settings
-    writer = ReplyWriter(services.slack, msg.channel, msg.thread_ts,
-                         interval=settings.update_interval_seconds)
+    if writer is None:
+        writer = ReplyWriter(services.slack, msg.channel, msg.thread_ts, interval=settings.update_interval_seconds)
     recorded = False
     outcome, notice, detail = "error", "", ""
     try:
@@ -87,7 +90,7 @@ async def answer_message(services: Services, state: RequestState) -> str:
     return outcome
 
 
-async def _stream_answer(services: Services, state: RequestState, writer: ReplyWriter,
+async def _stream_answer(services: Services, state: RequestState, writer: ReplySurface,
                          messages: list[dict], options: RequestOptions) -> str | None:
     """Wait for a model slot, then stream; the writer's flush task lives only as long
     as the stream. Errors are caught inside the task group so they leave it unwrapped."""
@@ -119,7 +122,7 @@ async def _stream_answer(services: Services, state: RequestState, writer: ReplyW
     return finish_reason
 
 
-async def _finalize(services: Services, state: RequestState, writer: ReplyWriter, outcome: str,
+async def _finalize(services: Services, state: RequestState, writer: ReplySurface, outcome: str,
                     notice: str, detail: str, recorded: bool) -> None:
     msg = state.message
     # Slack gets its own, shorter bound: a final write that hangs must not use up the
@@ -130,7 +133,7 @@ async def _finalize(services: Services, state: RequestState, writer: ReplyWriter
         elif notice and outcome != "interrupted":
             # The placeholder itself could not be posted; try once to say why.
             try:
-                await services.slack.post_message(msg.channel, msg.thread_ts, markdown_text=notice)
+                await writer.post_notice(notice)
             except Exception as exc:  # noqa: BLE001 - nothing more we can tell the user
                 log.error("request %s: could not post the failure notice either: %s", state.request_id, exc)
     if slack_bound.cancelled_caught:

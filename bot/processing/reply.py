@@ -13,6 +13,7 @@ the Web API client already honours `Retry-After` on 429.
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 import anyio
 
@@ -23,6 +24,30 @@ log = logging.getLogger(__name__)
 
 PLACEHOLDER = "_Thinking…_"
 POST_TIMEOUT = 15.0
+
+
+class ReplySurface(Protocol):
+    """Where an answer appears. `ReplyWriter` is Slack; the shell has a terminal one."""
+
+    message_ts: list[str]
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def placeholder_ts(self) -> str: ...
+
+    async def start(self, status: str = PLACEHOLDER) -> str: ...
+
+    def set_status(self, status: str) -> None: ...
+
+    def append(self, delta: str) -> None: ...
+
+    async def run(self) -> None: ...
+
+    async def finish(self, notice: str = "") -> bool: ...
+
+    async def post_notice(self, notice: str) -> None: ...
 
 
 class ReplyWriter:
@@ -101,6 +126,10 @@ class ReplyWriter:
         except SlackAPIError as exc:
             log.error("final update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
             return False
+
+    async def post_notice(self, notice: str) -> None:
+        """A standalone message in the thread (when the placeholder could not be posted)."""
+        await self._slack.post_message(self.channel, self.thread_ts, markdown_text=notice)
 
     async def _show(self, parts: list[str]) -> None:
         for i, part in enumerate(parts):

@@ -1,0 +1,393 @@
+"""Benchmark: N concurrent conversations through the real bot process, over real sockets.
+
+    python benchmarks/bench_conversations.py [--conversations 200] [--latency 2.0]
+                                             [--backend trio|asyncio] [--runs 1]
+
+Starts the fake Slack (Web API + Socket Mode) and the fake OpenAI server in this process
+(on Trio), starts `python -m bot` against them, waits for its socket, then sends N DMs
+— one per channel, D0 … D(N-1) — as fast as it can. Every model answer waits `--latency`
+seconds before its first chunk, then streams in small chunks. It prints:
+
+- ack latency p50/p99: the fake's ack time minus the envelope's send time;
+- reply latency p50/p95/p99: from sending the event to the `chat.update` that carries
+  the full answer (timestamped by wrapping the fake's Web API handler);
+- replies per second and the wall time until the last reply;
+- the bot process's peak RSS (VmHWM from /proc/<pid>/status);
+- errors (conversations not answered in time, Slack calls that failed, final outcomes
+  other than "answered");
+- for finding where the time goes: the reply latency split into stages (event → placeholder
+  posted → model request received → final update), the bot's CPU seconds during the burst
+  (from /proc/<pid>/stat), and this process's own event-loop lag, which is part of every
+  latency measured here (the fakes share the machine with the bot).
+
+The bot runs with ASYNC_MAX_CONCURRENT_REQUESTS = max(100, N) unless `--max-concurrent`
+says otherwise: with the default of 100, half of 200 conversations would wait a whole
+model latency for a slot, whatever the bot's speed. `--profile FILE` runs the bot under
+cProfile (`python -m cProfile -o FILE -m bot`); read it with `pstats`.
+
+This is not a test: it prints figures and compares them with the targets from the issue
+(200 conversations at 2 s model latency answered within 2.5 s wall; ack p99 < 20 ms;
+peak RSS < 70 MB). Exit status is 0 either way unless something broke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import anyio  # noqa: E402
+import anyio.abc  # noqa: E402
+import httpx2  # noqa: E402
+
+from tests.fakes import Behaviour, FakeOpenAI, FakeSlack, last_user_text, openai_server, slack_server  # noqa: E402
+
+BOT_TOKEN = "xoxb-bench-token"
+APP_TOKEN = "xapp-bench-token"
+API_KEY = "sk-bench-key"
+TARGET_WALL = 2.5  # seconds, for 200 conversations at 2 s latency
+TARGET_ACK_P99 = 0.020
+TARGET_RSS_MB = 70.0
+FILLER = ("Structured concurrency keeps every task inside a scope, so nothing outlives the "
+          "request that started it. ")
+
+
+def answer_for(question: str) -> str:
+    return f"Answer to «{question}». {FILLER * 2}".strip()
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100); nan for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def ms(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.1f} ms"
+
+
+@dataclass
+class RunResult:
+    conversations: int
+    answered: int
+    ack: list[float]
+    unacked: int
+    reply: list[float]
+    wall: float
+    burst_send: float
+    peak_rss_kb: int
+    idle_rss_kb: int
+    slack_errors: int
+    outcomes: dict[str, int]
+    exit_code: int | None
+    log_tail: str = ""
+    notes: list[str] = field(default_factory=list)
+    stages: dict[str, list[float]] = field(default_factory=dict)  # per-conversation stage durations
+    phases: dict[str, float] = field(default_factory=dict)  # start-up, shutdown (seconds)
+    fake_lag: list[float] = field(default_factory=list)  # the fakes' event-loop lag during the burst
+
+    @property
+    def errors(self) -> int:
+        not_answered = self.conversations - self.answered
+        bad_outcomes = sum(n for k, n in self.outcomes.items() if k != "answered")
+        return not_answered + self.slack_errors + bad_outcomes + self.unacked
+
+
+def read_status_kb(pid: int, field_name: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return math.nan
+
+
+def bot_env(workdir: Path, *, backend: str, slack_url: str, openai_url: str, max_concurrent: int,
+            log_level: str) -> dict[str, str]:
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", str(workdir)),
+        "PYTHONPATH": str(REPO_ROOT),
+        "SLACK_BOT_TOKEN": BOT_TOKEN,
+        "SLACK_APP_TOKEN": APP_TOKEN,
+        "OPENAI_API_KEY": API_KEY,
+        "SLACK_API_URL": slack_url,
+        "OPENAI_BASE_URL": openai_url,
+        "DATABASE_URL": f"sqlite:///{workdir}/bot.db",
+        "LOG_LEVEL": log_level,
+        "BOT_ASYNC_BACKEND": backend,
+        "ASYNC_MAX_CONCURRENT_REQUESTS": str(max_concurrent),
+        "ASYNC_TIMEOUT_SECONDS": "60",
+        "SHUTDOWN_GRACE_SECONDS": "2",
+        "SOCKET_PING_INTERVAL_SECONDS": "10",
+    }
+
+
+async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
+    n = args.conversations
+    slack = FakeSlack(bot_token=BOT_TOKEN, app_token=APP_TOKEN)
+    ai = FakeOpenAI(api_key=API_KEY, script=lambda request: Behaviour(
+        text=answer_for(last_user_text(request)), latency=args.latency, chunks=args.chunks,
+        chunk_delay=args.chunk_delay))
+    expected = {f"D{i}": answer_for(f"question {i} in D{i}") for i in range(n)}
+    final_at: dict[str, float] = {}
+    all_answered = anyio.Event()
+    slack_errors = 0
+    stage_at: dict[str, dict[str, float]] = {"placeholder": {}, "model_request": {}}
+    original_handle = slack.handle
+
+    async def timed_handle(request: httpx2.Request) -> httpx2.Response:
+        """The fake's Web API, plus a timestamp for the update that carries the full answer."""
+        nonlocal slack_errors
+        response = await original_handle(request)
+        method = request.url.path.rsplit("/", 1)[-1]
+        if method in ("chat.update", "chat.postMessage"):
+            body = json.loads(response.content)
+            if not body.get("ok"):
+                slack_errors += 1
+            elif method == "chat.postMessage":
+                stage_at["placeholder"].setdefault(body.get("channel"), anyio.current_time())
+            elif method == "chat.update":
+                channel = body.get("channel")
+                if channel in expected and channel not in final_at and body.get("text") == expected[channel]:
+                    final_at[channel] = anyio.current_time()
+                    if len(final_at) == n:
+                        all_answered.set()
+        return response
+
+    slack.handle = timed_handle  # slack_server looks the handler up per connection
+    original_ai_handle = ai.handle
+
+    async def timed_ai_handle(request: httpx2.Request) -> httpx2.Response:
+        try:
+            question = last_user_text(json.loads(request.content))
+            channel = question.rsplit(" ", 1)[-1]
+            stage_at["model_request"].setdefault(channel, anyio.current_time())
+        except (ValueError, AttributeError):
+            pass
+        return await original_ai_handle(request)
+
+    ai.handle = timed_ai_handle
+    workdir = Path(tempfile.mkdtemp(prefix="slackbot-bench-"))
+    stderr = bytearray()
+    try:
+        async with slack_server(slack) as slack_url, openai_server(ai) as openai_url:
+            env = bot_env(workdir, backend=args.backend, slack_url=slack_url, openai_url=openai_url,
+                          max_concurrent=args.max_concurrent or max(100, n), log_level=args.log_level)
+            phases: dict[str, float] = {}
+            t0 = anyio.current_time()
+            command = [sys.executable, "-m", "bot"]
+            if args.profile:
+                command[1:1] = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())]
+            process = await anyio.open_process(command, cwd=str(workdir), env=env,
+                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            try:
+                async with anyio.create_task_group() as tg:
+
+                    drained = anyio.Event()
+
+                    async def drain() -> None:
+                        """Read the bot's log as it comes, so the pipe never fills."""
+                        assert process.stderr is not None
+                        try:
+                            async for chunk in process.stderr:
+                                stderr.extend(chunk)
+                        finally:
+                            drained.set()
+
+                    tg.start_soon(drain)
+                    with anyio.fail_after(30):
+                        while b"socket #1 ready" not in stderr:
+                            if process.returncode is not None:
+                                raise RuntimeError(f"bot exited early:\n{stderr.decode(errors='replace')}")
+                            await anyio.sleep(0.02)
+                    phases["start-up"] = anyio.current_time() - t0
+                    if phases["start-up"] > 3:
+                        print("slow start:\n" + stderr.decode(errors="replace"))
+                    await anyio.sleep(0.5)  # let the bot settle (first-use imports, idle loop)
+                    idle_rss = read_status_kb(process.pid, "VmHWM")
+
+                    envelope_of: dict[str, str] = {}
+                    lags: list[float] = []
+                    probe_scope = anyio.CancelScope()
+
+                    async def lag_probe() -> None:
+                        """How late this process's own event loop wakes up: the fakes' share of
+                        every latency measured here (an ack is timed when the fake reads it)."""
+                        with probe_scope:
+                            while True:
+                                before = anyio.current_time()
+                                await anyio.sleep(0.001)
+                                lags.append(anyio.current_time() - before - 0.001)
+
+                    tg.start_soon(lag_probe)
+                    bot_cpu0, fake_cpu0 = cpu_seconds(process.pid), time.process_time()
+                    burst_start = anyio.current_time()
+                    for i in range(n):
+                        channel = f"D{i}"
+                        event = slack.message_event(channel, "U1", f"question {i} in {channel}", channel_type="im")
+                        envelope_of[channel] = await slack.send_event(event)
+                    burst_send = anyio.current_time() - burst_start
+
+                    with anyio.move_on_after(args.timeout):
+                        await all_answered.wait()
+                    replies_done = anyio.current_time()
+                    probe_scope.cancel()
+                    bot_cpu = cpu_seconds(process.pid) - bot_cpu0
+                    fake_cpu = time.process_time() - fake_cpu0
+                    phases["burst window"] = replies_done - burst_start
+                    phases["bot CPU in window"] = bot_cpu
+                    phases["fakes CPU in window"] = fake_cpu
+                    await anyio.sleep(0.2)  # late acks
+                    peak_rss = read_status_kb(process.pid, "VmHWM")
+
+                    t_stop = anyio.current_time()
+                    process.send_signal(signal.SIGTERM)
+                    exit_code = None
+                    with anyio.move_on_after(15):
+                        exit_code = await process.wait()
+                    phases["shutdown"] = anyio.current_time() - t_stop
+                    with anyio.move_on_after(2):  # the last log lines
+                        await drained.wait()
+                    tg.cancel_scope.cancel()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    if process.returncode is None:
+                        process.kill()
+                    with anyio.move_on_after(5):
+                        await process.aclose()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    log = stderr.decode(errors="replace")
+    outcomes: dict[str, int] = {}
+    match = re.search(r"stopped; outcomes: (\{[^}]*\})", log)
+    if match:
+        for key, value in re.findall(r"'(\w+)': (\d+)", match.group(1)):
+            outcomes[key] = int(value)
+    acks = []
+    unacked = 0
+    for channel, eid in envelope_of.items():
+        delivery = slack.deliveries[eid]
+        if eid in slack.acks:
+            acks.append(slack.acks[eid] - delivery.sent_at)
+        else:
+            unacked += 1
+    send_time = {c: slack.deliveries[eid].sent_at for c, eid in envelope_of.items()}
+    replies = [final_at[c] - send_time[c] for c in final_at]
+    wall = (max(final_at.values()) - burst_start) if final_at else math.nan
+    result = RunResult(
+        conversations=n, answered=len(final_at), ack=acks, unacked=unacked, reply=replies, wall=wall,
+        burst_send=burst_send, peak_rss_kb=peak_rss, idle_rss_kb=idle_rss, slack_errors=slack_errors,
+        outcomes=outcomes, exit_code=exit_code,
+        log_tail="\n".join(log.strip().splitlines()[-5:]),
+    )
+    placeholder, model_request = stage_at["placeholder"], stage_at["model_request"]
+    result.stages = {
+        "event -> placeholder posted": [placeholder[c] - send_time[c] for c in placeholder if c in send_time],
+        "placeholder -> model request": [model_request[c] - placeholder[c] for c in model_request
+                                         if c in placeholder],
+        "model request -> final update": [final_at[c] - model_request[c] for c in final_at if c in model_request],
+    }
+    result.phases = phases
+    result.fake_lag = lags
+    if ai.max_open_streams < n:
+        result.notes.append(f"at most {ai.max_open_streams} model streams were open at once")
+    return result
+
+
+def report(args: argparse.Namespace, run_no: int, r: RunResult) -> None:
+    print(f"--- run {run_no}: {r.conversations} conversations, model latency {args.latency:g}s, "
+          f"bot on {args.backend} ---")
+    print(f"  burst sent in        {ms(r.burst_send)}")
+    print(f"  ack latency          p50 {ms(percentile(r.ack, 50))}   p99 {ms(percentile(r.ack, 99))}   "
+          f"max {ms(max(r.ack) if r.ack else math.nan)}   (unacked: {r.unacked})")
+    print(f"  (fakes' own loop lag p50 {ms(percentile(r.fake_lag, 50))}   p99 {ms(percentile(r.fake_lag, 99))}   "
+          f"max {ms(max(r.fake_lag) if r.fake_lag else math.nan)}: included in the figures above and below)")
+    print(f"  reply latency        p50 {ms(percentile(r.reply, 50))}   p95 {ms(percentile(r.reply, 95))}   "
+          f"p99 {ms(percentile(r.reply, 99))}")
+    rate = r.answered / r.wall if r.answered and r.wall > 0 else 0.0
+    print(f"  replies              {r.answered}/{r.conversations} in {r.wall:.3f} s wall  ({rate:.1f} replies/s)")
+    print(f"  bot peak RSS         {r.peak_rss_kb / 1024:.1f} MB  (idle before the burst: "
+          f"{r.idle_rss_kb / 1024:.1f} MB)")
+    print(f"  errors               {r.errors}  (not answered {r.conversations - r.answered}, slack errors "
+          f"{r.slack_errors}, unacked {r.unacked}; outcomes {r.outcomes or 'unknown'}; exit code {r.exit_code})")
+    for name, values in r.stages.items():
+        print(f"  {name:<30} p50 {ms(percentile(values, 50))}   p99 {ms(percentile(values, 99))}")
+    if r.phases:
+        print("  phases               " + "   ".join(f"{k} {v:.2f} s" for k, v in r.phases.items()))
+    for note in r.notes:
+        print(f"  note: {note}")
+    if r.conversations == 200 and args.latency == 2.0:
+        checks = [
+            ("all answered within 2.5 s wall", r.answered == r.conversations and r.wall <= TARGET_WALL),
+            ("ack p99 under 20 ms", bool(r.ack) and percentile(r.ack, 99) < TARGET_ACK_P99 and not r.unacked),
+            ("peak RSS under 70 MB", 0 < r.peak_rss_kb / 1024 < TARGET_RSS_MB),
+        ]
+        print("  targets              " + "   ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in checks))
+    if r.errors:
+        print("  last log lines:\n    " + r.log_tail.replace("\n", "\n    "))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--conversations", type=int, default=200, help="concurrent conversations (default 200)")
+    parser.add_argument("--latency", type=float, default=2.0, help="model latency before the first chunk, s")
+    parser.add_argument("--chunks", type=int, default=8, help="content chunks per answer (default 8)")
+    parser.add_argument("--chunk-delay", type=float, default=0.0, help="delay between chunks, s (default 0)")
+    parser.add_argument("--backend", choices=("trio", "asyncio"), default="trio", help="the bot's backend")
+    parser.add_argument("--runs", type=int, default=1, help="repeat the whole measurement (default 1)")
+    parser.add_argument("--max-concurrent", type=int, default=0,
+                        help="ASYNC_MAX_CONCURRENT_REQUESTS for the bot (default: max(100, conversations))")
+    parser.add_argument("--timeout", type=float, default=60.0, help="give up waiting for replies after this")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="run the bot under cProfile and write its stats to FILE (slows it down)")
+    parser.add_argument("--log-level", default="INFO", help="the bot's LOG_LEVEL (default INFO)")
+    args = parser.parse_args()
+    if sys.platform != "linux":
+        print("note: peak RSS is read from /proc and is only reported on Linux")
+    failed = False
+    for run_no in range(1, args.runs + 1):
+        started = time.perf_counter()
+        try:
+            result = anyio.run(one_run, args, run_no, backend="trio")
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next run
+            print(f"--- run {run_no}: failed: {exc!r}")
+            failed = True
+            continue
+        report(args, run_no, result)
+        print(f"  (run took {time.perf_counter() - started:.1f} s including start-up)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
