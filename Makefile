@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test bench bench-compare bench-soak clean
+BENCH_STAMP := $(VENV)/.installed-bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +19,19 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+# The benchmarks need the `bench` extra (Bolt, aiohttp, matplotlib); the bot and the tests do not.
+$(BENCH_STAMP): $(STAMP)
+	$(VENV)/bin/pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(VENV)/bin/python benchmarks/bench_conversations.py
+
+bench-compare: $(BENCH_STAMP)
+	$(VENV)/bin/python benchmarks/compare.py
+
+bench-soak: $(BENCH_STAMP)
+	$(VENV)/bin/python benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV)

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_conversations.py [--conversations 200] [--latency 2.0]
                                              [--backend trio|asyncio] [--runs 1]
+                                             [--bot slackbot|bolt-sync|bolt-async]
+                                             [--hangs 15 --request-timeout 10]
 
 Starts the fake Slack (Web API + Socket Mode) and the fake OpenAI server in this process
 (on Trio), starts `python -m bot` against them, waits for its socket, then sends N DMs
@@ -25,6 +27,12 @@ says otherwise: with the default of 100, half of 200 conversations would wait a 
 model latency for a slot, whatever the bot's speed. `--profile FILE` runs the bot under
 cProfile (`python -m cProfile -o FILE -m bot`); read it with `pstats`.
 
+`--bot` races one of the baselines in benchmarks/baselines/ instead (same fakes, same
+sockets, same settings; `benchmarks/compare.py` runs all three). `--hangs N` first sends N
+conversations whose model never answers (channels H0 … H(N-1)), waits `--hang-lead`
+seconds, then sends the burst: the burst's reply latency is then "a normal message while
+N requests hang". `--request-timeout` is the bots' ASYNC_TIMEOUT_SECONDS (default 60).
+
 This is not a test: it prints figures and compares them with the targets from the issue
 (200 conversations at 2 s model latency answered within 2.5 s wall; ack p99 < 20 ms;
 peak RSS < 70 MB). Exit status is 0 either way unless something broke.
@@ -43,6 +51,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +74,17 @@ TARGET_ACK_P99 = 0.020
 TARGET_RSS_MB = 70.0
 FILLER = ("Structured concurrency keeps every task inside a scope, so nothing outlives the "
           "request that started it. ")
+
+
+# Web API methods that show an answer (or its placeholder) to the user.
+ANSWER_METHODS = frozenset({"chat.postMessage", "chat.update", "chat.startStream", "chat.appendStream",
+                            "chat.stopStream"})
+BASELINES = REPO_ROOT / "benchmarks" / "baselines"
+BOTS = {  # --bot -> the command that starts it (all read the same environment)
+    "slackbot": [sys.executable, "-m", "bot"],
+    "bolt-sync": [sys.executable, str(BASELINES / "bolt_sync.py")],
+    "bolt-async": [sys.executable, str(BASELINES / "bolt_async.py")],
+}
 
 
 def answer_for(question: str) -> str:
@@ -132,7 +153,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def bot_env(workdir: Path, *, backend: str, slack_url: str, openai_url: str, max_concurrent: int,
-            log_level: str) -> dict[str, str]:
+            log_level: str, request_timeout: float = 60.0) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", str(workdir)),
@@ -146,10 +167,65 @@ def bot_env(workdir: Path, *, backend: str, slack_url: str, openai_url: str, max
         "LOG_LEVEL": log_level,
         "BOT_ASYNC_BACKEND": backend,
         "ASYNC_MAX_CONCURRENT_REQUESTS": str(max_concurrent),
-        "ASYNC_TIMEOUT_SECONDS": "60",
+        "ASYNC_TIMEOUT_SECONDS": f"{request_timeout:g}",
         "SHUTDOWN_GRACE_SECONDS": "2",
         "SOCKET_PING_INTERVAL_SECONDS": "10",
     }
+
+
+@dataclass
+class BotProcess:
+    process: anyio.abc.Process
+    stderr: bytearray
+    exit_code: int | None = None  # after the block: None if it had to be killed
+    shutdown_seconds: float = math.nan  # from SIGTERM to exit
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@asynccontextmanager
+async def bot_process(command: list[str], env: dict[str, str], workdir: Path,
+                      slack: FakeSlack) -> AsyncIterator[BotProcess]:
+    """Start a bot, keep reading its log (so the pipe never fills), wait until its socket
+    is open on `slack`; on exit SIGTERM it (then kill after 15 s) and collect the log."""
+    process = await anyio.open_process(command, cwd=str(workdir), env=env,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    bot = BotProcess(process, bytearray())
+    try:
+        async with anyio.create_task_group() as tg:
+            drained = anyio.Event()
+
+            async def drain() -> None:
+                assert process.stderr is not None
+                try:
+                    async for chunk in process.stderr:
+                        bot.stderr.extend(chunk)
+                finally:
+                    drained.set()
+
+            tg.start_soon(drain)
+            with anyio.fail_after(30):
+                while not slack.live_connections:
+                    if process.returncode is not None:
+                        raise RuntimeError(f"bot exited early:\n{bot.stderr.decode(errors='replace')}")
+                    await anyio.sleep(0.02)
+            yield bot
+            t_stop = anyio.current_time()
+            process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(15):
+                bot.exit_code = await process.wait()
+            bot.shutdown_seconds = anyio.current_time() - t_stop
+            with anyio.move_on_after(2):  # the last log lines
+                await drained.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            with anyio.move_on_after(5):
+                await process.aclose()
 
 
 async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
@@ -157,7 +233,7 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
     slack = FakeSlack(bot_token=BOT_TOKEN, app_token=APP_TOKEN)
     ai = FakeOpenAI(api_key=API_KEY, script=lambda request: Behaviour(
         text=answer_for(last_user_text(request)), latency=args.latency, chunks=args.chunks,
-        chunk_delay=args.chunk_delay))
+        chunk_delay=args.chunk_delay, hang=last_user_text(request).startswith("hang")))
     expected = {f"D{i}": answer_for(f"question {i} in D{i}") for i in range(n)}
     final_at: dict[str, float] = {}
     all_answered = anyio.Event()
@@ -170,15 +246,18 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
         nonlocal slack_errors
         response = await original_handle(request)
         method = request.url.path.rsplit("/", 1)[-1]
-        if method in ("chat.update", "chat.postMessage"):
+        if method in ANSWER_METHODS:
             body = json.loads(response.content)
+            channel = body.get("channel")
             if not body.get("ok"):
                 slack_errors += 1
-            elif method == "chat.postMessage":
-                stage_at["placeholder"].setdefault(body.get("channel"), anyio.current_time())
-            elif method == "chat.update":
-                channel = body.get("channel")
-                if channel in expected and channel not in final_at and body.get("text") == expected[channel]:
+            elif method in ("chat.postMessage", "chat.startStream"):
+                stage_at["placeholder"].setdefault(channel, anyio.current_time())
+            if body.get("ok") and channel in expected and channel not in final_at:
+                # Done when the answer is all there, however it got there: chat.update
+                # (bot, baselines) or Slack's native streaming (bot's default).
+                shown = slack._find(channel, str(body.get("ts", "")))
+                if shown is not None and expected[channel] in shown.get("text", ""):
                     final_at[channel] = anyio.current_time()
                     if len(final_at) == n:
                         all_answered.set()
@@ -198,97 +277,66 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
 
     ai.handle = timed_ai_handle
     workdir = Path(tempfile.mkdtemp(prefix="slackbot-bench-"))
-    stderr = bytearray()
     try:
         async with slack_server(slack) as slack_url, openai_server(ai) as openai_url:
             env = bot_env(workdir, backend=args.backend, slack_url=slack_url, openai_url=openai_url,
-                          max_concurrent=args.max_concurrent or max(100, n), log_level=args.log_level)
+                          max_concurrent=args.max_concurrent or max(100, n), log_level=args.log_level,
+                          request_timeout=args.request_timeout)
             phases: dict[str, float] = {}
             t0 = anyio.current_time()
-            command = [sys.executable, "-m", "bot"]
+            command = list(BOTS[args.bot])
             if args.profile:
                 command[1:1] = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())]
-            process = await anyio.open_process(command, cwd=str(workdir), env=env,
-                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-            try:
-                async with anyio.create_task_group() as tg:
+            async with bot_process(command, env, workdir, slack) as bot, anyio.create_task_group() as tg:
+                phases["start-up"] = anyio.current_time() - t0
+                if phases["start-up"] > 3:
+                    print("slow start:\n" + bot.stderr.decode(errors="replace"))
+                await anyio.sleep(0.5)  # let the bot settle (first-use imports, idle loop)
+                idle_rss = read_status_kb(bot.pid, "VmHWM")
 
-                    drained = anyio.Event()
+                envelope_of: dict[str, str] = {}
+                lags: list[float] = []
+                probe_scope = anyio.CancelScope()
 
-                    async def drain() -> None:
-                        """Read the bot's log as it comes, so the pipe never fills."""
-                        assert process.stderr is not None
-                        try:
-                            async for chunk in process.stderr:
-                                stderr.extend(chunk)
-                        finally:
-                            drained.set()
+                async def lag_probe() -> None:
+                    """How late this process's own event loop wakes up: the fakes' share of
+                    every latency measured here (an ack is timed when the fake reads it)."""
+                    with probe_scope:
+                        while True:
+                            before = anyio.current_time()
+                            await anyio.sleep(0.001)
+                            lags.append(anyio.current_time() - before - 0.001)
 
-                    tg.start_soon(drain)
-                    with anyio.fail_after(30):
-                        while b"socket #1 ready" not in stderr:
-                            if process.returncode is not None:
-                                raise RuntimeError(f"bot exited early:\n{stderr.decode(errors='replace')}")
-                            await anyio.sleep(0.02)
-                    phases["start-up"] = anyio.current_time() - t0
-                    if phases["start-up"] > 3:
-                        print("slow start:\n" + stderr.decode(errors="replace"))
-                    await anyio.sleep(0.5)  # let the bot settle (first-use imports, idle loop)
-                    idle_rss = read_status_kb(process.pid, "VmHWM")
+                tg.start_soon(lag_probe)
+                for i in range(args.hangs):  # requests whose model never answers
+                    event = slack.message_event(f"H{i}", "U1", f"hang {i}", channel_type="im")
+                    await slack.send_event(event)
+                if args.hangs:
+                    await anyio.sleep(args.hang_lead)
+                bot_cpu0, fake_cpu0 = cpu_seconds(bot.pid), time.process_time()
+                burst_start = anyio.current_time()
+                for i in range(n):
+                    channel = f"D{i}"
+                    event = slack.message_event(channel, "U1", f"question {i} in {channel}", channel_type="im")
+                    envelope_of[channel] = await slack.send_event(event)
+                burst_send = anyio.current_time() - burst_start
 
-                    envelope_of: dict[str, str] = {}
-                    lags: list[float] = []
-                    probe_scope = anyio.CancelScope()
-
-                    async def lag_probe() -> None:
-                        """How late this process's own event loop wakes up: the fakes' share of
-                        every latency measured here (an ack is timed when the fake reads it)."""
-                        with probe_scope:
-                            while True:
-                                before = anyio.current_time()
-                                await anyio.sleep(0.001)
-                                lags.append(anyio.current_time() - before - 0.001)
-
-                    tg.start_soon(lag_probe)
-                    bot_cpu0, fake_cpu0 = cpu_seconds(process.pid), time.process_time()
-                    burst_start = anyio.current_time()
-                    for i in range(n):
-                        channel = f"D{i}"
-                        event = slack.message_event(channel, "U1", f"question {i} in {channel}", channel_type="im")
-                        envelope_of[channel] = await slack.send_event(event)
-                    burst_send = anyio.current_time() - burst_start
-
-                    with anyio.move_on_after(args.timeout):
-                        await all_answered.wait()
-                    replies_done = anyio.current_time()
-                    probe_scope.cancel()
-                    bot_cpu = cpu_seconds(process.pid) - bot_cpu0
-                    fake_cpu = time.process_time() - fake_cpu0
-                    phases["burst window"] = replies_done - burst_start
-                    phases["bot CPU in window"] = bot_cpu
-                    phases["fakes CPU in window"] = fake_cpu
-                    await anyio.sleep(0.2)  # late acks
-                    peak_rss = read_status_kb(process.pid, "VmHWM")
-
-                    t_stop = anyio.current_time()
-                    process.send_signal(signal.SIGTERM)
-                    exit_code = None
-                    with anyio.move_on_after(15):
-                        exit_code = await process.wait()
-                    phases["shutdown"] = anyio.current_time() - t_stop
-                    with anyio.move_on_after(2):  # the last log lines
-                        await drained.wait()
-                    tg.cancel_scope.cancel()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    if process.returncode is None:
-                        process.kill()
-                    with anyio.move_on_after(5):
-                        await process.aclose()
+                with anyio.move_on_after(args.timeout):
+                    await all_answered.wait()
+                replies_done = anyio.current_time()
+                probe_scope.cancel()
+                bot_cpu = cpu_seconds(bot.pid) - bot_cpu0
+                fake_cpu = time.process_time() - fake_cpu0
+                phases["burst window"] = replies_done - burst_start
+                phases["bot CPU in window"] = bot_cpu
+                phases["fakes CPU in window"] = fake_cpu
+                await anyio.sleep(0.2)  # late acks
+                peak_rss = read_status_kb(bot.pid, "VmHWM")
+            exit_code, phases["shutdown"] = bot.exit_code, bot.shutdown_seconds
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    log = stderr.decode(errors="replace")
+    log = bot.stderr.decode(errors="replace")
     outcomes: dict[str, int] = {}
     match = re.search(r"stopped; outcomes: (\{[^}]*\})", log)
     if match:
@@ -326,8 +374,10 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
 
 
 def report(args: argparse.Namespace, run_no: int, r: RunResult) -> None:
-    print(f"--- run {run_no}: {r.conversations} conversations, model latency {args.latency:g}s, "
-          f"bot on {args.backend} ---")
+    bot = f"slackbot on {args.backend}" if args.bot == "slackbot" else args.bot
+    hangs = f", {args.hangs} hanging" if args.hangs else ""
+    print(f"--- run {run_no}: {r.conversations} conversations{hangs}, model latency {args.latency:g}s, "
+          f"{bot} ---")
     print(f"  burst sent in        {ms(r.burst_send)}")
     print(f"  ack latency          p50 {ms(percentile(r.ack, 50))}   p99 {ms(percentile(r.ack, 99))}   "
           f"max {ms(max(r.ack) if r.ack else math.nan)}   (unacked: {r.unacked})")
@@ -347,7 +397,7 @@ def report(args: argparse.Namespace, run_no: int, r: RunResult) -> None:
         print("  phases               " + "   ".join(f"{k} {v:.2f} s" for k, v in r.phases.items()))
     for note in r.notes:
         print(f"  note: {note}")
-    if r.conversations == 200 and args.latency == 2.0:
+    if r.conversations == 200 and args.latency == 2.0 and args.bot == "slackbot" and not args.hangs:
         checks = [
             ("all answered within 2.5 s wall", r.answered == r.conversations and r.wall <= TARGET_WALL),
             ("ack p99 under 20 ms", bool(r.ack) and percentile(r.ack, 99) < TARGET_ACK_P99 and not r.unacked),
@@ -358,7 +408,7 @@ def report(args: argparse.Namespace, run_no: int, r: RunResult) -> None:
         print("  last log lines:\n    " + r.log_tail.replace("\n", "\n    "))
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conversations", type=int, default=200, help="concurrent conversations (default 200)")
     parser.add_argument("--latency", type=float, default=2.0, help="model latency before the first chunk, s")
@@ -372,7 +422,19 @@ def main() -> int:
     parser.add_argument("--profile", metavar="FILE",
                         help="run the bot under cProfile and write its stats to FILE (slows it down)")
     parser.add_argument("--log-level", default="INFO", help="the bot's LOG_LEVEL (default INFO)")
-    args = parser.parse_args()
+    parser.add_argument("--bot", choices=sorted(BOTS), default="slackbot",
+                        help="which bot to race: this one (default) or a baseline from benchmarks/baselines/")
+    parser.add_argument("--hangs", type=int, default=0,
+                        help="conversations whose model never answers, sent before the burst (default 0)")
+    parser.add_argument("--hang-lead", type=float, default=0.5,
+                        help="seconds between the hanging conversations and the burst (default 0.5)")
+    parser.add_argument("--request-timeout", type=float, default=60.0,
+                        help="the bots' ASYNC_TIMEOUT_SECONDS (default 60)")
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if sys.platform != "linux":
         print("note: peak RSS is read from /proc and is only reported on Linux")
     failed = False

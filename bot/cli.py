@@ -1,12 +1,17 @@
 """`slackbot` / `python -m bot`: read the settings, set up logging, run on the chosen backend.
 
+Commands: none or `run` (the bot), `manifest` (the Slack app manifest), `check` (try the
+configuration for real) and `shell` (the assistant in a terminal, no Slack).
+
 Exit codes: 0 after a clean shutdown, 2 for a configuration or start-up problem (one
-clear line on stderr, no traceback).
+clear line on stderr, no traceback); `check` exits 1 when any check fails.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import logging
 import sys
 
@@ -18,18 +23,85 @@ from bot.logs import setup_logging
 log = logging.getLogger("bot")
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slackbot",
+        description="A Slack assistant backed by OpenAI. Without a command it starts the bot. Settings come "
+                    "from the environment and a .env file in the current directory; see README.md.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("run", help="start the bot (the default)")
+    manifest = commands.add_parser("manifest", help="print the Slack app manifest (JSON) to create the app from")
+    manifest.add_argument("--name", default="AI Assistant", help="the app's name in Slack (default: %(default)s)")
+    commands.add_parser("check", help="check the tokens, the OpenAI key and model, and the database, for real")
+    commands.add_parser("shell", help="talk to the assistant from this terminal (needs no Slack)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-h", "--help"):
-        print("usage: slackbot\n\nStarts the Slack bot. Settings come from the environment and a .env "
-              "file in the current directory; see README.md for the table.")
+    try:
+        args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2): argparse printed why
+        return int(exc.code or 0)
+    if args.command == "manifest":
+        return _manifest(args.name)
+    if args.command == "check":
+        return _check()
+    if args.command == "shell":
+        return _shell()
+    return _run()
+
+
+def _manifest(name: str) -> int:
+    """Needs no tokens: it is what you create the Slack app (and so the tokens) from."""
+    from bot.manifest import build_manifest
+
+    try:
+        settings = load_settings(purpose="check")
+    except ConfigError as exc:
+        print(f"slackbot: configuration error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(build_manifest(name=name, command=settings.settings_command), indent=2))
+    return 0
+
+
+def _check() -> int:
+    from bot.check import CheckResult, render, run_checks
+
+    try:
+        settings = load_settings(purpose="check")
+    except ConfigError as exc:
+        print(render([CheckResult("Configuration", False, str(exc), "Fix this value in .env or the environment.")]))
+        return 1
+    setup_logging("ERROR", settings.secrets)  # the table is the output; keep library chatter out of it
+    print(f"Checking the configuration (backend {settings.async_backend})…\n")
+    results = anyio.run(run_checks, settings, backend=settings.async_backend)
+    print(render(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _shell() -> int:
+    from bot.shell import run_shell
+
+    try:
+        settings = load_settings(purpose="shell")
+    except ConfigError as exc:
+        print(f"slackbot: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("WARNING" if settings.log_level in ("DEBUG", "INFO") else settings.log_level, settings.secrets)
+    try:
+        return anyio.run(run_shell, settings, backend=settings.async_backend)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
         return 0
+
+
+def _run() -> int:
     try:
         settings = load_settings()
     except ConfigError as exc:
         print(f"slackbot: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level, settings.secrets)
+    setup_logging(settings.log_level, settings.secrets, settings.log_format)
 
     from bot.startup import StartupError, run_bot  # after logging, so import-time logs are filtered
 

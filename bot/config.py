@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -47,8 +48,29 @@ class Settings:
     watchdog_threshold_seconds: float = 120.0
     socket_ping_interval_seconds: float = 10.0
     # --- images and documents -------------------------------------------------------
+    max_file_mb: float = 20.0  # a file (or image URL) declared or found larger is refused before/while downloading
+    max_files_per_message: int = 10  # attachments + image URLs read from one message; the rest get a note
+    image_model: str = "gpt-image-2.5-sunburst"  # images.generate / images.edit; "off" disables the image tools
+    image_size: str = "1024x1024"
+    image_quality: str = "auto"
+    max_context_images: int = 4  # thread images (attached or generated) the model sees with each question
+    max_image_pixels: int = 50_000_000  # decompression-bomb guard, checked from the header before decoding
+    max_pdf_pages: int = 300  # pages read from one PDF; later pages are left out with a note
+    max_document_chars: int = 1_000_000  # text extracted from one document before it is cut (bounds the work)
+    media_workers: int = 2  # worker threads that parse documents and resize images at the same time
+    url_fetch_timeout_seconds: float = 15.0  # for one pasted image URL, redirects included
+    allow_loopback_urls: bool = False  # tests only: let pasted image URLs reach 127.0.0.1 / ::1
     # --- user settings and Slack UX --------------------------------------------------
+    settings_command: str = "/settings"  # the slash command that opens the settings modal
+    admin_users: frozenset[str] = frozenset()  # may change the workspace defaults
+    allowed_users: frozenset[str] = frozenset()  # empty: everyone may use the bot
+    allowed_channels: frozenset[str] = frozenset()  # empty: every channel (DMs follow allowed_users)
+    native_streaming: bool = True  # chat.startStream/appendStream/stopStream, else paced chat.update
+    welcome: bool = True  # a short welcome with the answer to a user's first DM
     # --- observability ----------------------------------------------------------------
+    metrics_port: int | None = None  # None: no HTTP listener; 0: any free port (tests)
+    metrics_host: str = "127.0.0.1"
+    log_format: str = "text"  # "text" | "json"
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -59,8 +81,10 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _required(env: Mapping[str, str], name: str, prefix: str | None = None) -> str:
+def _required(env: Mapping[str, str], name: str, prefix: str | None = None, *, optional: bool = False) -> str:
     value = env.get(name, "").strip()
+    if not value and optional:
+        return ""
     if not value:
         raise ConfigError(f"{name} is not set (see the configuration table in README.md)")
     if prefix and not value.startswith(prefix):
@@ -92,8 +116,14 @@ def _url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
     return raw if raw.endswith("/") else raw + "/"
 
 
-def load_settings(env: Mapping[str, str] | None = None, *, dotenv_path: str | None = ".env") -> Settings:
-    """Build `Settings` from `env` (default: the process environment plus `.env`)."""
+def load_settings(env: Mapping[str, str] | None = None, *, dotenv_path: str | None = ".env",
+                  purpose: str = "bot") -> Settings:
+    """Build `Settings` from `env` (default: the process environment plus `.env`).
+
+    `purpose` says which secrets must be present: "bot" all three; "shell" no Slack
+    tokens, and no OpenAI key when OPENAI_BASE_URL names a local server; "check" none
+    (`slackbot check` reports missing ones in its table instead of stopping at the first).
+    Malformed values are errors whatever the purpose."""
     if env is None:
         if dotenv_path and os.path.exists(dotenv_path):
             from dotenv import dotenv_values
@@ -119,9 +149,9 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv_path: str | No
 
     timeout = _number(env, "ASYNC_TIMEOUT_SECONDS", Settings.async_timeout_seconds)
     return Settings(
-        slack_bot_token=_required(env, "SLACK_BOT_TOKEN", "xoxb-"),
-        slack_app_token=_required(env, "SLACK_APP_TOKEN", "xapp-"),
-        openai_api_key=_required(env, "OPENAI_API_KEY"),
+        slack_bot_token=_required(env, "SLACK_BOT_TOKEN", "xoxb-", optional=purpose != "bot"),
+        slack_app_token=_required(env, "SLACK_APP_TOKEN", "xapp-", optional=purpose != "bot"),
+        openai_api_key=_openai_key(env, purpose),
         slack_api_url=_url(env, "SLACK_API_URL", Settings.slack_api_url),
         openai_base_url=_url(env, "OPENAI_BASE_URL", None),
         openai_model=env.get("OPENAI_MODEL", "").strip() or Settings.openai_model,
@@ -153,17 +183,106 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv_path: str | No
 
 def _media_settings(env: Mapping[str, str]) -> dict:
     """Settings for images and documents."""
-    return {}
+    image_model = env.get("IMAGE_MODEL", "").strip() or Settings.image_model
+    image_size = env.get("IMAGE_SIZE", "").strip().lower() or Settings.image_size
+    if image_size != "auto" and not re.fullmatch(r"[1-9][0-9]{1,4}x[1-9][0-9]{1,4}", image_size):
+        raise ConfigError(f"IMAGE_SIZE must be WIDTHxHEIGHT (e.g. 1024x1024) or auto, got {image_size!r}")
+    image_quality = env.get("IMAGE_QUALITY", "").strip().lower() or Settings.image_quality
+    if image_quality not in ("auto", "low", "medium", "high", "xhigh", "max"):
+        raise ConfigError(f"IMAGE_QUALITY must be one of auto, low, medium, high, xhigh, max; got {image_quality!r}")
+    loopback = env.get("ALLOW_LOOPBACK_URLS", "").strip().lower() or "false"
+    if loopback not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError(f"ALLOW_LOOPBACK_URLS must be true or false, got {loopback!r}")
+    return {
+        "max_file_mb": _number(env, "MAX_FILE_MB", Settings.max_file_mb),
+        "max_files_per_message": _number(env, "MAX_FILES_PER_MESSAGE", Settings.max_files_per_message, cast=int),
+        "image_model": image_model,
+        "image_size": image_size,
+        "image_quality": image_quality,
+        "max_context_images": _number(env, "MAX_CONTEXT_IMAGES", Settings.max_context_images, cast=int,
+                                      minimum=-1),
+        "max_image_pixels": _number(env, "MAX_IMAGE_PIXELS", Settings.max_image_pixels, cast=int,
+                                    minimum=10_000),
+        "max_pdf_pages": _number(env, "MAX_PDF_PAGES", Settings.max_pdf_pages, cast=int),
+        "max_document_chars": _number(env, "MAX_DOCUMENT_CHARS", Settings.max_document_chars, cast=int,
+                                      minimum=1000),
+        "media_workers": _number(env, "MEDIA_WORKERS", Settings.media_workers, cast=int),
+        "url_fetch_timeout_seconds": _number(env, "URL_FETCH_TIMEOUT_SECONDS", Settings.url_fetch_timeout_seconds),
+        "allow_loopback_urls": loopback in ("true", "1", "yes"),
+    }
 
 
 def _ux_settings(env: Mapping[str, str]) -> dict:
     """Settings for user preferences, access control and Slack UX."""
-    return {}
+    command = env.get("SETTINGS_COMMAND", "").strip() or Settings.settings_command
+    if not command.startswith("/"):
+        command = "/" + command
+    if not re.fullmatch(r"/[a-z0-9_\-]{1,31}", command):
+        raise ConfigError(f"SETTINGS_COMMAND must be a slash command like /settings (lowercase, no spaces, "
+                          f"at most 32 characters), got {command!r}")
+    return {
+        "settings_command": command,
+        "admin_users": _ux_slack_ids(env, "ADMIN_USERS", "UW"),
+        "allowed_users": _ux_slack_ids(env, "ALLOWED_USERS", "UW"),
+        "allowed_channels": _ux_slack_ids(env, "ALLOWED_CHANNELS", "CGD"),
+        "native_streaming": _ux_flag(env, "NATIVE_STREAMING", Settings.native_streaming),
+        "welcome": _ux_flag(env, "WELCOME_MESSAGE", Settings.welcome),
+    }
+
+
+def _ux_slack_ids(env: Mapping[str, str], name: str, prefixes: str) -> frozenset[str]:
+    """A comma- or space-separated list of Slack ids (users `U…`/`W…`, channels `C…`/`G…`/`D…`)."""
+    ids = [part for part in re.split(r"[\s,]+", env.get(name, "").strip()) if part]
+    for slack_id in ids:
+        if not re.fullmatch(rf"[{prefixes}][A-Z0-9]+", slack_id):
+            kinds = "user ids like U0123ABCD" if "U" in prefixes else "channel ids like C0123ABCD"
+            raise ConfigError(f"{name} must list Slack {kinds}, separated by commas; got {slack_id!r}")
+    return frozenset(ids)
+
+
+def _ux_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be on or off (true/false), got {raw!r}")
+
+
+def _openai_key(env: Mapping[str, str], purpose: str) -> str:
+    """The shell may talk to a local OpenAI-compatible server that needs no key."""
+    if purpose == "bot":
+        return _required(env, "OPENAI_API_KEY")
+    key = _required(env, "OPENAI_API_KEY", optional=True)
+    if not key and purpose == "shell" and not env.get("OPENAI_BASE_URL", "").strip():
+        raise ConfigError("OPENAI_API_KEY is not set (or set OPENAI_BASE_URL to a local OpenAI-compatible server)")
+    return key
 
 
 def _observability_settings(env: Mapping[str, str]) -> dict:
     """Settings for metrics, health endpoints and log format."""
-    return {}
+    port = None
+    raw_port = env.get("METRICS_PORT", "").strip()
+    if raw_port:
+        try:
+            port = int(raw_port)
+        except ValueError:
+            raise ConfigError(f"METRICS_PORT must be a port number, got {raw_port!r}") from None
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"METRICS_PORT must be between 0 and 65535, got {raw_port!r}")
+    log_format = env.get("LOG_FORMAT", "").strip().lower() or Settings.log_format
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT must be 'text' or 'json', got {log_format!r}")
+    return {
+        "metrics_port": port,
+        "metrics_host": env.get("METRICS_HOST", "").strip() or Settings.metrics_host,
+        "log_format": log_format,
+        "watchdog_interval_seconds": _number(env, "WATCHDOG_INTERVAL_SECONDS", Settings.watchdog_interval_seconds),
+        "watchdog_threshold_seconds": _number(
+            env, "WATCHDOG_THRESHOLD_SECONDS", Settings.watchdog_threshold_seconds, minimum=-1),
+    }
 
 
 def sqlite_path(database_url: str) -> str:

@@ -20,10 +20,13 @@ import signal
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 
 import anyio
 
 from bot.dedupe import RecentKeys
+from bot.interactions.dispatch import SlackUX
+from bot.metrics_server import check_ready, serve_endpoints
 from bot.processing.answer import answer_message
 from bot.processing.context import RequestState, Services
 from bot.processing.failures import BUSY_NOTICE
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 CLEANUP_INTERVAL = 60.0
 EVENT_KEY_RETENTION = 24 * 3600.0  # Slack redelivers for minutes; a day is plenty
+CLAIM_ATTEMPTS = 3  # claim_event tries, 0.1 s then 0.2 s apart, before in-memory dedupe alone
 
 
 class Nursery:
@@ -47,14 +51,21 @@ class Nursery:
         self.recent = RecentKeys()
         self.active: dict[str, RequestState] = {}
         self.outcomes: dict[str, int] = {}
+        self.ux = SlackUX(services)
         self.reader = SocketModeReader(services.slack, connector, self.on_envelope,
-                                       ping_interval=services.settings.socket_ping_interval_seconds)
+                                       ping_interval=services.settings.socket_ping_interval_seconds,
+                                       ack_payload=self.ux.ack_payload,
+                                       metrics=services.metrics)
+        services.metrics.watch_requests(lambda: len(self.active))
+        services.metrics.watch_limiter(services.model_slots)
+        self.metrics_port: int | None = None  # bound port of the /metrics listener, when on
         self._handle_signals = handle_signals
         self._wall_clock = wall_clock
         self._stop = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._reader_scope = anyio.CancelScope()
         self._accepting = True
+        self._handling = 0  # envelopes dispatched whose task has not finished (see on_envelope)
 
     # ---- the task group -------------------------------------------------------------
 
@@ -64,6 +75,10 @@ class Nursery:
             self._tg = tg
             if self._handle_signals:
                 tg.start_soon(self._watch_signals)
+            if settings.metrics_port is not None:
+                ready = partial(check_ready, lambda: self.reader.ready_sockets > 0, self.services.store)
+                self.metrics_port = await tg.start(serve_endpoints, self.services.metrics, ready,
+                                                   settings.metrics_host, settings.metrics_port)
             tg.start_soon(self._run_reader)
             tg.start_soon(self._watchdog, settings.watchdog_interval_seconds, settings.watchdog_threshold_seconds)
             tg.start_soon(self._cleanup)
@@ -90,16 +105,16 @@ class Nursery:
     async def _shutdown(self, grace: float) -> None:
         self._accepting = False
         self._reader_scope.cancel()
-        if self.active:
-            log.info("waiting up to %.1fs for %d request(s) in flight", grace, len(self.active))
+        if self.active or self._handling:
+            log.info("waiting up to %.1fs for %d request(s) in flight", grace, max(len(self.active), self._handling))
             with anyio.move_on_after(grace):
-                while self.active:
+                while self.active or self._handling:
                     await anyio.sleep(0.05)
         if self.active:
             log.info("interrupting %d request(s)", len(self.active))
-            for state in list(self.active.values()):
-                state.scope.cancel()
             while self.active:  # each one finalizes (bounded) and leaves
+                for state in list(self.active.values()):  # (one that only just started, too)
+                    state.scope.cancel()
                 await anyio.sleep(0.05)
 
     async def _watchdog(self, interval: float, threshold: float) -> None:
@@ -111,7 +126,9 @@ class Nursery:
                 age = now - state.started_at
                 if age >= threshold:
                     log.warning("request %s in %s running for %.0fs (stage: %s)",
-                                state.request_id, state.message.thread, age, state.stage)
+                                state.request_id, state.message.thread, age, state.stage,
+                                extra={"request_id": state.request_id, "age_s": round(age, 1),
+                                       "slack_thread": str(state.message.thread), "stage": state.stage})
 
     async def _cleanup(self) -> None:
         while True:
@@ -131,11 +148,21 @@ class Nursery:
         if self._tg is None or not self._accepting:
             log.warning("envelope %s arrived after shutdown began; not handled", envelope.envelope_id)
             return
-        self._tg.start_soon(self._request, envelope, name=f"envelope {envelope.envelope_id}")
+        # Counted from here, not from inside the task: an envelope acked an instant before
+        # a SIGTERM must be waited for too, or it would be cancelled before it is even
+        # `active` — acked, so never redelivered, and never answered.
+        self._handling += 1
+        self._tg.start_soon(self._handle, envelope, name=f"envelope {envelope.envelope_id}")
+
+    async def _handle(self, envelope: Envelope) -> None:
+        try:
+            await self._request(envelope)
+        finally:
+            self._handling -= 1
 
     async def _request(self, envelope: Envelope) -> None:
-        if envelope.type != "events_api":
-            log.info("envelope %s: %s is not handled yet", envelope.envelope_id, envelope.type)
+        if self.ux.wants(envelope):  # slash commands, interactions, App Home, assistant threads
+            await self.ux.handle(envelope)
             return
         parsed = parse_event(envelope.payload, self.services.me)
         if isinstance(parsed, Skip):
@@ -151,6 +178,8 @@ class Nursery:
         if msg.kind == "thread_followup" and not await self._thread_known(msg):
             log.debug("message %s in a thread the bot is not part of; skipped", msg.ts)
             return
+        if not await self.ux.admit(msg):  # access control (polite refusal once per thread); welcome
+            return
         async with self.gates.try_enter(msg.thread) as entered:
             if not entered:
                 await self._busy_reply(msg)
@@ -158,25 +187,36 @@ class Nursery:
             state = RequestState(request_id=uuid.uuid4().hex[:12], message=msg,
                                  started_at=anyio.current_time())
             self.active[state.request_id] = state
-            log.info("request %s: %s in %s", state.request_id, msg.kind, msg.thread)
+            log.info("request %s: %s in %s", state.request_id, msg.kind, msg.thread,
+                     extra={"request_id": state.request_id, "slack_thread": str(msg.thread), "kind": msg.kind})
             try:
                 with state.scope:
                     await answer_message(self.services, state)
             finally:
                 del self.active[state.request_id]
                 self._count(state.outcome or "interrupted")
-                log.info("request %s: %s after %.2fs", state.request_id, state.outcome,
-                         anyio.current_time() - state.started_at)
+                duration = anyio.current_time() - state.started_at
+                log.info("request %s: %s after %.2fs", state.request_id, state.outcome, duration,
+                         extra={"request_id": state.request_id, "slack_thread": str(msg.thread),
+                                "outcome": state.outcome or "interrupted", "duration_s": round(duration, 3)})
 
     async def _first_time(self, msg: IncomingMessage) -> bool:
         if not self.recent.add_all(msg.dedupe_keys, anyio.current_time()):
             return False
-        try:
-            for key in msg.dedupe_keys:
-                if not await self.services.store.claim_event(key):
-                    return False
-        except StorageError as exc:
-            log.warning("storage cannot record event %s (%s); relying on in-memory dedupe", msg.event_id, exc)
+        # A momentary storage error must not make a restarted process forget that an
+        # earlier one already handled this event: retry a little before falling back.
+        for key in msg.dedupe_keys:
+            for attempt in range(1, CLAIM_ATTEMPTS + 1):
+                try:
+                    if not await self.services.store.claim_event(key):
+                        return False
+                    break
+                except StorageError as exc:
+                    if attempt == CLAIM_ATTEMPTS:
+                        log.warning("storage cannot record event %s (%s); relying on in-memory dedupe",
+                                    msg.event_id, exc)
+                        return True
+                    await anyio.sleep(0.1 * 2 ** (attempt - 1))
         return True
 
     async def _thread_known(self, msg: IncomingMessage) -> bool:
@@ -197,3 +237,4 @@ class Nursery:
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.services.metrics.requests.labels(outcome=outcome).inc()

@@ -1,8 +1,9 @@
 """Slack Web API over httpx2 (the same HTTP stack the openai SDK uses).
 
 One `SlackWebAPI` per process. It only ever sends a token to `SLACK_API_URL`, which
-the settings insist is an http(s) URL chosen by the operator; file downloads (a later
-issue) must check the host themselves before reusing the bot token.
+the settings insist is an http(s) URL chosen by the operator, and to Slack's file host
+for downloads (`open_file` refuses any other host before sending a byte; redirects are
+checked again by the caller). Upload bytes go to Slack's upload URL without the token.
 
 Rate limits: a 429 is retried after its `Retry-After`, a bounded number of times, and
 the sleep sits inside the caller's cancel scope, so a request's deadline still wins.
@@ -12,10 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx2
+
+from bot.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,12 @@ JSON_METHODS = frozenset(
         "views.update",
         "views.publish",
         "views.push",
+        "chat.startStream",
+        "chat.appendStream",
+        "chat.stopStream",
+        "assistant.threads.setStatus",
+        "assistant.threads.setSuggestedPrompts",
+        "assistant.threads.setTitle",
     }
 )
 
@@ -47,10 +58,36 @@ class SlackAPIError(Exception):
         self.response = response or {}
 
 
+SLACK_FILE_HOST = "files.slack.com"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class NotSlackFileHost(ValueError):
+    """A file URL is not on Slack's file host nor SLACK_API_URL's origin, so the bot
+    token must not go there."""
+
+
 class SlackRateLimited(SlackAPIError):
     def __init__(self, method: str, retry_after: float) -> None:
         super().__init__(method, "ratelimited")
         self.retry_after = retry_after
+
+
+# Methods that are safe to send twice (reads, and writes that set a state rather than
+# add one): a 5xx or a broken connection is retried for these, a few times, quickly —
+# a blip on the final chat.update must not leave an answer showing "Thinking…" forever.
+# chat.postMessage is not among them: Slack may have posted before failing.
+RETRY_SERVER_ERRORS = frozenset({
+    "chat.update", "conversations.replies", "conversations.history", "auth.test", "users.info",
+    "assistant.threads.setStatus", "assistant.threads.setTitle",
+})
+SERVER_ERROR_BACKOFF = 0.25  # seconds before the first retry; doubled for each next one
+
+
+async def _pause_after_server_error(method: str, what: str, attempt: int) -> None:
+    delay = SERVER_ERROR_BACKOFF * 2 ** (attempt - 1)
+    log.warning("slack %s failed (%s); retrying in %.2fs (attempt %d)", method, what, delay, attempt)
+    await anyio.sleep(delay)
 
 
 def _retry_after(response: httpx2.Response) -> float:
@@ -69,7 +106,9 @@ class SlackWebAPI:
         base_url: str = "https://slack.com/api/",
         client: httpx2.AsyncClient,
         max_rate_limit_retries: int = 3,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         self._bot_token = bot_token
         self._app_token = app_token
         self._base_url = base_url if base_url.endswith("/") else base_url + "/"
@@ -83,6 +122,18 @@ class SlackWebAPI:
         SlackRateLimited once the retries are spent. `None` arguments are dropped.
         """
         args = {k: v for k, v in args.items() if v is not None}
+        result = "error"
+        try:
+            body = await self._call(method, app_token, args)
+            result = "ok"
+            return body
+        except anyio.get_cancelled_exc_class():
+            result = "cancelled"
+            raise
+        finally:
+            self._metrics.slack_calls.labels(method=method, result=result).inc()
+
+    async def _call(self, method: str, app_token: bool, args: dict) -> dict:
         token = self._app_token if app_token else self._bot_token
         headers = {"Authorization": f"Bearer {token}"}
         url = self._base_url + method
@@ -99,8 +150,17 @@ class SlackWebAPI:
             try:
                 response = await self._client.send(request)
             except httpx2.HTTPError as exc:
+                if method in RETRY_SERVER_ERRORS and attempt < self._max_retries:
+                    attempt += 1
+                    await _pause_after_server_error(method, type(exc).__name__, attempt)
+                    continue
                 raise SlackAPIError(method, f"http_error: {type(exc).__name__}") from None
+            if response.status_code >= 500 and method in RETRY_SERVER_ERRORS and attempt < self._max_retries:
+                attempt += 1
+                await _pause_after_server_error(method, f"HTTP {response.status_code}", attempt)
+                continue
             if response.status_code == 429:
+                self._metrics.slack_rate_limited.labels(method=method).inc()
                 delay = _retry_after(response)
                 if attempt >= self._max_retries:
                     raise SlackRateLimited(method, delay)
@@ -116,6 +176,8 @@ class SlackWebAPI:
                 raise SlackAPIError(method, "bad_response: not a JSON object")
             if not body.get("ok"):
                 error = str(body.get("error") or f"http_{response.status_code}")
+                if error == "ratelimited":
+                    self._metrics.slack_rate_limited.labels(method=method).inc()
                 if error == "ratelimited" and attempt < self._max_retries:
                     attempt += 1
                     await anyio.sleep(_retry_after(response))
@@ -147,3 +209,52 @@ class SlackWebAPI:
             if not cursor or not body.get("has_more", True):
                 break
         return messages
+
+    # File bytes. The bot token may go only to Slack's file host and to SLACK_API_URL's
+    # own origin; the check lives here, next to the token, so no caller can get it wrong.
+
+    def is_slack_file_url(self, url: str) -> bool:
+        """True for https://files.slack.com/… and for URLs on SLACK_API_URL's origin
+        (same scheme, host and port): the only places a download may carry the token."""
+        try:
+            target = httpx2.URL(url)
+        except (httpx2.InvalidURL, TypeError, ValueError):
+            return False
+        if target.scheme == "https" and target.host == SLACK_FILE_HOST and target.port in (None, 443):
+            return True
+        api = httpx2.URL(self._base_url)
+        return (target.scheme, target.host, target.port or _DEFAULT_PORTS.get(target.scheme)) == \
+            (api.scheme, api.host, api.port or _DEFAULT_PORTS.get(api.scheme))
+
+    @asynccontextmanager
+    async def open_file(self, url: str) -> AsyncIterator[httpx2.Response]:
+        """GET a Slack-hosted file with the bot token, as a streamed response that is
+        closed on exit. Redirects are not followed: the caller checks each Location with
+        `is_slack_file_url` and calls again. Raises NotSlackFileHost (before anything is
+        sent) for any other host, SlackAPIError for transport errors."""
+        if not self.is_slack_file_url(url):
+            raise NotSlackFileHost(url)
+        request = self._client.build_request("GET", url, headers={"Authorization": f"Bearer {self._bot_token}"})
+        try:
+            response = await self._client.send(request, stream=True, follow_redirects=False)
+        except httpx2.HTTPError as exc:
+            raise SlackAPIError("file download", f"http_error: {type(exc).__name__}") from None
+        try:
+            yield response
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def post_upload(self, upload_url: str, data: bytes, *, filename: str) -> None:
+        """Step 2 of Slack's upload flow: POST the bytes to the `upload_url` that
+        files.getUploadURLExternal returned, without the bot token (the URL itself
+        authorises the upload). Raises SlackAPIError unless Slack answers 200."""
+        if httpx2.URL(upload_url).scheme not in ("https", "http"):
+            raise SlackAPIError("file upload", "bad_upload_url")
+        try:
+            response = await self._client.post(upload_url, content=data, headers={
+                "Content-Type": "application/octet-stream", "X-Filename": filename})
+        except httpx2.HTTPError as exc:
+            raise SlackAPIError("file upload", f"http_error: {type(exc).__name__}") from None
+        if response.status_code != 200:
+            raise SlackAPIError("file upload", f"http_{response.status_code}")

@@ -29,6 +29,7 @@ class BotIdentity:
     user_id: str
     bot_id: str
     app_id: str = ""
+    team_id: str = ""  # from auth.test; chat.startStream needs it to stream into a channel
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 Its one promise: **every envelope is acked the moment it arrives**, before anything
 else happens, then handed to `on_envelope` (a plain function the nursery gives it, which
 starts a task and returns at once). Nothing here waits on processing, so a slow OpenAI
-call can never make Slack's 3-second ack deadline slip.
+call can never make Slack's 3-second ack deadline slip. An ack may carry a payload (a
+modal's validation errors): the `ack_payload` hook computes it synchronously, from the
+envelope alone, inside the same ack write.
 
 Connections:
 - each one starts with `apps.connections.open` (a fresh, single-use URL) and is usable
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from bot.metrics import Metrics
 from bot.slack_api import SlackAPIError, SlackWebAPI
 from bot.websocket import Connector, WebSocket, WebSocketClosed
 
@@ -49,6 +52,8 @@ class Envelope:
 
 
 EnvelopeHandler = Callable[[Envelope], None]
+# (envelope type, payload) -> the ack's payload, or None. Called while acking: must be pure and instant.
+AckPayload = Callable[[str, dict], "dict | None"]
 
 
 class Backoff:
@@ -94,10 +99,14 @@ class SocketModeReader:
         ping_interval: float = 10.0,
         hello_timeout: float = 15.0,
         rng: random.Random | None = None,
+        ack_payload: AckPayload | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics if metrics is not None else Metrics()
         self._slack = slack
         self._connect_ws = connector
         self._on_envelope = on_envelope
+        self._ack_payload = ack_payload
         self._ping_interval = ping_interval
         self._hello_timeout = hello_timeout
         self._backoff = Backoff(rng=rng)
@@ -106,6 +115,7 @@ class SocketModeReader:
         self.reconnects: dict[str, int] = {}
         self.envelopes_acked = 0
         self.live_sockets = 0
+        self.ready_sockets = 0  # open sockets that have said hello (what /readyz checks)
 
     async def run(self) -> None:
         """Keep one socket serving (two while one replaces the other), until cancelled."""
@@ -120,6 +130,7 @@ class SocketModeReader:
                 previous = conn
                 await conn.wants_replacement.wait()
                 self.reconnects[conn.reason] = self.reconnects.get(conn.reason, 0) + 1
+                self._metrics.socket_reconnects.labels(reason=conn.reason).inc()
                 log.info("socket #%d needs replacing (%s)", conn.number, conn.reason)
                 pause = LONG_BACKOFF_REASONS.get(conn.reason)
                 if pause is None and conn.reason in ("dropped", "stale", "closed") and anyio.current_time() - conn.opened_at < 5.0:
@@ -186,6 +197,8 @@ class SocketModeReader:
                     tg.cancel_scope.cancel()
         finally:
             self.live_sockets -= 1
+            if conn.hello.is_set():
+                self.ready_sockets -= 1
             conn.end("closed")
             conn.closed.set()
             with anyio.CancelScope(shield=True):
@@ -217,12 +230,13 @@ class SocketModeReader:
         wait behind the work the first ones started."""
         received_at = anyio.current_time()
         frames = [frame for text in texts if (frame := self._parse(conn, text)) is not None]
-        acks = [json.dumps({"envelope_id": _envelope_id(frame)}) for frame in frames if _envelope_id(frame)]
+        acks = [self._ack(frame) for frame in frames if _envelope_id(frame)]
         if acks:
             # Ack first, whatever the envelopes hold: Slack redelivers anything un-acked.
             try:
                 await _send_all(conn.ws, acks)
                 self.envelopes_acked += len(acks)
+                self._observe_acks(len(acks), received_at)
             except WebSocketClosed:
                 conn.end("dropped")
                 conn.scope.cancel()
@@ -233,6 +247,21 @@ class SocketModeReader:
                 self._dispatch(frame, envelope_id, received_at)
             else:
                 self._on_control(conn, frame)
+
+    def _ack(self, frame: dict) -> str:
+        """The ack frame; with a payload when the envelope accepts one and the `ack_payload`
+        hook (pure and instant: validation only, no I/O) has one for it."""
+        ack: dict = {"envelope_id": _envelope_id(frame)}
+        payload = frame.get("payload")
+        if self._ack_payload is not None and frame.get("accepts_response_payload") is True and isinstance(payload, dict):
+            try:
+                response = self._ack_payload(str(frame.get("type")), payload)
+            except Exception:  # a bug in the hook must not cost the ack
+                log.exception("envelope %s: ack payload hook failed; acking without one", ack["envelope_id"])
+                response = None
+            if response:
+                ack["payload"] = response
+        return json.dumps(ack)
 
     def _parse(self, conn: _Connection, text: str) -> dict | None:
         try:
@@ -251,6 +280,8 @@ class SocketModeReader:
             info = frame.get("debug_info") or {}
             log.info("socket #%d ready (connections: %s, refresh in ~%ss)", conn.number,
                      frame.get("num_connections"), info.get("approximate_connection_time", "?"))
+            if not conn.hello.is_set():
+                self.ready_sockets += 1
             conn.hello.set()
         elif frame_type == "disconnect":
             reason = str(frame.get("reason") or "unknown")
@@ -259,9 +290,16 @@ class SocketModeReader:
         else:
             log.warning("socket #%d: unknown frame type %r; ignored", conn.number, frame_type)
 
+    def _observe_acks(self, count: int, received_at: float) -> None:
+        latency = anyio.current_time() - received_at
+        self._metrics.envelopes_acked.inc(count)
+        for _ in range(count):
+            self._metrics.ack_latency.observe(latency)
+
     def _dispatch(self, frame: dict, envelope_id: str, received_at: float) -> None:
         env_type = frame.get("type")
         payload = frame.get("payload")
+        self._metrics.events_received.labels(type=_event_type(env_type, payload)).inc()
         if env_type not in ENVELOPE_TYPES or not isinstance(payload, dict):
             log.warning("envelope %s: unexpected type %r or payload; acked and ignored", envelope_id, env_type)
             return
@@ -277,6 +315,13 @@ class SocketModeReader:
             self._on_envelope(envelope)
         except Exception:  # the reader must outlive any bug downstream
             log.exception("envelope %s: handler failed to start", envelope_id)
+
+
+def _event_type(env_type: object, payload: object) -> str:
+    """`message`, `app_mention`, … for Events API envelopes; the envelope type otherwise."""
+    if env_type == "events_api" and isinstance(payload, dict) and isinstance(payload.get("event"), dict):
+        return str(payload["event"].get("type") or "unknown")[:40]
+    return str(env_type if env_type in ENVELOPE_TYPES else "unknown")
 
 
 def _envelope_id(frame: dict) -> str:

@@ -19,12 +19,14 @@ import httpx2
 import openai
 
 from bot.config import Settings
+from bot.metrics import Metrics
 from bot.nursery import Nursery
-from bot.processing.context import Services
+from bot.processing.context import MediaServices, Services
 from bot.processing.failures import INTERRUPTED_NOTICE
 from bot.slack_api import SlackAPIError, SlackWebAPI
 from bot.slack_events import BotIdentity
 from bot.storage import Store, open_store
+from bot.storage.timed import TimedStore
 from bot.websocket import Connector, connect_websocket
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,8 @@ async def identify(slack: SlackWebAPI) -> BotIdentity:
     while True:
         try:
             body = await slack.call("auth.test")
-            return BotIdentity(user_id=str(body.get("user_id", "")), bot_id=str(body.get("bot_id", "")))
+            return BotIdentity(user_id=str(body.get("user_id", "")), bot_id=str(body.get("bot_id", "")),
+                               team_id=str(body.get("team_id", "")))
         except SlackAPIError as exc:
             if exc.error in AUTH_ERRORS:
                 raise StartupError(f"Slack rejected SLACK_BOT_TOKEN ({exc.error}); check the token") from None
@@ -72,12 +75,14 @@ async def run_bot(
     *,
     slack_transport: httpx2.AsyncBaseTransport | None = None,
     openai_transport: httpx2.AsyncBaseTransport | None = None,
+    url_transport: httpx2.AsyncBaseTransport | None = None,
     connector: Connector = connect_websocket,
     store: Store | None = None,
     handle_signals: bool = True,
     on_ready=None,
 ) -> None:
     """Run until stopped (signal, or `nursery.stop()` via `on_ready(nursery)`)."""
+    metrics = Metrics()
     async with AsyncExitStack() as stack:
         slack_http = await stack.enter_async_context(
             httpx2.AsyncClient(transport=slack_transport, timeout=httpx2.Timeout(30.0, connect=10.0),
@@ -87,6 +92,13 @@ async def run_bot(
             openai.DefaultAsyncHttpx2Client(transport=openai_transport)
             if openai_transport is not None else openai.DefaultAsyncHttpx2Client()
         )
+        # Pasted image URLs: a client of its own that carries no token, ignores proxy
+        # variables and never follows redirects by itself (url_fetch checks each hop).
+        url_http = await stack.enter_async_context(
+            httpx2.AsyncClient(transport=url_transport, trust_env=False, follow_redirects=False,
+                               timeout=httpx2.Timeout(settings.url_fetch_timeout_seconds, connect=5.0),
+                               limits=httpx2.Limits(max_connections=20, max_keepalive_connections=0))
+        )
         ai = await stack.enter_async_context(
             openai.AsyncOpenAI(api_key=settings.openai_api_key, base_url=settings.openai_base_url,
                                http_client=openai_http, max_retries=2)
@@ -94,14 +106,16 @@ async def run_bot(
         if store is None:
             store = await open_store(settings.database_url)
             stack.push_async_callback(_close_store, store)
+        store = TimedStore(store, metrics)
         slack = SlackWebAPI(bot_token=settings.slack_bot_token, app_token=settings.slack_app_token,
-                            base_url=settings.slack_api_url, client=slack_http)
+                            base_url=settings.slack_api_url, client=slack_http, metrics=metrics)
         me = await identify(slack)
         log.info("connected to Slack as bot user %s", me.user_id)
         await recover_interrupted(slack, store)
         services = Services(
             settings=settings, slack=slack, openai=ai, store=store, me=me,
-            model_slots=anyio.CapacityLimiter(settings.async_max_concurrent_requests),
+            model_slots=anyio.CapacityLimiter(settings.async_max_concurrent_requests), metrics=metrics,
+            media=MediaServices(url_client=url_http, workers=anyio.CapacityLimiter(settings.media_workers)),
         )
         nursery = Nursery(services, connector, handle_signals=handle_signals)
         if on_ready is not None:

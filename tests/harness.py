@@ -37,6 +37,11 @@ def test_settings(**overrides) -> Settings:
         update_interval_seconds=0.05,
         shutdown_grace_seconds=0.5,
         socket_ping_interval_seconds=1.0,
+        # The core tests watch the placeholder being edited (chat.update) and count the
+        # bot's messages; native streaming and the first-DM welcome (both on in
+        # production) have their own tests in tests/test_ux_*.py.
+        native_streaming=False,
+        welcome=False,
     )
     return base.replace(**overrides)
 

@@ -15,6 +15,8 @@ Two forms:
 
 from __future__ import annotations
 
+import tempfile
+
 import anyio
 import pytest
 
@@ -23,10 +25,12 @@ from bot.processing.reply import PLACEHOLDER
 from tests.fakes.openai import Behaviour, FakeOpenAI
 from tests.fakes.slack import FakeSlack
 from tests.harness import eventually, running_bot, send_dm
+from tests.media_samples import pdf_with_pages
 
 pytestmark = pytest.mark.anyio
 
 ANSWER = "Echo: check me"
+PDF_3000_PAGES = pdf_with_pages([f"page {i} of a long report" for i in range(3000)])
 
 
 def assert_clean(nursery, slack: FakeSlack, ai: FakeOpenAI, channel: str, thread_ts: str) -> str:
@@ -104,11 +108,16 @@ async def test_cancel_at_every_step_trio(anyio_backend, inline_store):
     assert outcomes.get("answered", 0) >= 1
 
 
-STAGES = ["chat.postMessage", "conversations.replies", "model slot", "mid-stream", "final chat.update"]
+STAGES = ["chat.postMessage", "conversations.replies", "model slot", "mid-stream", "final chat.update",
+          # images and documents: a file on its way in, a document being parsed (in a worker
+          # thread), an image being drawn, and a drawn image on its way up to Slack.
+          "file download", "document parsing", "image generation", "file upload"]
+MEDIA_STAGES = STAGES[-4:]
 
 
 @pytest.mark.parametrize("stage", STAGES)
-async def test_cancel_at_each_interaction(stage):
+async def test_cancel_at_each_interaction(stage, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # any temporary file would land here
     slack, ai = FakeSlack(), FakeOpenAI()
     hold = anyio.Event()
     reached = anyio.Event()
@@ -124,6 +133,8 @@ async def test_cancel_at_each_interaction(stage):
             (stage == "chat.postMessage" and method == "chat.postMessage" and "Thinking" in body)
             or (stage == "conversations.replies" and method == "conversations.replies")
             or (stage == "final chat.update" and method == "chat.update" and ANSWER in body)
+            or (stage == "file download" and request.url.path.startswith("/files-pri/"))
+            or (stage == "file upload" and request.url.path.startswith("/upload/"))
         )
         if holding and not reached.is_set():
             reached.set()
@@ -131,6 +142,19 @@ async def test_cancel_at_each_interaction(stage):
         return await original(request)
 
     slack.handle = handle
+    original_ai = ai.handle
+
+    async def ai_handle(request):
+        if stage == "image generation" and request.url.path.endswith("/images/generations") and not reached.is_set():
+            reached.set()
+            await hold.wait()
+        return await original_ai(request)
+
+    ai.handle = ai_handle
+    if stage in ("image generation", "file upload"):
+        ai.enqueue(Behaviour(tool_calls=[("generate_image", {"prompt": "a fox"})]))
+    files = {"file download": [slack.add_file("scores.csv", b"name,score\nada,91\n")],
+             "document parsing": [slack.add_file("huge.pdf", PDF_3000_PAGES)]}.get(stage, [])
     parent = slack.add_user_message("C1", "U2", "earlier talk")
     # A long update interval makes the final text go out in the (shielded) finalize step.
     interval = 10.0 if stage == "final chat.update" else 0.05
@@ -144,11 +168,18 @@ async def test_cancel_at_each_interaction(stage):
             mention = slack.app_mention_event("C1", "U1", "check me", thread_ts=parent)
             await slack.send_event(mention)
             channel, thread_ts = "C1", parent
+        elif files:
+            ev = slack.message_event("D1", "U1", "check me", channel_type="im", subtype="file_share", files=files)
+            await slack.send_event(ev)
+            channel, thread_ts = "D1", ev["ts"]
         else:
             _, ev = await send_dm(slack, "check me")
             channel, thread_ts = "D1", ev["ts"]
         if stage == "model slot":
             await eventually(lambda: any(s.stage == "waiting for a model slot" for s in nursery.active.values()))
+        elif stage == "document parsing":
+            await eventually(lambda: any(s.stage.startswith("parsing") for s in nursery.active.values()))
+            await anyio.sleep(0.1)  # well inside the parse: 3,000 pages take seconds
         elif stage == "mid-stream":
             await ai.wait_until(lambda: ai.open_streams == 1)
             await anyio.sleep(0.2)  # two chunks arrive, then the stream stalls
@@ -166,3 +197,10 @@ async def test_cancel_at_each_interaction(stage):
         expected = "answered" if stage == "final chat.update" else "interrupted"  # finalize is shielded
         assert outcome == expected
         assert nursery.outcomes.get(expected) == 1
+        if stage in MEDIA_STAGES:
+            assert slack.uploads == [], "a file was posted by a cancelled request"
+            assert "files.completeUploadExternal" not in [m for m, _ in slack.calls]
+            assert list(tmp_path.iterdir()) == [], "a temporary file was left behind"
+            if stage == "file upload":
+                # cancelled while the bytes were going up: step 1 done, step 3 never sent
+                assert "files.getUploadURLExternal" in [m for m, _ in slack.calls]

@@ -329,3 +329,36 @@ async def test_tokens_never_reach_the_log(tmp_path, bot_backend):
         assert "DEBUG" in bot.log, bot.log  # the level took effect, so there was plenty to leak into
         bot.assert_no_secrets()
         assert "xoxb-" not in bot.log and "xapp-" not in bot.log
+
+
+async def test_files_and_image_tools_over_real_sockets(tmp_path, bot_backend):
+    """The real process downloads attachments from the fake Slack's file host (the token
+    goes there: it is SLACK_API_URL's origin), parses them in worker threads, sends the
+    image to the model, edits it through the images API (multipart over real HTTP) and
+    posts the result with the three-step upload."""
+    from tests.fakes.openai import image_parts
+    from tests.media_samples import pdf_with_pages, png_bytes
+
+    slack = FakeSlack(bot_token=BOT_TOKEN, app_token=APP_TOKEN)
+    ai = FakeOpenAI(api_key=API_KEY)
+    ai.enqueue(Behaviour(tool_calls=[("edit_image", {"prompt": "make the square blue"})]), "Done, it is blue now.")
+    async with running(tmp_path, backend=bot_backend, slack=slack, ai=ai) as (bot, slack, ai):
+        files = [slack.add_file("report.pdf", pdf_with_pages(["Revenue rose 12%", "Costs fell"])),
+                 slack.add_file("square.png", png_bytes((200, 200)))]
+        event = slack.message_event("D1", "U1", "make the square blue", channel_type="im", subtype="file_share",
+                                    files=files)
+        await slack.send_event(event)
+        await wait_reply(slack, "D1", event["ts"], "Done, it is blue now.", timeout=20)
+        with anyio.fail_after(10):
+            while not slack.uploads:
+                await anyio.sleep(0.05)
+        bot.assert_no_secrets()
+    assert [d["served"] for d in slack.downloads] == ["file", "file"]
+    assert all(d["authorization"] == f"Bearer {BOT_TOKEN}" for d in slack.downloads)
+    first = ai.requests[0]
+    assert len(image_parts(first)) == 1 and "Revenue rose 12%" in str(first["messages"][-1]["content"])
+    [edit] = ai.image_requests
+    assert edit["endpoint"] == "edits" and edit["prompt"] == "make the square blue" and edit["image"]
+    [upload] = slack.uploads
+    assert upload["thread_ts"] == event["ts"] and upload["bytes"].startswith(b"\x89PNG")
+    assert [p["authorization"] for p in slack.upload_posts] == [""]

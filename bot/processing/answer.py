@@ -1,4 +1,5 @@
-"""Answer one message: placeholder → history → model → streamed reply → stored exchange.
+"""Answer one message: placeholder → history → attachments → model (with the image tools)
+→ streamed reply → stored exchange.
 
 The whole request runs under one deadline (`ASYNC_TIMEOUT_SECONDS`, a `move_on_after`),
 which covers waiting for a free model slot too. Whatever happens — answer, timeout,
@@ -15,19 +16,25 @@ import time
 
 import anyio
 
+from bot.metrics import first_call_timer
 from bot.processing.context import RequestState, Services
 from bot.processing.conversation import build_prompt
 from bot.processing.failures import INTERRUPTED_NOTICE, describe, timeout_notice
-from bot.processing.openai_chat import stream_chat
+from bot.processing.attachments import Turn, read_attachments
+from bot.processing.image_tools import ImageTools
+from bot.processing.tool_chat import chat_with_tools
 from bot.processing.options import RequestOptions, resolve_options
-from bot.processing.reply import ReplySurface, ReplyWriter
+from bot.processing.native_stream import slack_surface
+from bot.processing.reply import ReplySurface
 from bot.slack_events import IncomingMessage, strip_mention
+from bot.storage import StorageError
 from bot.storage.base import HistoryMessage
 
 log = logging.getLogger(__name__)
 
 FINALIZE_SECONDS = 4.0  # bound on the shielded clean-up; keeps shutdown under 10 s
 STORE_RESERVE_SECONDS = 1.0  # of FINALIZE_SECONDS, kept for closing the request in storage
+FINISH_ATTEMPTS = 3  # finish_request tries (0.1 s, then 0.2 s apart) within the store reserve
 WAITING_STATUS = "_Waiting for a free slot: many conversations are running right now…_"
 LENGTH_NOTICE = "_(The answer was cut short: it reached the maximum length.)_"
 EMPTY_NOTICE = "_(The model returned an empty answer. Please try rephrasing.)_"
@@ -41,10 +48,14 @@ async def answer_message(services: Services, state: RequestState, writer: ReplyS
     terminal one, which is why nothing here talks to Slack directly."""
     msg = state.message
     settings = services.settings
+    # First, and never raising: the options pick the Slack surface (native streaming,
+    # paced chat.update, or one finished message).
+    options = await resolve_options(services, msg)
     if writer is None:
-        writer = ReplyWriter(services.slack, msg.channel, msg.thread_ts, interval=settings.update_interval_seconds)
+        writer = await slack_surface(services, msg, options)
     recorded = False
     outcome, notice, detail = "error", "", ""
+    turn: Turn | None = None
     try:
         with anyio.move_on_after(settings.async_timeout_seconds) as deadline:
             state.stage = "posting placeholder"
@@ -55,22 +66,28 @@ async def answer_message(services: Services, state: RequestState, writer: ReplyS
                 state.request_id, msg.thread, user_ts=msg.ts,
                 placeholder_ts=state.placeholder_ts, started_at=time.time(),
             )
-            options = await resolve_options(services, msg)
             state.stage = "loading history"
             history = await load_history(services, msg, rebuild=rebuild, exclude_ts={state.placeholder_ts})
             if options.history_messages is not None:
                 history = history[-options.history_messages:] if options.history_messages else []
-            prompt = build_prompt(options.system_prompt, history, msg.text,
+            state.stage = "reading attachments"
+            turn = await read_attachments(services, state, writer, system_prompt=options.system_prompt,
+                                          reserve_for_answer=options.max_answer_tokens)
+            prompt = build_prompt(options.system_prompt, history, turn.user_text,
                                   budget_tokens=settings.context_budget_tokens,
-                                  reserve_for_answer=options.max_answer_tokens)
+                                  reserve_for_answer=options.max_answer_tokens,
+                                  user_parts=turn.image_parts, parts_tokens=turn.image_tokens)
             if prompt.dropped_history:
                 log.info("request %s: left out %d older messages to fit the context budget",
                          state.request_id, prompt.dropped_history)
-            finish_reason = await _stream_answer(services, state, writer, prompt.messages, options)
+            finish_reason = None
+            if turn.answerable:  # else only unreadable files came: their notes are the whole answer
+                image_tools = ImageTools(services, state, writer, turn.images, turn.notes) if services.media else None
+                finish_reason = await _stream_answer(services, state, writer, prompt.messages, options, image_tools)
             outcome = "answered"
             if finish_reason == "length":
                 notice = LENGTH_NOTICE
-            elif not writer.text:
+            elif not writer.text and turn.answerable:
                 notice = EMPTY_NOTICE
         if deadline.cancelled_caught:
             outcome, detail = "timeout", f"no answer within {settings.async_timeout_seconds:g}s"
@@ -81,17 +98,24 @@ async def answer_message(services: Services, state: RequestState, writer: ReplyS
     except Exception as exc:  # every failure becomes a clear line in the thread
         failure = describe(exc)
         outcome, notice, detail = "error", failure.message, failure.kind
-        log.warning("request %s failed: %s (%s)", state.request_id, failure.kind, type(exc).__name__)
+        services.metrics.request_errors.labels(kind=failure.kind).inc()
+        log.warning("request %s failed: %s (%s)", state.request_id, failure.kind, type(exc).__name__,
+                    extra={"request_id": state.request_id, "slack_thread": str(msg.thread), "error_kind": failure.kind})
     finally:
         state.outcome = outcome
         state.stage = "finishing"
+        if turn is not None and turn.notes:  # files not read, documents trimmed: said under the answer
+            notice = "\n".join([*turn.notes, notice]).strip()
         with anyio.CancelScope(shield=True), anyio.move_on_after(FINALIZE_SECONDS):
-            await _finalize(services, state, writer, outcome, notice, detail, recorded)
+            await _finalize(services, state, writer, outcome, notice, detail, recorded,
+                            user_text=turn.stored_text if turn is not None else msg.text)
+        services.metrics.reply_latency.labels(outcome=outcome).observe(anyio.current_time() - state.started_at)
     return outcome
 
 
 async def _stream_answer(services: Services, state: RequestState, writer: ReplySurface,
-                         messages: list[dict], options: RequestOptions) -> str | None:
+                         messages: list[dict], options: RequestOptions,
+                         image_tools: ImageTools | None = None) -> str | None:
     """Wait for a model slot, then stream; the writer's flush task lives only as long
     as the stream. Errors are caught inside the task group so they leave it unwrapped."""
     settings = services.settings
@@ -102,17 +126,23 @@ async def _stream_answer(services: Services, state: RequestState, writer: ReplyS
         try:
             if services.model_slots.available_tokens < 1:
                 state.stage = "waiting for a model slot"
+                services.metrics.requests.labels(outcome="queued").inc()
                 writer.set_status(WAITING_STATUS)
             async with services.model_slots:
                 state.stage = "streaming"
                 writer.set_status("_Thinking…_")
-                result = await stream_chat(
-                    services.openai, model=options.model, messages=messages,
+                result = await chat_with_tools(
+                    image_tools, services.openai, model=options.model, messages=messages,
                     max_tokens=options.max_answer_tokens, temperature=options.temperature,
                     reasoning_effort=options.reasoning_effort,
-                    idle_timeout=settings.stream_idle_timeout_seconds, on_delta=writer.append,
+                    idle_timeout=settings.stream_idle_timeout_seconds,
+                    on_delta=first_call_timer(writer.append, lambda: services.metrics.first_token_latency.observe(
+                        anyio.current_time() - state.started_at)),
                 )
                 finish_reason = result.finish_reason
+                services.metrics.openai_tokens.labels(model=options.model, direction="in").inc(result.prompt_tokens)
+                services.metrics.openai_tokens.labels(model=options.model, direction="out").inc(
+                    result.completion_tokens)
         except Exception as exc:
             error = exc
         finally:
@@ -123,7 +153,7 @@ async def _stream_answer(services: Services, state: RequestState, writer: ReplyS
 
 
 async def _finalize(services: Services, state: RequestState, writer: ReplySurface, outcome: str,
-                    notice: str, detail: str, recorded: bool) -> None:
+                    notice: str, detail: str, recorded: bool, *, user_text: str | None = None) -> None:
     msg = state.message
     # Slack gets its own, shorter bound: a final write that hangs must not use up the
     # whole of FINALIZE_SECONDS, or the request would never be closed in storage.
@@ -140,13 +170,26 @@ async def _finalize(services: Services, state: RequestState, writer: ReplySurfac
         log.warning("request %s: Slack did not take the final text within %gs", state.request_id,
                     FINALIZE_SECONDS - STORE_RESERVE_SECONDS)
     if recorded:
-        try:
-            await services.store.finish_request(
-                state.request_id, outcome=outcome, user_text=msg.text, user_ts=msg.ts,
-                reply_text=writer.text, finished_at=time.time(), detail=detail,
-            )
-        except Exception:
-            log.exception("request %s: could not record its outcome", state.request_id)
+        # A transient storage error here (locked, briefly full) would leave the request
+        # "in flight" forever, and the next start would then overwrite a delivered answer
+        # with the interrupted notice: retry within what is left of FINALIZE_SECONDS.
+        for attempt in range(1, FINISH_ATTEMPTS + 1):
+            try:
+                await services.store.finish_request(
+                    state.request_id, outcome=outcome, user_text=msg.text if user_text is None else user_text,
+                    user_ts=msg.ts,
+                    reply_text=writer.text, finished_at=time.time(), detail=detail,
+                )
+                break
+            except StorageError as exc:
+                if attempt == FINISH_ATTEMPTS:
+                    log.exception("request %s: could not record its outcome", state.request_id)
+                    break
+                log.warning("request %s: could not record its outcome (%s); retrying", state.request_id, exc)
+                await anyio.sleep(0.1 * 2 ** (attempt - 1))
+            except Exception:
+                log.exception("request %s: could not record its outcome", state.request_id)
+                break
 
 
 async def load_history(services: Services, msg: IncomingMessage, *, rebuild: bool,

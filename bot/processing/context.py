@@ -10,12 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import anyio
+import httpx2
 import openai
 
 from bot.config import Settings
+from bot.metrics import Metrics
 from bot.slack_api import SlackWebAPI
 from bot.slack_events import BotIdentity, IncomingMessage
 from bot.storage.base import Store
+
+
+@dataclass
+class MediaServices:
+    """What reading files and drawing images needs besides the Slack and OpenAI clients."""
+
+    url_client: httpx2.AsyncClient  # pasted image URLs only: no token, no env proxies, no auto-redirects
+    workers: anyio.CapacityLimiter  # worker threads parsing documents / resizing images (MEDIA_WORKERS)
+    # Models whose endpoint refused the `tools` parameter; for them the documented
+    # keyword rule (processing/image_tools.py) decides when to draw, without asking again.
+    tools_refused: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -26,6 +39,8 @@ class Services:
     store: Store
     me: BotIdentity
     model_slots: anyio.CapacityLimiter  # bounds concurrent OpenAI calls (ASYNC_MAX_CONCURRENT_REQUESTS)
+    metrics: Metrics = field(default_factory=Metrics)  # created at start; tests may leave the default
+    media: MediaServices | None = None  # files and images; None: text only (nothing to fetch with)
 
 
 @dataclass

@@ -7,6 +7,7 @@ Older turns are dropped whole, never cut mid-message.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from bot.processing.tokens import PER_MESSAGE_OVERHEAD, count_tokens, message_tokens
@@ -42,10 +43,14 @@ def build_prompt(
     *,
     budget_tokens: int,
     reserve_for_answer: int,
+    user_parts: Sequence[dict] = (),
+    parts_tokens: int = 0,
 ) -> Prompt:
+    """`user_parts` (image parts) go after the text in the user message, whose content
+    then becomes a list of parts; `parts_tokens` is what they cost in the budget."""
     budget = budget_tokens - reserve_for_answer
     system = {"role": "system", "content": system_prompt}
-    used = message_tokens(system)
+    used = message_tokens(system) + parts_tokens
     truncated = False
     user = {"role": "user", "content": user_text}
     user_cost = message_tokens(user)
@@ -55,6 +60,8 @@ def build_prompt(
         user_cost = message_tokens(user)
         truncated = True
     used += user_cost
+    if user_parts:
+        user = {"role": "user", "content": [{"type": "text", "text": user["content"]}, *user_parts]}
 
     kept: list[dict] = []
     for item in reversed(history):

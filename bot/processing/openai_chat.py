@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import httpx2
@@ -31,11 +31,21 @@ class StreamStalled(Exception):
 
 
 @dataclass
+class ToolCall:
+    """One function call the model asked for, assembled from the stream's deltas."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it (may be malformed)
+
+
+@dataclass
 class ChatResult:
     text: str
     finish_reason: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 def _optional(**params: object) -> dict:
@@ -58,8 +68,13 @@ async def stream_chat(
     temperature: float | None = None,
     reasoning_effort: str | None = None,
     on_delta: Callable[[str], None],
+    tools: list[dict] | None = None,
 ) -> ChatResult:
     """Stream the answer, calling `on_delta(piece)` for each piece of text as it arrives.
+
+    With `tools`, function calls the model makes arrive as `delta.tool_calls` fragments
+    (id and name first, then the arguments in pieces, keyed by `index`); they are
+    assembled into `ChatResult.tool_calls`.
 
     Raises openai errors as the SDK raises them, or StreamStalled.
     """
@@ -72,10 +87,11 @@ async def stream_chat(
         stream_options={"include_usage": True},
         max_completion_tokens=max_tokens,
         timeout=_sdk_timeout(left),
-        **_optional(temperature=temperature, reasoning_effort=reasoning_effort),
+        **_optional(temperature=temperature, reasoning_effort=reasoning_effort, tools=tools or None),
     )
     result = ChatResult(text="", finish_reason=None)
     pieces: list[str] = []
+    calls: dict[int, ToolCall] = {}
     async with stream:
         with anyio.CancelScope(deadline=anyio.current_time() + idle_timeout) as idle:
             async for chunk in stream:
@@ -89,9 +105,16 @@ async def stream_chat(
                 if choice.delta is not None and choice.delta.content:
                     pieces.append(choice.delta.content)
                     on_delta(choice.delta.content)
+                for fragment in (choice.delta.tool_calls if choice.delta is not None else None) or ():
+                    call = calls.setdefault(fragment.index, ToolCall(id="", name="", arguments=""))
+                    call.id = fragment.id or call.id
+                    if fragment.function is not None:
+                        call.name = fragment.function.name or call.name
+                        call.arguments += fragment.function.arguments or ""
                 if choice.finish_reason:
                     result.finish_reason = choice.finish_reason
         if idle.cancelled_caught:
             raise StreamStalled(idle_timeout)
     result.text = "".join(pieces)
+    result.tool_calls = [calls[i] for i in sorted(calls) if calls[i].name]
     return result

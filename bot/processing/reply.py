@@ -89,6 +89,14 @@ class ReplyWriter:
         self._shown.append(status)
         return ts
 
+    def adopt(self, ts: str, shown: str) -> None:
+        """Carry on in a message posted by other means (a native stream that had to be
+        given up), which currently shows `shown`: it becomes this writer's first message."""
+        if self.message_ts:
+            raise RuntimeError("adopt() must come before the writer posted anything")
+        self.message_ts.append(ts)
+        self._shown.append(shown)
+
     def set_status(self, status: str) -> None:
         """Show `status` in the placeholder until the answer starts arriving."""
         self._status = status

@@ -47,6 +47,39 @@ class InFlightRequest:
     started_at: float
 
 
+PreferenceScope = Literal["workspace", "user", "thread"]
+Rating = Literal["good", "bad"]
+
+
+@dataclass(frozen=True)
+class PreferenceLayers:
+    """Stored preferences, lowest priority first; each a JSON-able dict holding only the
+    fields set at that level (a key present with value None means "explicitly unset")."""
+
+    workspace: dict
+    user: dict
+    thread: dict
+
+
+ImageSource = Literal["user", "bot"]
+
+
+@dataclass(frozen=True)
+class ThreadImage:
+    """An image that is part of a thread's conversation (attached by a user, or made by
+    the bot), kept downscaled so later questions can see and edit it without fetching
+    it from Slack again."""
+
+    name: str
+    mime: str  # image/png or image/jpeg
+    data: bytes  # already downscaled and re-encoded (see processing/images.py)
+    width: int
+    height: int
+    source: ImageSource
+    label: str = ""  # what it is, for the model: "attached by the user", "you generated: a red fox"
+    ts: str = ""  # Slack ts of the message it came with ("" when unknown)
+
+
 class Store(Protocol):
     async def claim_event(self, key: str) -> bool:
         """Record `key` (an event id, or `channel:ts`) as handled. True the first time,
@@ -87,6 +120,34 @@ class Store(Protocol):
 
     async def prune_events(self, older_than: float) -> int:
         """Forget claimed event keys claimed before `older_than` (epoch seconds)."""
+
+    # -- user settings, feedback and one-time notices (the settings modal, App Home) --
+
+    async def load_preferences(self, user: str, thread: ThreadKey | None) -> PreferenceLayers:
+        """The stored preference layers that apply to `user` in `thread`, in one read."""
+
+    async def save_preferences(self, scope: PreferenceScope, key: str, prefs: dict, *, updated_by: str) -> None:
+        """Replace the preferences stored for (`scope`, `key`); an empty `prefs` deletes
+        them. Keys: "" for the workspace, the user id, or `str(ThreadKey)` for a thread."""
+
+    async def record_feedback(self, channel: str, message_ts: str, user: str, rating: Rating) -> None:
+        """Record `user`'s thumbs up/down on an answer; a later click replaces the earlier."""
+
+    async def feedback_for(self, channel: str, message_ts: str) -> dict[str, Rating]:
+        """The ratings given to one answer, by user id."""
+
+    async def claim_once(self, kind: str, key: str) -> bool:
+        """True the first time (`kind`, `key`) is claimed, False ever after: for things
+        said once (the welcome on a first DM, a refusal per thread)."""
+
+    # -- images in a thread's conversation (images and documents) --
+
+    async def add_thread_images(self, thread: ThreadKey, images: list[ThreadImage], *, keep: int) -> None:
+        """Append images to the thread's conversation, then forget all but its newest
+        `keep` (the bound on what a thread stores)."""
+
+    async def thread_images(self, thread: ThreadKey, *, limit: int) -> list[ThreadImage]:
+        """The thread's newest `limit` images, oldest first."""
 
     async def aclose(self) -> None:
         """Close the database; later calls raise."""

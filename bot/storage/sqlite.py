@@ -24,6 +24,8 @@ Why it looks the way it does:
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sqlite3
 import time
@@ -33,7 +35,16 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
-from bot.storage.base import HistoryMessage, InFlightRequest, Outcome, ThreadKey
+from bot.storage.base import (
+    HistoryMessage,
+    InFlightRequest,
+    Outcome,
+    PreferenceLayers,
+    PreferenceScope,
+    Rating,
+    ThreadImage,
+    ThreadKey,
+)
 
 T = TypeVar("T")
 
@@ -85,6 +96,53 @@ MIGRATIONS: list[str] = [
         FOREIGN KEY (channel, thread_ts) REFERENCES threads (channel, thread_ts)
     );
     CREATE INDEX messages_thread ON messages (channel, thread_ts, id);
+    """,
+    # User settings and Slack UX: preferences per workspace/user/thread, feedback on
+    # answers, and things said once (welcome, refusal). Only these tables; no others touched.
+    """
+    CREATE TABLE ux_preferences (
+        scope      TEXT NOT NULL CHECK (scope IN ('workspace', 'user', 'thread')),
+        scope_key  TEXT NOT NULL,
+        prefs      TEXT NOT NULL,  -- a JSON object: only the fields set at this level
+        updated_by TEXT NOT NULL DEFAULT '',
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (scope, scope_key)
+    );
+
+    CREATE TABLE ux_feedback (
+        channel     TEXT NOT NULL,
+        message_ts  TEXT NOT NULL,
+        user_id     TEXT NOT NULL,
+        rating      TEXT NOT NULL CHECK (rating IN ('good', 'bad')),
+        recorded_at REAL NOT NULL,
+        PRIMARY KEY (channel, message_ts, user_id)
+    );
+
+    CREATE TABLE ux_once (
+        kind       TEXT NOT NULL,
+        once_key   TEXT NOT NULL,
+        claimed_at REAL NOT NULL,
+        PRIMARY KEY (kind, once_key)
+    );
+    """,
+    # Images and documents: the images in each thread's conversation, downscaled (a few
+    # hundred KB each, at most MAX_CONTEXT_IMAGES per thread). Only this table.
+    """
+    CREATE TABLE media_thread_images (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel    TEXT NOT NULL,
+        thread_ts  TEXT NOT NULL,
+        ts         TEXT NOT NULL DEFAULT '',
+        name       TEXT NOT NULL,
+        mime       TEXT NOT NULL,
+        width      INTEGER NOT NULL,
+        height     INTEGER NOT NULL,
+        source     TEXT NOT NULL CHECK (source IN ('user', 'bot')),
+        label      TEXT NOT NULL DEFAULT '',
+        data       BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX media_thread_images_thread ON media_thread_images (channel, thread_ts, id);
     """,
 ]
 
@@ -361,6 +419,117 @@ class SQLiteStore:
 
         return await self._transaction("prune_events", body)
 
+    # -- user settings, feedback, one-time notices ---------------------------------
+
+    async def load_preferences(self, user: str, thread: ThreadKey | None) -> PreferenceLayers:
+        """All three layers in one read transaction, so they are mutually consistent."""
+        wanted = [("workspace", ""), ("user", user)]
+        if thread is not None:
+            wanted.append(("thread", str(thread)))
+
+        def body(conn: sqlite3.Connection) -> PreferenceLayers:
+            found: dict[str, dict] = {"workspace": {}, "user": {}, "thread": {}}
+            for scope, key in wanted:
+                row = conn.execute(
+                    "SELECT prefs FROM ux_preferences WHERE scope = ? AND scope_key = ?", (scope, key)
+                ).fetchone()
+                if row is not None:
+                    found[scope] = _json_object(row[0])
+            return PreferenceLayers(**found)
+
+        return await self._transaction("load_preferences", body, write=False)
+
+    async def save_preferences(self, scope: PreferenceScope, key: str, prefs: dict, *, updated_by: str) -> None:
+        if scope not in ("workspace", "user", "thread"):
+            raise ValueError(f"scope must be workspace, user or thread, got {scope!r}")
+        encoded = json.dumps(prefs, sort_keys=True)  # before the transaction: a bad value raises here
+
+        def body(conn: sqlite3.Connection) -> None:
+            if not prefs:
+                conn.execute("DELETE FROM ux_preferences WHERE scope = ? AND scope_key = ?", (scope, key))
+                return
+            conn.execute(
+                "INSERT INTO ux_preferences (scope, scope_key, prefs, updated_by, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (scope, scope_key) DO UPDATE SET"
+                " prefs = excluded.prefs, updated_by = excluded.updated_by, updated_at = excluded.updated_at",
+                (scope, key, encoded, updated_by, time.time()),
+            )
+
+        await self._transaction("save_preferences", body)
+
+    async def record_feedback(self, channel: str, message_ts: str, user: str, rating: Rating) -> None:
+        if rating not in ("good", "bad"):
+            raise ValueError(f"rating must be good or bad, got {rating!r}")
+
+        def body(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO ux_feedback (channel, message_ts, user_id, rating, recorded_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (channel, message_ts, user_id) DO UPDATE SET"
+                " rating = excluded.rating, recorded_at = excluded.recorded_at",
+                (channel, message_ts, user, rating, time.time()),
+            )
+
+        await self._transaction("record_feedback", body)
+
+    async def feedback_for(self, channel: str, message_ts: str) -> dict[str, Rating]:
+        def body(conn: sqlite3.Connection) -> dict[str, Rating]:
+            rows = conn.execute(
+                "SELECT user_id, rating FROM ux_feedback WHERE channel = ? AND message_ts = ?", (channel, message_ts)
+            ).fetchall()
+            return {user: rating for user, rating in rows}
+
+        return await self._transaction("feedback_for", body, write=False)
+
+    async def claim_once(self, kind: str, key: str) -> bool:
+        def body(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO ux_once (kind, once_key, claimed_at) VALUES (?, ?, ?)", (kind, key, time.time())
+            )
+            return cursor.rowcount == 1
+
+        return await self._transaction("claim_once", body)
+
+    # -- images in a thread's conversation ---------------------------------------
+
+    async def add_thread_images(self, thread: ThreadKey, images: list[ThreadImage], *, keep: int) -> None:
+        """Insert the images and trim the thread to its newest `keep`, in one transaction."""
+        if not images:
+            return
+
+        def body(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.executemany(
+                "INSERT INTO media_thread_images"
+                " (channel, thread_ts, ts, name, mime, width, height, source, label, data, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(thread.channel, thread.thread_ts, i.ts, i.name, i.mime, i.width, i.height, i.source, i.label,
+                  sqlite3.Binary(i.data), now) for i in images],
+            )
+            conn.execute(
+                "DELETE FROM media_thread_images WHERE channel = ? AND thread_ts = ? AND id NOT IN"
+                " (SELECT id FROM media_thread_images WHERE channel = ? AND thread_ts = ? ORDER BY id DESC LIMIT ?)",
+                (thread.channel, thread.thread_ts, thread.channel, thread.thread_ts, max(keep, 0)),
+            )
+
+        await self._transaction("add_thread_images", body)
+
+    async def thread_images(self, thread: ThreadKey, *, limit: int) -> list[ThreadImage]:
+        if limit <= 0:
+            return []
+
+        def body(conn: sqlite3.Connection) -> list[ThreadImage]:
+            rows = conn.execute(
+                "SELECT name, mime, data, width, height, source, label, ts FROM media_thread_images"
+                " WHERE channel = ? AND thread_ts = ? ORDER BY id DESC LIMIT ?",
+                (thread.channel, thread.thread_ts, limit),
+            ).fetchall()
+            return [ThreadImage(name=name, mime=mime, data=bytes(data), width=width, height=height, source=source,
+                                label=label, ts=ts)
+                    for name, mime, data, width, height, source, label, ts in reversed(rows)]
+
+        return await self._transaction("thread_images", body, write=False)
+
     async def aclose(self) -> None:
         """Close the connection once no transaction is running. Idempotent, and shielded
         so a cancelled shutdown still closes the file cleanly."""
@@ -383,3 +552,15 @@ def _ensure_thread(conn: sqlite3.Connection, thread: ThreadKey, created_at: floa
         "INSERT OR IGNORE INTO threads (channel, thread_ts, created_at) VALUES (?, ?, ?)",
         (thread.channel, thread.thread_ts, time.time() if created_at is None else created_at),
     )
+
+
+def _json_object(text: str) -> dict:
+    """A stored preferences blob; a damaged one reads as empty rather than failing every request."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        logging.getLogger(__name__).warning("stored preferences are not a JSON object; using the defaults")
+        return {}
+    return value

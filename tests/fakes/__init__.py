@@ -6,7 +6,7 @@ Over real sockets on 127.0.0.1 (end-to-end tests of the bot process):
     `slack_server(fake_slack)`, `openai_server(fake_openai)`, `http_server(handler)`.
 """
 
-from .openai import Behaviour, FakeOpenAI, echo, error_response, last_user_text
+from .openai import Behaviour, FakeOpenAI, echo, error_response, image_parts, last_user_text
 from .servers import WsprotoLink, http_server, openai_server, slack_server
 from .slack import Delivery, FakeSlack, Link, MemoryLink, MemoryWebSocket, NoConnection
 
@@ -23,6 +23,7 @@ __all__ = [
     "echo",
     "error_response",
     "http_server",
+    "image_parts",
     "last_user_text",
     "openai_server",
     "slack_server",

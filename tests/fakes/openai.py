@@ -6,11 +6,19 @@ codes. All waiting is `anyio.sleep`, so latency, stalls and hangs cost virtual t
 under a Trio MockClock and real time over `tests.fakes.servers.openai_server`.
 
 Each chat request's behaviour comes from `enqueue(...)`d Behaviours first, else from
-`script(request_json)`; the default script echoes the last user message.
+`script(request_json)`; the default script echoes the last user message. A Behaviour
+with `tool_calls` streams function calls instead of text; `reject_tools` makes the fake
+refuse the `tools` parameter as models without function calling do. Image requests take
+their behaviour from `image_queue` and answer with real base64 PNGs (an edit returns
+the source image inverted).
 """
 
 from __future__ import annotations
 
+import base64
+import email.parser
+import email.policy
+import io
 import json
 import math
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +47,9 @@ class Behaviour:
     cut_after: int | None = None  # send N content chunks, then break the body (no [DONE])
     finish_reason: str = "stop"
     retry_after: float | None = None  # Retry-After header on an error answer
+    # Function calls to stream instead of text: (name, arguments as a dict or raw JSON text).
+    # The arguments go out in pieces, as OpenAI sends them; finish_reason becomes "tool_calls".
+    tool_calls: list[tuple[str, dict | str]] | None = None
 
 
 def last_user_text(request: dict) -> str:
@@ -50,6 +61,16 @@ def last_user_text(request: dict) -> str:
                 return "".join(part.get("text", "") for part in content if part.get("type") == "text")
             return str(content or "")
     return ""
+
+
+def image_parts(request: dict) -> list[str]:
+    """The image URLs (data URLs) of every image part in the request's user messages."""
+    urls = []
+    for message in request.get("messages") or []:
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, list):
+            urls.extend(p["image_url"]["url"] for p in content if p.get("type") == "image_url")
+    return urls
 
 
 def echo(request: dict) -> Behaviour:
@@ -105,7 +126,9 @@ class _ClosingStream(httpx2.AsyncByteStream):
 
 
 class FakeOpenAI:
-    """`POST /v1/chat/completions` (streaming and not) and `GET /v1/models`."""
+    """`POST /v1/chat/completions` (streaming and not, text or tool calls, vision parts
+    recorded in `requests`), `POST /v1/images/generations` and `/v1/images/edits`, and
+    `GET /v1/models`."""
 
     def __init__(self, *, api_key: str = "sk-test", script: Callable[[dict], Behaviour | str] | None = None,
                  models: tuple[str, ...] = ("gpt-5-mini", "gpt-4o-mini")) -> None:
@@ -114,6 +137,9 @@ class FakeOpenAI:
         self.queue: list[Behaviour] = []
         self.models = list(models)
         self.requests: list[dict] = []  # every chat request body, in order
+        self.reject_tools = False  # answer requests that offer `tools` with a 400, as non-tool models do
+        self.image_requests: list[dict] = []  # every images/generations and images/edits request, parsed
+        self.image_queue: list[Behaviour] = []  # how to answer the next image requests (text: raw b64_json)
         self.open_streams = 0  # streaming bodies started and not yet finished or closed
         self.max_open_streams = 0
         self.streams_finished = 0  # bodies that reached [DONE]
@@ -150,6 +176,8 @@ class FakeOpenAI:
             return httpx2.Response(200, json={"object": "list", "data": data})
         if request.method == "POST" and path.endswith("/chat/completions"):
             return await self._chat(request)
+        if request.method == "POST" and path.endswith(("/images/generations", "/images/edits")):
+            return await self._images(request, "edits" if path.endswith("/edits") else "generations")
         return error_response(404, message=f"Invalid URL ({request.method} {request.url.path})")
 
     async def _chat(self, request: httpx2.Request) -> httpx2.Response:
@@ -163,6 +191,10 @@ class FakeOpenAI:
         self._changed()
         if not body.get("model") or not isinstance(body.get("messages"), list):
             return error_response(400, message="Missing required parameter: 'model' or 'messages'.")
+        if self.reject_tools and body.get("tools"):
+            return httpx2.Response(400, headers={"x-request-id": "req_fake_tools"}, json={"error": {
+                "message": "Unsupported parameter: 'tools' is not supported with this model.",
+                "type": "invalid_request_error", "param": "tools", "code": "unsupported_parameter"}})
         behaviour = self.queue.pop(0) if self.queue else self.script(body)
         if isinstance(behaviour, str):
             behaviour = Behaviour(text=behaviour)
@@ -206,7 +238,22 @@ class FakeOpenAI:
 
         try:
             await anyio.sleep(math.inf if b.hang else b.latency)
-            yield event(delta({"role": "assistant", "content": "", "refusal": None}))
+            yield event(delta({"role": "assistant", "content": "" if not b.tool_calls else None, "refusal": None}))
+            if b.tool_calls:
+                for index, (name, arguments) in enumerate(b.tool_calls):
+                    raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
+                    yield event(delta({"tool_calls": [{"index": index, "id": f"call_fake{self._ids:04d}{index}",
+                                                       "type": "function",
+                                                       "function": {"name": name, "arguments": ""}}]}))
+                    for piece in _split(raw, 3):
+                        await anyio.sleep(b.chunk_delay)
+                        yield event(delta({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
+                yield event(delta({}, "tool_calls"))
+                if include_usage:
+                    yield event([], _usage(body, ""))
+                yield b"data: [DONE]\n\n"
+                self.streams_finished += 1
+                return
             pieces = _split(text, b.chunks)
             for i in range(len(pieces) + 1):
                 if i == b.stall_after:
@@ -226,6 +273,66 @@ class FakeOpenAI:
         finally:
             self.open_streams -= 1
             self._changed()
+
+    async def _images(self, request: httpx2.Request, endpoint: str) -> httpx2.Response:
+        """`POST /v1/images/generations` (JSON) and `/v1/images/edits` (multipart), answered
+        the way GPT image models answer: one base64 PNG per image, no URLs."""
+        record: dict[str, Any] = {"endpoint": endpoint, "image": None}
+        if endpoint == "generations":
+            try:
+                body = json.loads(request.content)
+            except ValueError:
+                return error_response(400, message="We could not parse the JSON body of your request.")
+            record.update(body if isinstance(body, dict) else {})
+        else:
+            content_type = request.headers.get("content-type", "")
+            if not content_type.startswith("multipart/form-data"):
+                return error_response(400, message="Expected multipart/form-data.")
+            message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + request.content)
+            for part in message.iter_parts():
+                name = part.get_param("name", header="content-disposition")
+                payload = part.get_payload(decode=True) or b""
+                if name in ("image", "image[]"):
+                    record["image"] = payload
+                    record["image_filename"] = part.get_filename()
+                    record["image_content_type"] = part.get_content_type()
+                elif name:
+                    record[name] = payload.decode("utf-8", "replace")
+        self.image_requests.append(record)
+        self._changed()
+        if not record.get("prompt") or not record.get("model"):
+            return error_response(400, message="Missing required parameter: 'prompt' or 'model'.")
+        if endpoint == "edits" and not record["image"]:
+            return error_response(400, message="Missing required parameter: 'image'.")
+        behaviour = self.image_queue.pop(0) if self.image_queue else Behaviour()
+        await anyio.sleep(math.inf if behaviour.hang else behaviour.latency)
+        if behaviour.status is not None:
+            return error_response(behaviour.status, behaviour.error_code, message=behaviour.text)
+        b64 = behaviour.text if behaviour.text is not None else base64.b64encode(
+            _picture(record["prompt"], record["image"])).decode("ascii")
+        size = record.get("size") if record.get("size") not in (None, "auto") else "1024x1024"
+        return httpx2.Response(200, headers={"x-request-id": f"req_fake_img_{len(self.image_requests)}"}, json={
+            "created": CREATED, "background": "opaque", "data": [{"b64_json": b64}], "output_format": "png",
+            "quality": record.get("quality") or "medium", "size": size,
+            "usage": {"input_tokens": 50, "input_tokens_details": {"image_tokens": 0, "text_tokens": 50},
+                      "output_tokens": 272, "total_tokens": 322},
+        })
+
+
+def _picture(prompt: str, source: bytes | None) -> bytes:
+    """A small real PNG: a colour from the prompt, or the source image inverted (an edit)."""
+    from PIL import Image, ImageOps
+
+    if source:
+        with Image.open(io.BytesIO(source)) as image:
+            picture = ImageOps.invert(image.convert("RGB")).resize((64, 64))
+    else:
+        seed = sum(prompt.encode()) % 256
+        picture = Image.new("RGB", (96, 64), (seed, 255 - seed, 128))
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return out.getvalue()
 
 
 def _split(text: str, chunks: int) -> list[str]:

@@ -302,8 +302,9 @@ async def _serve_websocket(stream: anyio.abc.SocketStream, fake: FakeSlack, head
 
 @asynccontextmanager
 async def slack_server(fake: FakeSlack) -> AsyncIterator[str]:
-    """Serve the Web API and Socket Mode (WebSocket upgrades on `/link`) on one port.
-    Sets `fake.ws_url` to `ws://127.0.0.1:<port>/link` while running; yields the Web API
+    """Serve the Web API, file downloads/uploads and Socket Mode (WebSocket upgrades on
+    `/link`) on one port. Sets `fake.ws_url` to `ws://127.0.0.1:<port>/link` (and
+    `fake.files_url` to the server's origin) while running; yields the Web API
     base URL `http://127.0.0.1:<port>/api/`."""
 
     async def on_connection(stream: anyio.abc.SocketStream, port: int) -> None:
@@ -313,10 +314,11 @@ async def slack_server(fake: FakeSlack) -> AsyncIterator[str]:
         else:
             await _serve_http(stream, fake.handle, port, head)
 
-    previous = fake.ws_url
+    previous = fake.ws_url, fake.files_url
     async with _tcp_server(on_connection) as port:
         fake.ws_url = f"ws://127.0.0.1:{port}/link"
+        fake.files_url = f"http://127.0.0.1:{port}"  # url_private of files added from now on
         try:
             yield f"http://127.0.0.1:{port}/api/"
         finally:
-            fake.ws_url = previous
+            fake.ws_url, fake.files_url = previous

@@ -12,17 +12,24 @@ Two ways to reach it:
 
 Both kinds of Socket Mode connection implement `Link` (the server side of one socket), so
 `send_event`, `disconnect`, `drop`, `silence` and the ack log work the same for both.
+
+Files: `add_file` stores bytes and returns the file object events carry; `url_private`
+downloads are served under the fake's own origin (`files_url`) and check the bearer
+token (Slack's HTML sign-in page with HTTP 200 otherwise, or when `file_scope` is off);
+`files.info`, `files.getUploadURLExternal`, the byte upload and
+`files.completeUploadExternal` work as Slack's upload flow does.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mimetypes
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, parse_qsl, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, urlsplit
 
 import anyio
 import anyio.lowlevel
@@ -232,6 +239,25 @@ class FakeSlack:
         self.latency: dict[str, float] = {}  # per-method delay ("*" = every method); math.inf hangs
         self._faults: dict[str, list[Fault]] = {}
         self._ts = 0
+        # Views, App Home, assistant threads, native streaming (see "UX surfaces" below)
+        self.views: dict[str, dict] = {}  # view_id -> the view as Slack holds it (id, hash, state…)
+        self.home_views: dict[str, dict] = {}  # user id -> the published Home tab view
+        self.ephemerals: list[dict] = []  # chat.postEphemeral arguments
+        self.statuses: list[tuple[str, str, str]] = []  # (channel, thread_ts, status) per setStatus
+        self.suggested_prompts: list[dict] = []  # setSuggestedPrompts arguments
+        self.titles: dict[tuple[str, str], str] = {}  # (channel, thread_ts) -> title
+        self.streaming_supported = True  # False: chat.*Stream answer unknown_method (an older Slack)
+        self.stream_appends: dict[tuple[str, str], list[str]] = {}  # (channel, ts) -> appended texts
+        self._triggers: dict[str, bool] = {}  # trigger_id -> used
+        # Files (see "files" below)
+        self.files_url = "http://slack.test"  # where url_private points; slack_server sets its own origin
+        self.files: dict[str, dict] = {}  # file id -> file object
+        self.file_data: dict[str, bytes] = {}
+        self.file_scope = True  # False: the bot token lacks files:read (downloads get the sign-in page)
+        self.downloads: list[dict] = []  # every GET of a file URL: file id, authorization header, what was served
+        self.upload_posts: list[dict] = []  # every POST to an upload URL: file id, bytes, authorization header
+        self.uploads: list[dict] = []  # completed uploads: file, channel, thread_ts, comment, bytes
+        self._pending_uploads: dict[str, dict] = {}  # file id -> {filename, length, data}
         # Socket Mode state
         self.connections: list[Link] = []
         self.connections_opened = 0
@@ -284,6 +310,8 @@ class FakeSlack:
     async def handle(self, request: httpx2.Request) -> httpx2.Response:
         """The Web API: `POST /api/<method>` (GET works too, as on Slack)."""
         path = request.url.path
+        if path.startswith(("/files-pri/", "/upload/")):
+            return await self._file_http(request)
         method = path.split("/api/", 1)[1] if "/api/" in path else path.strip("/")
         try:
             args = _parse_args(request)
@@ -441,6 +469,351 @@ class FakeSlack:
                    "deleted": False, "is_bot": user == self.bot_user_id, "tz": "UTC", "tz_offset": 0,
                    "profile": {"real_name": f"User {user}", "display_name": f"user-{user.lower()}"}}
         return {"user": {**default, **self.users.get(user, {})}}
+
+    # ------------------------------------------------------------------ UX surfaces
+    # Views (modals, App Home), ephemeral messages, assistant threads and chat streaming,
+    # checked the way Slack checks them where it matters to the bot: single-use triggers,
+    # view limits, view hashes, the streaming state of a message.
+
+    def new_trigger(self) -> str:
+        """A trigger_id as an interaction carries it; views.open accepts each one once."""
+        self._ids += 1
+        trigger = f"{self._ids}.{self.team_id}.fake-trigger"
+        self._triggers[trigger] = False
+        return trigger
+
+    def _check_view(self, view: object, kinds: tuple[str, ...]) -> dict:
+        if not isinstance(view, dict) or view.get("type") not in kinds:
+            raise SlackError("invalid_arguments")
+        blocks = view.get("blocks")
+        if not isinstance(blocks, list) or len(blocks) > 100:
+            raise SlackError("invalid_arguments")
+        if view["type"] == "modal":
+            title = (view.get("title") or {}).get("text", "")
+            if not title or len(title) > 24:
+                raise SlackError("invalid_arguments")
+            for key in ("submit", "close"):
+                if key in view and len((view[key] or {}).get("text", "")) > 24:
+                    raise SlackError("invalid_arguments")
+        if len(view.get("private_metadata") or "") > 3000 or len(view.get("callback_id") or "") > 255:
+            raise SlackError("invalid_arguments")
+        block_ids = [b.get("block_id") for b in blocks if isinstance(b, dict) and b.get("block_id")]
+        if len(block_ids) != len(set(block_ids)):
+            raise SlackError("invalid_blocks")
+        for block in blocks:
+            if not isinstance(block, dict) or "type" not in block:
+                raise SlackError("invalid_blocks")
+            if block["type"] == "input" and (not block.get("label") or not isinstance(block.get("element"), dict)):
+                raise SlackError("invalid_blocks")
+        return view
+
+    def _store_view(self, view: dict, view_id: str | None = None, **extra: Any) -> dict:
+        self._ids += 1
+        view_id = view_id or f"V{self._ids:08d}"
+        stored = {**view, "id": view_id, "team_id": self.team_id, "app_id": self.app_id,
+                  "hash": f"{self._ids}.fakehash", "state": {"values": {}}, **extra}
+        self.views[view_id] = stored
+        return stored
+
+    def _views_open(self, args: dict) -> dict:
+        trigger = str(args.get("trigger_id") or "")
+        if trigger not in self._triggers:
+            raise SlackError("invalid_trigger_id" if trigger else "invalid_arguments")
+        if self._triggers[trigger]:
+            raise SlackError("exchanged_trigger_id")
+        view = self._check_view(args.get("view"), ("modal",))
+        self._triggers[trigger] = True
+        return {"view": self._store_view(view)}
+
+    def _views_update(self, args: dict) -> dict:
+        view_id = args.get("view_id")
+        if not view_id and args.get("external_id"):
+            view_id = next((v["id"] for v in self.views.values() if v.get("external_id") == args["external_id"]), None)
+        if not view_id or view_id not in self.views:
+            raise SlackError("not_found")
+        current = self.views[view_id]
+        if args.get("hash") and args["hash"] != current["hash"]:
+            raise SlackError("hash_conflict")
+        view = self._check_view(args.get("view"), ("modal", "home"))
+        return {"view": self._store_view(view, view_id)}
+
+    def _views_publish(self, args: dict) -> dict:
+        user = args.get("user_id")
+        if not user:
+            raise SlackError("invalid_arguments")
+        view = self._check_view(args.get("view"), ("home",))
+        stored = self._store_view(view)
+        self.home_views[str(user)] = stored
+        return {"view": stored}
+
+    def _post_ephemeral(self, args: dict) -> dict:
+        if not args.get("channel") or not args.get("user"):
+            raise SlackError("channel_not_found" if not args.get("channel") else "user_not_in_channel")
+        self._text_args(args, required=True)
+        self.ephemerals.append(dict(args))
+        return {"message_ts": self._next_ts()}
+
+    def _assistant_set_status(self, args: dict) -> dict:
+        channel, thread_ts = str(args.get("channel_id") or ""), str(args.get("thread_ts") or "")
+        if not channel or not thread_ts or "status" not in args:
+            raise SlackError("invalid_arguments")
+        if not channel.startswith("D"):
+            raise SlackError("channel_type_not_supported")
+        self.statuses.append((channel, thread_ts, str(args["status"])))
+        return {}
+
+    def _assistant_set_prompts(self, args: dict) -> dict:
+        prompts = args.get("prompts")
+        if not args.get("channel_id") or not isinstance(prompts, list) or not 1 <= len(prompts) <= 4:
+            raise SlackError("invalid_arguments")
+        if not all(isinstance(p, dict) and p.get("title") and p.get("message") for p in prompts):
+            raise SlackError("invalid_arguments")
+        self.suggested_prompts.append(dict(args))
+        return {}
+
+    def _assistant_set_title(self, args: dict) -> dict:
+        if not args.get("channel_id") or not args.get("thread_ts") or not args.get("title"):
+            raise SlackError("invalid_arguments")
+        self.titles[(str(args["channel_id"]), str(args["thread_ts"]))] = str(args["title"])
+        return {}
+
+    def _streaming_message(self, args: dict) -> dict:
+        if not self.streaming_supported:
+            raise SlackError("unknown_method")
+        message = self._own_message(args, "message_not_owned_by_app")
+        if not message.get("streaming"):
+            raise SlackError("message_not_in_streaming_state")
+        return message
+
+    def _stream_text(self, message: dict, args: dict) -> None:
+        text = args.get("markdown_text")
+        if text is None:
+            return
+        if len(text) > MARKDOWN_TEXT_LIMIT:
+            raise SlackError("msg_too_long")
+        message["text"] += text
+        message["markdown_text"] = message["text"]
+        self.stream_appends.setdefault((args["channel"], message["ts"]), []).append(text)
+        self.updates[(args["channel"], message["ts"])].append(message["text"])
+
+    def _start_stream(self, args: dict) -> dict:
+        if not self.streaming_supported:
+            raise SlackError("unknown_method")
+        channel = args.get("channel")
+        if not channel:
+            raise SlackError("channel_not_found")
+        if not args.get("thread_ts"):
+            raise SlackError("invalid_arguments")
+        if not str(channel).startswith("D") and not (args.get("recipient_user_id") and args.get("recipient_team_id")):
+            raise SlackError("missing_recipient_team_id" if args.get("recipient_user_id") else "missing_recipient_user_id")
+        message = {"type": "message", "ts": self._next_ts(), "user": self.bot_user_id, "bot_id": self.bot_id,
+                   "app_id": self.app_id, "team": self.team_id, "text": "", "thread_ts": str(args["thread_ts"]),
+                   "streaming": True}
+        self._store(channel, message)
+        self._stream_text(message, args)
+        return {"channel": channel, "ts": message["ts"]}
+
+    def _append_stream(self, args: dict) -> dict:
+        message = self._streaming_message(args)
+        if not args.get("markdown_text") and not args.get("chunks"):
+            raise SlackError("invalid_arguments")
+        self._stream_text(message, args)
+        return {"channel": args["channel"], "ts": message["ts"]}
+
+    def _stop_stream(self, args: dict) -> dict:
+        message = self._streaming_message(args)
+        self._stream_text(message, args)
+        if args.get("blocks"):
+            message["blocks"] = args["blocks"]
+        message["streaming"] = False
+        return {"channel": args["channel"], "ts": message["ts"], "message": dict(message)}
+
+    def end_stream(self, channel: str, ts: str) -> None:
+        """Take a message out of streaming state, as Slack does when a stream expires."""
+        message = self._find(channel, ts)
+        if message is not None:
+            message["streaming"] = False
+
+    # Interaction payloads, shaped as Slack sends them over Socket Mode.
+
+    async def send_slash_command(self, command: str, text: str = "", *, user: str = "U1",
+                                 channel: str = "D1") -> tuple[str, str]:
+        """Deliver a `slash_commands` envelope; returns (envelope_id, trigger_id)."""
+        trigger = self.new_trigger()
+        payload = {"token": "fake-verification-token", "team_id": self.team_id, "team_domain": "fake",
+                   "channel_id": channel, "channel_name": "directmessage" if channel.startswith("D") else "general",
+                   "user_id": user, "user_name": f"user-{user.lower()}", "command": command, "text": text,
+                   "api_app_id": self.app_id, "is_enterprise_install": "false",
+                   "response_url": f"https://hooks.slack.test/commands/{self.team_id}/1/x", "trigger_id": trigger}
+        envelope_id = await self.send_envelope("slash_commands", payload, accepts_response_payload=True)
+        return envelope_id, trigger
+
+    def _interaction_base(self, kind: str, user: str) -> dict:
+        return {"type": kind, "team": {"id": self.team_id, "domain": "fake"},
+                "user": {"id": user, "username": f"user-{user.lower()}", "team_id": self.team_id},
+                "api_app_id": self.app_id, "token": "fake-verification-token", "trigger_id": self.new_trigger(),
+                "is_enterprise_install": False, "enterprise": None}
+
+    async def submit_view(self, view_id: str, values: dict, *, user: str = "U1") -> str:
+        """Deliver a `view_submission` of a view the bot opened, with `values` as its
+        state (`{block_id: {action_id: value object}}`); returns the envelope_id."""
+        view = dict(self.views[view_id])
+        view["state"] = {"values": values}
+        payload = {**self._interaction_base("view_submission", user), "view": view, "response_urls": []}
+        return await self.send_envelope("interactive", payload, accepts_response_payload=True)
+
+    async def click(self, action: dict, *, user: str = "U1", view_id: str | None = None,
+                    message: tuple[str, str] | None = None, values: dict | None = None) -> str:
+        """Deliver a `block_actions` interaction for `action` (it needs `action_id`), from a
+        view (`view_id`) or a message (`(channel, ts)`); returns the envelope_id."""
+        payload = {**self._interaction_base("block_actions", user), "actions": [
+            {"block_id": action.get("block_id", "b"), "action_ts": self._next_ts(), **action}]}
+        if view_id is not None:
+            view = dict(self.views[view_id])
+            view["state"] = {"values": values or {}}
+            payload.update(view=view, container={"type": "view", "view_id": view_id})
+        if message is not None:
+            channel, ts = message
+            stored = self._find(channel, ts) or {"ts": ts}
+            payload.update(channel={"id": channel, "name": channel}, message=dict(stored),
+                           container={"type": "message", "message_ts": ts, "channel_id": channel,
+                                      "is_ephemeral": False})
+        return await self.send_envelope("interactive", payload, accepts_response_payload=True)
+
+    async def message_shortcut(self, callback_id: str, channel: str, ts: str, *, user: str = "U1") -> str:
+        """Deliver a `message_action` (message shortcut) on the stored message `ts`."""
+        message = self._find(channel, ts)
+        if message is None:
+            raise KeyError(f"no message {channel}/{ts}")
+        payload = {**self._interaction_base("message_action", user), "callback_id": callback_id,
+                   "action_ts": self._next_ts(), "message_ts": ts, "channel": {"id": channel, "name": channel},
+                   "message": dict(message), "response_url": f"https://hooks.slack.test/actions/{self.team_id}/1/x"}
+        return await self.send_envelope("interactive", payload, accepts_response_payload=False)
+
+    async def send_app_event(self, event: dict) -> str:
+        """Deliver a non-message event (`app_home_opened`, `assistant_thread_started`, …)."""
+        return await self.send_event({"event_ts": self._next_ts(), **event})
+
+    # ------------------------------------------------------------------ files
+    # `url_private` downloads, checked as Slack checks them: the bot token as a bearer
+    # token and the files:read scope, else Slack's HTML sign-in page with HTTP 200. The
+    # upload flow: files.getUploadURLExternal → POST the bytes (no token needed) →
+    # files.completeUploadExternal, which alone makes the file appear in the thread.
+
+    def add_file(self, name: str, data: bytes, *, mimetype: str | None = None, filetype: str | None = None,
+                 size: int | None = None, user: str = "U1", file_id: str | None = None) -> dict:
+        """Store a file as if `user` uploaded it; returns the file object as events carry
+        it. `size` overrides the declared size (a file that lies about it)."""
+        if file_id is None:
+            self._ids += 1
+            file_id = f"F{self._ids:08d}"
+        guessed = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        ext = name.rsplit(".", 1)[-1].lower() if "." in name else "binary"
+        quoted = quote(name)
+        base = f"{self.files_url}/files-pri/{self.team_id}-{file_id}"
+        obj = {"id": file_id, "created": FIRST_TS, "timestamp": FIRST_TS, "name": name, "title": name,
+               "mimetype": mimetype or guessed, "filetype": filetype or ext, "pretty_type": ext.upper(),
+               "user": user, "user_team": self.team_id, "editable": False,
+               "size": len(data) if size is None else size, "mode": "hosted", "is_external": False,
+               "external_type": "", "is_public": False, "public_url_shared": False, "display_as_bot": False,
+               "username": "", "url_private": f"{base}/{quoted}", "url_private_download": f"{base}/download/{quoted}",
+               "permalink": f"https://fake-team.slack.com/files/{user}/{file_id}/{quoted}",
+               "is_starred": False, "has_rich_preview": False, "file_access": "visible"}
+        self.files[file_id] = obj
+        self.file_data[file_id] = data
+        return dict(obj)
+
+    @staticmethod
+    def truncated(file: dict) -> dict:
+        """The stub Slack Connect (and some Socket Mode events) send instead of the file."""
+        return {"id": file["id"], "file_access": "check_file_info"}
+
+    def _files_info(self, args: dict) -> dict:
+        file = self.files.get(str(args.get("file") or ""))
+        if file is None:
+            raise SlackError("file_not_found")
+        if not self.file_scope:
+            raise SlackError("missing_scope")
+        return {"file": dict(file), "comments": [], "response_metadata": {"next_cursor": ""}}
+
+    async def _file_http(self, request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
+        authorization = request.headers.get("authorization", "")
+        self._changed()
+        delay = self.latency.get("files", 0.0)
+        if delay:
+            await anyio.sleep(delay)
+        if path.startswith("/upload/"):
+            return self._receive_upload(request, path.rsplit("/", 1)[-1], authorization)
+        file_id = path.split("/")[2].split("-", 1)[-1] if path.count("/") >= 3 else ""
+        record = {"file_id": file_id, "url": str(request.url), "authorization": authorization, "served": ""}
+        self.downloads.append(record)
+        scheme, _, token = authorization.partition(" ")
+        if request.method != "GET" or file_id not in self.file_data:
+            record["served"] = "not found"
+            return httpx2.Response(404, text="Not Found", headers={"Content-Type": "text/plain"})
+        if scheme.lower() != "bearer" or token != self.bot_token or not self.file_scope:
+            record["served"] = "sign-in page"
+            return httpx2.Response(200, text=_SIGN_IN_PAGE, headers={"Content-Type": "text/html; charset=utf-8"})
+        record["served"] = "file"
+        file = self.files[file_id]
+        return httpx2.Response(200, content=self.file_data[file_id], headers={"Content-Type": file["mimetype"]})
+
+    def _get_upload_url(self, args: dict) -> dict:
+        filename = str(args.get("filename") or "")
+        try:
+            length = int(args.get("length") or 0)
+        except ValueError:
+            raise SlackError("invalid_arguments") from None
+        if not filename or length <= 0:
+            raise SlackError("invalid_arguments")
+        self._ids += 1
+        file_id = f"F{self._ids:08d}"
+        self._pending_uploads[file_id] = {"filename": filename, "length": length, "data": None,
+                                          "alt_txt": args.get("alt_txt", "")}
+        return {"upload_url": f"{self.files_url}/upload/v1/{file_id}-{uuid.uuid4().hex[:8]}", "file_id": file_id}
+
+    def _receive_upload(self, request: httpx2.Request, ticket: str, authorization: str) -> httpx2.Response:
+        file_id = ticket.split("-", 1)[0]
+        pending = self._pending_uploads.get(file_id)
+        self.upload_posts.append({"file_id": file_id, "bytes": len(request.content), "authorization": authorization})
+        if request.method != "POST" or pending is None:
+            return httpx2.Response(404, text="Not Found")
+        if len(request.content) != pending["length"]:
+            return httpx2.Response(400, text="length mismatch")
+        pending["data"] = bytes(request.content)
+        return httpx2.Response(200, text=f"OK - {len(request.content)}")
+
+    def _complete_upload(self, args: dict) -> dict:
+        files = args.get("files")
+        if not isinstance(files, list) or not files:
+            raise SlackError("invalid_arguments")
+        channel, thread_ts = args.get("channel_id"), args.get("thread_ts")
+        if thread_ts and not channel:
+            raise SlackError("invalid_arguments")
+        done = []
+        for entry in files:
+            pending = self._pending_uploads.get(str((entry or {}).get("id")))
+            if pending is None or pending["data"] is None:
+                raise SlackError("invalid_arguments")
+        for entry in files:
+            file_id = str(entry["id"])
+            pending = self._pending_uploads.pop(file_id)
+            title = str(entry.get("title") or pending["filename"])
+            obj = self.add_file(pending["filename"], pending["data"], user=self.bot_user_id, file_id=file_id)
+            obj["title"] = self.files[file_id]["title"] = title
+            done.append({"id": file_id, "title": title})
+            self.uploads.append({"file": obj, "channel": channel, "thread_ts": thread_ts, "bytes": pending["data"],
+                                 "comment": args.get("initial_comment", ""), "alt_txt": pending["alt_txt"]})
+            if channel:
+                message = {"type": "message", "subtype": "file_share", "ts": self._next_ts(),
+                           "user": self.bot_user_id, "bot_id": self.bot_id, "app_id": self.app_id,
+                           "team": self.team_id, "text": str(args.get("initial_comment") or ""), "files": [obj],
+                           "upload": True}
+                if thread_ts:
+                    message["thread_ts"] = str(thread_ts)
+                self._store(str(channel), message)
+        return {"files": done}
 
     # ------------------------------------------------------------------ helpers for tests
 
@@ -712,4 +1085,24 @@ _METHODS: dict[str, Callable[[FakeSlack, dict], dict]] = {
     "chat.delete": FakeSlack._delete,
     "conversations.replies": FakeSlack._replies,
     "users.info": FakeSlack._users_info,
+    "views.open": FakeSlack._views_open,
+    "views.update": FakeSlack._views_update,
+    "views.publish": FakeSlack._views_publish,
+    "chat.postEphemeral": FakeSlack._post_ephemeral,
+    "chat.startStream": FakeSlack._start_stream,
+    "chat.appendStream": FakeSlack._append_stream,
+    "chat.stopStream": FakeSlack._stop_stream,
+    "assistant.threads.setStatus": FakeSlack._assistant_set_status,
+    "assistant.threads.setSuggestedPrompts": FakeSlack._assistant_set_prompts,
+    "assistant.threads.setTitle": FakeSlack._assistant_set_title,
+    "files.info": FakeSlack._files_info,
+    "files.getUploadURLExternal": FakeSlack._get_upload_url,
+    "files.completeUploadExternal": FakeSlack._complete_upload,
 }
+
+# What Slack answers (HTTP 200) to a file download without a valid token or files:read.
+_SIGN_IN_PAGE = """<!DOCTYPE html><html lang="en-US" class="supports_custom_scrollbar"><head><meta charset="utf-8">
+<title>Slack</title><meta name="referrer" content="no-referrer"></head><body class="index">
+<div id="page"><h1>Sign in to Fake Team</h1><p>fake-team.slack.com</p><form id="signin_form" method="post">
+<input type="email" name="email"><input type="password" name="password"><button>Sign in</button></form></div>
+</body></html>"""

@@ -1,0 +1,53 @@
+"""Thumbs up / down on answers: the buttons under each answer, and recording a click.
+
+The buttons are Slack's `feedback_buttons` element in a `context_actions` block (built
+with slack_sdk's models, which validate lengths). A click arrives as a `block_actions`
+interaction; the rating is stored per (answer, user), a second click replacing the first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from slack_sdk.models.blocks import ContextActionsBlock, FeedbackButtonsElement, MarkdownBlock
+
+from bot.storage.base import Store
+
+log = logging.getLogger(__name__)
+
+FEEDBACK_ACTION = "answer_feedback"
+RATINGS = ("good", "bad")
+
+
+def feedback_block() -> dict:
+    return ContextActionsBlock(
+        elements=[FeedbackButtonsElement(
+            action_id=FEEDBACK_ACTION,
+            positive_button={"text": "Good answer", "accessibility_label": "This answer was helpful",
+                             "value": "good"},
+            negative_button={"text": "Bad answer", "accessibility_label": "This answer was not helpful",
+                             "value": "bad"},
+        )],
+    ).to_dict()
+
+
+def answer_blocks(text: str) -> list[dict]:
+    """An answer part as blocks: the Markdown itself, then the feedback buttons.
+    (`markdown_text` cannot be combined with blocks, so the text goes in a markdown block.)"""
+    return [MarkdownBlock(text=text).to_dict(), feedback_block()]
+
+
+async def record_click(store: Store, payload: dict, action: dict) -> bool:
+    """Store the rating of one feedback click; False (with a log line) if the payload is
+    not a usable click."""
+    rating = action.get("value")
+    user = (payload.get("user") or {}).get("id")
+    container = payload.get("container") or {}
+    channel = container.get("channel_id") or (payload.get("channel") or {}).get("id")
+    message_ts = container.get("message_ts") or (payload.get("message") or {}).get("ts")
+    if rating not in RATINGS or not all(isinstance(v, str) and v for v in (user, channel, message_ts)):
+        log.warning("feedback click without a rating, user, channel or message; ignored")
+        return False
+    await store.record_feedback(channel, message_ts, user, rating)
+    log.info("feedback %s on %s/%s from %s", rating, channel, message_ts, user)
+    return True

@@ -1,0 +1,124 @@
+"""The settings modal's life: open it, rebuild it when the model changes, save a submission.
+
+Opening must beat Slack's 3-second trigger window, so the model list (cached) and the
+stored settings are read with short bounds and the modal opens with what is at hand.
+A submission is validated in the ack (see `settings_modal.parse_submission`); by the time
+`save` runs the modal has closed, so a storage failure is told to the user in a DM
+rather than lost.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from bot.interactions.access import refusal
+from bot.interactions.app_home import home_view, publish_home
+from bot.interactions.model_catalog import ModelCatalog
+from bot.interactions.settings_modal import ModalContext, Submission, parse_submission, settings_view
+from bot.preferences import baseline, below, changes, load_layers, merge, thread_key
+from bot.processing.context import Services
+from bot.slack_api import SlackAPIError
+from bot.storage.base import PreferenceLayers
+
+log = logging.getLogger(__name__)
+
+MODELS_TIMEOUT = 1.2  # of the 3 s a trigger_id lives
+LAYERS_TIMEOUT = 1.0
+SAVE_FAILED = (":warning: Sorry, I could not save your settings ({why}). Nothing changed; "
+               "please try again in a moment.")
+
+
+def _level(layers: PreferenceLayers, scope: str) -> dict:
+    return {"workspace": layers.workspace, "user": layers.user, "thread": layers.thread}[scope]
+
+
+async def open_settings(services: Services, catalog: ModelCatalog, *, user: str, trigger_id: str,
+                        context: ModalContext, scope: str | None = None) -> bool:
+    """Open the modal on `trigger_id`, showing the settings saved at `scope` (with what
+    lies beneath them). False (logged) when Slack refused."""
+    settings = services.settings
+    is_admin = user in settings.admin_users
+    if scope is None or (scope == "workspace" and not is_admin) or (scope == "thread" and not context.thread):
+        scope = "thread" if context.thread else "user"
+    layers = await load_layers(services.store, user, context.thread, timeout=LAYERS_TIMEOUT)
+    shown = merge(below(layers, settings, scope), _level(layers, scope))
+    models = await catalog.models(services.openai, timeout=MODELS_TIMEOUT)
+    view = settings_view(shown, models, configured_model=settings.openai_model, scope=scope,
+                         context=context, is_admin=is_admin)
+    try:
+        await services.slack.call("views.open", trigger_id=trigger_id, view=view)
+        return True
+    except SlackAPIError as exc:
+        log.warning("could not open the settings modal for %s: %s", user, exc.error)
+        return False
+
+
+async def model_changed(services: Services, catalog: ModelCatalog, payload: dict) -> None:
+    """The model menu changed: rebuild the modal so it asks for a temperature or a
+    reasoning effort, whichever the new model takes; other fields keep what was typed."""
+    view = payload.get("view") or {}
+    user = (payload.get("user") or {}).get("id", "")
+    submission = parse_submission(view, user=user, admins=services.settings.admin_users)
+    settings = services.settings
+    layers = await load_layers(services.store, user, submission.thread)
+    scope = submission.scope if submission.scope in ("user", "thread", "workspace") else "user"
+    base = merge(below(layers, settings, scope), _level(layers, scope))
+    valid = {k: v for k, v in submission.form.items() if k not in submission.errors}
+    shown = merge(base, valid)
+    models = await catalog.models(services.openai, timeout=MODELS_TIMEOUT)
+    new_view = settings_view(shown, models, configured_model=settings.openai_model, scope=scope,
+                             context=ModalContext.decode(view.get("private_metadata")),
+                             is_admin=user in settings.admin_users)
+    try:
+        await services.slack.call("views.update", view_id=view.get("id"), hash=view.get("hash"), view=new_view)
+    except SlackAPIError as exc:
+        # hash_conflict: the user changed something else meanwhile; their next change retries.
+        log.info("could not rebuild the settings modal for %s: %s", user, exc.error)
+
+
+async def save(services: Services, payload: dict) -> Submission | None:
+    """Store a submitted modal at the chosen level and refresh the user's Home tab.
+    Returns what was saved, or None (with the reason told to the user) if nothing was."""
+    settings = services.settings
+    user = (payload.get("user") or {}).get("id")
+    if not isinstance(user, str) or not user:
+        log.warning("settings submission without a user; ignored")
+        return None
+    submission = parse_submission(payload.get("view"), user=user, admins=settings.admin_users)
+    if submission.errors:
+        # Already shown in the modal through the ack; the modal stayed open.
+        log.info("settings from %s not saved: %s", user, ", ".join(sorted(submission.errors)))
+        return None
+    if submission.scope == "thread" and submission.thread is not None:
+        key = thread_key(submission.thread)
+    else:
+        key = "" if submission.scope == "workspace" else user
+    try:
+        layers = await services.store.load_preferences(user, submission.thread)
+        base = below(layers, settings, submission.scope)
+        stored = {} if submission.reset else changes(base, merge(base, submission.form))
+        await services.store.save_preferences(submission.scope, key, stored, updated_by=user)
+    except Exception as exc:  # noqa: BLE001 - the modal is closed: say so in a DM instead
+        log.error("could not save settings for %s (%s): %s", user, submission.scope, exc)
+        await _tell(services, user, SAVE_FAILED.format(why="the database is not available"))
+        return None
+    log.info("settings saved for %s at %s level: %s", user, submission.scope, sorted(stored) or "reset")
+    await refresh_home(services, user)
+    return submission
+
+
+async def refresh_home(services: Services, user: str) -> None:
+    """Publish the Home tab with the user's settings (theirs over the workspace defaults)."""
+    settings = services.settings
+    layers = await load_layers(services.store, user, None)
+    prefs = merge(baseline(settings), layers.workspace, layers.user)
+    view = home_view(prefs, command=settings.settings_command, is_admin=user in settings.admin_users,
+                     allowed=not refusal(settings, user, None))
+    await publish_home(services.slack, user, view)
+
+
+async def _tell(services: Services, user: str, text: str) -> None:
+    try:
+        await services.slack.call("chat.postMessage", channel=user, markdown_text=text)
+    except SlackAPIError as exc:
+        log.error("could not tell %s either: %s", user, exc.error)

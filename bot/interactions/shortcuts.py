@@ -1,0 +1,146 @@
+"""Message shortcuts: "Summarize thread" and "Translate message".
+
+Both answer privately, in a modal: it opens at once on the shortcut's trigger (which
+lives 3 seconds) saying it is working, and is updated with the result — or with the
+clear line `describe` gives for any failure. They use the user's own settings (model,
+temperature or effort, language) and the same model slots and deadline as answers, so
+a slow model costs the modal a timeout line, never the bot.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import anyio
+from slack_sdk.models.blocks import ContextBlock, MarkdownTextObject, SectionBlock
+from slack_sdk.models.views import View
+
+from bot.processing.context import Services
+from bot.processing.conversation import build_prompt
+from bot.processing.failures import describe, timeout_notice
+from bot.processing.markdown import markdown_to_mrkdwn, split_markdown
+from bot.processing.openai_chat import stream_chat
+from bot.processing.options import RequestOptions, options_for
+from bot.slack_api import SlackAPIError
+from bot.slack_events import strip_mention
+
+log = logging.getLogger(__name__)
+
+SUMMARIZE = "summarize_thread"
+TRANSLATE = "translate_message"
+TITLES = {SUMMARIZE: "Thread summary", TRANSLATE: "Translation"}
+SECTION_LIMIT = 3000  # characters of mrkdwn per section block
+MAX_SECTIONS = 40
+CANNOT_READ = ("I can't read this conversation ({error}). If it is a channel, invite me to it first "
+               "(`/invite` and my name), then try again.")
+
+SUMMARY_PROMPT = (
+    "You summarize Slack conversations for someone who has not read them. Write a short summary: "
+    "first one sentence on what the conversation is about, then bullet points with the main points, "
+    "decisions and open questions. Keep people's mentions exactly as written (like <@U123>). "
+    "Use Markdown."
+)
+TRANSLATE_PROMPT = (
+    "Translate the user's message into {language}. Reply with the translation only: keep its "
+    "formatting, emoji, links and mentions (like <@U123>) exactly as they are. If it is already in "
+    "{language}, reply with it unchanged."
+)
+
+
+def result_view(kind: str, text: str, footer: str = "") -> dict:
+    """The modal showing `text` (Markdown, converted to the mrkdwn modals take)."""
+    mrkdwn = re.sub(r"&lt;([@#!][A-Za-z0-9^|_\-]+)&gt;", r"<\1>", markdown_to_mrkdwn(text))  # keep mentions
+    parts = split_markdown(mrkdwn, SECTION_LIMIT)
+    if len(parts) > MAX_SECTIONS:
+        parts = parts[:MAX_SECTIONS - 1] + ["_(cut short: too long to show here)_"]
+    blocks = [SectionBlock(text=MarkdownTextObject(text=part)) for part in parts if part.strip()]
+    if footer:
+        blocks.append(ContextBlock(elements=[MarkdownTextObject(text=footer)]))
+    return View(type="modal", title=TITLES[kind], close="Close", blocks=blocks,
+                callback_id=f"{kind}_result").to_dict()
+
+
+def transcript(replies: list[dict], bot_user_id: str) -> str:
+    """The thread as plain lines: who said what, oldest first."""
+    lines = []
+    for message in replies:
+        text = message.get("text")
+        if not isinstance(text, str) or not text.strip():
+            continue
+        author = message.get("user")
+        who = "the assistant" if author == bot_user_id or message.get("bot_id") else f"<@{author}>"
+        lines.append(f"{who}: {strip_mention(text, bot_user_id)}")
+    return "\n\n".join(lines)
+
+
+async def run(services: Services, kind: str, payload: dict) -> None:
+    """Handle one message shortcut from open to result. Never raises on bad input."""
+    user = (payload.get("user") or {}).get("id")
+    channel = (payload.get("channel") or {}).get("id")
+    message = payload.get("message")
+    trigger = payload.get("trigger_id")
+    if not all(isinstance(v, str) and v for v in (user, channel, trigger)) or not isinstance(message, dict):
+        log.warning("%s shortcut without user, channel, message or trigger; ignored", kind)
+        return
+    slack = services.slack
+    try:
+        opened = await slack.call("views.open", trigger_id=trigger,
+                                  view=result_view(kind, "_Working on it…_"))
+    except SlackAPIError as exc:
+        log.warning("%s: could not open the modal for %s: %s", kind, user, exc.error)
+        return
+    view_id = (opened.get("view") or {}).get("id")
+    options = await options_for(services, user, None)
+    try:
+        if kind == SUMMARIZE:
+            text = await _summarize(services, options, channel, message)
+        else:
+            text = await _translate(services, options, message)
+        footer = f"Written by `{options.model}`. Only you can see this."
+    except Exception as exc:  # noqa: BLE001 - every failure is a clear line in the modal
+        failure = describe(exc)
+        log.warning("%s for %s failed: %s (%s)", kind, user, failure.kind, type(exc).__name__)
+        text, footer = failure.message, ""
+    try:
+        await slack.call("views.update", view_id=view_id, view=result_view(kind, text, footer))
+    except SlackAPIError as exc:
+        log.info("%s: could not show the result to %s (modal closed?): %s", kind, user, exc.error)
+
+
+async def _summarize(services: Services, options: RequestOptions, channel: str, message: dict) -> str:
+    thread_ts = message.get("thread_ts") or message.get("ts")
+    if not isinstance(thread_ts, str) or not thread_ts:
+        return "This message has no thread to summarize."
+    try:
+        replies = await services.slack.thread_replies(channel, thread_ts)
+    except SlackAPIError as exc:
+        log.info("summarize: cannot read %s/%s: %s", channel, thread_ts, exc.error)
+        return CANNOT_READ.format(error=exc.error)
+    text = transcript(replies, services.me.user_id)
+    if not text:
+        return "There is nothing to summarize in this thread yet."
+    return await _ask(services, options, SUMMARY_PROMPT, f"Summarize this conversation:\n\n{text}")
+
+
+async def _translate(services: Services, options: RequestOptions, message: dict) -> str:
+    text = message.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return "This message has no text to translate."
+    return await _ask(services, options, TRANSLATE_PROMPT.format(language=options.language), text)
+
+
+async def _ask(services: Services, options: RequestOptions, system: str, user_text: str) -> str:
+    settings = services.settings
+    prompt = build_prompt(system, [], user_text, budget_tokens=settings.context_budget_tokens,
+                          reserve_for_answer=options.max_answer_tokens)
+    pieces: list[str] = []
+    with anyio.move_on_after(settings.async_timeout_seconds) as deadline:
+        async with services.model_slots:
+            await stream_chat(services.openai, model=options.model, messages=prompt.messages,
+                              max_tokens=options.max_answer_tokens, temperature=options.temperature,
+                              reasoning_effort=options.reasoning_effort,
+                              idle_timeout=settings.stream_idle_timeout_seconds, on_delta=pieces.append)
+    if deadline.cancelled_caught:
+        return timeout_notice(settings.async_timeout_seconds)
+    return "".join(pieces).strip() or "_(The model returned an empty answer. Please try again.)_"

@@ -1,0 +1,101 @@
+"""`TerminalWriter`: the `ReplySurface` of `slackbot shell` — the answer streams to a
+text stream (stdout) as the model writes it.
+
+Writes go through a worker thread (one at a time, in order): a terminal or pipe that
+stops reading must stall only this writer, never the event loop. Status lines
+("Thinking…") go to `status_out` (stderr) only when it is a terminal, so piped output
+is the answers alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from typing import TextIO
+
+import anyio
+import anyio.to_thread
+
+from bot.processing.reply import PLACEHOLDER
+
+
+class TerminalWriter:
+    def __init__(self, out: TextIO, *, status_out: TextIO | None = None,
+                 limiter: anyio.CapacityLimiter | None = None) -> None:
+        self._out = out
+        self._status_out = status_out if status_out is not None and _is_tty(status_out) else None
+        self._limiter = limiter or anyio.CapacityLimiter(1)
+        self._pieces: list[str] = []
+        self._written = 0  # characters of the text already written
+        self._status = ""
+        self._dirty = anyio.Event()
+        self.message_ts: list[str] = []
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    @property
+    def placeholder_ts(self) -> str:
+        return self.message_ts[0] if self.message_ts else ""
+
+    async def start(self, status: str = PLACEHOLDER) -> str:
+        ts = f"shell-{uuid.uuid4().hex[:12]}"  # stands for the message id storage keeps
+        self.message_ts.append(ts)
+        self.set_status(status)
+        return ts
+
+    def set_status(self, status: str) -> None:
+        self._status = status
+        self._dirty.set()
+
+    def append(self, delta: str) -> None:
+        self._pieces.append(delta)
+        self._dirty.set()
+
+    async def run(self) -> None:
+        shown_status = ""
+        while True:
+            await self._dirty.wait()
+            self._dirty = anyio.Event()
+            if not self.text and self._status != shown_status and self._status_out is not None:
+                shown_status = self._status
+                await self._write(self._status_out, f"({self._status.strip('_*')})\n")
+            await self._flush()
+
+    async def finish(self, notice: str = "") -> bool:
+        await self._flush()
+        ending = "\n" if self.text else ""
+        if notice:
+            ending += f"{notice}\n" if not self.text else f"\n{notice}\n"
+        await self._write(self._out, ending + "\n")
+        return True
+
+    async def post_notice(self, notice: str) -> None:
+        await self._write(self._out, f"{notice}\n\n")
+
+    async def _flush(self) -> None:
+        text = self.text
+        if len(text) > self._written:
+            chunk = text[self._written:]
+            # Shielded: run() is cancelled the moment the stream ends, and a cancellation
+            # between taking the chunk and writing it would lose it.
+            with anyio.CancelScope(shield=True):
+                await self._write(self._out, chunk)
+            self._written += len(chunk)
+
+    async def _write(self, stream: TextIO, text: str) -> None:
+        if text:
+            await anyio.to_thread.run_sync(functools.partial(_write_now, stream, text), limiter=self._limiter)
+
+
+def _write_now(stream: TextIO, text: str) -> None:
+    stream.write(text)
+    stream.flush()
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

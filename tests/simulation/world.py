@@ -1,0 +1,828 @@
+"""Execute one `Scenario` against the real bot, in virtual time, and record everything.
+
+The world is the fakes (Slack's Web API and Socket Mode, OpenAI) plus what a real
+deployment adds around the bot: Slack's redelivery of un-acked events, a SQLite file that
+outlives the process, and an operator who sends SIGTERM or whose machine crashes. Each
+bot process is an `Incarnation` running the real `bot.startup.run_bot` with in-process
+transports; a crash is modelled exactly: at the crash instant the incarnation's Web API
+and OpenAI calls, its socket frames and its database transactions stop having any effect
+(each one blocks forever from then on), and its task group is cancelled. Whatever its
+shielded clean-up then tries is lost, as it would be under `kill -9`.
+
+Every Slack/OpenAI call is attributed (through a context variable set by the
+instrumentation around the nursery) to the user message whose handling made it, which
+is what lets the invariants (`invariants.py`) say "this message got exactly this one
+visible outcome".
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import httpx2
+
+from bot.config import Settings
+from bot.startup import run_bot
+from bot.storage import StorageError
+from bot.storage.sqlite import SQLiteStore
+from tests.fakes.openai import Behaviour, FakeOpenAI, last_user_text
+from tests.fakes.slack import FakeSlack, NoConnection, _parse_args
+from tests.harness import test_settings
+from tests.simulation.scenario import Fault, Msg, Scenario
+from tests.simulation_support import PRODUCTION, _prewarm_openai, endless_trickle, no_response
+
+SETTINGS = {f.name: f.default for f in dataclasses.fields(Settings)}
+# What ships, where the test harness turns a feature off for the narrower tests.
+PRODUCT_DEFAULTS = {name: SETTINGS[name] for name in ("welcome", "native_streaming") if name in SETTINGS}
+RETRY_SCHEDULE = (3.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # Slack's redelivery of un-acked events
+DRAIN_LIMIT = 2400.0  # virtual seconds after the last scheduled action for everything to settle
+CREATING_METHODS = ("chat.postMessage", "chat.startStream")
+
+
+@dataclass(frozen=True)
+class Tag:
+    """Whose handling a call belongs to: `kind` is "envelope" (dedupe/gate), "request"
+    (answering: `rid`), or "busy" (the busy reply)."""
+
+    inc: int
+    msg: int | None
+    kind: str
+    rid: str = ""
+
+
+HANDLING: contextvars.ContextVar[Tag | None] = contextvars.ContextVar("sim_handling", default=None)
+
+
+@dataclass
+class SlackCall:
+    t: float
+    inc: int
+    tag: Tag | None
+    method: str
+    args: dict
+    ok: bool = False
+    error: str = ""
+    injected: bool = False
+    created_ts: str = ""
+    t_end: float = math.nan
+
+
+@dataclass
+class AICall:
+    t: float
+    inc: int
+    tag: Tag | None
+    msg: int | None
+    attempt: int
+    step: tuple
+    t_end: float = math.nan
+    thread: tuple | None = None
+    body: dict | None = None
+
+
+@dataclass
+class Request:
+    inc: int
+    rid: str
+    msg: int | None
+    thread: tuple
+    start: float
+    state: Any
+    end: float = math.nan
+    outcome: str = ""
+    placeholder_ts: str = ""
+
+
+@dataclass
+class Handling:
+    kind: str  # request | busy | skip | duplicate
+    inc: int
+    msg: int | None
+    t: float
+
+
+@dataclass
+class EventState:
+    event_id: str
+    msg: int
+    event: dict
+    sends: list[tuple[float, str | None, int]] = field(default_factory=list)  # (time, envelope id, attempt)
+    next_try: float = math.inf
+
+    def acked(self, slack: FakeSlack) -> bool:
+        return any(env in slack.acks for _, env, _ in self.sends if env is not None)
+
+
+@dataclass
+class Incarnation:
+    n: int
+    started: float
+    dead: bool = False
+    crashed_at: float | None = None
+    stopped_at: float | None = None  # SIGTERM (nursery.stop())
+    ended: float | None = None
+    nursery: Any = None
+    links: list = field(default_factory=list)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    in_request: int = 0  # _request tasks running
+    restarted: bool = False  # a replacement process was started
+    store: Any = None
+
+    @property
+    def up(self) -> bool:
+        return not self.dead and self.stopped_at is None and self.ended is None
+
+
+class _Dead(Exception):
+    """Raised inside a transaction of a crashed incarnation: it never commits."""
+
+
+class SimStore(SQLiteStore):
+    """The real SQLite store on the shared file, plus two things the world needs: storage
+    faults (the next N calls of a method raise StorageError, as a locked or full database
+    does) and death (a crashed incarnation's transactions never commit). Both hook the
+    store's one way in, `_transaction`, so every method (present and future) has them."""
+
+    world: World
+    inc: Incarnation
+
+    async def _transaction(self, operation: str, body: Callable, *, write: bool = True):
+        inc = self.inc
+        if inc.dead:
+            await anyio.sleep_forever()
+        if inc.nursery is not None:  # startup (crash recovery) is not fault-injected
+            error = self.world.take_storage_fault(operation)
+            if error:
+                raise StorageError(f"{operation} failed: {error}")
+
+        def guarded(conn):
+            if inc.dead:
+                raise _Dead
+            return body(conn)
+
+        try:
+            return await super()._transaction(operation, guarded, write=write)
+        except _Dead:
+            await anyio.sleep_forever()
+
+
+class SimSlack(FakeSlack):
+    """FakeSlack that marks injected fault responses and logs acks into the trace."""
+
+    def __init__(self, world: World, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.world = world
+
+    def _take_fault(self, method: str):
+        response = super()._take_fault(method)
+        if response is not None:
+            response.extensions["sim_injected"] = True
+        return response
+
+    def _on_client_frame(self, link, text: str) -> None:
+        before = len(self.acks)
+        super()._on_client_frame(link, text)
+        if len(self.acks) != before:
+            envelope_id = next(reversed(self.acks))
+            self.world.log_trace("ack", f"socket #{link.id} acked {self.world.envelope_names.get(envelope_id, envelope_id)}")
+
+
+class _TrackedStream(httpx2.AsyncByteStream):
+    """A response body that reports when it ends or is closed (an OpenAI call's end)."""
+
+    def __init__(self, inner, on_end: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_end = on_end
+
+    async def __aiter__(self):
+        try:
+            async for chunk in self._inner:
+                yield chunk
+        finally:
+            self._on_end()
+
+    async def aclose(self) -> None:
+        self._on_end()
+        await self._inner.aclose()
+
+
+def _behaviour(step: tuple) -> Behaviour:
+    kind = step[0]
+    if kind == "ok":
+        return Behaviour(latency=step[1], chunks=step[2], chunk_delay=step[3])
+    if kind == "noresp":
+        return no_response()
+    if kind == "trickle":
+        return endless_trickle()
+    if kind == "silent":
+        return Behaviour(hang=True)
+    if kind == "stall":
+        return Behaviour(text="a partial answer that stops", latency=step[1], chunks=4, chunk_delay=0.5,
+                         stall_after=step[2])
+    if kind == "cut":
+        return Behaviour(text="an answer that breaks off", latency=step[1], chunks=4, chunk_delay=0.5,
+                         cut_after=step[2])
+    if kind == "status":
+        return Behaviour(status=step[1], latency=step[2], error_code=step[3] or None)
+    raise ValueError(f"unknown OpenAI step {step!r}")
+
+
+def message_id(text: str) -> int | None:
+    """The scenario message a text belongs to ("m12 from u3 …" → 12)."""
+    for word in text.split():
+        if word.startswith("m") and word[1:].isdigit():
+            return int(word[1:])
+    return None
+
+
+class World:
+    def __init__(self, scenario: Scenario) -> None:
+        self.s = scenario
+        self.slack = SimSlack(self)
+        if scenario.slack_latency:
+            self.slack.latency["*"] = scenario.slack_latency
+        self.ai = FakeOpenAI(script=self._script)
+        self.trace: list[tuple] = []
+        self.violations: list[str] = []
+        self.incs: list[Incarnation] = []
+        self.msgs: dict[int, Msg] = {m.id: m for m in scenario.messages}
+        self.msg_ts: dict[int, str] = {}  # message id -> its Slack ts
+        self.msg_thread: dict[int, tuple[str, str]] = {}  # message id -> (channel, thread ts)
+        self.by_ts: dict[str, int] = {}
+        self.events: dict[str, EventState] = {}
+        self.envelope_names: dict[str, str] = {}
+        self.envelope_event: dict[str, str] = {}
+        self.link_inc: dict[int, int] = {}  # link id -> incarnation number
+        self.slack_calls: list[SlackCall] = []
+        self.ai_calls: list[AICall] = []
+        self.ai_attempts: dict[int, int] = {}
+        self.requests: list[Request] = []
+        self.handlings: list[Handling] = []
+        self.storage_faults: dict[str, list[list]] = {}  # method -> [[error, times left], ...]
+        self.t0: float | None = None  # when the scenario starts: the first socket said hello
+        self.clock0 = 0.0
+        self.tmp = tempfile.mkdtemp(prefix="slackbot-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self.db_path = os.path.join(self.tmp, "bot.db")
+        self.pending_restarts = 0
+        self.drained = False
+        self.finished = False
+        self.end_time = 0.0
+        self.stats: dict[str, int] = {}
+
+    # ---- bookkeeping ----------------------------------------------------------------
+
+    def now(self) -> float:
+        if self.finished:  # the checks run after trio.run returned: no clock any more
+            return self.end_time
+        return anyio.current_time() - (self.t0 if self.t0 is not None else self.clock0)
+
+    def log_trace(self, kind: str, text: str) -> None:
+        """Trace times are virtual seconds after the scenario's start (t0; negative while
+        the first process starts up)."""
+        t = self.end_time if self.finished else anyio.current_time() - (self.t0 if self.t0 is not None else self.clock0)
+        self.trace.append((round(t, 6), kind, text))
+
+    def violate(self, text: str) -> None:
+        self.violations.append(f"t={self.now():.3f}: {text}")
+        self.log_trace("VIOLATION", text)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    def take_storage_fault(self, method: str) -> str:
+        queue = self.storage_faults.get(method)
+        if not queue:
+            return ""
+        error = queue[0][0]
+        queue[0][1] -= 1
+        if queue[0][1] <= 0:
+            queue.pop(0)
+        self.log_trace("fault", f"storage {method} raises: {error}")
+        self.count("storage_faults_hit")
+        return error
+
+    @property
+    def current(self) -> Incarnation | None:
+        return self.incs[-1] if self.incs else None
+
+    # ---- OpenAI -------------------------------------------------------------------------
+
+    def _step(self, mid: int | None, attempt: int) -> tuple:
+        if mid is None or mid not in self.msgs:
+            return ("ok", 0.0, 1, 0.0)
+        plan = self.msgs[mid].ai
+        return plan[min(attempt, len(plan) - 1)]
+
+    def _script(self, body: dict) -> Behaviour:
+        mid = message_id(last_user_text(body))
+        return _behaviour(self._step(mid, self.ai_attempts.get(mid, 1) - 1))
+
+    async def _openai(self, inc: Incarnation, request: httpx2.Request) -> httpx2.Response:
+        if inc.dead:
+            await anyio.sleep_forever()
+        try:
+            body = json.loads(request.content)
+        except ValueError:
+            body = {}
+        mid = message_id(last_user_text(body)) if isinstance(body, dict) else None
+        attempt = self.ai_attempts.get(mid, 0)
+        self.ai_attempts[mid] = attempt + 1
+        step = self._step(mid, attempt)
+        tag = HANDLING.get()
+        call = AICall(self.now(), inc.n, tag, mid, attempt, step, thread=self.msg_thread.get(mid),
+                      body=body if isinstance(body, dict) else None)
+        self.ai_calls.append(call)
+        self.log_trace("openai", f"#{inc.n} m{mid} attempt {attempt}: {step[0]}")
+        # No thread may have two model calls at once (among live processes).
+        if call.thread is not None:
+            for other in self.ai_calls:
+                if (other is not call and math.isnan(other.t_end) and other.thread == call.thread
+                        and not self.incs[other.inc - 1].dead):
+                    self.violate(f"two OpenAI calls at once in thread {call.thread}: m{other.msg} and m{mid}")
+
+        def end() -> None:
+            if math.isnan(call.t_end):
+                call.t_end = self.now()
+
+        if step[0] == "connect":
+            end()
+            raise httpx2.ConnectError("[Errno 111] Connection refused")
+        try:
+            response = await self.ai.handle(request)
+        except BaseException:
+            end()
+            raise
+        if inc.dead:
+            end()
+            await anyio.sleep_forever()
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            response.stream = _TrackedStream(response.stream, end)
+        else:
+            end()
+        return response
+
+    # ---- Slack Web API ------------------------------------------------------------------
+
+    async def _slack_api(self, inc: Incarnation, request: httpx2.Request) -> httpx2.Response:
+        if inc.dead:
+            await anyio.sleep_forever()
+        method = request.url.path.rsplit("/", 1)[-1]
+        try:
+            args = _parse_args(request)
+        except Exception:  # noqa: BLE001 - the fake answers it; we only record
+            args = {}
+        call = SlackCall(self.now(), inc.n, HANDLING.get(), method, args)
+        self.slack_calls.append(call)
+        try:
+            response = await self.slack.handle(request)
+        except BaseException:
+            call.error = "cancelled"
+            raise
+        finally:
+            call.t_end = self.now()
+        call.injected = bool(response.extensions.get("sim_injected"))
+        try:
+            body = json.loads(response.content)
+        except ValueError:
+            body = {}
+        call.ok = response.status_code == 200 and bool(body.get("ok"))
+        call.error = "" if call.ok else str(body.get("error") or f"HTTP {response.status_code}")
+        if call.ok and method in CREATING_METHODS:
+            call.created_ts = str(body.get("ts", ""))
+        if method not in ("apps.connections.open", "auth.test") or not call.ok:
+            where = args.get("channel") or args.get("channel_id") or ""
+            ts = args.get("ts") or args.get("thread_ts") or ""
+            text = args.get("markdown_text") or args.get("text") or args.get("status") or ""
+            owner = f" [m{call.tag.msg} {call.tag.kind}]" if call.tag else ""
+            result = f"ok {call.created_ts}".rstrip() if call.ok else f"FAILED {call.error}{' (injected)' if call.injected else ''}"
+            self.log_trace("slack", f"#{inc.n}{owner} {method} {where} {ts} {str(text)[:60]!r} -> {result}")
+        if inc.dead:
+            await anyio.sleep_forever()
+        return response
+
+    async def _connect(self, inc: Incarnation, url: str):
+        if inc.dead:
+            await anyio.sleep_forever()
+        ws = await self.slack.connector(url)
+        link = ws._link
+        inc.links.append(link)
+        self.link_inc[link.id] = inc.n
+        self.log_trace("socket", f"#{inc.n} opened socket #{link.id}")
+        if inc.dead:
+            link.silenced = True
+            await anyio.sleep_forever()
+        return ws
+
+    # ---- the bot's processes ------------------------------------------------------------
+
+    def _on_ready(self, inc: Incarnation, nursery) -> None:
+        """Instrument a fresh nursery before it runs (observation only)."""
+        inc.nursery = nursery
+        for name in ("_request", "_first_time", "_thread_known", "_busy_reply", "reader", "active", "gates"):
+            if not hasattr(nursery, name):
+                raise AttributeError(f"the simulator's instrumentation needs Nursery.{name}; update tests/simulation")
+        nursery.reader._backoff._rng = random.Random(f"{self.s.seed}:{inc.n}:backoff")
+        _prewarm_openai(nursery.services.openai)
+        nursery.active = ActiveMonitor(self, inc)
+        world = self
+
+        original_request = nursery._request
+
+        async def request(envelope):
+            inc.in_request += 1
+            event = (envelope.payload.get("event") or {}) if isinstance(envelope.payload, dict) else {}
+            mid = world.by_ts.get(str(event.get("ts", "")))
+            HANDLING.set(Tag(inc.n, mid, "envelope"))
+            try:
+                await original_request(envelope)
+            finally:
+                inc.in_request -= 1
+
+        original_first_time = nursery._first_time
+
+        async def first_time(msg):
+            fresh = await original_first_time(msg)
+            if not fresh:
+                world.handlings.append(Handling("duplicate", inc.n, world.by_ts.get(msg.ts), world.now()))
+            return fresh
+
+        original_thread_known = nursery._thread_known
+
+        async def thread_known(msg):
+            known = await original_thread_known(msg)
+            if not known:
+                world.handlings.append(Handling("skip", inc.n, world.by_ts.get(msg.ts), world.now()))
+                world.log_trace("bot", f"#{inc.n} m{world.by_ts.get(msg.ts)} ignored: thread not known")
+            return known
+
+        original_busy = nursery._busy_reply
+
+        async def busy_reply(msg):
+            mid = world.by_ts.get(msg.ts)
+            world.handlings.append(Handling("busy", inc.n, mid, world.now()))
+            HANDLING.set(Tag(inc.n, mid, "busy"))
+            await original_busy(msg)
+
+        nursery._request = request
+        nursery._first_time = first_time
+        nursery._thread_known = thread_known
+        nursery._busy_reply = busy_reply
+        self.log_trace("process", f"#{inc.n} ready")
+
+    async def _run_incarnation(self, inc: Incarnation) -> None:
+        store = await SimStore.open(self.db_path, inline=True)
+        store.world, store.inc = self, inc
+        inc.store = store
+        settings = test_settings(**{**PRODUCTION, **PRODUCT_DEFAULTS, "async_max_concurrent_requests": self.s.slots,
+                                    "database_url": f"sqlite:///{self.db_path}",
+                                    **({"native_streaming": self.s.native} if "native_streaming" in SETTINGS else {})})
+        self.log_trace("process", f"#{inc.n} starting")
+        try:
+            with inc.scope:
+                await run_bot(
+                    settings,
+                    slack_transport=httpx2.MockTransport(partial(self._slack_api, inc)),
+                    openai_transport=httpx2.MockTransport(partial(self._openai, inc)),
+                    connector=partial(self._connect, inc), store=store, handle_signals=False,
+                    on_ready=partial(self._on_ready, inc),
+                )
+        except Exception as exc:  # noqa: BLE001 - a bot process dying is a finding
+            import traceback
+
+            self.violate(f"process #{inc.n} died: {type(exc).__name__}: {exc}\n"
+                         + "".join(traceback.format_exception(exc))[-3000:])
+        finally:
+            inc.ended = self.now()
+            self.log_trace("process", f"#{inc.n} exited{' (crashed)' if inc.dead else ''}")
+            self._check_released(inc)
+            with anyio.CancelScope(shield=True):
+                await store.aclose()  # not through _transaction: closes even for a dead process
+            inc.done.set()
+
+    def _check_released(self, inc: Incarnation) -> None:
+        nursery = inc.nursery
+        if nursery is None:
+            return
+        if nursery.active:
+            self.violate(f"process #{inc.n} exited with requests still active: {list(nursery.active)}")
+        if nursery.gates.held:
+            self.violate(f"process #{inc.n} exited holding {nursery.gates.held} thread gate(s)")
+        slots = nursery.services.model_slots.borrowed_tokens
+        if slots:
+            self.violate(f"process #{inc.n} exited holding {slots} model slot(s)")
+        if inc.in_request:
+            self.violate(f"process #{inc.n} exited with {inc.in_request} event task(s) still running")
+        open_calls = [c for c in self.ai_calls if c.inc == inc.n and math.isnan(c.t_end)]
+        if open_calls:
+            self.violate(f"process #{inc.n} exited with {len(open_calls)} OpenAI call(s) open")
+
+    async def _start(self, tg) -> Incarnation:
+        inc = Incarnation(len(self.incs) + 1, self.now())
+        self.incs.append(inc)
+        tg.start_soon(self._run_incarnation, inc, name=f"bot process #{inc.n}")
+        return inc
+
+    async def crash(self, inc: Incarnation) -> None:
+        """kill -9: from this instant nothing the process does reaches the world."""
+        inc.dead = True
+        inc.crashed_at = self.now()
+        for link in inc.links:
+            link.silenced = True
+        inc.scope.cancel()
+        self.log_trace("process", f"#{inc.n} CRASHED")
+        for link in inc.links:
+            if not link.closed:
+                await link.abort()
+
+    # ---- Slack's side of event delivery ---------------------------------------------------
+
+    async def _send(self, ev: EventState, *, why: str) -> None:
+        attempt = len(ev.sends)
+        try:
+            envelope_id = await self.slack.send_event(ev.event, event_id=ev.event_id, retry_attempt=attempt)
+        except NoConnection:
+            envelope_id = None
+            self.log_trace("deliver", f"{ev.event_id} ({why}, attempt {attempt}): no connection")
+        else:
+            delivery = self.slack.deliveries[envelope_id]
+            name = f"{ev.event_id}#{attempt}"
+            self.envelope_names[envelope_id] = name
+            self.envelope_event[envelope_id] = ev.event_id
+            self.log_trace("deliver", f"{name} ({why}) on socket #{delivery.connection.id}")
+        ev.sends.append((self.now(), envelope_id, attempt))
+        ev.next_try = self.now() + RETRY_SCHEDULE[min(attempt, len(RETRY_SCHEDULE) - 1)]
+
+    async def _slack_redelivery(self) -> None:
+        """What Slack does with events nobody acked: try again, backing off."""
+        while True:
+            await anyio.sleep(1.0)
+            now = self.now()
+            for ev in list(self.events.values()):
+                if ev.sends and ev.next_try <= now and not ev.acked(self.slack):
+                    self.count("redeliveries")
+                    await self._send(ev, why="retry")
+
+    # ---- the scenario's actions ---------------------------------------------------------
+
+    def _post(self, m: Msg) -> list[EventState]:
+        """The user posts message m; returns the events Slack will deliver for it."""
+        text = f"m{m.id} from u{m.user}: question {m.id}"
+        user = f"U{m.user}"
+        root_ts = self.msg_ts.get(m.root) if m.root is not None else None
+        if m.root is not None and root_ts is None:
+            return []
+        events: list[dict] = []
+        if m.place == "dm":
+            channel = f"D{self.msgs[m.root].user if m.root is not None else m.user}"
+            events.append(self.slack.message_event(channel, user, text, thread_ts=root_ts, channel_type="im"))
+        else:
+            channel = f"C{m.channel}"
+            if m.mention or m.root is None:
+                mention = self.slack.app_mention_event(channel, user, text, thread_ts=root_ts)
+                events.append(mention)
+                if m.twin:
+                    events.append(self.slack.message_event(channel, user, mention["text"], ts=mention["ts"],
+                                                           thread_ts=root_ts, channel_type="channel"))
+            else:
+                events.append(self.slack.message_event(channel, user, text, thread_ts=root_ts, channel_type="channel"))
+        ts = events[0]["ts"]
+        self.msg_ts[m.id] = ts
+        self.by_ts[ts] = m.id
+        self.msg_thread[m.id] = (channel, root_ts or ts)
+        self.log_trace("user", f"m{m.id} posted in {channel} ts {ts}" + (f" (thread {root_ts})" if root_ts else ""))
+        states = []
+        for i, event in enumerate(events):
+            event_id = f"Ev{m.id:04d}{'tm'[i] if len(events) > 1 else ''}"
+            states.append(self.events.setdefault(event_id, EventState(event_id, m.id, event)))
+        return states
+
+    async def _fault(self, f: Fault, tg) -> None:
+        self.count(f"fault_{f.kind}")
+        if f.kind == "slack":
+            if self.slack._faults.get(f.target):
+                self.log_trace("fault", f"(skipped: a {f.target} fault is still pending)")
+                return
+            if f.status == 429:
+                self.slack.fail_next(f.target, status=429, retry_after=f.retry_after, times=f.times)
+            elif f.status == 500:
+                self.slack.fail_next(f.target, status=500, error="internal_error", times=f.times)
+            else:
+                self.slack.fail_next(f.target, status=f.status, times=f.times,
+                                     body=f"<html><body><h1>{f.status}</h1>upstream error</body></html>")
+            self.log_trace("fault", f"Slack {f.target} will answer HTTP {f.status} x{f.times}")
+        elif f.kind == "socket":
+            if f.target == "refuse":
+                self.slack.refuse_connects += f.times
+                self.log_trace("fault", f"next {f.times} socket upgrade(s) refused")
+                return
+            live = [c for c in self.slack.live_connections if not c.silenced]
+            if not live:
+                self.log_trace("fault", f"(socket {f.target} skipped: no live socket)")
+                return
+            link = live[0]
+            self.log_trace("fault", f"socket #{link.id}: {f.target}")
+            if f.target == "drop":
+                await self.slack.drop(link)
+            elif f.target == "silence":
+                self.slack.silence(link)
+            else:
+                await self.slack.disconnect(f.target, link)
+        elif f.kind == "storage":
+            if self.storage_faults.get(f.target):  # like Slack faults: one burst at a time per method
+                self.log_trace("fault", f"(skipped: a {f.target} fault is still pending)")
+                return
+            self.storage_faults.setdefault(f.target, []).append([f.error, f.times])
+            self.log_trace("fault", f"storage {f.target} will fail x{f.times} ({f.error})")
+        elif f.kind in ("sigterm", "crash"):
+            inc = self.current
+            if inc is None or inc.dead or inc.ended is not None or (f.kind == "sigterm" and inc.stopped_at is not None):
+                self.log_trace("fault", f"({f.kind} skipped: no running process)")
+                return
+            if f.kind == "sigterm":
+                inc.stopped_at = self.now()
+                self.log_trace("process", f"#{inc.n} SIGTERM")
+                if inc.nursery is not None:
+                    inc.nursery.stop()
+                else:  # still starting: a signal then simply ends the process
+                    inc.scope.cancel()
+            else:
+                await self.crash(inc)
+            if f.restart_after is not None:
+                self.pending_restarts += 1
+                tg.start_soon(self._restart, inc, f.at + f.restart_after)
+
+    async def _restart(self, old: Incarnation, at: float) -> None:
+        if not old.dead:  # a graceful stop: the new process starts once the old one exited
+            await old.done.wait()
+        await anyio.sleep_until(self.t0 + max(at, self.now()))
+        self.pending_restarts -= 1
+        if old.restarted:  # crashed while stopping: one replacement process, not two
+            return
+        old.restarted = True
+        await self._start(self._tg)
+
+    # ---- the run --------------------------------------------------------------------------
+
+    def _actions(self) -> list[tuple[float, float, str, Any]]:
+        """Every scheduled action: (time, tie-break, kind, what). Actions at one instant
+        run in an order drawn from the seed (and stable when the shrinker removes others)."""
+        seed = self.s.seed
+
+        def tie(key: str) -> float:
+            return random.Random(f"{seed}:{key}").random()
+
+        actions = []
+        for m in self.s.messages:
+            actions.append((m.at, -1.0, "post", m))  # a post comes before its own deliveries
+            actions.append((m.at + m.delay, tie(f"d{m.id}"), "deliver", m))
+            if m.dup is not None:
+                actions.append((m.at + m.delay + m.dup, tie(f"r{m.id}"), "dup", m))
+        for i, f in enumerate(self.s.faults):
+            actions.append((f.at, tie(f"f{i}:{f.kind}:{f.target}:{f.at}"), "fault", f))
+        order = {"post": 0, "deliver": 1, "dup": 1, "fault": 1}
+        actions.sort(key=lambda a: (a[0], order[a[2]], a[1], a[3].id if a[2] != "fault" else -1))
+        return actions
+
+    async def run(self) -> None:
+        try:
+            self.clock0 = anyio.current_time()
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                first = await self._start(tg)
+                with anyio.move_on_after(60) as startup:
+                    while first.nursery is None or not first.nursery.reader.connected.is_set():
+                        await anyio.sleep(0.05)
+                        if first.ended is not None:
+                            break
+                if startup.cancelled_caught or first.ended is not None:
+                    self.violate("the first process never connected")
+                    tg.cancel_scope.cancel()
+                    return
+                t0 = anyio.current_time()
+                self.trace = [(round(t - (t0 - self.clock0), 6), kind, text) for t, kind, text in self.trace]
+                self.t0 = t0
+                self.log_trace("world", "t0: first socket ready")
+                tg.start_soon(self._slack_redelivery, name="slack redelivery")
+                await self._play(tg)
+                await self._drain()
+                inc = self.current
+                if inc is not None and inc.ended is None and not inc.dead:
+                    if inc.stopped_at is None:
+                        inc.stopped_at = self.now()
+                        self.log_trace("process", f"#{inc.n} final SIGTERM")
+                        if inc.nursery is not None:
+                            inc.nursery.stop()
+                        else:
+                            inc.scope.cancel()
+                    with anyio.move_on_after(60) as stopping:
+                        await inc.done.wait()
+                    if stopping.cancelled_caught:
+                        self.violate(f"process #{inc.n} did not exit within 60 s of SIGTERM")
+                        inc.scope.cancel()
+                for old in self.incs:
+                    with anyio.move_on_after(60) as waiting:
+                        await old.done.wait()
+                    if waiting.cancelled_caught:
+                        self.violate(f"process #{old.n} never finished unwinding")
+                        old.scope.cancel()
+                tg.cancel_scope.cancel()
+        finally:
+            self.end_time = self.now()
+
+    async def _play(self, tg) -> None:
+        posted: dict[int, list[EventState]] = {}
+        for at, _, kind, what in self._actions():
+            await anyio.sleep_until(self.t0 + at)
+            if kind == "post":
+                posted[what.id] = self._post(what)
+            elif kind == "deliver":
+                for ev in posted.get(what.id, []):
+                    await self._send(ev, why="first delivery")
+            elif kind == "dup":
+                for ev in posted.get(what.id, []):
+                    self.count("late_redeliveries")
+                    await self._send(ev, why="late ack: redelivered")
+            else:
+                await self._fault(what, tg)
+        self.log_trace("world", "scenario played; draining")
+
+    def _quiet(self) -> bool:
+        if self.pending_restarts:
+            return False
+        inc = self.current
+        if inc is None or inc.dead:
+            return False
+        if not inc.up:
+            return inc.ended is not None  # stopped for good: nothing more will happen
+        if inc.nursery is None or inc.nursery.active or inc.in_request:
+            return False
+        if any(math.isnan(c.t_end) for c in self.ai_calls if not self.incs[c.inc - 1].dead):
+            return False
+        return all(ev.acked(self.slack) for ev in self.events.values() if ev.sends)
+
+    async def _drain(self) -> None:
+        start = self.now()
+        quiet_since = None
+        while self.now() - start < DRAIN_LIMIT:
+            if self._quiet():
+                quiet_since = self.now() if quiet_since is None else quiet_since
+                if self.now() - quiet_since >= 5.0:
+                    self.drained = True
+                    return
+            else:
+                quiet_since = None
+            await anyio.sleep(1.0)
+        unacked = [ev.event_id for ev in self.events.values() if ev.sends and not ev.acked(self.slack)]
+        inc = self.current
+        self.violate(f"the world did not settle within {DRAIN_LIMIT:g}s: unacked events {unacked[:10]}, "
+                     f"active requests {list(inc.nursery.active) if inc and inc.nursery else '-'}")
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class ActiveMonitor(dict):
+    """`Nursery.active`, observed: every request's start and end, and no thread with two."""
+
+    def __init__(self, world: World, inc: Incarnation) -> None:
+        super().__init__()
+        self.world, self.inc = world, inc
+        self.records: dict[str, Request] = {}
+
+    def __setitem__(self, rid, state) -> None:
+        world = self.world
+        thread = (state.message.channel, state.message.thread_ts)
+        for other in self.values():
+            if (other.message.channel, other.message.thread_ts) == thread:
+                world.violate(f"two requests at once in thread {thread}: {other.request_id} and {rid}")
+        mid = world.by_ts.get(state.message.ts)
+        record = Request(self.inc.n, rid, mid, thread, state.started_at - world.t0, state)
+        world.requests.append(record)
+        world.handlings.append(Handling("request", self.inc.n, mid, world.now()))
+        self.records[rid] = record
+        HANDLING.set(Tag(self.inc.n, mid, "request", rid))
+        world.log_trace("bot", f"#{self.inc.n} request {rid} for m{mid} starts")
+        super().__setitem__(rid, state)
+
+    def __delitem__(self, rid) -> None:
+        record = self.records.pop(rid)
+        record.end = self.world.now()
+        record.outcome = record.state.outcome or "interrupted"
+        record.placeholder_ts = record.state.placeholder_ts
+        self.world.log_trace("bot", f"#{self.inc.n} request {rid} for m{record.msg} ends: {record.outcome}")
+        super().__delitem__(rid)

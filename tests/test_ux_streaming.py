@@ -1,0 +1,165 @@
+"""Answers the way Slack's AI apps show them, on Trio and asyncio: native chat streaming
+(and its fallback to paced chat.update), thread status and title, feedback buttons."""
+
+from __future__ import annotations
+
+import anyio
+import httpx2
+import pytest
+
+from bot.processing.native_stream import SlackAnswerWriter, assistant_status, thread_title
+from bot.slack_api import SlackWebAPI
+from tests.fakes.openai import Behaviour, FakeOpenAI
+from tests.fakes.slack import FakeSlack
+from tests.harness import eventually, running_bot, send_dm, wait_reply
+
+pytestmark = pytest.mark.anyio
+
+ANSWER = "The quick brown fox jumps over the lazy dog, twice over and again."
+
+
+@pytest.fixture
+def slack():
+    return FakeSlack()
+
+
+@pytest.fixture
+def ai():
+    return FakeOpenAI()
+
+
+def methods(slack: FakeSlack) -> list[str]:
+    return [m for m, _ in slack.calls]
+
+
+async def test_dm_answer_streams_natively_with_status_title_and_feedback(slack, ai):
+    ai.enqueue(Behaviour(text=ANSWER, chunks=8, chunk_delay=0.03))
+    async with running_bot(slack, ai, native_streaming=True, update_interval_seconds=0.05):
+        _, ev = await send_dm(slack, "Tell me about the fox\nand more")
+        replies = await wait_reply(slack, "D1", ev["ts"], ANSWER)
+        await slack.wait_until(lambda: not slack.messages["D1"][-1].get("streaming"))
+    assert replies == [ANSWER]
+    called = methods(slack)
+    assert called.count("chat.startStream") == 1 and "chat.postMessage" not in called
+    assert called.count("chat.stopStream") == 1
+    appends = slack.stream_appends[("D1", slack.messages["D1"][-1]["ts"])]
+    assert "".join(appends) == ANSWER
+    assert 1 <= called.count("chat.appendStream") < 8  # coalesced, not one call per chunk
+    message = slack.messages["D1"][-1]
+    assert message["thread_ts"] == ev["ts"]
+    assert message["blocks"][-1]["type"] == "context_actions"
+    assert message["blocks"][-1]["elements"][0]["type"] == "feedback_buttons"
+    assert ("D1", ev["ts"], "is thinking…") in slack.statuses
+    assert slack.statuses[-1] == ("D1", ev["ts"], "")  # cleared at the end
+    assert slack.titles[("D1", ev["ts"])] == "Tell me about the fox"
+    assert "chat.update" not in called
+
+
+async def test_message_not_in_streaming_state_falls_back_to_chat_update(slack, ai):
+    ai.enqueue(Behaviour(text=ANSWER, chunks=10, chunk_delay=0.05))
+    async with running_bot(slack, ai, native_streaming=True, update_interval_seconds=0.05):
+        _, ev = await send_dm(slack, "fox")
+        await slack.wait_until(lambda: "chat.appendStream" in methods(slack))
+        stream_ts = slack.messages["D1"][-1]["ts"]
+        slack.end_stream("D1", stream_ts)  # Slack expired the stream
+        replies = await wait_reply(slack, "D1", ev["ts"], ANSWER)
+        await eventually(lambda: any(m == "chat.update" and a.get("blocks") for m, a in slack.calls))
+    assert replies == [ANSWER]  # the same message carries on; nothing duplicated
+    called = methods(slack)
+    assert "chat.update" in called and "chat.postMessage" not in called
+    final = slack.messages["D1"][-1]
+    assert final["ts"] == stream_ts
+    assert final["blocks"][-1]["type"] == "context_actions"  # feedback buttons through chat.update
+
+
+async def test_slack_without_streaming_gets_a_placeholder(slack, ai):
+    slack.streaming_supported = False
+    async with running_bot(slack, ai, native_streaming=True):
+        _, ev = await send_dm(slack, "old slack")
+        replies = await wait_reply(slack, "D1", ev["ts"], "Echo: old slack")
+    assert replies == ["Echo: old slack"]
+    called = methods(slack)
+    assert called.index("chat.startStream") < called.index("chat.postMessage")
+
+
+async def test_channels_use_chat_update(slack, ai):
+    async with running_bot(slack, ai, native_streaming=True):
+        mention = slack.app_mention_event("C1", "U1", "in a channel")
+        await slack.send_event(mention)
+        await wait_reply(slack, "C1", mention["ts"], "Echo: in a channel")
+    called = methods(slack)
+    assert "chat.startStream" not in called and "assistant.threads.setStatus" not in called
+
+
+async def test_long_answers_leave_the_stream_and_continue_in_more_messages(slack, ai):
+    code = "\n".join(f"line_{i} = {i}" for i in range(1500))
+    text = "Here:\n\n```python\n" + code + "\n```\nDone."
+    ai.enqueue(Behaviour(text=text, chunks=30))
+    async with running_bot(slack, ai, native_streaming=True):
+        _, ev = await send_dm(slack, "long code")
+        replies = await wait_reply(slack, "D1", ev["ts"], "Done.")
+    assert len(replies) >= 2 and all(len(r) <= 12_000 for r in replies)
+    assert "".join(replies).count("line_1499 = 1499") == 1
+
+
+async def test_timeout_in_a_native_stream_is_said_in_the_message(slack, ai):
+    ai.enqueue(Behaviour(hang=True))
+    async with running_bot(slack, ai, native_streaming=True, async_timeout_seconds=0.5):
+        _, ev = await send_dm(slack, "will hang")
+        replies = await wait_reply(slack, "D1", ev["ts"], "did not finish within 0.5 seconds")
+    assert len(replies) == 1
+    assert "feedback_buttons" not in str(slack.messages["D1"][-1].get("blocks"))  # nothing to rate
+
+
+async def test_feedback_click_is_recorded(slack, ai):
+    async with running_bot(slack, ai, native_streaming=True) as nursery:
+        _, ev = await send_dm(slack, "rate me")
+        await wait_reply(slack, "D1", ev["ts"], "Echo: rate me")
+        answer_ts = slack.messages["D1"][-1]["ts"]
+        await slack.wait_until(lambda: slack.messages["D1"][-1].get("blocks"))
+        block = slack.messages["D1"][-1]["blocks"][-1]
+        action = {"action_id": "answer_feedback", "type": "feedback_buttons", "block_id": block.get("block_id", "f"),
+                  "value": "bad"}
+        eid = await slack.click(action, user="U1", message=("D1", answer_ts))
+        await slack.wait_acked(eid)
+        store = nursery.services.store
+        await _wait_feedback(store, "D1", answer_ts, {"U1": "bad"})
+        await slack.click({**action, "value": "good"}, user="U1", message=("D1", answer_ts))
+        await slack.click({**action, "value": "good"}, user="U2", message=("D1", answer_ts))
+        await _wait_feedback(store, "D1", answer_ts, {"U1": "good", "U2": "good"})
+
+
+async def _wait_feedback(store, channel, ts, expected):
+    with anyio.fail_after(5):
+        while await store.feedback_for(channel, ts) != expected:
+            await anyio.sleep(0.02)
+
+
+async def test_appends_are_paced_and_coalesced():
+    slack = FakeSlack()
+    async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as http:
+        api = SlackWebAPI(bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/",
+                          client=http)
+        ts = slack.add_user_message("D1", "U1", "hi")
+        writer = SlackAnswerWriter(api, "D1", ts, mode="native", interval=0.2)
+        await writer.start()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.run)
+            for i in range(20):
+                writer.append(f"word{i} ")
+                await anyio.sleep(0.02)
+            await anyio.sleep(0.3)
+            tg.cancel_scope.cancel()
+        assert await writer.finish("")
+    # 20 deltas over ~0.4 s with a 0.2 s interval: a handful of appends, not 20
+    assert 1 <= writer.appends_sent <= 4
+    assert slack.messages["D1"][-1]["text"] == "".join(f"word{i} " for i in range(20))
+
+
+def test_status_and_title_wording():
+    assert assistant_status("_Thinking…_") == "is thinking…"
+    assert assistant_status("_Reading report.pdf…_") == "is reading report.pdf…"
+    assert assistant_status("is busy") == "is busy"
+    assert thread_title("How do I\nconfigure this?") == "How do I"
+    long = thread_title("word " * 40)
+    assert len(long) <= 61 and long.endswith("…")
