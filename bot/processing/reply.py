@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 PLACEHOLDER = "_Thinking…_"
 POST_TIMEOUT = 15.0
+FINAL_ATTEMPTS = 3  # the final text matters most: a transient refusal gets two more tries
+PERMANENT_ERRORS = frozenset({"message_not_found", "channel_not_found", "cant_update_message", "is_archived",
+                              "not_in_channel", "invalid_auth", "token_revoked", "account_inactive"})
 
 
 class ReplySurface(Protocol):
@@ -128,12 +131,18 @@ class ReplyWriter:
         Returns False if Slack refused; the error is logged."""
         if not self.message_ts:
             return False
-        try:
-            await self._show(self._render(notice))
-            return True
-        except SlackAPIError as exc:
-            log.error("final update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
-            return False
+        parts = self._render(notice)
+        for attempt in range(1, FINAL_ATTEMPTS + 1):
+            try:
+                await self._show(parts)  # idempotent: parts already shown are skipped
+                return True
+            except SlackAPIError as exc:
+                if exc.error in PERMANENT_ERRORS or attempt == FINAL_ATTEMPTS:
+                    log.error("final update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
+                    return False
+                log.warning("final update failed in %s/%s (%s); retrying", self.channel, self.thread_ts, exc.error)
+                await anyio.sleep(0.2 * attempt)
+        return False
 
     async def post_notice(self, notice: str) -> None:
         """A standalone message in the thread (when the placeholder could not be posted)."""
