@@ -2,6 +2,8 @@
 
 Secrets are the configured tokens and anything shaped like a Slack or OpenAI token,
 so a token can't leak even through a third-party library's log line or a traceback.
+Lines are text by default, or one JSON object each with LOG_FORMAT=json (`JsonFormatter`,
+which also carries the fields passed with `extra=`); the filter applies to both.
 """
 
 from __future__ import annotations

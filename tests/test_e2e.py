@@ -362,3 +362,32 @@ async def test_files_and_image_tools_over_real_sockets(tmp_path, bot_backend):
     [upload] = slack.uploads
     assert upload["thread_ts"] == event["ts"] and upload["bytes"].startswith(b"\x89PNG")
     assert [p["authorization"] for p in slack.upload_posts] == [""]
+
+
+async def test_metrics_endpoints_and_json_logs_from_the_real_process(tmp_path, bot_backend):
+    import json
+    import socket
+
+    import httpx2
+
+    with socket.socket() as probe:  # a free port for METRICS_PORT
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with running(tmp_path, backend=bot_backend, METRICS_PORT=str(port), LOG_FORMAT="json") as (bot, slack, ai):
+        _, ev = await send_dm(slack, "count me")
+        await wait_reply(slack, "D1", ev["ts"], "Echo: count me")
+        await bot.wait_log('"outcome": "answered"')
+        async with httpx2.AsyncClient(timeout=5.0) as client:
+            metrics = await client.get(f"http://127.0.0.1:{port}/metrics")
+            ready = await client.get(f"http://127.0.0.1:{port}/readyz")
+            health = await client.get(f"http://127.0.0.1:{port}/healthz")
+        bot.process.send_signal(signal.SIGTERM)
+        assert await bot.wait_exit(10) == 0
+    assert (ready.status_code, health.status_code) == (200, 200)
+    assert 'slackbot_requests_total{outcome="answered"} 1.0' in metrics.text
+    assert 'slackbot_events_received_total{type="message"} 1.0' in metrics.text
+    entries = [json.loads(line) for line in bot.log.splitlines() if line.strip()]  # every line is JSON
+    done = next(e for e in entries if e.get("outcome") == "answered")
+    assert done["slack_thread"] == f"D1/{ev['ts']}" and done["duration_s"] > 0
+    assert "count me" not in bot.log  # no message text at INFO
+    bot.assert_no_secrets()

@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print("\ntrace (virtual seconds after the first socket's hello):", file=out)
         print(format_trace(result.trace), file=out)
-    print(f"\n{len(result.trace)} trace lines, {result.virtual_seconds:.1f}s virtual in {result.wall_seconds:.2f}s real; "
-          f"stats {result.stats}", file=out)
+    print(f"\n{len(result.trace)} trace lines, {result.virtual_seconds:.1f}s virtual in "
+          f"{result.wall_seconds:.2f}s real; stats {result.stats}", file=out)
     if args.twice:
         again = run_scenario(scenario)
         same = again.trace == result.trace and again.violations == result.violations

@@ -273,7 +273,8 @@ def check(world: World) -> None:
             content = message.get("content")
             if message.get("role") == "assistant":
                 if content not in answers[call.thread] and content not in imported[call.thread]:
-                    v(f"the prompt for m{call.msg} carries an assistant message that is no stored answer: {content!r:.80}")
+                    v(f"the prompt for m{call.msg} carries an assistant message that is no stored answer: "
+                      f"{content!r:.80}")
             elif message.get("role") == "user" and content not in user_texts[call.thread] \
                     and content not in imported[call.thread]:
                 v(f"the prompt for m{call.msg} carries a user message from elsewhere: {content!r:.80}")

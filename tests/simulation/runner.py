@@ -36,8 +36,6 @@ from tests.simulation import invariants
 from tests.simulation.scenario import Scenario, generate, shrink_candidates, size
 from tests.simulation.world import World
 
-log = logging.getLogger("tests.simulation")
-
 FORBIDDEN_LOG = re.compile(
     r"RuntimeError|WouldBlock|not held|BrokenResource|ClosedResource|Cancelled|borrow|unexpected error"
     r"|handler failed|ExceptionGroup|Traceback",

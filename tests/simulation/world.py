@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import json
-import logging
 import math
 import os
 import random
@@ -32,7 +31,6 @@ from functools import partial
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import httpx2
 
 from bot.config import Settings
@@ -199,7 +197,8 @@ class SimSlack(FakeSlack):
         super()._on_client_frame(link, text)
         if len(self.acks) != before:
             envelope_id = next(reversed(self.acks))
-            self.world.log_trace("ack", f"socket #{link.id} acked {self.world.envelope_names.get(envelope_id, envelope_id)}")
+            name = self.world.envelope_names.get(envelope_id, envelope_id)
+            self.world.log_trace("ack", f"socket #{link.id} acked {name}")
 
 
 class _TrackedStream(httpx2.AsyncByteStream):
@@ -409,7 +408,8 @@ class World:
             ts = args.get("ts") or args.get("thread_ts") or ""
             text = args.get("markdown_text") or args.get("text") or args.get("status") or ""
             owner = f" [m{call.tag.msg} {call.tag.kind}]" if call.tag else ""
-            result = f"ok {call.created_ts}".rstrip() if call.ok else f"FAILED {call.error}{' (injected)' if call.injected else ''}"
+            injected = " (injected)" if call.injected else ""
+            result = f"ok {call.created_ts}".rstrip() if call.ok else f"FAILED {call.error}{injected}"
             self.log_trace("slack", f"#{inc.n}{owner} {method} {where} {ts} {str(text)[:60]!r} -> {result}")
         if inc.dead:
             await anyio.sleep_forever()
@@ -527,6 +527,10 @@ class World:
             self.violate(f"process #{inc.n} exited holding {slots} model slot(s)")
         if inc.in_request:
             self.violate(f"process #{inc.n} exited with {inc.in_request} event task(s) still running")
+        if getattr(nursery.reader, "live_sockets", 0):
+            self.violate(f"process #{inc.n} exited with {nursery.reader.live_sockets} socket(s) still served")
+        if inc.store is not None and inc.store._limiter.borrowed_tokens:
+            self.violate(f"process #{inc.n} exited holding the store's transaction limiter")
         open_calls = [c for c in self.ai_calls if c.inc == inc.n and math.isnan(c.t_end)]
         if open_calls:
             self.violate(f"process #{inc.n} exited with {len(open_calls)} OpenAI call(s) open")
@@ -607,7 +611,7 @@ class World:
         self.log_trace("user", f"m{m.id} posted in {channel} ts {ts}" + (f" (thread {root_ts})" if root_ts else ""))
         states = []
         for i, event in enumerate(events):
-            event_id = f"Ev{m.id:04d}{'tm'[i] if len(events) > 1 else ''}"
+            event_id = f"Ev{m.id:04d}{'at'[i] if len(events) > 1 else ''}"  # app_mention, twin
             states.append(self.events.setdefault(event_id, EventState(event_id, m.id, event)))
         return states
 
