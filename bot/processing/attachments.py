@@ -48,7 +48,7 @@ from bot.processing.documents import (
 )
 from bot.processing.images import PreparedImage, image_tokens, is_image_file, prepare_image
 from bot.processing.reply import ReplySurface
-from bot.processing.tokens import count_tokens
+from bot.processing.tokens import count_tokens, cut_to_tokens
 from bot.slack_files import download_file, resolve_file
 from bot.storage.base import ThreadImage
 from bot.url_fetch import fetch_image
@@ -292,7 +292,7 @@ def fit_documents(documents: list[Document], budget_tokens: int) -> tuple[str, l
     for document, cost, share in zip(documents, costs, shares):
         text, name = document.text, _clean(document.name)
         if cost > share:
-            kept = _cut_to_tokens(text, share)
+            kept = cut_to_tokens(text, share)
             percent = max(1, round(100 * len(kept) / max(1, len(text))))
             text = (f"{kept}\n[… {name} was trimmed to fit the model's context: this is the first "
                     f"{len(kept):,} of {len(document.text):,} characters …]")
@@ -319,14 +319,3 @@ def _shares(costs: list[int], budget: int) -> list[int]:
             break
     return shares
 
-
-def _cut_to_tokens(text: str, budget: int) -> str:
-    """The longest prefix of `text` within `budget` tokens (binary search on length)."""
-    lo, hi = 0, len(text)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count_tokens(text[:mid]) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return text[:lo]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from bot.processing.tokens import PER_MESSAGE_OVERHEAD, count_tokens, message_tokens
+from bot.processing.tokens import PER_MESSAGE_OVERHEAD, count_tokens, cut_to_tokens, message_tokens
 from bot.storage.base import HistoryMessage
 
 TRUNCATION_NOTE = "\n\n[… message truncated: it was too long for the model's context …]"
@@ -25,15 +25,7 @@ class Prompt:
 
 def _truncate_to(text: str, budget: int) -> str:
     """Cut `text` so that it and the note fit `budget` tokens (binary search on length)."""
-    budget -= count_tokens(TRUNCATION_NOTE)
-    lo, hi = 0, len(text)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if count_tokens(text[:mid]) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return text[:lo] + TRUNCATION_NOTE
+    return cut_to_tokens(text, budget - count_tokens(TRUNCATION_NOTE)) + TRUNCATION_NOTE
 
 
 def build_prompt(

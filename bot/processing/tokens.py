@@ -48,6 +48,18 @@ def count_tokens(text: str) -> int:
     return counter(text) if counter else estimate_tokens(text)
 
 
+def cut_to_tokens(text: str, budget: int) -> str:
+    """The longest prefix of `text` within `budget` tokens (binary search on length)."""
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count_tokens(text[:mid]) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
+
+
 def message_tokens(message: dict) -> int:
     content = message.get("content", "")
     if isinstance(content, list):
