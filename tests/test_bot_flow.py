@@ -9,21 +9,10 @@ import pytest
 
 from bot.processing.failures import BUSY_NOTICE, INTERRUPTED_NOTICE
 from bot.storage import ThreadKey, open_store
-from tests.fakes.openai import Behaviour, FakeOpenAI
-from tests.fakes.slack import FakeSlack
+from tests.fakes.openai import Behaviour
 from tests.harness import eventually, running_bot, send_dm, wait_reply
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def slack():
-    return FakeSlack()
-
-
-@pytest.fixture
-def ai():
-    return FakeOpenAI()
 
 
 async def test_dm_is_answered_in_its_thread_and_remembered(slack, ai):

@@ -26,16 +26,6 @@ pytestmark = pytest.mark.anyio
 MB = 1024 * 1024
 
 
-@pytest.fixture
-def slack():
-    return FakeSlack()
-
-
-@pytest.fixture
-def ai():
-    return FakeOpenAI()
-
-
 async def send_files(slack: FakeSlack, text: str, files: list[dict], *, thread_ts: str | None = None,
                      channel: str = "D1") -> dict:
     """A user's DM with files attached (subtype file_share), delivered over Socket Mode."""

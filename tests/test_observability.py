@@ -17,23 +17,12 @@ from bot.config import ConfigError, load_settings
 from bot.logs import setup_logging
 from bot.metrics_server import MAX_HEAD
 from bot.storage import StorageError, open_store
-from tests.fakes.openai import Behaviour, FakeOpenAI
-from tests.fakes.slack import FakeSlack
+from tests.fakes.openai import Behaviour
 from tests.harness import eventually, running_bot, send_dm, wait_reply
 
 pytestmark = pytest.mark.anyio
 
 SECRETS = ("xoxb-test-token", "xapp-test-token", "sk-test")
-
-
-@pytest.fixture
-def slack():
-    return FakeSlack()
-
-
-@pytest.fixture
-def ai():
-    return FakeOpenAI()
 
 
 async def get(port: int, path: str, method: str = "GET") -> httpx2.Response:

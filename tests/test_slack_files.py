@@ -22,11 +22,6 @@ MB = 1024 * 1024
 
 
 @pytest.fixture
-def slack():
-    return FakeSlack()
-
-
-@pytest.fixture
 async def api(slack):
     async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as client:
         yield SlackWebAPI(bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/",

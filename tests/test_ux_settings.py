@@ -20,11 +20,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def slack():
-    return FakeSlack()
-
-
-@pytest.fixture
 def ai():
     return FakeOpenAI(models=("gpt-5-mini", "gpt-4o-mini", "o3-mini", "text-embedding-3-small"))
 

@@ -9,23 +9,13 @@ import pytest
 
 from bot.processing.native_stream import SlackAnswerWriter, assistant_status, thread_title
 from bot.slack_api import SlackWebAPI
-from tests.fakes.openai import Behaviour, FakeOpenAI
+from tests.fakes.openai import Behaviour
 from tests.fakes.slack import FakeSlack
 from tests.harness import eventually, running_bot, send_dm, wait_reply
 
 pytestmark = pytest.mark.anyio
 
 ANSWER = "The quick brown fox jumps over the lazy dog, twice over and again."
-
-
-@pytest.fixture
-def slack():
-    return FakeSlack()
-
-
-@pytest.fixture
-def ai():
-    return FakeOpenAI()
 
 
 def methods(slack: FakeSlack) -> list[str]:

@@ -13,21 +13,10 @@ from bot.config import load_settings
 from bot.interactions.access import REFUSAL_CHANNEL, REFUSAL_USER, refusal
 from bot.slack_api import SlackWebAPI
 from bot.slack_socket import SocketModeReader
-from tests.fakes.openai import Behaviour, FakeOpenAI
-from tests.fakes.slack import FakeSlack
+from tests.fakes.openai import Behaviour
 from tests.harness import running_bot, send_dm, test_settings, wait_reply
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def slack():
-    return FakeSlack()
-
-
-@pytest.fixture
-def ai():
-    return FakeOpenAI()
 
 
 # ---- assistant threads and the agent view ---------------------------------------------
