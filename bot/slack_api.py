@@ -5,14 +5,24 @@ the settings insist is an http(s) URL chosen by the operator, and to Slack's fil
 for downloads (`open_file` refuses any other host before sending a byte; redirects are
 checked again by the caller). Upload bytes go to Slack's upload URL without the token.
 
-Rate limits: a 429 is retried after its `Retry-After`, a bounded number of times, and
-the sleep sits inside the caller's cancel scope, so a request's deadline still wins.
+Rate limits (`slack_rate_limits`): every call first draws on its method's budget, shared
+by the whole process; a 429 closes that method to every caller until its `Retry-After`
+has passed, then the call is retried a bounded number of times. Waits sit inside the
+caller's cancel scope, so a request's deadline still wins. Interim calls (`interim=True`,
+the growing text of a streaming answer) never wait: they are skipped while the budget is
+low (`SlackSkipped`) and not retried on a 429 — the next update or the final write
+carries the same text.
+
+Server errors: calls that are safe to repeat are retried on a 5xx or a broken connection;
+`chat.postMessage` is retried too, under a marker in its message metadata — before
+posting again the thread is searched for the marker, so an answer is never shown twice.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +31,7 @@ import anyio
 import httpx2
 
 from bot.metrics import Metrics
+from bot.slack_rate_limits import SlackRateLimits
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +60,15 @@ JSON_METHODS = frozenset(
 
 
 class SlackAPIError(Exception):
-    """Slack answered `ok: false` (or not JSON at all). `error` is Slack's code."""
+    """Slack answered `ok: false` (or not JSON at all). `error` is Slack's code.
+    `transient`: a 5xx or a broken connection — Slack may or may not have acted."""
 
-    def __init__(self, method: str, error: str, response: dict | None = None) -> None:
+    def __init__(self, method: str, error: str, response: dict | None = None, *, transient: bool = False) -> None:
         super().__init__(f"{method} failed: {error}")
         self.method = method
         self.error = error
         self.response = response or {}
+        self.transient = transient
 
 
 SLACK_FILE_HOST = "files.slack.com"
@@ -73,6 +86,13 @@ class SlackRateLimited(SlackAPIError):
         self.retry_after = retry_after
 
 
+class SlackSkipped(SlackAPIError):
+    """An interim call was not made: its method's budget is kept for final writes."""
+
+    def __init__(self, method: str) -> None:
+        super().__init__(method, "skipped_low_budget")
+
+
 # Methods that are safe to send twice (reads, and writes that set a state rather than
 # add one): a 5xx or a broken connection is retried for these, a few times, quickly —
 # a blip on the final chat.update must not leave an answer showing "Thinking…" forever.
@@ -82,6 +102,8 @@ RETRY_SERVER_ERRORS = frozenset({
     "assistant.threads.setStatus", "assistant.threads.setTitle",
 })
 SERVER_ERROR_BACKOFF = 0.25  # seconds before the first retry; doubled for each next one
+POST_ATTEMPTS = 4  # chat.postMessage tries on a 5xx / broken connection (each after a look-up)
+POST_MARKER = "slackbot_post"  # metadata event_type of our posts; event_payload.post_id is unique
 
 
 async def _pause_after_server_error(method: str, what: str, attempt: int) -> None:
@@ -97,6 +119,12 @@ def _retry_after(response: httpx2.Response) -> float:
         return 1.0
 
 
+def _form_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
 class SlackWebAPI:
     def __init__(
         self,
@@ -105,47 +133,60 @@ class SlackWebAPI:
         app_token: str,
         base_url: str = "https://slack.com/api/",
         client: httpx2.AsyncClient,
-        max_rate_limit_retries: int = 3,
+        max_rate_limit_retries: int = 6,
         metrics: Metrics | None = None,
+        limits: SlackRateLimits | None = None,
     ) -> None:
         self._metrics = metrics if metrics is not None else Metrics()
+        self.limits = limits if limits is not None else SlackRateLimits()
         self._bot_token = bot_token
         self._app_token = app_token
         self._base_url = base_url if base_url.endswith("/") else base_url + "/"
         self._client = client
         self._max_retries = max_rate_limit_retries
 
-    async def call(self, method: str, *, app_token: bool = False, **args: Any) -> dict:
+    async def call(self, method: str, *, app_token: bool = False, interim: bool = False, **args: Any) -> dict:
         """Call `method` with `args`; returns the JSON body when `ok` is true.
 
-        Raises SlackAPIError (`ok: false`, non-JSON answers, HTTP errors) or
-        SlackRateLimited once the retries are spent. `None` arguments are dropped.
+        Raises SlackAPIError (`ok: false`, non-JSON answers, HTTP errors),
+        SlackRateLimited once the retries are spent, or — with `interim` — SlackSkipped
+        when the method's budget is low. `None` arguments are dropped.
         """
         args = {k: v for k, v in args.items() if v is not None}
         result = "error"
         try:
-            body = await self._call(method, app_token, args)
+            body = await self._call(method, app_token, args, interim)
             result = "ok"
             return body
+        except SlackSkipped:
+            result = "skipped"
+            raise
         except anyio.get_cancelled_exc_class():
             result = "cancelled"
             raise
         finally:
             self._metrics.slack_calls.labels(method=method, result=result).inc()
 
-    async def _call(self, method: str, app_token: bool, args: dict) -> dict:
+    async def _call(self, method: str, app_token: bool, args: dict, interim: bool) -> dict:
         token = self._app_token if app_token else self._bot_token
         headers = {"Authorization": f"Bearer {token}"}
         url = self._base_url + method
+        channel = args.get("channel") or args.get("channel_id")
+        channel = channel if isinstance(channel, str) else None
         attempt = 0
         while True:
+            if interim:
+                if not self.limits.try_acquire(method, channel):
+                    raise SlackSkipped(method)
+            else:
+                await self.limits.acquire(method, channel)
             if method in JSON_METHODS:
                 request = self._client.build_request(
                     "POST", url, headers={**headers, "Content-Type": "application/json; charset=utf-8"},
                     content=json.dumps(args).encode(),
                 )
             else:
-                form = {k: (json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in args.items()}
+                form = {k: _form_value(v) for k, v in args.items()}
                 request = self._client.build_request("POST", url, headers=headers, data=form)
             try:
                 response = await self._client.send(request)
@@ -154,56 +195,89 @@ class SlackWebAPI:
                     attempt += 1
                     await _pause_after_server_error(method, type(exc).__name__, attempt)
                     continue
-                raise SlackAPIError(method, f"http_error: {type(exc).__name__}") from None
-            if response.status_code >= 500 and method in RETRY_SERVER_ERRORS and attempt < self._max_retries:
+                raise SlackAPIError(method, f"http_error: {type(exc).__name__}", transient=True) from None
+            server_error = response.status_code >= 500
+            if server_error and method in RETRY_SERVER_ERRORS and attempt < self._max_retries:
                 attempt += 1
                 await _pause_after_server_error(method, f"HTTP {response.status_code}", attempt)
-                continue
-            if response.status_code == 429:
-                self._metrics.slack_rate_limited.labels(method=method).inc()
-                delay = _retry_after(response)
-                if attempt >= self._max_retries:
-                    raise SlackRateLimited(method, delay)
-                attempt += 1
-                log.warning("slack %s rate limited; retrying in %.1fs (attempt %d)", method, delay, attempt)
-                await anyio.sleep(delay)
                 continue
             try:
                 body = response.json()
             except ValueError:
-                raise SlackAPIError(method, f"bad_response: HTTP {response.status_code}, not JSON") from None
+                body = None
+            limited = response.status_code == 429 or (isinstance(body, dict) and body.get("error") == "ratelimited")
+            if limited:
+                self._metrics.slack_rate_limited.labels(method=method).inc()
+                delay = _retry_after(response)
+                self.limits.retry_after(method, channel, delay)  # for every caller of this method
+                if interim or attempt >= self._max_retries:
+                    raise SlackRateLimited(method, delay)
+                attempt += 1
+                log.warning("slack %s rate limited; retrying in %.1fs (attempt %d)", method, delay, attempt)
+                continue  # the budget's wait is the Retry-After
             if not isinstance(body, dict):
-                raise SlackAPIError(method, "bad_response: not a JSON object")
+                what = "not JSON" if body is None else "not a JSON object"
+                raise SlackAPIError(method, f"bad_response: HTTP {response.status_code}, {what}",
+                                    transient=server_error)
             if not body.get("ok"):
                 error = str(body.get("error") or f"http_{response.status_code}")
-                if error == "ratelimited":
-                    self._metrics.slack_rate_limited.labels(method=method).inc()
-                if error == "ratelimited" and attempt < self._max_retries:
-                    attempt += 1
-                    await anyio.sleep(_retry_after(response))
-                    continue
-                raise SlackAPIError(method, error, body)
+                raise SlackAPIError(method, error, body, transient=server_error)
             return body
 
     # Thin helpers for the calls the bot makes; they keep argument names in one place.
 
     async def post_message(self, channel: str, thread_ts: str | None, *, text: str | None = None,
-                           markdown_text: str | None = None) -> str:
-        body = await self.call("chat.postMessage", channel=channel, thread_ts=thread_ts,
-                               text=text, markdown_text=markdown_text)
-        return str(body.get("ts", ""))
+                           markdown_text: str | None = None, blocks: list[dict] | None = None) -> str:
+        """Post in a thread; returns the new message's ts.
+
+        A 5xx or a broken connection leaves it unknown whether Slack posted: each post
+        carries a unique marker in its metadata, and before posting again the thread is
+        searched for it. If the search itself fails, the post is not repeated (an answer
+        shown twice is worse than the notice the caller then writes)."""
+        marker = uuid.uuid4().hex
+        metadata = {"event_type": POST_MARKER, "event_payload": {"post_id": marker}}
+        for attempt in range(1, POST_ATTEMPTS + 1):
+            try:
+                body = await self.call("chat.postMessage", channel=channel, thread_ts=thread_ts, text=text,
+                                       markdown_text=markdown_text, blocks=blocks, metadata=metadata)
+                return str(body.get("ts", ""))
+            except SlackAPIError as exc:
+                if not exc.transient or not thread_ts or attempt == POST_ATTEMPTS:
+                    raise
+                await _pause_after_server_error("chat.postMessage", exc.error, attempt)
+                try:
+                    found = await self.find_post(channel, thread_ts, marker)
+                except SlackAPIError as lookup:
+                    log.warning("cannot tell whether chat.postMessage went through (%s); not posting again",
+                                lookup.error)
+                    raise exc from None
+                if found:
+                    log.info("chat.postMessage had gone through despite %s; not posting again", exc.error)
+                    return found
+        raise AssertionError("unreachable")
+
+    async def find_post(self, channel: str, thread_ts: str, marker: str) -> str:
+        """The ts of our message in the thread that carries `marker`, or ""."""
+        for message in reversed(await self.thread_replies(channel, thread_ts, include_all_metadata=True)):
+            meta = message.get("metadata") or {}
+            if meta.get("event_type") == POST_MARKER and (meta.get("event_payload") or {}).get("post_id") == marker:
+                return str(message.get("ts") or "")
+        return ""
 
     async def update_message(self, channel: str, ts: str, *, text: str | None = None,
-                             markdown_text: str | None = None) -> None:
-        await self.call("chat.update", channel=channel, ts=ts, text=text, markdown_text=markdown_text)
+                             markdown_text: str | None = None, blocks: list[dict] | None = None,
+                             interim: bool = False) -> None:
+        await self.call("chat.update", channel=channel, ts=ts, text=text, markdown_text=markdown_text,
+                        blocks=blocks, interim=interim)
 
-    async def thread_replies(self, channel: str, thread_ts: str, *, limit: int = 200) -> list[dict]:
+    async def thread_replies(self, channel: str, thread_ts: str, *, limit: int = 200,
+                             include_all_metadata: bool = False) -> list[dict]:
         """All messages of a thread, parent first (follows cursors, capped at 1,000)."""
         messages: list[dict] = []
         cursor = None
         while len(messages) < 1000:
             body = await self.call("conversations.replies", channel=channel, ts=thread_ts,
-                                   limit=limit, cursor=cursor)
+                                   limit=limit, cursor=cursor, include_all_metadata=include_all_metadata or None)
             messages.extend(m for m in body.get("messages", []) if isinstance(m, dict))
             cursor = (body.get("response_metadata") or {}).get("next_cursor")
             if not cursor or not body.get("has_more", True):

@@ -1,0 +1,187 @@
+"""Slack's rate limits, kept on our side: one budget per Web API method for the whole
+process, shared by every request, and one `Retry-After` per method honoured by all callers.
+
+Why here and not per call: Slack limits each method per workspace (Tier 2 ≈ 20 calls a
+minute, Tier 3 ≈ 50, Tier 4 ≈ 100; `chat.postMessage` about one a second per channel).
+A bot that paces each answer on its own, and retries its own 429s, spends most of its
+calls inside windows Slack has already announced, and its final writes lose the race.
+
+Each budget is a GCRA ("virtual scheduling") bucket: `_tat` is the time at which the
+bucket would be full again. A caller that must wait is given its slot at once and sleeps
+until then, so waiters are served in order and nobody polls. A 429 moves `_tat` past the
+announced window: nobody calls that method again before it ends. The bursts we allow are
+smaller than the ones Slack tolerates, at the same rate, so a lone process never meets a
+429 it caused itself; restarts and other apps' calls still can, and are handled.
+
+Two ways to draw on a budget:
+- `acquire` (final writes, notices, everything that must get through): wait for a slot,
+  inside the caller's cancel scope, so the request's deadline still wins;
+- `try_acquire` (interim updates of a streaming answer): take a slot only while the
+  bucket is at least half full, otherwise skip. As the workspace gets busier, interim
+  updates thin out on their own and the final writes keep the rest.
+`commit`/`uncommit` count final writes that in-flight answers will need, so a new
+answer starts with a placeholder only while there is room for its final edit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import anyio
+
+# Calls per minute, from Slack's method reference (docs.slack.dev, "Rate limits").
+TIER_PER_MINUTE = {2: 20, 3: 50, 4: 100}
+METHOD_TIERS: dict[str, int] = {
+    "chat.startStream": 2,
+    "chat.stopStream": 2,
+    "chat.update": 3,
+    "chat.delete": 3,
+    "conversations.replies": 3,
+    "conversations.history": 3,
+    "apps.connections.open": 3,
+    "reactions.add": 3,
+    "chat.appendStream": 4,
+    "chat.postEphemeral": 4,
+    "views.open": 4,
+    "views.update": 4,
+    "views.push": 4,
+    "views.publish": 4,
+    "users.info": 4,
+    "files.info": 4,
+    "files.getUploadURLExternal": 4,
+    "files.completeUploadExternal": 4,
+    "assistant.threads.setTitle": 4,
+    "assistant.threads.setSuggestedPrompts": 4,
+    # Slack calls setStatus "Special" and gives no figure; we budget it as Tier 4.
+    "assistant.threads.setStatus": 4,
+}
+POST_MESSAGE_PER_SECOND = 1.0  # chat.postMessage: about one a second per channel
+OUR_BURST_SECONDS = 6.0  # our bursts: the calls of this many seconds (Slack tolerates more)
+POST_MESSAGE_BURST = 3
+MAX_CHANNEL_BUCKETS = 2000  # per-channel postMessage budgets kept; full ones are dropped first
+
+
+class Bucket:
+    """One method's budget (or one channel's, for chat.postMessage)."""
+
+    def __init__(self, per_second: float, burst: int, clock: Callable[[], float]) -> None:
+        self.interval = 1.0 / per_second
+        self.tolerance = (max(1, burst) - 1) * self.interval
+        self._clock = clock
+        self._tat = -math.inf
+        self.committed = 0  # final writes promised to answers in flight (see module doc)
+
+    def available(self) -> int:
+        """How many calls could go out right now."""
+        now = self._clock()
+        room = now + self.tolerance - max(self._tat, now)
+        return 0 if room < -1e-6 else int(room / self.interval + 1e-6) + 1
+
+    @property
+    def burst(self) -> int:
+        return round(self.tolerance / self.interval) + 1
+
+    def reserve(self) -> float:
+        """Take the next slot; returns how long to wait for it (0: go now)."""
+        now = self._clock()
+        tat = max(self._tat, now)
+        self._tat = tat + self.interval
+        wait = tat - self.tolerance - now
+        return wait if wait > 1e-6 else 0.0
+
+    def refund(self) -> None:
+        """Give back a slot that was reserved and not used (the caller was cancelled)."""
+        self._tat -= self.interval
+
+    def block(self, seconds: float) -> None:
+        """Slack said `Retry-After: seconds`: no slot before then, and the bucket is empty."""
+        self._tat = max(self._tat, self._clock() + seconds + self.tolerance)
+
+    def full(self) -> bool:
+        return self._tat <= self._clock() and not self.committed
+
+
+class SlackRateLimits:
+    """The budgets of one process, by method (and by channel for chat.postMessage)."""
+
+    def __init__(self, *, clock: Callable[[], float] = anyio.current_time) -> None:
+        self._clock = clock
+        self._methods: dict[str, Bucket] = {}
+        self._channels: dict[str, Bucket] = {}
+
+    def bucket(self, method: str, channel: str | None = None) -> Bucket | None:
+        """The budget a call to `method` draws on; None for methods we do not limit."""
+        if method == "chat.postMessage":
+            key = channel or ""
+            found = self._channels.get(key)
+            if found is None:
+                if len(self._channels) >= MAX_CHANNEL_BUCKETS:
+                    self._channels = {k: b for k, b in self._channels.items() if not b.full()}
+                found = self._channels[key] = Bucket(POST_MESSAGE_PER_SECOND, POST_MESSAGE_BURST, self._clock)
+            return found
+        tier = METHOD_TIERS.get(method)
+        if tier is None:
+            return None
+        found = self._methods.get(method)
+        if found is None:
+            per_minute = TIER_PER_MINUTE[tier]
+            burst = max(2, int(per_minute * OUR_BURST_SECONDS / 60))
+            found = self._methods[method] = Bucket(per_minute / 60.0, burst, self._clock)
+        return found
+
+    async def acquire(self, method: str, channel: str | None = None) -> None:
+        """Wait for a slot (inside the caller's cancel scope)."""
+        bucket = self.bucket(method, channel)
+        if bucket is None:
+            return
+        wait = bucket.reserve()
+        if wait <= 0:
+            return
+        try:
+            await anyio.sleep(wait)
+        except anyio.get_cancelled_exc_class():
+            bucket.refund()
+            raise
+
+    def try_acquire(self, method: str, channel: str | None = None) -> bool:
+        """Take a slot now if the budget is at least half full after the promised final
+        writes; else False and nothing is taken (an interim update is skipped)."""
+        bucket = self.bucket(method, channel)
+        if bucket is None:
+            return True
+        if bucket.available() - bucket.committed < max(1, (bucket.burst + 1) // 2):
+            return False
+        bucket.reserve()
+        return True
+
+    def has_room_for(self, method: str, channel: str | None = None, *, calls: int = 1) -> bool:
+        """Whether `calls` more calls (beyond the final writes already promised) could go
+        out now, without taking any."""
+        bucket = self.bucket(method, channel)
+        return bucket is None or bucket.available() - bucket.committed >= calls
+
+    def commit(self, method: str) -> None:
+        """An answer in flight will need one final call of `method`."""
+        bucket = self.bucket(method)
+        if bucket is not None:
+            bucket.committed += 1
+
+    def uncommit(self, method: str) -> None:
+        bucket = self.bucket(method)
+        if bucket is not None and bucket.committed > 0:
+            bucket.committed -= 1
+
+    def retry_after(self, method: str, channel: str | None, seconds: float) -> None:
+        """Slack answered 429 with `Retry-After: seconds`: every caller waits it out."""
+        bucket = self.bucket(method, channel)
+        if bucket is not None:
+            bucket.block(seconds)
+
+    def wait_time(self, method: str, channel: str | None = None) -> float:
+        """Seconds until the next slot (0 when one is free now); takes nothing."""
+        bucket = self.bucket(method, channel)
+        if bucket is None:
+            return 0.0
+        now = self._clock()
+        return max(0.0, max(bucket._tat, now) - bucket.tolerance - now)

@@ -1,0 +1,200 @@
+"""The bot's side of Slack's rate limits: one budget per method for the whole process,
+one Retry-After honoured by every caller, interim calls skipped while the budget is low,
+and chat.postMessage retried on a 5xx without ever posting twice."""
+
+import json
+from urllib.parse import parse_qsl
+
+import anyio
+import httpx2
+import pytest
+
+from bot.slack_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
+from bot.slack_rate_limits import METHOD_TIERS, SlackRateLimits, TIER_PER_MINUTE
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bucket_allows_a_burst_then_one_slot_per_interval_in_order():
+    clock = Clock()
+    limits = SlackRateLimits(clock=clock)
+    bucket = limits.bucket("chat.update")
+    burst = bucket.burst
+    assert burst >= 2 and bucket.available() == burst
+    waits = [bucket.reserve() for _ in range(burst + 3)]
+    assert waits[:burst] == [0.0] * burst
+    interval = 60 / TIER_PER_MINUTE[METHOD_TIERS["chat.update"]]
+    assert waits[burst:] == pytest.approx([interval, 2 * interval, 3 * interval])
+    clock.now += 10 * interval + bucket.tolerance
+    assert bucket.available() == burst
+
+
+def test_retry_after_closes_the_method_for_everyone_and_empties_the_bucket():
+    clock = Clock()
+    limits = SlackRateLimits(clock=clock)
+    limits.retry_after("chat.update", None, 7.0)
+    assert limits.wait_time("chat.update") == pytest.approx(7.0)
+    assert not limits.try_acquire("chat.update")
+    assert limits.wait_time("chat.stopStream") == 0  # other methods are not affected
+    clock.now += 7.0
+    assert limits.bucket("chat.update").available() == 1
+
+
+def test_post_message_budget_is_per_channel_and_unlimited_methods_pass():
+    clock = Clock()
+    limits = SlackRateLimits(clock=clock)
+    a, b = limits.bucket("chat.postMessage", "C1"), limits.bucket("chat.postMessage", "C2")
+    assert a is not b
+    for _ in range(a.burst):
+        a.reserve()
+    assert a.available() == 0 and b.available() == b.burst
+    assert limits.bucket("auth.test") is None and limits.try_acquire("auth.test")
+
+
+def test_interim_calls_leave_room_for_promised_final_writes():
+    clock = Clock()
+    limits = SlackRateLimits(clock=clock)
+    bucket = limits.bucket("chat.update")
+    for _ in range(bucket.burst - 1):
+        limits.commit("chat.update")
+    assert not limits.try_acquire("chat.update")  # the rest is promised to final writes
+    assert limits.has_room_for("chat.update", calls=1)
+    for _ in range(bucket.burst - 1):
+        limits.uncommit("chat.update")
+    assert limits.try_acquire("chat.update")
+
+
+class Recorder:
+    """A Web API that answers from a script and records when each call arrived."""
+
+    def __init__(self, script) -> None:
+        self.script = script
+        self.calls: list[tuple[str, float, dict]] = []
+        self.posted: list[dict] = []
+
+    async def handle(self, request: httpx2.Request) -> httpx2.Response:
+        method = request.url.path.rsplit("/", 1)[-1]
+        if request.headers.get("content-type", "").startswith("application/json"):
+            args = json.loads(request.content)
+        else:
+            args = dict(parse_qsl(request.content.decode()))
+        self.calls.append((method, anyio.current_time(), args))
+        return self.script(self, method, args)
+
+
+def _api(recorder: Recorder) -> tuple[httpx2.AsyncClient, SlackWebAPI]:
+    client = httpx2.AsyncClient(transport=httpx2.MockTransport(recorder.handle))
+    return client, SlackWebAPI(bot_token="xoxb-1", app_token="xapp-1", base_url="http://slack.test/api/",
+                               client=client)
+
+
+def _ok(**body) -> httpx2.Response:
+    return httpx2.Response(200, json={"ok": True, **body})
+
+
+@pytest.mark.anyio
+async def test_one_retry_after_is_honoured_by_every_caller():
+    def script(rec, method, args):
+        if len(rec.calls) == 1:
+            return httpx2.Response(429, json={"ok": False, "error": "ratelimited"}, headers={"Retry-After": "1"})
+        return _ok(ts="1.1")
+
+    rec = Recorder(script)
+    client, slack = _api(rec)
+    async with client:
+        t0 = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lambda: slack.call("chat.update", channel="C1", ts="1.0", text="a"))
+            await anyio.sleep(0.05)  # the second caller arrives inside the announced window
+            tg.start_soon(lambda: slack.call("chat.update", channel="C1", ts="1.0", text="b"))
+    assert len(rec.calls) == 3
+    first_429 = rec.calls[0][1]
+    assert all(at >= first_429 + 1.0 - 0.01 for _, at, _ in rec.calls[1:]), "a call went inside Retry-After"
+    assert anyio.current_time() - t0 >= 1.0
+
+
+@pytest.mark.anyio
+async def test_interim_call_is_skipped_without_a_request_while_the_budget_is_low():
+    rec = Recorder(lambda rec, method, args: _ok())
+    client, slack = _api(rec)
+    async with client:
+        for _ in range(slack.limits.bucket("chat.update").burst):
+            slack.limits.commit("chat.update")
+        with pytest.raises(SlackSkipped):
+            await slack.update_message("C1", "1.0", markdown_text="partial", interim=True)
+        assert rec.calls == []
+
+
+@pytest.mark.anyio
+async def test_interim_call_is_not_retried_after_a_429():
+    rec = Recorder(lambda rec, method, args: httpx2.Response(
+        429, json={"ok": False, "error": "ratelimited"}, headers={"Retry-After": "30"}))
+    client, slack = _api(rec)
+    async with client:
+        with anyio.fail_after(2):
+            with pytest.raises(SlackRateLimited):
+                await slack.update_message("C1", "1.0", markdown_text="partial", interim=True)
+    assert len(rec.calls) == 1
+    assert slack.limits.wait_time("chat.update") > 25
+
+
+def _thread_with(rec: Recorder) -> httpx2.Response:
+    return _ok(messages=[{"ts": "1.0", "text": "question"}, *rec.posted], has_more=False)
+
+
+@pytest.mark.anyio
+async def test_post_message_5xx_after_slack_posted_is_not_posted_twice():
+    def script(rec, method, args):
+        if method == "chat.postMessage":
+            rec.posted.append({"ts": f"2.{len(rec.posted)}", "text": args.get("markdown_text"),
+                               "metadata": args.get("metadata")})
+            return httpx2.Response(503, text="<html>Service Unavailable</html>")  # posted, then failed
+        assert method == "conversations.replies" and args.get("include_all_metadata") == "true"
+        return _thread_with(rec)
+
+    rec = Recorder(script)
+    client, slack = _api(rec)
+    async with client:
+        ts = await slack.post_message("C1", "1.0", markdown_text="the answer")
+    assert ts == "2.0" and len(rec.posted) == 1
+    assert [m for m, _, _ in rec.calls] == ["chat.postMessage", "conversations.replies"]
+
+
+@pytest.mark.anyio
+async def test_post_message_5xx_before_slack_posted_is_posted_again_once():
+    def script(rec, method, args):
+        if method == "chat.postMessage":
+            if sum(1 for m, _, _ in rec.calls if m == "chat.postMessage") == 1:
+                return httpx2.Response(500, json={"ok": False, "error": "internal_error"})
+            rec.posted.append({"ts": "2.0", "text": args.get("markdown_text"), "metadata": args.get("metadata")})
+            return _ok(ts="2.0", channel="C1")
+        return _thread_with(rec)
+
+    rec = Recorder(script)
+    client, slack = _api(rec)
+    async with client:
+        ts = await slack.post_message("C1", "1.0", markdown_text="the answer")
+    assert ts == "2.0" and len(rec.posted) == 1
+    assert [m for m, _, _ in rec.calls] == ["chat.postMessage", "conversations.replies", "chat.postMessage"]
+
+
+@pytest.mark.anyio
+async def test_post_message_is_not_repeated_when_the_look_up_fails():
+    def script(rec, method, args):
+        if method == "chat.postMessage":
+            return httpx2.Response(502, text="bad gateway")
+        return httpx2.Response(200, json={"ok": False, "error": "missing_scope"})
+
+    rec = Recorder(script)
+    client, slack = _api(rec)
+    async with client:
+        with pytest.raises(SlackAPIError) as info:
+            await slack.post_message("C1", "1.0", markdown_text="the answer")
+    assert info.value.transient
+    assert [m for m, _, _ in rec.calls] == ["chat.postMessage", "conversations.replies"]
