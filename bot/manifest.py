@@ -23,10 +23,8 @@ BOT_SCOPES = (
     "files:write",  # posting the images it draws
     "groups:history",  # the same in private channels
     "im:history",  # DMs
-    "im:read",
     "im:write",
     "mpim:history",  # group DMs
-    "users:read",
 )
 BOT_EVENTS = (
     "app_mention",
@@ -38,6 +36,7 @@ BOT_EVENTS = (
     "app_context_changed",  # agent view
     "assistant_thread_started",  # legacy assistant view (existing apps)
     "assistant_thread_context_changed",
+    "agent_session_stopped",  # the agent view's Stop button (its docs name no scope of its own)
 )
 DESCRIPTION = "An AI assistant backed by OpenAI: answers in DMs and threads, summarizes and translates."
 

@@ -8,6 +8,11 @@ A request's life (`_request`):
   parse → dedupe (memory, then storage) → per-thread gate (busy reply if taken)
   → its own cancel scope → `answer_message` → gate released by leaving `async with`.
 
+Stop button (`agent_session_stopped`, from Slack's agent view): `stop_request` finds the
+request running in that thread, sets its `stop_reason` and cancels its own scope; the
+request's shielded clean-up then writes the answer so far with "_Stopped._" under it,
+and it is counted `stopped`. Nothing else is touched.
+
 Shutdown (`stop()`, or SIGINT/SIGTERM): stop reading events, give in-flight requests
 `SHUTDOWN_GRACE_SECONDS`, then cancel the rest through their own scopes (each one
 marks its placeholder interrupted, shielded and time-bounded), then end the group.
@@ -27,10 +32,10 @@ import anyio
 from bot.dedupe import RecentKeys
 from bot.interactions.dispatch import SlackUX
 from bot.metrics_server import check_ready, serve_endpoints
-from bot.processing.answer import answer_message
+from bot.processing.answer import SHUTDOWN_WRITE_SECONDS, answer_message
 from bot.processing.context import RequestState, Services
 from bot.processing.failures import BUSY_NOTICE
-from bot.slack_events import IncomingMessage, Skip, parse_event
+from bot.slack_events import IncomingMessage, Skip, StopRequest, parse_event, parse_stop
 from bot.slack_socket import Envelope, SocketModeReader
 from bot.storage import StorageError
 from bot.thread_gates import ThreadGates
@@ -115,6 +120,7 @@ class Nursery:
             while self.active:  # each one finalizes (bounded) and leaves
                 for state in list(self.active.values()):  # (one that only just started, too)
                     state.scope.cancel()
+                    state.hurry(SHUTDOWN_WRITE_SECONDS)  # a final write already waiting: cut it short
                 await anyio.sleep(0.05)
 
     async def _watchdog(self, interval: float, threshold: float) -> None:
@@ -161,6 +167,10 @@ class Nursery:
             self._handling -= 1
 
     async def _request(self, envelope: Envelope) -> None:
+        stop = parse_stop(envelope.payload) if envelope.type == "events_api" else None
+        if stop is not None:  # the Stop button: about a request of ours, so handled here
+            self.stop_request(stop)
+            return
         if self.ux.wants(envelope):  # slash commands, interactions, App Home, assistant threads
             await self.ux.handle(envelope)
             return
@@ -194,11 +204,37 @@ class Nursery:
                     await answer_message(self.services, state)
             finally:
                 del self.active[state.request_id]
-                self._count(state.outcome or "interrupted")
+                # No outcome: cancelled before answer_message reached its own try block.
+                outcome = state.outcome or ("stopped" if state.stop_reason else "interrupted")
+                self._count(outcome)
                 duration = anyio.current_time() - state.started_at
-                log.info("request %s: %s after %.2fs", state.request_id, state.outcome, duration,
+                log.info("request %s: %s after %.2fs", state.request_id, outcome, duration,
                          extra={"request_id": state.request_id, "slack_thread": str(msg.thread),
-                                "outcome": state.outcome or "interrupted", "duration_s": round(duration, 3)})
+                                "outcome": outcome, "duration_s": round(duration, 3)})
+
+    def stop_request(self, stop: StopRequest) -> RequestState | None:
+        """The user pressed Stop: cancel the request answering in that thread through its
+        own scope (nothing else is touched), and return it; None when none is running."""
+        if not stop.channel:
+            log.warning("agent_session_stopped without a channel, thread or message; ignored")
+            return None
+        for state in self.active.values():
+            msg = state.message
+            if msg.channel != stop.channel:
+                continue
+            if (stop.thread_ts and msg.thread_ts == stop.thread_ts) or (
+                    state.placeholder_ts and state.placeholder_ts in stop.message_ts):
+                break
+        else:
+            log.debug("stop in %s/%s (messages %s): no request running there; ignored",
+                      stop.channel, stop.thread_ts, ",".join(stop.message_ts) or "none")
+            return None
+        if not state.stop_reason:  # Slack may deliver the event twice: once is enough
+            log.info("request %s: stopped by %s", state.request_id, stop.user or "the user",
+                     extra={"request_id": state.request_id, "slack_thread": str(msg.thread)})
+            state.stop_reason = f"stopped by {stop.user or 'the user'}"
+        state.scope.cancel()
+        return state
 
     async def _first_time(self, msg: IncomingMessage) -> bool:
         if not self.recent.add_all(msg.dedupe_keys, anyio.current_time()):

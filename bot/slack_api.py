@@ -103,6 +103,7 @@ RETRY_SERVER_ERRORS = frozenset({
 })
 SERVER_ERROR_BACKOFF = 0.25  # seconds before the first retry; doubled for each next one
 POST_ATTEMPTS = 4  # chat.postMessage tries on a 5xx / broken connection (each after a look-up)
+POST_LOOKUPS = 8  # look-ups for a post's marker while Slack keeps failing (pauses 0.25 s … 4 s: ~20 s)
 POST_MARKER = "slackbot_post"  # metadata event_type of our posts; event_payload.post_id is unique
 
 
@@ -232,10 +233,12 @@ class SlackWebAPI:
 
         A 5xx or a broken connection leaves it unknown whether Slack posted: each post
         carries a unique marker in its metadata, and before posting again the thread is
-        searched for it. If the search itself fails, the post is not repeated (an answer
-        shown twice is worse than the notice the caller then writes)."""
+        searched for it — and searched again, with growing pauses, while the search
+        fails too (a short outage). The post is repeated only once the search has
+        answered that it is not there, so an answer is never shown twice."""
         marker = uuid.uuid4().hex
         metadata = {"event_type": POST_MARKER, "event_payload": {"post_id": marker}}
+        pause = 0
         for attempt in range(1, POST_ATTEMPTS + 1):
             try:
                 body = await self.call("chat.postMessage", channel=channel, thread_ts=thread_ts, text=text,
@@ -244,16 +247,22 @@ class SlackWebAPI:
             except SlackAPIError as exc:
                 if not exc.transient or not thread_ts or attempt == POST_ATTEMPTS:
                     raise
-                await _pause_after_server_error("chat.postMessage", exc.error, attempt)
+                failure = exc
+            while True:  # until the thread says whether the post went through
+                pause += 1
+                await _pause_after_server_error("chat.postMessage", failure.error, min(pause, 5))
                 try:
                     found = await self.find_post(channel, thread_ts, marker)
                 except SlackAPIError as lookup:
-                    log.warning("cannot tell whether chat.postMessage went through (%s); not posting again",
-                                lookup.error)
-                    raise exc from None
+                    if not lookup.transient or pause >= POST_LOOKUPS:
+                        log.warning("cannot tell whether chat.postMessage went through (%s); not posting again",
+                                    lookup.error)
+                        raise failure from None
+                    continue
                 if found:
-                    log.info("chat.postMessage had gone through despite %s; not posting again", exc.error)
+                    log.info("chat.postMessage had gone through despite %s; not posting again", failure.error)
                     return found
+                break
         raise AssertionError("unreachable")
 
     async def find_post(self, channel: str, thread_ts: str, marker: str) -> str:

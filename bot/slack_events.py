@@ -11,6 +11,9 @@ answers lives here and is tested directly:
 
 A mention arrives twice (as `app_mention` and as `message`); `dedupe_keys` gives both
 the event id and `channel:ts`, so whichever comes second is dropped.
+
+`parse_stop` reads the agent view's Stop button (`agent_session_stopped`): which
+thread's request to stop.
 """
 
 from __future__ import annotations
@@ -60,6 +63,50 @@ class Skip:
 
     reason: str
     malformed: bool = False
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """The user pressed Stop on an agent session (`agent_session_stopped`): stop the
+    request answering in `channel`/`thread_ts`, or the one writing a message in `message_ts`."""
+
+    channel: str
+    thread_ts: str  # "" when the event named no thread
+    message_ts: tuple[str, ...]  # the streaming messages Slack stopped (may be empty)
+    user: str = ""
+
+
+def parse_stop(payload: object) -> StopRequest | None:
+    """The `agent_session_stopped` event in an `events_api` payload, or None for any other
+    payload. Never raises.
+
+    Slack's documented shape (docs.slack.dev/reference/events/agent_session_stopped; the
+    same fields in @slack/types `AgentSessionStoppedEvent`):
+        {"type": "agent_session_stopped", "channel": "C…", "thread_ts": "…",
+         "streaming_message_ts": ["…"], "user": "U…", "event_ts": "…"}
+    `streaming_message_ts` lists the app's streams Slack stopped; it is empty when none
+    was active. Read defensively beyond that: `channel_id` for `channel`, and a single
+    `message_ts` (or a string `streaming_message_ts`) for the list — assumptions, not
+    documented. A stop that names no channel, or neither thread nor message, is malformed
+    and comes back with an empty `channel` so the caller can log it."""
+    if not isinstance(payload, dict):
+        return None
+    event = payload.get("event")
+    if not isinstance(event, dict) or event.get("type") != "agent_session_stopped":
+        return None
+    channel = event.get("channel") or event.get("channel_id")
+    thread_ts = event.get("thread_ts")
+    streams = event.get("streaming_message_ts")
+    if isinstance(streams, str):
+        streams = [streams]
+    message_ts = [ts for ts in streams if isinstance(ts, str) and ts] if isinstance(streams, list) else []
+    if isinstance(event.get("message_ts"), str) and event["message_ts"]:
+        message_ts.append(event["message_ts"])
+    user = event.get("user")
+    thread = thread_ts if isinstance(thread_ts, str) else ""
+    if not isinstance(channel, str) or not (thread or message_ts):
+        channel = ""
+    return StopRequest(channel, thread, tuple(message_ts), user if isinstance(user, str) else "")
 
 
 def strip_mention(text: str, bot_user_id: str) -> str:

@@ -39,7 +39,7 @@ MAX_REDIRECTS = 3
 COMPLETE_TIMEOUT = 15.0
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 SCOPE_MISSING = ("could not be downloaded: Slack sent its sign-in page instead of the file. The bot's token is "
-                 "missing the `files:read` scope; an admin needs to add it under *OAuth & Permissions* and "
+                 "missing the `files:read` scope; an admin needs to add it under **OAuth & Permissions** and "
                  "reinstall the app")
 
 
@@ -79,7 +79,7 @@ async def resolve_file(slack: SlackWebAPI, obj: dict) -> SlackFile:
         except SlackAPIError as exc:
             if exc.error == "missing_scope":
                 raise FileProblem("could not be read: the bot's token is missing the `files:read` scope; an admin "
-                                  "needs to add it under *OAuth & Permissions* and reinstall the app",
+                                  "needs to add it under **OAuth & Permissions** and reinstall the app",
                                   "missing_scope") from None
             if exc.error in ("file_not_found", "file_deleted"):
                 raise FileProblem("is no longer available on Slack", "gone") from None

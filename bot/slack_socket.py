@@ -13,9 +13,15 @@ Connections:
 - a `disconnect` frame (`warning`, `refresh_requested`, …) asks for a replacement: the new
   socket is opened *before* the old one is closed (make-before-break), and the old one
   keeps reading and acking until the new one has said hello;
-- a socket that says nothing for 4 ping intervals (not even a pong) is abandoned;
-- failures reconnect with jittered exponential backoff; `link_disabled` and
-  `too_many_websockets` back off for minutes instead of hot-looping.
+- a ping goes out every `ping_interval`, and its pong must come back within
+  `pong_timeout` (5 s, or one interval if that is shorter): a socket from which nothing
+  at all (no frame, no pong) was heard for `ping_interval + pong_timeout` is half-open,
+  and is abandoned (15 s with the default 10 s interval);
+- failures reconnect with jittered exponential backoff capped at 5 s, so the bot is back
+  within a few seconds of Slack after an outage; never faster than 0.25 s, and the
+  backoff is only reset once a socket has stayed up for a while (one that dies right after
+  `hello` cannot make the reader hot-loop); `link_disabled` and `too_many_websockets`
+  pause for minutes, a refused app token for 60 s, a rate limit for its Retry-After.
 
 Duplicates (redeliveries, the same event on two sockets) are not this module's
 concern: it acks them too, and the nursery dedupes.
@@ -32,7 +38,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from bot.metrics import Metrics
-from bot.slack_api import SlackAPIError, SlackWebAPI
+from bot.slack_api import SlackAPIError, SlackRateLimited, SlackWebAPI
 from bot.websocket import Connector, WebSocket, WebSocketClosed
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,12 @@ log = logging.getLogger(__name__)
 ENVELOPE_TYPES = frozenset({"events_api", "slash_commands", "interactive"})
 RETIRE_DRAIN_SECONDS = 2.0  # how long a replaced socket keeps reading before we close it
 LONG_BACKOFF_REASONS = {"link_disabled": 300.0, "too_many_websockets": 60.0}
+BAD_TOKEN_BACKOFF_SECONDS = 60.0  # apps.connections.open refused the app token
+BACKOFF_BASE_SECONDS = 0.5
+BACKOFF_CAP_SECONDS = 5.0  # the longest wait between two attempts while Slack is down
+BACKOFF_MIN_SECONDS = 0.25  # the shortest: never a hot loop
+STABLE_SOCKET_SECONDS = 5.0  # a socket that lived this long resets the backoff
+PONG_TIMEOUT_SECONDS = 5.0  # a ping's pong must arrive within this (or one ping interval)
 
 
 @dataclass(frozen=True)
@@ -57,16 +69,19 @@ AckPayload = Callable[[str, dict], "dict | None"]
 
 
 class Backoff:
-    """Exponential backoff with full jitter: 0.5 s, 1 s, 2 s … capped at `cap`."""
+    """Exponential backoff with jitter: the n-th delay is drawn from [d/2, d] where
+    d = base·2ⁿ capped at `cap` (0.25–0.5 s, 0.5–1 s, 1–2 s, 2–4 s, then 2.5–5 s for
+    every further attempt), and is never below `minimum`."""
 
-    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> None:
-        self.base, self.cap, self.failures = base, cap, 0
+    def __init__(self, base: float = BACKOFF_BASE_SECONDS, cap: float = BACKOFF_CAP_SECONDS,
+                 rng: random.Random | None = None, minimum: float = BACKOFF_MIN_SECONDS) -> None:
+        self.base, self.cap, self.minimum, self.failures = base, cap, minimum, 0
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        delay = min(self.cap, self.base * (2**self.failures))
+        delay = min(self.cap, self.base * (2 ** min(self.failures, 32)))
         self.failures += 1
-        return delay / 2 + self._rng.uniform(0, delay / 2)
+        return max(self.minimum, delay / 2 + self._rng.uniform(0, delay / 2))
 
     def reset(self) -> None:
         self.failures = 0
@@ -97,6 +112,7 @@ class SocketModeReader:
         on_envelope: EnvelopeHandler,
         *,
         ping_interval: float = 10.0,
+        pong_timeout: float = PONG_TIMEOUT_SECONDS,
         hello_timeout: float = 15.0,
         rng: random.Random | None = None,
         ack_payload: AckPayload | None = None,
@@ -108,6 +124,8 @@ class SocketModeReader:
         self._on_envelope = on_envelope
         self._ack_payload = ack_payload
         self._ping_interval = ping_interval
+        # A ping's pong must be back before the next ping is due, and within pong_timeout.
+        self._silence_limit = ping_interval + min(pong_timeout, ping_interval)
         self._hello_timeout = hello_timeout
         self._backoff = Backoff(rng=rng)
         self._count = 0
@@ -133,7 +151,10 @@ class SocketModeReader:
                 self._metrics.socket_reconnects.labels(reason=conn.reason).inc()
                 log.info("socket #%d needs replacing (%s)", conn.number, conn.reason)
                 pause = LONG_BACKOFF_REASONS.get(conn.reason)
-                if pause is None and conn.reason in ("dropped", "stale", "closed") and anyio.current_time() - conn.opened_at < 5.0:
+                short_lived = anyio.current_time() - conn.opened_at < STABLE_SOCKET_SECONDS
+                if not short_lived:
+                    self._backoff.reset()  # it served a while: this is a fresh failure
+                if pause is None and conn.reason in ("dropped", "stale", "closed") and short_lived:
                     pause = self._backoff.next_delay()  # a socket that dies at once: don't hot-loop
                     await anyio.sleep(pause)
                 elif pause is not None:
@@ -152,8 +173,10 @@ class SocketModeReader:
                 conn = await self._open()
             except (SlackAPIError, WebSocketClosed, TimeoutError, OSError) as exc:
                 delay = self._backoff.next_delay()
-                if isinstance(exc, SlackAPIError) and exc.error in ("invalid_auth", "not_authed", "account_inactive"):
-                    delay = max(delay, 60.0)
+                if isinstance(exc, SlackRateLimited):
+                    delay = max(delay, exc.retry_after)
+                elif isinstance(exc, SlackAPIError) and exc.error in ("invalid_auth", "not_authed", "account_inactive"):
+                    delay = max(delay, BAD_TOKEN_BACKOFF_SECONDS)
                     log.error("apps.connections.open refused the app token (%s); check SLACK_APP_TOKEN", exc.error)
                 log.warning("cannot open Socket Mode connection (%s); retrying in %.1fs", exc, delay)
                 await anyio.sleep(delay)
@@ -162,7 +185,8 @@ class SocketModeReader:
             with anyio.move_on_after(self._hello_timeout) as wait:
                 await _first_of(conn.hello, conn.wants_replacement)
             if conn.hello.is_set():
-                self._backoff.reset()
+                # The backoff is reset only once this socket has served a while (in `run`):
+                # one that dies right after hello must not bring back the shortest delay.
                 self.connected.set()
                 return conn
             conn.scope.cancel()
@@ -205,20 +229,38 @@ class SocketModeReader:
                 await conn.ws.aclose()
 
     async def _keepalive(self, conn: _Connection) -> None:
-        """Ping every interval; a socket silent for 4 intervals is dead."""
+        """Ping every `ping_interval`. The socket is dead (half-open: TCP up, nothing
+        arriving) once nothing at all — no frame, no pong — was heard from it for
+        `ping_interval + pong_timeout`: the last ping's pong is overdue. Checked at that
+        exact moment, not at the next ping."""
+        next_ping = anyio.current_time() + self._ping_interval
         while True:
-            await anyio.sleep(self._ping_interval)
-            if anyio.current_time() - conn.ws.last_activity > 4 * self._ping_interval:
-                log.warning("socket #%d silent for %.0fs; abandoning it", conn.number, 4 * self._ping_interval)
-                conn.end("stale")
-                conn.scope.cancel()
+            now = anyio.current_time()
+            deadline = conn.ws.last_activity + self._silence_limit
+            if now >= deadline:
+                self._abandon_silent(conn)
                 return
-            try:
-                await conn.ws.ping()
-            except WebSocketClosed:
-                conn.end("dropped")
-                conn.scope.cancel()
+            if now < next_ping:
+                await anyio.sleep(min(next_ping, deadline) - now)
+                continue
+            next_ping = now + self._ping_interval
+            # A write that cannot finish (the peer's window is full) must not stall the
+            # watchdog past the deadline; a ping cut off mid-write leaves the socket unusable.
+            with anyio.move_on_after(deadline - now) as writing:
+                try:
+                    await conn.ws.ping()
+                except WebSocketClosed:
+                    conn.end("dropped")
+                    conn.scope.cancel()
+                    return
+            if writing.cancelled_caught:
+                self._abandon_silent(conn)
                 return
+
+    def _abandon_silent(self, conn: _Connection) -> None:
+        log.warning("socket #%d silent for %gs; abandoning it", conn.number, self._silence_limit)
+        conn.end("stale")
+        conn.scope.cancel()
 
     async def _on_frame(self, conn: _Connection, text: str) -> None:
         await self._on_frames(conn, [text])

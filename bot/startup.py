@@ -55,19 +55,43 @@ async def identify(slack: SlackWebAPI) -> BotIdentity:
 
 
 async def recover_interrupted(slack: SlackWebAPI, store: Store) -> int:
-    """Fix up placeholders that a killed process left saying "Thinking…"."""
+    """Fix up answers that a killed process left saying "Thinking…" (or half-streamed).
+
+    The message may still be in native streaming state, and Slack refuses to edit such
+    a message (`streaming_state_conflict`): it is stopped first. A request that had not
+    posted anything yet gets the notice as a new message in its thread."""
     stale = await store.in_flight()
     for req in stale:
+        channel = req.thread.channel
         with anyio.move_on_after(10):
             try:
-                await slack.update_message(req.thread.channel, req.placeholder_ts, markdown_text=INTERRUPTED_NOTICE)
+                if req.placeholder_ts:
+                    await _mark_interrupted(slack, channel, req.placeholder_ts)
+                else:
+                    await slack.post_message(channel, req.thread.thread_ts, markdown_text=INTERRUPTED_NOTICE)
             except SlackAPIError as exc:
-                log.warning("could not mark placeholder %s interrupted: %s", req.placeholder_ts, exc.error)
+                log.warning("could not mark request %s in %s interrupted: %s", req.request_id, req.thread, exc.error)
         await store.finish_request(req.request_id, outcome="interrupted", user_text="", user_ts="",
                                    reply_text="", finished_at=time.time(), detail="process stopped")
     if stale:
         log.info("marked %d request(s) from a previous run as interrupted", len(stale))
     return len(stale)
+
+
+async def _mark_interrupted(slack: SlackWebAPI, channel: str, ts: str) -> None:
+    """Edit the message into the notice; a message still streaming is stopped first
+    (only then: chat.stopStream's budget is small)."""
+    try:
+        await slack.update_message(channel, ts, markdown_text=INTERRUPTED_NOTICE)
+        return
+    except SlackAPIError as exc:
+        if exc.error != "streaming_state_conflict":
+            raise
+    try:
+        await slack.call("chat.stopStream", channel=channel, ts=ts)
+    except SlackAPIError as exc:
+        log.debug("chat.stopStream on %s before marking it interrupted: %s", ts, exc.error)
+    await slack.update_message(channel, ts, markdown_text=INTERRUPTED_NOTICE)
 
 
 async def run_bot(

@@ -71,9 +71,6 @@ class TerminalWriter:
         await self._write(self._out, ending + "\n")
         return True
 
-    async def post_notice(self, notice: str) -> None:
-        await self._write(self._out, f"{notice}\n\n")
-
     async def _flush(self) -> None:
         text = self.text
         if len(text) > self._written:

@@ -31,7 +31,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
-from wsproto.utilities import LocalProtocolError
+from wsproto.utilities import LocalProtocolError, ProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +125,30 @@ class WsprotoWebSocket:
                 raise WebSocketClosed(f"send failed: {exc!r}") from None
 
     async def _handshake(self, host: str, target: str) -> None:
+        """Send the upgrade request and read up to the 101 response. Frames that came in
+        the same TCP read as the 101 (Slack sends its `hello`, and any envelope already
+        waiting, right behind it) are parsed at once and wait in `_pending`, so the next
+        `receive_text()` / `take_buffered()` returns them without a further read."""
         await self._write(Request(host=host, target=target))
-        while True:
-            data = await self._read_chunk()
-            self._conn.receive_data(data)
+        accepted = False
+        while not accepted:
+            self._receive(await self._read_chunk())
             for event in self._conn.events():
-                if isinstance(event, AcceptConnection):
-                    return
-                if isinstance(event, (RejectConnection, RejectData)):
+                if accepted:
+                    await self._on_event(event)  # a frame that came with the 101
+                elif isinstance(event, AcceptConnection):
+                    accepted = True  # keep going: the rest of this read is frames
+                elif isinstance(event, (RejectConnection, RejectData)):
                     code = getattr(event, "status_code", "?")
                     raise WebSocketClosed(f"WebSocket upgrade refused (HTTP {code})")
+
+    def _receive(self, data: bytes) -> None:
+        """Feed bytes to wsproto; a protocol error ends the socket like any other failure."""
+        try:
+            self._conn.receive_data(data)
+        except ProtocolError as exc:  # a bad HTTP response to the upgrade, data after close
+            self._closed = True
+            raise WebSocketClosed(f"protocol error: {exc}") from None
 
     async def _read_chunk(self) -> bytes:
         try:
@@ -172,12 +186,7 @@ class WsprotoWebSocket:
         while not self._pending:
             if self._closed:
                 raise WebSocketClosed("socket is closed")
-            data = await self._read_chunk()
-            try:
-                self._conn.receive_data(data)
-            except LocalProtocolError as exc:
-                self._closed = True
-                raise WebSocketClosed(f"protocol error: {exc}") from None
+            self._receive(await self._read_chunk())
             for event in self._conn.events():
                 await self._on_event(event)
         return self._pending.pop(0)

@@ -101,7 +101,7 @@ class RecordingSlack(FakeSlack):
             if body.get("ok"):
                 message = body["message"]
                 write = Write(anyio.current_time(), method, body["channel"], body["ts"],
-                              message.get("thread_ts", body["ts"]), message["text"])
+                              message.get("thread_ts", body["ts"]), self.visible_text(body["channel"], body["ts"]))
                 self.writes.append(write)
                 key = (write.channel, write.ts)
                 self.latest[key] = write

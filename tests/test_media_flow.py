@@ -98,7 +98,7 @@ async def test_animated_gif_uses_its_first_frame_and_says_so(slack, ai):
     async with running_bot(slack, ai) as nursery:
         ev = await send_files(slack, "what moves?", [gif])
         replies = await done(nursery, slack, "D1", ev["ts"], "Echo: what moves?")
-    assert "*dance.gif* is animated: I looked at its first frame only" in replies[-1]
+    assert "**dance.gif** is animated: I looked at its first frame only" in replies[-1]
     assert decoded(image_parts(ai.requests[0])[0]).size == (40, 30)
 
 
@@ -135,7 +135,7 @@ async def test_a_long_document_is_trimmed_to_the_budget_with_a_note(slack, ai):
     async with running_bot(slack, ai, context_budget_tokens=6000, max_answer_tokens=1000) as nursery:
         ev = await send_files(slack, "what is this about?", [long_pdf])
         replies = await done(nursery, slack, "D1", ev["ts"], "Echo: what is this about?")
-    assert "*long.pdf* is long: I could read only the first" in replies[-1]
+    assert "**long.pdf** is long: I could read only the first" in replies[-1]
     text = last_user_text(ai.requests[0])
     assert "long.pdf was trimmed to fit the model's context" in text
     assert "page 0 " in text and "page 29 " not in text
@@ -183,7 +183,7 @@ async def test_only_unreadable_files_get_the_notes_without_a_model_call(slack, a
     async with running_bot(slack, ai) as nursery:
         ev = await send_files(slack, "", [slack.add_file("secret.pdf", samples.encrypted_pdf())])
         replies = await done(nursery, slack, "D1", ev["ts"], "is password-protected")
-    assert replies == [":warning: *secret.pdf* is password-protected (encrypted), so I can't read it; send a copy "
+    assert replies == [":warning: **secret.pdf** is password-protected (encrypted), so I can't read it; send a copy "
                        "without a password."]
     assert ai.requests == []
 
@@ -194,7 +194,7 @@ async def test_sign_in_page_instead_of_the_file_names_the_missing_scope(slack, a
     async with running_bot(slack, ai) as nursery:
         ev = await send_files(slack, "read this", [pdf])
         replies = await done(nursery, slack, "D1", ev["ts"], "Echo: read this")
-    assert "`files:read` scope" in replies[-1] and "*report.pdf*" in replies[-1]
+    assert "`files:read` scope" in replies[-1] and "**report.pdf**" in replies[-1]
     assert slack.downloads[0]["served"] == "sign-in page"
     assert "<html" not in str(ai.requests[0]["messages"]).lower()
 
@@ -227,8 +227,8 @@ async def test_the_bot_token_goes_only_to_slack_file_hosts(slack, ai):
         ev = await send_files(slack, "look", [foreign, redirecting])
         replies = await done(nursery, slack, "D1", ev["ts"], "Echo: look")
     assert all("evil" not in host for host, _ in seen), seen
-    assert "*foreign.png* is not hosted on Slack's file server" in replies[-1]
-    assert "*redirecting.png* could not be downloaded: Slack sent its sign-in page" in replies[-1]
+    assert "**foreign.png** is not hosted on Slack's file server" in replies[-1]
+    assert "**redirecting.png** could not be downloaded: Slack sent its sign-in page" in replies[-1]
 
 
 async def test_pasted_image_url_is_fetched_only_when_loopback_is_allowed(slack, ai):
@@ -382,7 +382,7 @@ async def test_a_file_name_cannot_make_the_bot_mention_anyone(slack, ai):
     async with running_bot(slack, ai) as nursery:
         ev = await send_files(slack, "read", [sneaky])
         replies = await done(nursery, slack, "D1", ev["ts"], "Echo: read")
-    assert "<!channel>" not in replies[-1] and "*!channel urgent.pdf* is password-protected" in replies[-1]
+    assert "<!channel>" not in replies[-1] and "**!channel urgent.pdf** is password-protected" in replies[-1]
 
 
 async def test_an_unavailable_image_model_is_named(slack, ai):

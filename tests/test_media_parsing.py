@@ -229,7 +229,7 @@ def test_documents_share_the_budget_and_long_ones_are_trimmed_with_a_note():
     assert "[Attached file: small.txt (text file, 1 lines)]\ntiny text\n[End of small.txt]" in text
     assert "big.txt was trimmed to fit the model's context" in text
     assert count_tokens(text) < 2100
-    assert len(notes) == 1 and "*big.txt* is long: I could read only the first" in notes[0]
+    assert len(notes) == 1 and "**big.txt** is long: I could read only the first" in notes[0]
 
 
 @pytest.mark.parametrize("text,has_image,expected", [

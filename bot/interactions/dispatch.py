@@ -42,6 +42,8 @@ from bot.storage.base import ThreadKey
 
 log = logging.getLogger(__name__)
 
+# (`agent_session_stopped`, the agent view's Stop button, is not among them: it is about a
+# running request, so the nursery handles it before asking `wants` — see Nursery.stop_request.)
 UX_EVENTS = frozenset({"app_home_opened", "assistant_thread_started", "assistant_thread_context_changed",
                        "app_context_changed"})
 NOTICE_TIMEOUT = 10.0

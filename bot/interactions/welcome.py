@@ -13,11 +13,12 @@ SUGGESTED_PROMPTS: tuple[dict[str, str], ...] = (
 
 
 def welcome_text(user: str, command: str) -> str:
+    """Posted as `markdown_text` (standard Markdown): bold is `**…**` there, `*…*` is italic."""
     return (
         f":wave: Hi <@{user}>! I'm an AI assistant. Here's what I can do:\n"
         "• Answer here: each thread is one conversation, and I remember it. Start a new message for a new topic.\n"
         "• In channels, mention me and I'll answer in the thread; keep talking there, no mention needed.\n"
-        "• On any message, the ⋮ menu has *Summarize thread* and *Translate message*.\n"
-        f"• `{command}` (or my *Home* tab) chooses the model, custom instructions, streaming and more.\n"
+        "• On any message, the ⋮ menu has **Summarize thread** and **Translate message**.\n"
+        f"• `{command}` (or my **Home** tab) chooses the model, custom instructions, streaming and more.\n"
         "• :thumbsup: / :thumbsdown: under an answer tells us how it went."
     )

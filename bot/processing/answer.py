@@ -19,7 +19,7 @@ import anyio
 from bot.metrics import first_call_timer
 from bot.processing.context import RequestState, Services
 from bot.processing.conversation import build_prompt
-from bot.processing.failures import INTERRUPTED_NOTICE, describe, timeout_notice
+from bot.processing.failures import INTERRUPTED_NOTICE, STOPPED_NOTICE, describe, timeout_notice
 from bot.processing.attachments import Turn, read_attachments
 from bot.processing.image_tools import ImageTools
 from bot.processing.tool_chat import chat_with_tools
@@ -32,8 +32,11 @@ from bot.storage.base import HistoryMessage
 
 log = logging.getLogger(__name__)
 
-FINALIZE_SECONDS = 4.0  # bound on the shielded clean-up; keeps shutdown under 10 s
-STORE_RESERVE_SECONDS = 1.0  # of FINALIZE_SECONDS, kept for closing the request in storage
+FINAL_WRITE_SECONDS = 90.0  # bound on the final Slack write (it may wait out Retry-After windows)
+SHUTDOWN_WRITE_SECONDS = 3.0  # the same at shutdown (interrupted requests; `hurry`): exit under 10 s
+STORE_RESERVE_SECONDS = 1.0  # closing the request in storage, after the Slack write
+FINALIZE_SECONDS = FINAL_WRITE_SECONDS + STORE_RESERVE_SECONDS  # the longest a request outlives its deadline
+SHUTDOWN_FINALIZE_SECONDS = SHUTDOWN_WRITE_SECONDS + STORE_RESERVE_SECONDS  # ... once shutdown interrupts it
 FINISH_ATTEMPTS = 3  # finish_request tries (0.1 s, then 0.2 s apart) within the store reserve
 WAITING_STATUS = "_Waiting for a free slot: many conversations are running right now…_"
 LENGTH_NOTICE = "_(The answer was cut short: it reached the maximum length.)_"
@@ -93,7 +96,10 @@ async def answer_message(services: Services, state: RequestState, writer: ReplyS
             outcome, detail = "timeout", f"no answer within {settings.async_timeout_seconds:g}s"
             notice = timeout_notice(settings.async_timeout_seconds)
     except anyio.get_cancelled_exc_class():
-        outcome, notice, detail = "interrupted", INTERRUPTED_NOTICE, "cancelled"
+        if state.stop_reason:  # the user pressed Stop (the nursery set it before cancelling)
+            outcome, notice, detail = "stopped", STOPPED_NOTICE, state.stop_reason
+        else:
+            outcome, notice, detail = "interrupted", INTERRUPTED_NOTICE, "cancelled"
         raise
     except Exception as exc:  # every failure becomes a clear line in the thread
         failure = describe(exc)
@@ -106,7 +112,7 @@ async def answer_message(services: Services, state: RequestState, writer: ReplyS
         state.stage = "finishing"
         if turn is not None and turn.notes:  # files not read, documents trimmed: said under the answer
             notice = "\n".join([*turn.notes, notice]).strip()
-        with anyio.CancelScope(shield=True), anyio.move_on_after(FINALIZE_SECONDS):
+        with anyio.CancelScope(shield=True):
             await _finalize(services, state, writer, outcome, notice, detail, recorded,
                             user_text=turn.stored_text if turn is not None else msg.text)
         services.metrics.reply_latency.labels(outcome=outcome).observe(anyio.current_time() - state.started_at)
@@ -155,41 +161,53 @@ async def _stream_answer(services: Services, state: RequestState, writer: ReplyS
 async def _finalize(services: Services, state: RequestState, writer: ReplySurface, outcome: str,
                     notice: str, detail: str, recorded: bool, *, user_text: str | None = None) -> None:
     msg = state.message
-    # Slack gets its own, shorter bound: a final write that hangs must not use up the
-    # whole of FINALIZE_SECONDS, or the request would never be closed in storage.
-    with anyio.move_on_after(FINALIZE_SECONDS - STORE_RESERVE_SECONDS) as slack_bound:
-        if writer.message_ts:
-            await writer.finish(notice)
-        elif notice and outcome != "interrupted":
-            # The placeholder itself could not be posted; try once to say why.
-            try:
-                await writer.post_notice(notice)
-            except Exception as exc:  # noqa: BLE001 - nothing more we can tell the user
-                log.error("request %s: could not post the failure notice either: %s", state.request_id, exc)
+    # The final write waits its turn in the workspace's budget for as long as Slack's
+    # Retry-After asks (up to FINAL_WRITE_SECONDS); a shutdown shortens that (`hurry`).
+    # Storage gets its own bound after it, so a slow Slack never leaves the request open.
+    bound = SHUTDOWN_WRITE_SECONDS if outcome == "interrupted" else FINAL_WRITE_SECONDS
+    delivered = False
+    with anyio.move_on_after(bound) as slack_bound:
+        state.final_write = slack_bound
+        try:
+            delivered = await writer.finish(notice)
+        except Exception as exc:  # noqa: BLE001 - nothing more we can tell the user
+            log.error("request %s: could not write the final text: %s", state.request_id, exc)
+        finally:
+            state.final_write = None
     if slack_bound.cancelled_caught:
-        log.warning("request %s: Slack did not take the final text within %gs", state.request_id,
-                    FINALIZE_SECONDS - STORE_RESERVE_SECONDS)
+        log.warning("request %s: Slack did not take the final text within %gs", state.request_id, bound)
+    if not delivered and outcome == "answered":
+        # Never stored as answered what Slack does not show.
+        outcome, detail = "error", "answer not delivered to Slack"
+        state.outcome = outcome
     if recorded:
-        # A transient storage error here (locked, briefly full) would leave the request
-        # "in flight" forever, and the next start would then overwrite a delivered answer
-        # with the interrupted notice: retry within what is left of FINALIZE_SECONDS.
-        for attempt in range(1, FINISH_ATTEMPTS + 1):
-            try:
-                await services.store.finish_request(
-                    state.request_id, outcome=outcome, user_text=msg.text if user_text is None else user_text,
-                    user_ts=msg.ts,
-                    reply_text=writer.text, finished_at=time.time(), detail=detail,
-                )
-                break
-            except StorageError as exc:
-                if attempt == FINISH_ATTEMPTS:
-                    log.exception("request %s: could not record its outcome", state.request_id)
-                    break
-                log.warning("request %s: could not record its outcome (%s); retrying", state.request_id, exc)
-                await anyio.sleep(0.1 * 2 ** (attempt - 1))
-            except Exception:
+        with anyio.move_on_after(STORE_RESERVE_SECONDS):
+            await _record_outcome(services, state, writer, outcome, detail,
+                                  user_text=msg.text if user_text is None else user_text)
+
+
+async def _record_outcome(services: Services, state: RequestState, writer: ReplySurface, outcome: str,
+                          detail: str, *, user_text: str) -> None:
+    # A transient storage error here (locked, briefly full) would leave the request
+    # "in flight" forever, and the next start would then overwrite a delivered answer
+    # with the interrupted notice: retry within STORE_RESERVE_SECONDS.
+    for attempt in range(1, FINISH_ATTEMPTS + 1):
+        try:
+            await services.store.finish_request(
+                # Storage keeps a user's Stop as "interrupted" (its detail says who stopped it).
+                state.request_id, outcome="interrupted" if outcome == "stopped" else outcome, user_text=user_text, user_ts=state.message.ts,
+                reply_text=writer.text, finished_at=time.time(), detail=detail,
+            )
+            return
+        except StorageError as exc:
+            if attempt == FINISH_ATTEMPTS:
                 log.exception("request %s: could not record its outcome", state.request_id)
-                break
+                return
+            log.warning("request %s: could not record its outcome (%s); retrying", state.request_id, exc)
+            await anyio.sleep(0.1 * 2 ** (attempt - 1))
+        except Exception:
+            log.exception("request %s: could not record its outcome", state.request_id)
+            return
 
 
 async def load_history(services: Services, msg: IncomingMessage, *, rebuild: bool,

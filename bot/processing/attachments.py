@@ -101,7 +101,7 @@ def image_urls(text: str) -> list[str]:
 
 
 def _line(name: str, reason: str) -> str:
-    return f":warning: *{_clean(name)}* {reason}."
+    return f":warning: **{_clean(name)}** {reason}."
 
 
 def _clean(name: str) -> str:

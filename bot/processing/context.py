@@ -52,3 +52,13 @@ class RequestState:
     outcome: str = ""
     placeholder_ts: str = ""
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    # Why the user stopped this request ("" while they have not). The nursery sets it
+    # just before `scope.cancel()`, so the cancellation ends as "stopped", not "interrupted".
+    stop_reason: str = ""
+    # The bound on the final Slack write while it runs; shutdown shortens it (`hurry`).
+    final_write: anyio.CancelScope | None = None
+
+    def hurry(self, seconds: float) -> None:
+        """Shutdown: leave the final write at most `seconds` more."""
+        if self.final_write is not None:
+            self.final_write.deadline = min(self.final_write.deadline, anyio.current_time() + seconds)

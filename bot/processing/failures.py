@@ -32,6 +32,7 @@ def timeout_notice(seconds: float) -> str:
 
 
 INTERRUPTED_NOTICE = ":warning: Interrupted: the bot was restarted before this answer finished. Please ask again."
+STOPPED_NOTICE = "_Stopped._"  # the user pressed Stop in the agent view (`agent_session_stopped`)
 BUSY_NOTICE = (":hourglass_flowing_sand: I'm still working on the previous message in this thread. "
                "Please wait for that answer, then send this again.")
 

@@ -94,3 +94,125 @@ def markdown_to_mrkdwn(text: str) -> str:
             line = f"*{heading.group(1).strip()}*"
         out.append(line)
     return "\n".join(out)
+
+
+# ---- broadcast mentions ------------------------------------------------------------------
+#
+# Model output is posted as is, so `<!channel>`, `<!here>`, `<!everyone>` or a user group
+# (`<!subteam^S123|@team>`) in it would ping a whole channel. `neutralize_broadcasts`
+# rewrites them into readable, inert text: "@" + WORD JOINER (U+2060) + the name. Bare
+# `@channel`, `@here` and `@everyone` words get the joiner too (whether `markdown_text`
+# turns them into mentions is undocumented: the safe choice). User mentions (`<@U123>`),
+# links and dates (`<!date^…>`) are left alone. Code is not exempt: a ping from a code
+# span is still a ping, if Slack parses one there.
+#
+# Streaming: each rewrite depends only on the text up to its own end (at most
+# _ENTITY_WINDOW characters past its start), so the text can be neutralized piecewise.
+# `stable_length(text)` is where the first rewrite still undecided starts (a trailing
+# `<!chan…` without its `>`, a trailing `@` or `@her`); for any continuation `more`,
+# `neutralize_broadcasts(text[:k])` (k = stable_length(text)) is a prefix of
+# `neutralize_broadcasts(text + more)`, and `stable_length` never moves back as text grows.
+
+WORD_JOINER = "\u2060"
+_ENTITY_WINDOW = 256  # a `<!channel|…` without its `>` this far on is defused, not rewritten
+_SPECIAL_WORDS = ("channel", "here", "everyone", "group")  # `<!group>`: the old name of `<!channel>`
+_OPENER_WORDS = (*_SPECIAL_WORDS, "subteam")
+_BARE_WORDS = ("channel", "here", "everyone")
+_ENTITY = re.compile(r"<!(?:(channel|here|everyone|group)(?:\|[^<>\n]*)?"
+                     r"|subteam\^([A-Za-z0-9]+)(?:\|([^<>\n]*))?)>", re.IGNORECASE)
+_INTERESTING = re.compile(r"[<@]")
+_DEFUSED = "<" + WORD_JOINER + "!"
+
+
+def _is_word_char(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def _starts_word(text: str, at: int, words: tuple[str, ...]) -> tuple[str, bool]:
+    """(the word of `words` that `text` has at `at`, case-insensitively, or "";
+    whether the text ends inside what could still become one of them)."""
+    rest = text[at:at + max(map(len, words))].lower()
+    for word in words:
+        if rest.startswith(word):
+            return word, False
+    return "", any(word.startswith(rest) for word in words) and at + len(rest) == len(text)
+
+
+def _at_angle(text: str, i: int, final: bool) -> tuple[str, int] | None:
+    """The rewrite of the `<…` at `i`: (output, where the input resumes), None if undecided."""
+    n = len(text)
+    if i + 1 >= n:
+        return None if not final else ("<", i + 1)
+    if text[i + 1] != "!":
+        return "<", i + 1
+    word, partial = _starts_word(text, i + 2, _OPENER_WORDS)
+    if not word:
+        return None if partial and not final else ("<", i + 1)
+    close = text.find(">", i + 2, i + 2 + _ENTITY_WINDOW)
+    if close < 0:
+        if not final and n < i + 2 + _ENTITY_WINDOW:
+            return None  # the `>` may still come
+        return _DEFUSED, i + 2  # never closed (in reach): keep the text, break the `<!`
+    m = _ENTITY.fullmatch(text, i, close + 1)
+    if m is None:
+        return _DEFUSED, i + 2  # `<!channel foo>` and the like: not Slack's syntax, still defused
+    if m.group(1):
+        name = "channel" if m.group(1).lower() == "group" else m.group(1).lower()
+    else:
+        label = (m.group(3) or "").strip().lstrip("@").strip()
+        name = _neutralize(label, final=True)[0] if label else m.group(2)
+    return "@" + WORD_JOINER + name, close + 1
+
+
+def _at_sign(text: str, i: int, final: bool) -> tuple[str, int] | None:
+    """The rewrite of the `@` at `i` (not preceded by a word character), or None if undecided."""
+    word, partial = _starts_word(text, i + 1, _BARE_WORDS)
+    if not word:
+        return None if partial and not final else ("@", i + 1)
+    end = i + 1 + len(word)
+    if end >= len(text):
+        if not final:
+            return None  # "@here" may yet become "@heresy"
+    elif _is_word_char(text[end]):
+        return "@", i + 1  # "@channels", "@here_x": another word
+    return "@" + WORD_JOINER + text[i + 1:end], end
+
+
+def _neutralize(text: str, *, final: bool) -> tuple[str, int]:
+    """(the rewritten text, how much of the input it covers): all of it when `final`, else
+    up to the first rewrite that more text could still change."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        m = _INTERESTING.search(text, i)
+        if m is None:
+            out.append(text[i:])
+            return "".join(out), n
+        j = m.start()
+        out.append(text[i:j])
+        if text[j] == "<":
+            step = _at_angle(text, j, final)
+        elif j > 0 and _is_word_char(text[j - 1]):
+            step = "@", j + 1  # name@here.com: not a mention
+        else:
+            step = _at_sign(text, j, final)
+        if step is None:
+            return "".join(out), j
+        out.append(step[0])
+        i = step[1]
+    return "".join(out), n
+
+
+def neutralize_broadcasts(text: str) -> str:
+    """`text` with every channel-wide or group mention made inert and kept readable:
+    `<!channel>` → "@⁠channel", `<!subteam^S1|@devs>` → "@⁠devs", `@here` → "@⁠here" (a
+    U+2060 WORD JOINER after the "@"). `<@U123>` and everything else stay as they are."""
+    return _neutralize(text, final=True)[0]
+
+
+def stable_length(text: str) -> int:
+    """The length of the longest prefix of `text` whose neutralized form no later text can
+    change: `neutralize_broadcasts(text[:k])` is a prefix of `neutralize_broadcasts(text + more)`
+    for every `more` (k = stable_length(text)), and k never shrinks as `text` grows. What it
+    holds back is a trailing, still open `<!…` (up to 256 characters) or `@`-word."""
+    return _neutralize(text, final=False)[1]

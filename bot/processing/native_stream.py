@@ -5,18 +5,23 @@ per request by `slack_surface` from the user's settings and NATIVE_STREAMING:
 
 - "native" (DMs): `chat.startStream` → `chat.appendStream` → `chat.stopStream`. Appends are
   coalesced and sent at most once per `interval` (appendStream is rate-limited), never
-  more than Slack's 12,000 characters per call. On `message_not_in_streaming_state` —
-  or any other streaming error, or an answer too long for one message — it stops using
-  the stream and carries on with `ReplyWriter` (paced `chat.update`) in the same message.
+  more than Slack's 12,000 characters per call. start/stop are Tier 2 (about 20 a
+  minute for the workspace): a stream is started only while both have room, otherwise
+  the answer starts as `ReplyWriter` would. On a streaming error, or an answer too long
+  for one message, the stream is *stopped* (Slack refuses to edit a message still
+  streaming: `streaming_state_conflict`) and the answer carries on with `ReplyWriter`
+  (paced `chat.update`) in the same message.
 - "update": `ReplyWriter` as is (placeholder, paced `chat.update`). Channels always use
   it: there the thread status cannot show progress, only the placeholder can.
 - "final": the placeholder shows the status; the answer appears once, when finished.
 
-In every mode a finished answer gets thumbs up/down buttons, and in a DM (the App's
-Messages tab, where assistant threads live) the thread shows "is thinking…" through
-`assistant.threads.setStatus` and gets a title from its first message. Those extras
-are best-effort and bounded: they are logged and skipped when Slack refuses them,
-never allowed to cost the answer.
+In every mode a finished answer gets thumbs up/down buttons (in the same final write),
+and in a DM (the App's Messages tab, where assistant threads live) — or in a channel
+thread while no message shows the answer yet — the thread shows "is thinking…" through
+`assistant.threads.setStatus`, sent again before Slack's two-minute expiry while
+nothing else is visible, and a DM thread gets a title from its first message. Those
+extras are best-effort and bounded: they are logged and skipped when Slack refuses
+them, never allowed to cost the answer.
 """
 
 from __future__ import annotations
@@ -25,19 +30,21 @@ import logging
 
 import anyio
 
-from bot.interactions.feedback import answer_blocks, feedback_block
+from bot.interactions.feedback import feedback_block
 from bot.processing.context import Services
-from bot.processing.markdown import SLACK_MARKDOWN_LIMIT, split_markdown
+from bot.processing.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, stable_length
 from bot.processing.options import RequestOptions
 from bot.processing.reply import PLACEHOLDER, POST_TIMEOUT, ReplyWriter
-from bot.slack_api import SlackAPIError, SlackWebAPI
+from bot.slack_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
 from bot.slack_events import IncomingMessage
 from bot.storage import StorageError
 
 log = logging.getLogger(__name__)
 
-EXTRA_TIMEOUT = 5.0  # bound on each best-effort call (status, title, feedback buttons)
+EXTRA_TIMEOUT = 5.0  # bound on each best-effort call (status, title)
 TITLE_CHARS = 60
+STATUS_REFRESH_SECONDS = 90.0  # Slack drops a status after 120 s without a message
+STOP_ATTEMPTS = 3  # chat.stopStream tries before the message is taken as stuck in streaming state
 
 
 def assistant_status(status: str) -> str:
@@ -67,12 +74,14 @@ class SlackAnswerWriter:
         self._title = title
         self._feedback = feedback
         self._limit = limit
-        self._fallback = ReplyWriter(slack, channel, thread_ts, interval=interval, limit=limit)
+        self._fallback = ReplyWriter(slack, channel, thread_ts, interval=interval, limit=limit, feedback=feedback)
         self._pieces: list[str] = []
         self._stream_ts = ""
-        self._sent = 0  # characters of the text already in the native stream
+        self._sent = 0  # characters of the (neutralized) text already in the native stream
         self._status = PLACEHOLDER
         self._status_shown = ""
+        self._status_at = -STATUS_REFRESH_SECONDS  # when the status was last sent
+        self._stop_committed = False
         self._dirty = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self.fell_back = ""  # why native streaming was given up ("" while it was not)
@@ -95,29 +104,45 @@ class SlackAnswerWriter:
         return self.message_ts[0] if self.message_ts else ""
 
     async def start(self, status: str = PLACEHOLDER) -> str:
-        """Open the answer message: a native stream, else a placeholder. Raises SlackAPIError
-        only when no message could be posted at all."""
+        """Open the answer message: a native stream, else a placeholder, else nothing yet
+        (the budget is low: the answer is posted when done). Raises SlackAPIError only
+        when Slack refused to post."""
         self._status = status
         if self.mode == "native":
-            ts = None
-            try:
-                # Shielded like ReplyWriter.start: a ts Slack created must never be lost.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(POST_TIMEOUT):
-                    body = await self._slack.call(
-                        "chat.startStream", channel=self.channel, thread_ts=self.thread_ts,
-                        recipient_user_id=self._recipient_user or None,
-                        recipient_team_id=self._recipient_team or None,
-                    )
-                    ts = str(body.get("ts") or "")
-            except SlackAPIError as exc:
-                self._give_up_stream(f"chat.startStream failed: {exc.error}")
-            if ts:
-                self._stream_ts = ts
-                self._dirty.set()  # the status goes out from run()
-                return ts
-            if self.mode == "native":
-                self._give_up_stream("chat.startStream did not answer")
-        return await self._fallback.start(status)
+            limits = self._slack.limits
+            if not (limits.has_room_for("chat.startStream") and limits.has_room_for("chat.stopStream")):
+                self._give_up_stream("chat.startStream budget is low")
+            else:
+                ts = await self._start_stream()
+                if ts:
+                    self._stream_ts = ts
+                    self._dirty.set()  # the status goes out from run()
+                    return ts
+        ts = await self._fallback.start(status)
+        if not ts:
+            self._assistant = True  # nothing shows progress but the thread status
+            self._dirty.set()
+        return ts
+
+    async def _start_stream(self) -> str:
+        self._slack.limits.commit("chat.stopStream")
+        self._stop_committed = True
+        ts = ""
+        try:
+            # Shielded like ReplyWriter.start: a ts Slack created must never be lost.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(POST_TIMEOUT):
+                body = await self._slack.call(
+                    "chat.startStream", channel=self.channel, thread_ts=self.thread_ts,
+                    recipient_user_id=self._recipient_user or None,
+                    recipient_team_id=self._recipient_team or None,
+                )
+                ts = str(body.get("ts") or "")
+        except SlackAPIError as exc:
+            self._give_up_stream(f"chat.startStream failed: {exc.error}")
+        if not ts:
+            self._release_stop()
+            self._give_up_stream("chat.startStream did not answer")
+        return ts
 
     def set_status(self, status: str) -> None:
         self._status = status
@@ -143,9 +168,10 @@ class SlackAnswerWriter:
                     tg.start_soon(self._set_title, self._title)
                     self._title = ""  # once, though run() may be started again (attachments, then answer)
                 while True:
-                    await self._dirty.wait()
+                    with anyio.move_on_after(STATUS_REFRESH_SECONDS):
+                        await self._dirty.wait()
                     self._dirty = anyio.Event()
-                    if not self.text:
+                    if not self._answer_visible():
                         await self._show_status()
                     if self.mode == "native" and len(self.text) > self._sent:
                         await self._append_native()
@@ -153,18 +179,22 @@ class SlackAnswerWriter:
         finally:
             self._tg = None  # finish() runs after this; it must not start tasks in a closed group
 
+    def _answer_visible(self) -> bool:
+        if self.mode == "native":
+            return self._sent > 0
+        return bool(self._fallback.message_ts) and bool(self.text)
+
     async def finish(self, notice: str = "") -> bool:
         """Write the final answer plus `notice`, with feedback buttons when there is an
         answer. Call it shielded and time-bounded. False if Slack refused (logged)."""
-        if not self.message_ts:
-            return False
         text = self.text
         if self.mode == "native":
-            final = text[self._sent:]
+            shown = neutralize_broadcasts(text)
+            final = shown[self._sent:]
             if notice:
                 final = f"{final}\n\n{notice}" if text else notice
-            if len(text) + len(notice) + 2 > self._limit:
-                await self._stop_stream_quietly()
+            if len(shown) + len(notice) + 2 > self._limit:
+                await self._stop_stream()
                 self._give_up_stream("the answer is longer than one message")
             else:
                 try:
@@ -172,51 +202,75 @@ class SlackAnswerWriter:
                         "chat.stopStream", channel=self.channel, ts=self._stream_ts,
                         markdown_text=final or None, blocks=[feedback_block()] if text and self._feedback else None,
                     )
+                    self._release_stop()
                     await self._clear_status()
                     return True
                 except SlackAPIError as exc:
+                    # Did the stream stop? Slack refuses edits to a message still streaming.
+                    if exc.error != "message_not_in_streaming_state":
+                        await self._stop_stream()
                     self._give_up_stream(f"chat.stopStream failed: {exc.error}")
         if self.mode == "final":
             self._fallback.append(text)
         ok = await self._fallback.finish(notice)
-        if ok and text and self._feedback:
-            await self._add_feedback(text, notice)
         await self._clear_status()
         return ok
-
-    async def post_notice(self, notice: str) -> None:
-        await self._fallback.post_notice(notice)
 
     # ---- native streaming --------------------------------------------------------------
 
     async def _append_native(self) -> None:
         text = self.text
         if len(text) > self._limit:
-            await self._stop_stream_quietly()
+            await self._stop_stream()
             self._give_up_stream("the answer is longer than one message")
             return
-        chunk = text[self._sent:]
+        # Only the part that can no longer change: a `<!chan` cut mid-mention is held back.
+        shown = neutralize_broadcasts(text[:stable_length(text)])
+        chunk = shown[self._sent:]
+        if not chunk:
+            return
         # Shielded (and bounded): unlike chat.update, an append is not idempotent. If this
         # task were cancelled after Slack took the chunk but before `_sent` moved on,
         # finish() would send the chunk again and the answer would show it twice.
         with anyio.CancelScope(shield=True), anyio.move_on_after(POST_TIMEOUT) as bound:
             try:
                 await self._slack.call("chat.appendStream", channel=self.channel, ts=self._stream_ts,
-                                       markdown_text=chunk)
+                                       markdown_text=chunk, interim=True)
                 self._sent += len(chunk)
                 self.appends_sent += 1
+            except (SlackSkipped, SlackRateLimited):
+                self._dirty.set()  # Slack took nothing: the next tick sends the text so far
             except SlackAPIError as exc:
+                if exc.error != "message_not_in_streaming_state":
+                    await self._stop_stream()
                 self._give_up_stream(f"chat.appendStream failed: {exc.error}")
         if bound.cancelled_caught:
-            # Unknown whether Slack took it: chat.update rewrites the whole text, so it is safe.
+            # Unknown whether Slack took it: chat.update rewrites the whole text, so it is safe
+            # once the stream is stopped.
+            await self._stop_stream()
             self._give_up_stream("chat.appendStream did not answer")
 
-    async def _stop_stream_quietly(self) -> None:
-        with anyio.move_on_after(EXTRA_TIMEOUT):
-            try:
-                await self._slack.call("chat.stopStream", channel=self.channel, ts=self._stream_ts)
-            except SlackAPIError as exc:
-                log.debug("chat.stopStream before falling back: %s", exc.error)
+    async def _stop_stream(self) -> bool:
+        """Take the message out of streaming state (before anything edits it); True once
+        Slack says it is no longer streaming."""
+        try:
+            for attempt in range(1, STOP_ATTEMPTS + 1):
+                with anyio.move_on_after(POST_TIMEOUT):
+                    try:
+                        await self._slack.call("chat.stopStream", channel=self.channel, ts=self._stream_ts)
+                        return True
+                    except SlackAPIError as exc:
+                        if exc.error in ("message_not_in_streaming_state", "message_not_found"):
+                            return True
+                        log.warning("chat.stopStream in %s (attempt %d): %s", self.channel, attempt, exc.error)
+            return False
+        finally:
+            self._release_stop()
+
+    def _release_stop(self) -> None:
+        if self._stop_committed:
+            self._stop_committed = False
+            self._slack.limits.uncommit("chat.stopStream")
 
     def _give_up_stream(self, why: str) -> None:
         """Carry on with paced chat.update: in the stream's message when there is one."""
@@ -227,7 +281,7 @@ class SlackAnswerWriter:
         self.fell_back = why
         self.mode = "update"
         if self._stream_ts:
-            self._fallback.adopt(self._stream_ts, self.text[:self._sent])
+            self._fallback.adopt(self._stream_ts, neutralize_broadcasts(self.text)[:self._sent])
             if self.text:
                 self._fallback.append(self.text)
             if self._tg is not None:
@@ -235,33 +289,28 @@ class SlackAnswerWriter:
 
     # ---- best-effort extras ----------------------------------------------------------
 
-    async def _add_feedback(self, text: str, notice: str) -> None:
-        body = f"{text}\n\n{notice}" if notice else text
-        last = split_markdown(body, self._limit)[-1]
-        ts = self.message_ts[-1]
-        with anyio.move_on_after(EXTRA_TIMEOUT):
-            try:
-                await self._slack.call("chat.update", channel=self.channel, ts=ts, text=last,
-                                       blocks=answer_blocks(last))
-            except SlackAPIError as exc:
-                log.info("could not add feedback buttons to %s/%s: %s", self.channel, ts, exc.error)
-
     async def _show_status(self) -> None:
         status = assistant_status(self._status)
-        if not self._assistant or not status or status == self._status_shown:
+        if not self._assistant or not status:
+            return
+        fresh = anyio.current_time() - self._status_at < STATUS_REFRESH_SECONDS
+        if status == self._status_shown and fresh:
             return
         await self._set_assistant_status(status)
 
     async def _clear_status(self) -> None:
         if self._assistant and self._status_shown:
-            await self._set_assistant_status("")
+            await self._set_assistant_status("", interim=True)
 
-    async def _set_assistant_status(self, status: str) -> None:
+    async def _set_assistant_status(self, status: str, *, interim: bool = False) -> None:
         with anyio.move_on_after(EXTRA_TIMEOUT):
             try:
                 await self._slack.call("assistant.threads.setStatus", channel_id=self.channel,
-                                       thread_ts=self.thread_ts, status=status)
+                                       thread_ts=self.thread_ts, status=status, interim=interim)
                 self._status_shown = status
+                self._status_at = anyio.current_time()
+            except (SlackSkipped, SlackRateLimited):
+                log.debug("assistant.threads.setStatus in %s skipped: budget low", self.channel)
             except SlackAPIError as exc:
                 # Not an assistant thread (or an app without the feature): stop trying.
                 log.debug("assistant.threads.setStatus in %s: %s", self.channel, exc.error)

@@ -6,8 +6,16 @@ message — deltas are coalesced, never queued — and `finish()` writes the fin
 and any notice. Answers longer than one Slack message continue in further messages,
 split without breaking code blocks.
 
-Slack errors while streaming are logged and skipped (the final write repairs the view);
-the Web API client already honours `Retry-After` on 429.
+Slack's rate limits are per method for the whole workspace (`slack_rate_limits`):
+- the placeholder is posted only while `chat.update` has room for its final edit beside
+  the final edits already promised; otherwise nothing is posted until the answer is
+  done, and the answer is then posted with `chat.postMessage` (limited per channel, not
+  per workspace) — the thread status shows progress meanwhile;
+- interim updates are skipped while the budget is low (the next tick or the final
+  write carries the same text); the final write waits for its turn.
+Slack errors while streaming are logged and skipped (the final write repairs the view).
+Broadcast mentions in the model's text (`<!channel>`, `<!here>`, user groups) are
+made inert before anything is shown.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ from typing import Protocol
 
 import anyio
 
-from bot.processing.markdown import SLACK_MARKDOWN_LIMIT, split_markdown
-from bot.slack_api import SlackAPIError, SlackWebAPI
+from bot.interactions.feedback import answer_blocks
+from bot.processing.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, split_markdown
+from bot.slack_api import SlackAPIError, SlackSkipped, SlackWebAPI
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +35,15 @@ PLACEHOLDER = "_Thinking…_"
 POST_TIMEOUT = 15.0
 FINAL_ATTEMPTS = 3  # the final text matters most: a transient refusal gets two more tries
 PERMANENT_ERRORS = frozenset({"message_not_found", "channel_not_found", "cant_update_message", "is_archived",
-                              "not_in_channel", "invalid_auth", "token_revoked", "account_inactive"})
+                              "not_in_channel", "invalid_auth", "token_revoked", "account_inactive",
+                              "msg_too_long", "invalid_blocks", "streaming_state_conflict"})
+FALLBACK_TEXT_CHARS = 300  # the notification text beside blocks (chat.update's `text` takes 4,000 at most)
+
+
+def fallback_text(part: str) -> str:
+    """The short plain `text` that goes with blocks: notifications and old clients."""
+    line = " ".join(part.split())
+    return line if len(line) <= FALLBACK_TEXT_CHARS else line[:FALLBACK_TEXT_CHARS - 1].rstrip() + "…"
 
 
 class ReplySurface(Protocol):
@@ -48,25 +65,26 @@ class ReplySurface(Protocol):
 
     async def run(self) -> None: ...
 
-    async def finish(self, notice: str = "") -> bool: ...
-
-    async def post_notice(self, notice: str) -> None: ...
+    async def finish(self, notice: str = "") -> bool:
+        """The final text plus `notice` — posted now if nothing was shown yet. True only
+        when Slack (or the terminal) shows it."""
 
 
 class ReplyWriter:
     def __init__(self, slack: SlackWebAPI, channel: str, thread_ts: str, *, interval: float = 1.0,
-                 limit: int = SLACK_MARKDOWN_LIMIT) -> None:
+                 limit: int = SLACK_MARKDOWN_LIMIT, feedback: bool = False) -> None:
         self._slack = slack
         self.channel = channel
         self.thread_ts = thread_ts
         self._interval = interval
         self._limit = limit
+        self._feedback = feedback  # thumbs up/down under a finished answer
         self._pieces: list[str] = []
         self._status = PLACEHOLDER
         self._dirty = anyio.Event()
         self.message_ts: list[str] = []  # the placeholder first, then continuation messages
         self._shown: list[str] = []
-        self.updates_sent = 0
+        self._committed = False  # a final chat.update promised in the workspace budget
 
     @property
     def text(self) -> str:
@@ -77,15 +95,27 @@ class ReplyWriter:
         return self.message_ts[0] if self.message_ts else ""
 
     async def start(self, status: str = PLACEHOLDER) -> str:
-        """Post the placeholder in the thread; returns its ts. Raises SlackAPIError.
+        """Post the placeholder in the thread; returns its ts, or "" when the workspace's
+        chat.update budget has no room for one more final edit (the answer is then posted
+        when it is done). Raises SlackAPIError.
 
         Shielded (and bounded): a cancellation that lands while Slack is creating the
         message would otherwise leave a "Thinking…" message whose ts we never learnt
         and so could never finalize. Cancellation takes effect right after."""
         self._status = status
+        limits = self._slack.limits
+        if not limits.has_room_for("chat.update", calls=2):
+            log.info("chat.update budget low: the answer in %s/%s is posted when done", self.channel, self.thread_ts)
+            return ""
+        limits.commit("chat.update")
+        self._committed = True
         ts = None
-        with anyio.CancelScope(shield=True), anyio.move_on_after(POST_TIMEOUT):
-            ts = await self._slack.post_message(self.channel, self.thread_ts, markdown_text=status)
+        try:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(POST_TIMEOUT):
+                ts = await self._slack.post_message(self.channel, self.thread_ts, markdown_text=status)
+        finally:
+            if not ts:
+                self._release()
         if ts is None:
             raise SlackAPIError("chat.postMessage", "timeout")
         self.message_ts.append(ts)
@@ -99,6 +129,9 @@ class ReplyWriter:
             raise RuntimeError("adopt() must come before the writer posted anything")
         self.message_ts.append(ts)
         self._shown.append(shown)
+        if not self._committed:
+            self._slack.limits.commit("chat.update")
+            self._committed = True
 
     def set_status(self, status: str) -> None:
         """Show `status` in the placeholder until the answer starts arriving."""
@@ -110,52 +143,72 @@ class ReplyWriter:
         self._dirty.set()
 
     def _render(self, extra: str = "") -> list[str]:
-        body = self.text
+        body = neutralize_broadcasts(self.text)
         if extra:
             body = f"{body}\n\n{extra}" if body else extra
         return split_markdown(body or self._status, self._limit)
 
     async def run(self) -> None:
-        """Flush changes, at most once per interval, until cancelled."""
+        """Flush changes, at most once per interval, until cancelled. Without a message
+        (posted when done) there is nothing to flush."""
         while True:
             await self._dirty.wait()
             self._dirty = anyio.Event()
-            try:
-                await self._show(self._render())
-            except SlackAPIError as exc:
-                log.warning("streaming update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
+            if self.message_ts:
+                try:
+                    await self._show(self._render(), interim=True)
+                except SlackSkipped:
+                    self._dirty.set()  # the budget is low: try again at the next tick
+                except SlackAPIError as exc:
+                    log.warning("streaming update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
             await anyio.sleep(self._interval)
 
     async def finish(self, notice: str = "") -> bool:
-        """Write the final answer (plus `notice`). Call it shielded and time-bounded.
-        Returns False if Slack refused; the error is logged."""
-        if not self.message_ts:
-            return False
+        """Write the final answer (plus `notice`), waiting for the budget as long as the
+        caller's bound allows. Call it shielded and time-bounded. Returns False if Slack
+        refused; the error is logged."""
         parts = self._render(notice)
-        for attempt in range(1, FINAL_ATTEMPTS + 1):
-            try:
-                await self._show(parts)  # idempotent: parts already shown are skipped
-                return True
-            except SlackAPIError as exc:
-                if exc.error in PERMANENT_ERRORS or attempt == FINAL_ATTEMPTS:
-                    log.error("final update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
-                    return False
-                log.warning("final update failed in %s/%s (%s); retrying", self.channel, self.thread_ts, exc.error)
-                await anyio.sleep(0.2 * attempt)
-        return False
+        try:
+            for attempt in range(1, FINAL_ATTEMPTS + 1):
+                try:
+                    await self._show(parts, interim=False, final=True)  # parts already shown are skipped
+                    return True
+                except SlackAPIError as exc:
+                    if exc.error in PERMANENT_ERRORS or attempt == FINAL_ATTEMPTS:
+                        log.error("final update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
+                        return False
+                    log.warning("final update failed in %s/%s (%s); retrying", self.channel, self.thread_ts,
+                                exc.error)
+                    await anyio.sleep(0.2 * attempt)
+            return False
+        finally:
+            self._release()
 
-    async def post_notice(self, notice: str) -> None:
-        """A standalone message in the thread (when the placeholder could not be posted)."""
-        await self._slack.post_message(self.channel, self.thread_ts, markdown_text=notice)
+    def _release(self) -> None:
+        if self._committed:
+            self._committed = False
+            self._slack.limits.uncommit("chat.update")
 
-    async def _show(self, parts: list[str]) -> None:
+    async def _show(self, parts: list[str], *, interim: bool, final: bool = False) -> None:
         for i, part in enumerate(parts):
+            blocks = None
+            if final and self._feedback and self.text and i == len(parts) - 1:
+                blocks = answer_blocks(part)
+            shown = part if blocks is None else f"{part}\x00feedback"
             if i < len(self.message_ts):
-                if self._shown[i] != part:
-                    await self._slack.update_message(self.channel, self.message_ts[i], markdown_text=part)
-                    self._shown[i] = part
-                    self.updates_sent += 1
+                if self._shown[i] != shown:
+                    if blocks is None:
+                        await self._slack.update_message(self.channel, self.message_ts[i], markdown_text=part,
+                                                         interim=interim)
+                    else:
+                        await self._slack.update_message(self.channel, self.message_ts[i], blocks=blocks,
+                                                         text=fallback_text(part), interim=interim)
+                    self._shown[i] = shown
             else:
-                ts = await self._slack.post_message(self.channel, self.thread_ts, markdown_text=part)
+                if blocks is None:
+                    ts = await self._slack.post_message(self.channel, self.thread_ts, markdown_text=part)
+                else:
+                    ts = await self._slack.post_message(self.channel, self.thread_ts, blocks=blocks,
+                                                        text=fallback_text(part))
                 self.message_ts.append(ts)
-                self._shown.append(part)
+                self._shown.append(shown)

@@ -8,6 +8,10 @@ noticed at once, even while the body is idle, and the body is closed, so
 
     async with openai_server(fake_openai) as base_url: ...   # http://127.0.0.1:<port>/v1/
     async with slack_server(fake_slack) as api_url: ...      # http://127.0.0.1:<port>/api/
+
+Socket Mode upgrades are answered the way Slack does it: the 101 response, the `hello`
+frame (and whatever `after_hello` sends, e.g. envelopes that were waiting) go out in ONE
+TCP write, so the client's first read holds frames behind the handshake.
 """
 
 from __future__ import annotations
@@ -203,14 +207,30 @@ async def openai_server(fake: FakeOpenAI) -> AsyncIterator[str]:
 
 class WsprotoLink(Link):
     """The server side of a real Socket Mode connection. One task (`run`) reads; the fake
-    writes from any task, serialised by a lock."""
+    writes from any task, serialised by a lock.
 
-    def __init__(self, fake: FakeSlack, stream: anyio.abc.SocketStream, ws: WSConnection) -> None:
+    While `corked` (from the 101 response until `uncork`), writes are collected instead of
+    sent, and `uncork` sends them all in one TCP write."""
+
+    def __init__(self, fake: FakeSlack, stream: anyio.abc.SocketStream, ws: WSConnection,
+                 *, corked: bytes | None = None) -> None:
         super().__init__(fake)
         self._stream, self._ws = stream, ws
         self._lock = anyio.Lock()
         self._deadline = math.inf  # when `run` stops waiting for the client
         self._scope: anyio.CancelScope | None = None
+        self._corked: list[bytes] | None = None if corked is None else [corked]
+        self._stream_gone = False  # abort() closed the stream: nothing more can be sent
+
+    async def uncork(self) -> None:
+        """Send everything written while corked, in one write; from now on write at once."""
+        async with self._lock:
+            data, self._corked = b"".join(self._corked or ()), None
+            if data and not self._stream_gone:
+                try:
+                    await self._stream.send(data)
+                except _GONE:
+                    self._mark_closed()
 
     def _set_deadline(self, deadline: float) -> None:
         self._deadline = deadline
@@ -225,6 +245,9 @@ class WsprotoLink(Link):
         try:
             data = self._ws.send(event)
         except LocalProtocolError:
+            return
+        if self._corked is not None:
+            self._corked.append(data)  # goes out with the 101 (see uncork)
             return
         async with self._lock:
             try:
@@ -244,6 +267,7 @@ class WsprotoLink(Link):
 
     async def abort(self) -> None:
         self._mark_closed()
+        self._stream_gone = True
         self._set_deadline(-math.inf)
         await anyio.aclose_forcefully(self._stream)
 
@@ -281,7 +305,11 @@ class WsprotoLink(Link):
             await anyio.aclose_forcefully(self._stream)
 
 
-async def _serve_websocket(stream: anyio.abc.SocketStream, fake: FakeSlack, head: bytes) -> None:
+AfterHello = Callable[[WsprotoLink], Awaitable[None]]
+
+
+async def _serve_websocket(stream: anyio.abc.SocketStream, fake: FakeSlack, head: bytes, *,
+                           one_write: bool = True, after_hello: AfterHello | None = None) -> None:
     ws = WSConnection(ConnectionType.SERVER)
     ws.receive_data(head)
     request = next((e for e in ws.events() if isinstance(e, Request)), None)
@@ -294,23 +322,39 @@ async def _serve_websocket(stream: anyio.abc.SocketStream, fake: FakeSlack, head
     except WebSocketClosed:
         await stream.send(ws.send(RejectConnection(status_code=403)))
         return
-    await stream.send(ws.send(AcceptConnection()))
-    link = WsprotoLink(fake, stream, ws)
-    await fake.attach(link)
+    accept = ws.send(AcceptConnection())
+    if one_write:  # as Slack does: 101 + hello (+ after_hello's frames) in one TCP write
+        link = WsprotoLink(fake, stream, ws, corked=accept)
+    else:
+        await stream.send(accept)
+        link = WsprotoLink(fake, stream, ws)
+    try:
+        await fake.attach(link)
+        if after_hello is not None and not link.closed:
+            await after_hello(link)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await link.uncork()
     await link.run()
 
 
 @asynccontextmanager
-async def slack_server(fake: FakeSlack) -> AsyncIterator[str]:
+async def slack_server(fake: FakeSlack, *, one_write: bool = True,
+                       after_hello: AfterHello | None = None) -> AsyncIterator[str]:
     """Serve the Web API, file downloads/uploads and Socket Mode (WebSocket upgrades on
     `/link`) on one port. Sets `fake.ws_url` to `ws://127.0.0.1:<port>/link` (and
     `fake.files_url` to the server's origin) while running; yields the Web API
-    base URL `http://127.0.0.1:<port>/api/`."""
+    base URL `http://127.0.0.1:<port>/api/`.
+
+    An accepted upgrade gets the 101 response and `hello` in one TCP write, with
+    whatever `after_hello(link)` sends on the new link (e.g.
+    `fake.send_event(..., connection=link)`: envelopes queued for a new socket) in the
+    same write. `one_write=False` sends the 101 on its own first."""
 
     async def on_connection(stream: anyio.abc.SocketStream, port: int) -> None:
         head = await _read_head(stream)
         if _is_websocket(head):
-            await _serve_websocket(stream, fake, head)
+            await _serve_websocket(stream, fake, head, one_write=one_write, after_hello=after_hello)
         else:
             await _serve_http(stream, fake.handle, port, head)
 

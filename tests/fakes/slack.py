@@ -18,6 +18,27 @@ downloads are served under the fake's own origin (`files_url`) and check the bea
 token (Slack's HTML sign-in page with HTTP 200 otherwise, or when `file_scope` is off);
 `files.info`, `files.getUploadURLExternal`, the byte upload and
 `files.completeUploadExternal` work as Slack's upload flow does.
+
+Rules Slack documents, enforced by default (docs.slack.dev method reference, as mirrored in
+slack-ruby/slack-api-ref; summarised in shared/docs/protocols.md C2, C4, C5 and C6), so a
+bot that breaks them fails here as it would in production:
+- Rate limits per method, workspace-wide: one token bucket per method for the whole fake,
+  shared by every caller (T2 20/min, T3 50/min, T4 100/min, burst = rate // 5, refilled
+  continuously); chat.postMessage has one bucket per channel (1/s, burst 5) instead;
+  auth.test is not limited. An empty bucket answers HTTP 429 `ratelimited` with
+  `Retry-After` (whole seconds until a token is back); calls that arrive before the
+  announced window ends are answered 429 again and logged in `calls_in_retry_after`.
+  `FakeSlack(rate_limits=False)` turns the buckets off; `rate_overrides` changes rates.
+- Streaming state: chat.update / chat.delete on a message still streaming →
+  `streaming_state_conflict`; append/stop on one not streaming → `message_not_in_streaming_state`.
+- Text caps: chat.update `text` ≤ 4,000, chat.postMessage `text` ≤ 40,000, `markdown_text`
+  ≤ 12,000 (`msg_too_long`). Message blocks: ≤ 50 blocks, section text ≤ 3,000 (≤ 10
+  fields), header ≤ 150, `markdown` blocks ≤ 12,000 together, context ≤ 10 elements,
+  actions ≤ 25 elements, button text ≤ 75 (`invalid_blocks`). Views: ≤ 100 blocks, titles
+  ≤ 24, private_metadata ≤ 3,000, plus the same per-block checks.
+- Assistant status (setStatus, DMs and channel threads alike): expires 120 s after it was
+  set, and clears when the app posts in the thread (postMessage with that thread_ts,
+  startStream) or on status "". `visible_status` says what a user sees now.
 """
 
 from __future__ import annotations
@@ -39,22 +60,122 @@ from bot.websocket import WebSocketClosed
 
 FIRST_TS = 1_700_000_000
 MAX_CONNECTIONS = 10  # Slack's per-app cap on Socket Mode connections
-MARKDOWN_TEXT_LIMIT = 12_000
-TEXT_LIMIT = 40_000
 # Form-encoded requests carry these structured arguments as JSON strings.
 _JSON_ARGS = frozenset({"blocks", "attachments", "files", "metadata", "prompts", "view", "chunks"})
 
+# Text caps per method and field (docs.slack.dev method reference; protocols.md C4, C6).
+MARKDOWN_TEXT_LIMIT = 12_000  # markdown_text on postMessage/update/start/append/stopStream
+TEXT_LIMIT = 40_000  # chat.postMessage `text`
+UPDATE_TEXT_LIMIT = 4_000  # chat.update `text` (docs.slack.dev chat.update; protocols.md C6)
+# Block Kit limits for messages (protocols.md C4, from slack_sdk's validators).
+MESSAGE_BLOCKS_LIMIT = 50
+VIEW_BLOCKS_LIMIT = 100
+SECTION_TEXT_LIMIT = 3_000
+SECTION_FIELDS_LIMIT = 10
+HEADER_TEXT_LIMIT = 150
+MARKDOWN_BLOCKS_LIMIT = 12_000  # cumulative across all `markdown` blocks of one message
+CONTEXT_ELEMENTS_LIMIT = 10
+ACTIONS_ELEMENTS_LIMIT = 25
+BUTTON_TEXT_LIMIT = 75
+STATUS_TTL = 120.0  # assistant.threads.setStatus: removed if no message is sent within 2 minutes
+
+# Rate limits (docs.slack.dev "Rate limits" and each method's tier; protocols.md C2, C6).
+# Slack's tiers say "20+", "50+", "100+" per minute: bursts are tolerated, then 429.
+TIER_PER_MINUTE = {2: 20, 3: 50, 4: 100}
+METHOD_TIERS: dict[str, int] = {
+    "chat.startStream": 2,
+    "chat.stopStream": 2,
+    "chat.update": 3,
+    "chat.delete": 3,
+    "conversations.replies": 3,
+    "conversations.history": 3,
+    "apps.connections.open": 3,
+    "reactions.add": 3,
+    "chat.appendStream": 4,
+    "chat.postEphemeral": 4,
+    "views.open": 4,
+    "views.update": 4,
+    "views.push": 4,
+    "views.publish": 4,
+    "assistant.threads.setTitle": 4,
+    "assistant.threads.setSuggestedPrompts": 4,
+    # Slack lists setStatus as "Special" and gives no figure; we model it as Tier 4.
+    "assistant.threads.setStatus": 4,
+    "users.info": 4,
+    "files.info": 4,
+    "files.getUploadURLExternal": 4,
+    "files.completeUploadExternal": 4,
+}
+UNLIMITED_METHODS = frozenset({"auth.test"})  # "Special", and not limited in practice
+# chat.postMessage is "Special": about one message a second per channel, short bursts
+# allowed; modelled as one bucket per channel and no workspace-wide bucket.
+POST_MESSAGE_PER_SECOND = 1
+POST_MESSAGE_BURST = 5
+_EPSILON = 1e-6  # float slack when comparing times and token counts
+
+
+def burst_for(per_minute: float) -> int:
+    """Bucket capacity for a tier rate: a fifth of a minute's calls (T2 4, T3 10, T4 20)."""
+    return max(1, int(per_minute) // 5)
+
+
+def default_limit(method: str) -> tuple[float, int] | None:
+    """(calls per minute, burst) Slack allows `method` by default; None if not limited.
+    For chat.postMessage the figures are per channel."""
+    if method in UNLIMITED_METHODS:
+        return None
+    if method == "chat.postMessage":
+        return POST_MESSAGE_PER_SECOND * 60, POST_MESSAGE_BURST
+    tier = METHOD_TIERS.get(method)
+    if tier is None:
+        return None
+    per_minute = TIER_PER_MINUTE[tier]
+    return per_minute, burst_for(per_minute)
+
 
 class SlackError(Exception):
-    """Raised inside a method implementation; becomes `{"ok": false, "error": code}`."""
+    """Raised inside a method implementation; becomes `{"ok": false, "error": code}`, with
+    `detail` (if any) in `response_metadata.messages` as Slack explains invalid_blocks."""
 
-    def __init__(self, code: str) -> None:
-        super().__init__(code)
+    def __init__(self, code: str, detail: str | None = None) -> None:
+        super().__init__(code if detail is None else f"{code}: {detail}")
         self.code = code
+        self.detail = detail
+
+    def body(self) -> dict:
+        body: dict = {"ok": False, "error": self.code}
+        if self.detail is not None:
+            body["response_metadata"] = {"messages": [f"[ERROR] {self.detail}"]}
+        return body
 
 
 class NoConnection(RuntimeError):
     """`send_event` found no live Socket Mode connection to deliver on."""
+
+
+@dataclass
+class Bucket:
+    """A token bucket: `capacity` calls at once, refilled continuously at `per_minute`/60
+    a second. Time comes from the caller (anyio.current_time()), so it runs on virtual time."""
+
+    per_minute: float
+    capacity: int
+    tokens: float = -1.0  # -1: full, set on first use (a FakeSlack may be built outside a loop)
+    updated: float = 0.0
+
+    def _refill(self, now: float) -> None:
+        if self.tokens < 0:
+            self.tokens, self.updated = float(self.capacity), now
+        self.tokens = min(float(self.capacity), self.tokens + (now - self.updated) * self.per_minute / 60)
+        self.updated = now
+
+    def take(self, now: float) -> float | None:
+        """Take a token; None if one was there, else the seconds until one will be."""
+        self._refill(now)
+        if self.tokens >= 1 - _EPSILON:
+            self.tokens = max(0.0, self.tokens - 1)
+            return None
+        return (1 - self.tokens) * 60 / self.per_minute
 
 
 @dataclass
@@ -64,6 +185,7 @@ class Fault:
     retry_after: float | None = None
     body: str | None = None  # raw (non-JSON) body, e.g. an HTML 502 page
     times: int = 1
+    after: bool = False  # the call takes effect first, then the answer is this error (lost reply)
 
 
 @dataclass
@@ -225,6 +347,8 @@ class FakeSlack:
         app_id: str = "A1",
         ws_url: str = "ws://fake-slack.invalid/link",
         echo_bot_messages: bool = False,
+        rate_limits: bool = True,
+        rate_overrides: dict[str, float | None] | None = None,
     ) -> None:
         self.bot_token, self.app_token = bot_token, app_token
         self.bot_user_id, self.bot_id, self.team_id, self.app_id = bot_user_id, bot_id, team_id, app_id
@@ -234,16 +358,29 @@ class FakeSlack:
         self.messages: dict[str, list[dict]] = {}
         self.updates: dict[tuple[str, str], list[str]] = {}  # every text a message had, post first
         self.deleted: list[tuple[str, str]] = []
-        self.calls: list[tuple[str, dict]] = []
+        self.calls: list[tuple[str, dict]] = []  # every call, rate-limited or faulted ones too
+        self.accepted_calls: list[tuple[str, dict]] = []  # calls that reached the method (not 429, no fault)
+        # Rate limits (see "rate limits" below)
+        self.rate_limits = rate_limits  # False: no buckets (injected faults and their windows still apply)
+        # method -> calls per minute (None: unlimited), in place of Slack's figure
+        self.rate_overrides: dict[str, float | None] = dict(rate_overrides or {})
+        self.rate_limited: dict[str, int] = {}  # method -> 429s answered (buckets, windows and injected)
+        self.retry_windows: dict[tuple[str, str | None], float] = {}  # bucket key -> end of the announced Retry-After
+        self.calls_in_retry_after: list[tuple[str, str | None, float]] = []  # (method, channel, time)
+        self._buckets: dict[tuple[str, str | None], Bucket] = {}
         self.users: dict[str, dict] = {}  # overrides for users.info
         self.latency: dict[str, float] = {}  # per-method delay ("*" = every method); math.inf hangs
         self._faults: dict[str, list[Fault]] = {}
+        self.outage_until = -math.inf  # see outage()
+        self._outage_status = 503
         self._ts = 0
         # Views, App Home, assistant threads, native streaming (see "UX surfaces" below)
         self.views: dict[str, dict] = {}  # view_id -> the view as Slack holds it (id, hash, state…)
         self.home_views: dict[str, dict] = {}  # user id -> the published Home tab view
         self.ephemerals: list[dict] = []  # chat.postEphemeral arguments
         self.statuses: list[tuple[str, str, str]] = []  # (channel, thread_ts, status) per setStatus
+        self.status_log: list[tuple[str, str, str, float]] = []  # (channel, thread_ts, status, time) per setStatus
+        self.thread_status: dict[tuple[str, str], tuple[str, float]] = {}  # -> (status, since); a reply sets ""
         self.suggested_prompts: list[dict] = []  # setSuggestedPrompts arguments
         self.titles: dict[tuple[str, str], str] = {}  # (channel, thread_ts) -> title
         self.streaming_supported = True  # False: chat.*Stream answer unknown_method (an older Slack)
@@ -302,10 +439,19 @@ class FakeSlack:
     # ------------------------------------------------------------------ Web API
 
     def fail_next(self, method: str, *, error: str = "internal_error", status: int = 200,
-                  retry_after: float | None = None, body: str | None = None, times: int = 1) -> None:
+                  retry_after: float | None = None, body: str | None = None, times: int = 1,
+                  after: bool = False) -> None:
         """The next `times` calls to `method` fail. status=429 answers `ratelimited` with a
-        Retry-After header; `body` replaces the JSON with raw text (a proxy's 502 page)."""
-        self._faults.setdefault(method, []).append(Fault(error, status, retry_after, body, times))
+        Retry-After header; `body` replaces the JSON with raw text (a proxy's 502 page).
+        `after`: Slack does the work, then the answer is lost in a 5xx (a post may exist
+        although the caller was told it failed)."""
+        self._faults.setdefault(method, []).append(Fault(error, status, retry_after, body, times, after))
+
+    def outage(self, seconds: float, *, status: int = 503) -> None:
+        """From now, for `seconds`, every Web API call answers an HTML `status` page and
+        does nothing (a short Slack outage; file downloads are not affected)."""
+        self.outage_until = anyio.current_time() + seconds
+        self._outage_status = status
 
     async def handle(self, request: httpx2.Request) -> httpx2.Response:
         """The Web API: `POST /api/<method>` (GET works too, as on Slack)."""
@@ -318,23 +464,54 @@ class FakeSlack:
         except SlackError as exc:
             self.calls.append((method, {}))
             self._changed()
-            return _json({"ok": False, "error": exc.code})
+            return _json(exc.body())
         self.calls.append((method, args))
         self._changed()
         delay = self.latency.get(method, self.latency.get("*", 0.0))
         if delay:
             await anyio.sleep(delay)
+        now = anyio.current_time()
+        if now < self.outage_until:
+            return httpx2.Response(self._outage_status, text="<html><h1>Service Unavailable</h1></html>",
+                                   headers={"Content-Type": "text/html"})
+        key = self._bucket_key(method, args)
+        window = self.retry_windows.get(key)
+        in_window = window is not None and now < window - _EPSILON
+        if in_window:
+            self.calls_in_retry_after.append((method, _channel_of(args), now))
+        after = bool(self._faults.get(method)) and self._faults[method][0].after
         fault = self._take_fault(method)
+        if fault is not None and after:  # Slack acts, then the answer is lost
+            impl = _METHODS.get(method)
+            if impl is not None:
+                try:
+                    impl(self, args)
+                except SlackError:
+                    pass
+                self._changed()
+            return fault
         if fault is not None:
+            if fault.status_code == 429:
+                self._count_limited(method)
+                self._announce(key, now + float(fault.headers.get("Retry-After", "1")))
             return fault
         try:
             self._check_token(method, request.headers.get("authorization", ""))
             impl = _METHODS.get(method)
             if impl is None:
                 raise SlackError("unknown_method")
+        except SlackError as exc:
+            return _json(exc.body())
+        if in_window:  # Slack keeps limiting until the window it announced is over
+            return self._ratelimited(method, window - now)
+        limited = self._take_token(method, key, now)
+        if limited is not None:
+            return limited
+        self.accepted_calls.append((method, args))
+        try:
             body = impl(self, args)
         except SlackError as exc:
-            return _json({"ok": False, "error": exc.code})
+            return _json(exc.body())
         if method == "chat.postMessage" and self.echo_bot_messages and self._candidates():
             event = {**body["message"], "channel": body["channel"], "event_ts": body["ts"], "channel_type": "im"}
             await self.send_event(event)
@@ -356,6 +533,55 @@ class FakeSlack:
         if fault.body is not None:
             return httpx2.Response(fault.status, text=fault.body, headers={"Content-Type": "text/html", **headers})
         return _json({"ok": False, "error": fault.error}, status=fault.status, headers=headers)
+
+    # ------------------------------------------------------------------ rate limits
+    # One bucket per method for the whole fake (Slack limits per method, per workspace, per
+    # app: every caller shares it), one per channel for chat.postMessage. A 429 announces a
+    # window (Retry-After); calls inside it are logged and refused, as Slack keeps limiting.
+
+    def limit_of(self, method: str) -> tuple[float, int] | None:
+        """(calls per minute, burst) this fake allows `method`, overrides included; None if
+        unlimited. Overrides get `burst_for(per_minute)` as their burst."""
+        if method in self.rate_overrides:
+            per_minute = self.rate_overrides[method]
+            return None if per_minute is None else (per_minute, burst_for(per_minute))
+        return default_limit(method)
+
+    def accepted(self, method: str) -> int:
+        """How many calls to `method` got past faults, auth and rate limits."""
+        return sum(1 for m, _ in self.accepted_calls if m == method)
+
+    @staticmethod
+    def _bucket_key(method: str, args: dict) -> tuple[str, str | None]:
+        if method == "chat.postMessage":
+            return method, _channel_of(args)
+        return method, None
+
+    def _count_limited(self, method: str) -> None:
+        self.rate_limited[method] = self.rate_limited.get(method, 0) + 1
+
+    def _announce(self, key: tuple[str, str | None], until: float) -> None:
+        self.retry_windows[key] = max(until, self.retry_windows.get(key, until))
+
+    def _ratelimited(self, method: str, wait: float) -> httpx2.Response:
+        self._count_limited(method)
+        retry = max(1, math.ceil(wait - _EPSILON))
+        return _json({"ok": False, "error": "ratelimited"}, status=429, headers={"Retry-After": str(retry)})
+
+    def _take_token(self, method: str, key: tuple[str, str | None], now: float) -> httpx2.Response | None:
+        """None if the call may go ahead, else the 429 (and the window it announces)."""
+        limit = self.limit_of(method)
+        if not self.rate_limits or limit is None or (method == "chat.postMessage" and key[1] is None):
+            return None
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = Bucket(*limit)
+        wait = bucket.take(now)
+        if wait is None:
+            return None
+        response = self._ratelimited(method, wait)
+        self._announce(key, now + float(response.headers["Retry-After"]))
+        return response
 
     def _check_token(self, method: str, authorization: str) -> None:
         scheme, _, token = authorization.partition(" ")
@@ -391,23 +617,25 @@ class FakeSlack:
         sep = "&" if "?" in self.ws_url else "?"
         return {"url": f"{self.ws_url}{sep}ticket={ticket}&app_id={self.app_id}"}
 
-    def _text_args(self, args: dict, *, required: bool) -> dict:
+    def _text_args(self, args: dict, *, required: bool, text_limit: int = TEXT_LIMIT) -> dict:
+        """The text fields of a message write, checked against Slack's per-field caps
+        (`text_limit` is 4,000 for chat.update, 40,000 for chat.postMessage)."""
         text, markdown = args.get("text"), args.get("markdown_text")
         if markdown is not None and (text is not None or args.get("blocks")):
             raise SlackError("markdown_text_conflict")
         if markdown is not None:
             if len(markdown) > MARKDOWN_TEXT_LIMIT:
-                raise SlackError("msg_too_long")
+                raise SlackError("msg_too_long", f"markdown_text is longer than {MARKDOWN_TEXT_LIMIT} characters")
             return {"text": markdown, "markdown_text": markdown}
         if text is None and not args.get("blocks"):
             if required:
                 raise SlackError("no_text")
             return {}
-        if text is not None and len(text) > TEXT_LIMIT:
-            raise SlackError("msg_too_long")
+        if text is not None and len(text) > text_limit:
+            raise SlackError("msg_too_long", f"text is longer than {text_limit} characters")
         out: dict = {"text": text or ""}
         if args.get("blocks"):
-            out["blocks"] = args["blocks"]
+            out["blocks"] = _check_blocks(args["blocks"], MESSAGE_BLOCKS_LIMIT, message=True)
         return out
 
     def _post_message(self, args: dict) -> dict:
@@ -418,6 +646,13 @@ class FakeSlack:
                    "app_id": self.app_id, "team": self.team_id, **self._text_args(args, required=True)}
         if args.get("thread_ts"):
             message["thread_ts"] = str(args["thread_ts"])
+            self._clear_status(channel, message["thread_ts"])
+        metadata = args.get("metadata")
+        if metadata is not None:
+            if not isinstance(metadata, dict) or not isinstance(metadata.get("event_type"), str) \
+                    or not isinstance(metadata.get("event_payload"), dict):
+                raise SlackError("invalid_metadata_format")
+            message["metadata"] = metadata
         self._store(channel, message)
         return {"channel": channel, "ts": message["ts"], "message": dict(message)}
 
@@ -431,15 +666,20 @@ class FakeSlack:
 
     def _update(self, args: dict) -> dict:
         message = self._own_message(args, "cant_update_message")
-        changes = self._text_args(args, required=True)
+        if message.get("streaming"):  # stop the stream first (docs.slack.dev chat.update)
+            raise SlackError("streaming_state_conflict")
+        changes = self._text_args(args, required=True, text_limit=UPDATE_TEXT_LIMIT)
         if "markdown_text" not in changes:
             message.pop("markdown_text", None)
+        message.pop("streaming", None)  # an edited stream is an ordinary message again
         message.update(changes, edited={"user": self.bot_user_id, "ts": self._next_ts()})
         self.updates[(args["channel"], message["ts"])].append(message["text"])
         return {"channel": args["channel"], "ts": message["ts"], "text": message["text"], "message": dict(message)}
 
     def _delete(self, args: dict) -> dict:
         message = self._own_message(args, "cant_delete_message")
+        if message.get("streaming"):
+            raise SlackError("streaming_state_conflict")
         self.messages[args["channel"]].remove(message)
         self.deleted.append((args["channel"], message["ts"]))
         return {"channel": args["channel"], "ts": message["ts"]}
@@ -457,6 +697,8 @@ class FakeSlack:
         except ValueError:
             raise SlackError("invalid_arguments") from None
         page = thread[start:start + limit]
+        if str(args.get("include_all_metadata", "")).lower() not in ("true", "1"):
+            page = [{k: v for k, v in m.items() if k != "metadata"} for m in page]  # as Slack: only on request
         more = start + limit < len(thread)
         return {"messages": page, "has_more": more,
                 "response_metadata": {"next_cursor": f"offset_{start + limit}" if more else ""}}
@@ -486,7 +728,7 @@ class FakeSlack:
         if not isinstance(view, dict) or view.get("type") not in kinds:
             raise SlackError("invalid_arguments")
         blocks = view.get("blocks")
-        if not isinstance(blocks, list) or len(blocks) > 100:
+        if not isinstance(blocks, list) or len(blocks) > VIEW_BLOCKS_LIMIT:
             raise SlackError("invalid_arguments")
         if view["type"] == "modal":
             title = (view.get("title") or {}).get("text", "")
@@ -505,6 +747,7 @@ class FakeSlack:
                 raise SlackError("invalid_blocks")
             if block["type"] == "input" and (not block.get("label") or not isinstance(block.get("element"), dict)):
                 raise SlackError("invalid_blocks")
+        _check_blocks(blocks, VIEW_BLOCKS_LIMIT, message=False)
         return view
 
     def _store_view(self, view: dict, view_id: str | None = None, **extra: Any) -> dict:
@@ -557,10 +800,25 @@ class FakeSlack:
         channel, thread_ts = str(args.get("channel_id") or ""), str(args.get("thread_ts") or "")
         if not channel or not thread_ts or "status" not in args:
             raise SlackError("invalid_arguments")
-        if not channel.startswith("D"):
-            raise SlackError("channel_type_not_supported")
-        self.statuses.append((channel, thread_ts, str(args["status"])))
+        # DMs and channel threads alike: Slack allows channel threads since 2026-03.
+        status, now = str(args["status"]), anyio.current_time()
+        self.statuses.append((channel, thread_ts, status))
+        self.status_log.append((channel, thread_ts, status, now))
+        self.thread_status[(channel, thread_ts)] = (status, now)
         return {}
+
+    def _clear_status(self, channel: str, thread_ts: str) -> None:
+        """The app replied in the thread: Slack removes the status by itself."""
+        if self.thread_status.get((channel, thread_ts), ("", 0.0))[0]:
+            self.thread_status[(channel, thread_ts)] = ("", anyio.current_time())
+
+    def visible_status(self, channel: str, thread_ts: str) -> str:
+        """The status a user sees in the thread now: "" once cleared (status "", or the app
+        posted in the thread) or STATUS_TTL seconds after it was set."""
+        status, since = self.thread_status.get((channel, thread_ts), ("", 0.0))
+        if not status or anyio.current_time() - since >= STATUS_TTL:
+            return ""
+        return status
 
     def _assistant_set_prompts(self, args: dict) -> dict:
         prompts = args.get("prompts")
@@ -590,7 +848,7 @@ class FakeSlack:
         if text is None:
             return
         if len(text) > MARKDOWN_TEXT_LIMIT:
-            raise SlackError("msg_too_long")
+            raise SlackError("msg_too_long", f"markdown_text is longer than {MARKDOWN_TEXT_LIMIT} characters")
         message["text"] += text
         message["markdown_text"] = message["text"]
         self.stream_appends.setdefault((args["channel"], message["ts"]), []).append(text)
@@ -609,8 +867,11 @@ class FakeSlack:
         message = {"type": "message", "ts": self._next_ts(), "user": self.bot_user_id, "bot_id": self.bot_id,
                    "app_id": self.app_id, "team": self.team_id, "text": "", "thread_ts": str(args["thread_ts"]),
                    "streaming": True}
+        if len(args.get("markdown_text") or "") > MARKDOWN_TEXT_LIMIT:  # refused before anything is stored
+            raise SlackError("msg_too_long", f"markdown_text is longer than {MARKDOWN_TEXT_LIMIT} characters")
         self._store(channel, message)
         self._stream_text(message, args)
+        self._clear_status(str(channel), message["thread_ts"])
         return {"channel": channel, "ts": message["ts"]}
 
     def _append_stream(self, args: dict) -> dict:
@@ -622,9 +883,10 @@ class FakeSlack:
 
     def _stop_stream(self, args: dict) -> dict:
         message = self._streaming_message(args)
+        blocks = _check_blocks(args["blocks"], MESSAGE_BLOCKS_LIMIT, message=True) if args.get("blocks") else None
         self._stream_text(message, args)
-        if args.get("blocks"):
-            message["blocks"] = args["blocks"]
+        if blocks is not None:
+            message["blocks"] = blocks
         message["streaming"] = False
         return {"channel": args["channel"], "ts": message["ts"], "message": dict(message)}
 
@@ -633,6 +895,29 @@ class FakeSlack:
         message = self._find(channel, ts)
         if message is not None:
             message["streaming"] = False
+
+    def _message_or_deleted(self, channel: str, ts: str) -> dict | None:
+        message = self._find(channel, ts)
+        if message is None and (channel, ts) not in self.deleted:
+            raise KeyError(f"no message {channel}/{ts}")
+        return message
+
+    def is_streaming(self, channel: str, ts: str) -> bool:
+        """Whether the message is still in streaming state (started, not stopped or expired)."""
+        message = self._message_or_deleted(channel, ts)
+        return bool(message and message.get("streaming"))
+
+    def visible_text(self, channel: str, ts: str) -> str:
+        """The message as a user sees it now: "" once deleted; with blocks, their text
+        (the top-level `text` is then only the notification fallback); a stream shows its
+        text so far, and stopStream's blocks below it."""
+        message = self._message_or_deleted(channel, ts)
+        if message is None:
+            return ""
+        shown = _blocks_text(message.get("blocks") or [])
+        if "streaming" in message:
+            return "\n".join(part for part in (message["text"], shown) if part)
+        return shown or message["text"]
 
     # Interaction payloads, shaped as Slack sends them over Socket Mode.
 
@@ -788,6 +1073,8 @@ class FakeSlack:
         files = args.get("files")
         if not isinstance(files, list) or not files:
             raise SlackError("invalid_arguments")
+        if args.get("blocks"):
+            _check_blocks(args["blocks"], MESSAGE_BLOCKS_LIMIT, message=True)
         channel, thread_ts = args.get("channel_id"), args.get("thread_ts")
         if thread_ts and not channel:
             raise SlackError("invalid_arguments")
@@ -847,8 +1134,8 @@ class FakeSlack:
         return [parent, *(dict(m) for m in replies)]
 
     def bot_replies(self, channel: str, thread_ts: str) -> list[str]:
-        """Final texts of the bot's replies in a thread, oldest first."""
-        return [m["text"] for m in self.thread_messages(channel, thread_ts)
+        """The bot's replies in a thread as a user sees them (`visible_text`), oldest first."""
+        return [self.visible_text(channel, m["ts"]) for m in self.thread_messages(channel, thread_ts)
                 if m.get("bot_id") == self.bot_id and m["ts"] != thread_ts]
 
     def message_event(self, channel: str, user: str, text: str, ts: str | None = None, thread_ts: str | None = None,
@@ -1040,6 +1327,83 @@ class FakeSlack:
         link.silenced = True
         self._changed()
         return link
+
+
+def _channel_of(args: dict) -> str | None:
+    channel = args.get("channel") or args.get("channel_id")
+    return str(channel) if channel else None
+
+
+def _text_of(obj: object) -> str:
+    """The text of a text object ({"type": "mrkdwn"|"plain_text", "text": …})."""
+    return str(obj.get("text") or "") if isinstance(obj, dict) else ""
+
+
+def _check_button(element: object, where: str) -> None:
+    if isinstance(element, dict) and element.get("type") == "button":
+        if len(_text_of(element.get("text"))) > BUTTON_TEXT_LIMIT:
+            raise SlackError("invalid_blocks", f"{where}: button text must be at most {BUTTON_TEXT_LIMIT} characters")
+
+
+def _check_blocks(blocks: object, limit: int, *, message: bool) -> list:
+    """Block Kit limits Slack checks on every write (protocols.md C4); `invalid_blocks`
+    with a detail naming the block, as in Slack's `response_metadata.messages`."""
+    if not isinstance(blocks, list):
+        raise SlackError("invalid_blocks", "blocks must be an array")
+    if len(blocks) > limit:
+        raise SlackError("invalid_blocks", f"no more than {limit} items allowed [json-pointer:/blocks]")
+    markdown_total = 0
+    for i, block in enumerate(blocks):
+        where = f"[json-pointer:/blocks/{i}]"
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise SlackError("invalid_blocks", f"{where}: a block must be an object with a type")
+        kind = block["type"]
+        if kind == "section":
+            if len(_text_of(block.get("text"))) > SECTION_TEXT_LIMIT:
+                raise SlackError("invalid_blocks", f"{where}: section text must be at most {SECTION_TEXT_LIMIT} chars")
+            if len(block.get("fields") or []) > SECTION_FIELDS_LIMIT:
+                raise SlackError("invalid_blocks", f"{where}: at most {SECTION_FIELDS_LIMIT} fields")
+            _check_button(block.get("accessory"), where)
+        elif kind == "header":
+            if len(_text_of(block.get("text"))) > HEADER_TEXT_LIMIT:
+                raise SlackError("invalid_blocks", f"{where}: header text must be at most {HEADER_TEXT_LIMIT} chars")
+        elif kind == "markdown":
+            if not message:
+                raise SlackError("invalid_blocks", f"{where}: markdown blocks are for messages only")
+            markdown_total += len(str(block.get("text") or ""))
+            if markdown_total > MARKDOWN_BLOCKS_LIMIT:
+                raise SlackError("invalid_blocks",
+                                 f"{where}: markdown blocks may hold {MARKDOWN_BLOCKS_LIMIT} characters in all")
+        elif kind == "context":
+            if len(block.get("elements") or []) > CONTEXT_ELEMENTS_LIMIT:
+                raise SlackError("invalid_blocks", f"{where}: at most {CONTEXT_ELEMENTS_LIMIT} context elements")
+        elif kind == "actions":
+            elements = block.get("elements") or []
+            if len(elements) > ACTIONS_ELEMENTS_LIMIT:
+                raise SlackError("invalid_blocks", f"{where}: at most {ACTIONS_ELEMENTS_LIMIT} action elements")
+            for element in elements:
+                _check_button(element, where)
+    return blocks
+
+
+def _blocks_text(blocks: list) -> str:
+    """What a user reads in blocks: section/header/markdown/context texts, rich text."""
+    parts: list[str] = []
+    for block in blocks:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind in ("section", "header"):
+            parts.append(_text_of(block.get("text")))
+            parts.extend(_text_of(field) for field in block.get("fields") or [])
+        elif kind == "markdown":
+            parts.append(str(block.get("text") or ""))
+        elif kind == "context":
+            parts.append(" ".join(_text_of(e) for e in block.get("elements") or [] if _text_of(e)))
+        elif kind == "rich_text":
+            parts.append("".join(str(leaf.get("text") or "") for section in block.get("elements") or []
+                                 for leaf in section.get("elements") or [] if isinstance(leaf, dict)))
+    return "\n".join(part for part in parts if part)
 
 
 def _json(body: dict, status: int = 200, headers: dict | None = None) -> httpx2.Response:

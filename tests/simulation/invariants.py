@@ -31,7 +31,7 @@ import math
 import sqlite3
 from collections import defaultdict
 
-from bot.processing.answer import FINALIZE_SECONDS
+from bot.processing.answer import FINALIZE_SECONDS, SHUTDOWN_FINALIZE_SECONDS
 from bot.processing.failures import BUSY_NOTICE
 from tests.simulation.world import CREATING_METHODS, World
 from tests.simulation_support import PRODUCTION, TIMEOUT_TEXT, classify
@@ -214,7 +214,9 @@ def check(world: World) -> None:
         limit = rec.start + TIMEOUT + FINALIZE_SECONDS
         stopped = incs[rec.inc].stopped_at
         if stopped is not None:
-            limit = min(limit, max(stopped, rec.start) + GRACE + FINALIZE_SECONDS + 0.1)  # + the 0.05 s poll, twice
+            # interrupted after the grace (+ the 0.05 s poll, twice); a final write already
+            # waiting in Slack's budget is cut to SHUTDOWN_WRITE_SECONDS then
+            limit = min(limit, max(stopped, rec.start) + GRACE + SHUTDOWN_FINALIZE_SECONDS + 0.1)
         if rec.end > limit + EPS:
             v(f"request {rec.rid} (m{rec.msg}) ran until {rec.end:.3f}, past its bound {limit:.3f}")
     for call in world.ai_calls:
