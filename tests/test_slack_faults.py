@@ -99,3 +99,30 @@ async def test_a_stream_that_slack_cannot_stop_is_never_stored_as_answered(slack
     finally:
         with anyio.CancelScope(shield=True):
             await store.aclose()
+
+
+async def test_a_long_answer_keeps_its_feedback_buttons_with_a_short_fallback_text(slack, ai):
+    """chat.update's `text` takes at most 4,000 characters: the buttons go out in the final
+    write with the answer in a markdown block and a short notification text beside it."""
+    long_answer = ("A long paragraph of an answer that goes on. " * 200).strip()  # ~9,000 characters
+    ai.enqueue(Behaviour(text=long_answer, chunks=4))
+    async with running_bot(slack, ai) as nursery:
+        _, ev = await send_dm(slack, "tell me everything")
+        await wait_reply(slack, "D1", ev["ts"], long_answer[-40:])
+        await eventually(lambda: nursery.outcomes.get("answered") == 1)
+    (message,) = _bot_messages(slack, "D1", ev["ts"])
+    assert message["blocks"][0] == {"type": "markdown", "text": long_answer}
+    assert message["blocks"][-1]["elements"][0]["type"] == "feedback_buttons"
+    assert len(message["text"]) <= 300 and long_answer.startswith(message["text"].rstrip("…"))
+    assert slack.visible_text("D1", message["ts"]).startswith(long_answer)
+
+
+async def test_model_output_cannot_ping_the_channel(slack, ai):
+    ai.enqueue(Behaviour(text="Heads up <!channel> and <!subteam^S1|@devs>, ask <@U7>.", chunks=6))
+    async with running_bot(slack, ai) as nursery:
+        _, ev = await send_dm(slack, "announce")
+        await eventually(lambda: nursery.outcomes.get("answered") == 1)
+    shown = " ".join(slack.bot_replies("D1", ev["ts"]))
+    every_text = " ".join(str(args) for method, args in slack.calls if method.startswith("chat."))
+    assert "<!channel>" not in every_text and "<!subteam" not in every_text
+    assert "@\u2060channel" in shown and "@\u2060devs" in shown and "<@U7>" in shown

@@ -95,4 +95,27 @@ async def test_a_minute_of_dms_and_mentions_under_slacks_tiers_loses_no_answer(n
                                          for m in slack.thread_messages(channel, thread_ts))
     assert missing == [], f"{len(missing)} answers never became visible, e.g. {missing[:3]}"
     assert slack.calls_in_retry_after == [], "calls went inside a Retry-After window Slack had given"
+    assert slack.rate_limited == {}, "the bot's own budgets should keep a lone process under Slack's"
     assert all(history_ok), "an answer Slack shows is missing from storage"
+
+
+async def test_a_slow_native_answer_keeps_its_status_visible_past_slacks_two_minutes(no_threads):
+    """Nothing is visible in a native stream before its first text: the thread status is
+    all the user has, and Slack drops it after 120 s without a message. It is sent again
+    in time, for as long as the model thinks."""
+    slack = FakeSlack()
+    ai = FakeOpenAI(script=lambda request: Behaviour(text="Finally, an answer.", latency=250.0, chunks=2))
+    async with sim_bot(slack, ai, native_streaming=True, stream_idle_timeout_seconds=300.0) as nursery:
+        event = slack.message_event("D1", "U1", "think hard", channel_type="im")
+        await slack.send_event(event)
+        t0 = anyio.current_time()
+        gaps = []
+        while anyio.current_time() - t0 < 245:
+            await anyio.sleep(1.0)
+            if not slack.visible_status("D1", event["ts"]):
+                gaps.append(round(anyio.current_time() - t0))
+        with anyio.fail_after(LONG):
+            await settle(nursery, ai)
+        assert nursery.outcomes == {"answered": 1}
+    assert gaps == [], f"no status visible at {gaps[:5]} s"
+    assert "Finally, an answer." in slack.bot_replies("D1", event["ts"])[-1]
