@@ -230,7 +230,9 @@ async def bot_process(command: list[str], env: dict[str, str], workdir: Path,
 
 async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
     n = args.conversations
-    slack = FakeSlack(bot_token=BOT_TOKEN, app_token=APP_TOKEN)
+    # Slack's rate-limit tiers are on, as in a real workspace; --no-slack-tiers gives the
+    # unlimited fake of the figures measured before the fake enforced them.
+    slack = FakeSlack(bot_token=BOT_TOKEN, app_token=APP_TOKEN, rate_limits=not args.no_slack_tiers)
     ai = FakeOpenAI(api_key=API_KEY, script=lambda request: Behaviour(
         text=answer_for(last_user_text(request)), latency=args.latency, chunks=args.chunks,
         chunk_delay=args.chunk_delay, hang=last_user_text(request).startswith("hang")))
@@ -419,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int, default=0,
                         help="ASYNC_MAX_CONCURRENT_REQUESTS for the bot (default: max(100, conversations))")
     parser.add_argument("--timeout", type=float, default=60.0, help="give up waiting for replies after this")
+    parser.add_argument("--no-slack-tiers", action="store_true",
+                        help="the fake Slack without its per-method rate limits (earlier figures)")
     parser.add_argument("--profile", metavar="FILE",
                         help="run the bot under cProfile and write its stats to FILE (slows it down)")
     parser.add_argument("--log-level", default="INFO", help="the bot's LOG_LEVEL (default INFO)")

@@ -77,7 +77,9 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
 
 async def soak(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
-    slack = FakeSlack(bot_token=BOT_TOKEN, app_token=APP_TOKEN)
+    # Unlimited on purpose: the soak runs 30 messages a second for minutes, far beyond
+    # Slack's tiers for one workspace; it measures memory over time, not Slack's limits.
+    slack = FakeSlack(bot_token=BOT_TOKEN, app_token=APP_TOKEN, rate_limits=False)
     ai = FakeOpenAI(api_key=API_KEY, script=scripted(rng, args.hang_share, args.error_share))
     workdir = Path(tempfile.mkdtemp(prefix="slackbot-soak-"))
     port = free_port()

@@ -27,7 +27,7 @@ import anyio
 
 from bot.interactions.feedback import answer_blocks
 from bot.processing.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, split_markdown
-from bot.slack_api import SlackAPIError, SlackSkipped, SlackWebAPI
+from bot.slack_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class ReplyWriter:
             if self.message_ts:
                 try:
                     await self._show(self._render(), interim=True)
-                except SlackSkipped:
+                except (SlackSkipped, SlackRateLimited):
                     self._dirty.set()  # the budget is low: try again at the next tick
                 except SlackAPIError as exc:
                     log.warning("streaming update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
