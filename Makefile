@@ -17,6 +17,7 @@ run: $(STAMP)
 	$(VENV)/bin/slackbot
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The benchmarks need the `bench` extra (Bolt, aiohttp, matplotlib); the bot and the tests do not.

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from bot.storage.location import sqlite_file
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant in a Slack workspace. Answer clearly and concisely. "
     "Use Markdown for formatting."
@@ -135,11 +137,10 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv_path: str | No
             env = os.environ
 
     database_url = env.get("DATABASE_URL", "").strip() or Settings.database_url
-    if not database_url.startswith("sqlite:///"):
-        raise ConfigError(
-            f"DATABASE_URL must look like sqlite:///path/to/bot.db (got {database_url!r}); "
-            "other databases are not supported yet"
-        )
+    try:
+        sqlite_file(database_url)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     backend = env.get("BOT_ASYNC_BACKEND", "").strip().lower() or "trio"
     if backend not in ("trio", "asyncio"):
         raise ConfigError(f"BOT_ASYNC_BACKEND must be 'trio' or 'asyncio', got {backend!r}")
@@ -283,8 +284,3 @@ def _observability_settings(env: Mapping[str, str]) -> dict:
         "watchdog_threshold_seconds": _number(
             env, "WATCHDOG_THRESHOLD_SECONDS", Settings.watchdog_threshold_seconds, minimum=-1),
     }
-
-
-def sqlite_path(database_url: str) -> str:
-    """`sqlite:///data/bot.db` → `data/bot.db`; `sqlite:////abs/x.db` → `/abs/x.db`; `:memory:` kept."""
-    return database_url.removeprefix("sqlite:///")

@@ -26,7 +26,7 @@ from bot.processing.failures import INTERRUPTED_NOTICE
 from bot.slack_api import SlackAPIError, SlackWebAPI
 from bot.slack_events import BotIdentity
 from bot.storage import Store, open_store
-from bot.storage.timed import TimedStore
+from bot.timed_store import TimedStore
 from bot.websocket import Connector, connect_websocket
 
 log = logging.getLogger(__name__)

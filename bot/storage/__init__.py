@@ -1,11 +1,12 @@
 """Storage: the `Store` interface, and `open_store`, the one place DATABASE_URL picks
-the implementation (SQLite today)."""
+the implementation (SQLite today). Nothing here imports the rest of the bot: the bot
+depends on storage, never the other way round (timing lives in `bot.timed_store`)."""
 
 from __future__ import annotations
 
-from bot.config import sqlite_path
-from bot.storage.base import HistoryMessage, InFlightRequest, Outcome, Store, ThreadKey
-from bot.storage.sqlite import SQLiteStore, StorageError, StoreClosed
+from bot.storage.base import HistoryMessage, InFlightRequest, Outcome, StorageError, Store, StoreClosed, ThreadKey
+from bot.storage.location import sqlite_file
+from bot.storage.sqlite import SQLiteStore
 
 __all__ = [
     "HistoryMessage",
@@ -30,14 +31,4 @@ async def open_store(database_url: str, *, inline: bool = False) -> Store:
     Anything else raises `ValueError`. `inline=True` runs database calls in the event
     loop thread (for deterministic simulations under a mock clock).
     """
-    if not database_url.startswith("sqlite:///"):
-        raise ValueError(
-            f"unsupported DATABASE_URL {database_url!r}: only SQLite is supported, "
-            "written sqlite:///relative/path.db, sqlite:////absolute/path.db or sqlite:///:memory:"
-        )
-    path = sqlite_path(database_url)
-    if not path or path.endswith("/"):
-        raise ValueError(
-            f"DATABASE_URL {database_url!r} names no database file (expected sqlite:///path/to/bot.db)"
-        )
-    return await SQLiteStore.open(path, inline=inline)
+    return await SQLiteStore.open(sqlite_file(database_url), inline=inline)

@@ -15,6 +15,15 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 Role = Literal["user", "assistant"]
+class StorageError(RuntimeError):
+    """The database failed (locked, disk full, corrupt file…). The message says which
+    operation failed and why; the driver's error is chained as `__cause__`."""
+
+
+class StoreClosed(RuntimeError):
+    """The store was used after `aclose()`."""
+
+
 Outcome = Literal["answered", "timeout", "error", "interrupted"]
 
 

@@ -36,6 +36,8 @@ import anyio
 import anyio.to_thread
 
 from bot.storage.base import (
+    StorageError,
+    StoreClosed,
     HistoryMessage,
     InFlightRequest,
     Outcome,
@@ -145,15 +147,6 @@ MIGRATIONS: list[str] = [
     CREATE INDEX media_thread_images_thread ON media_thread_images (channel, thread_ts, id);
     """,
 ]
-
-
-class StorageError(RuntimeError):
-    """The database failed (locked, disk full, corrupt file…). The message says which
-    operation failed and why; the `sqlite3` error is chained as `__cause__`."""
-
-
-class StoreClosed(RuntimeError):
-    """The store was used after `aclose()`."""
 
 
 def _statements(script: str) -> list[str]:
