@@ -19,7 +19,7 @@ import openai
 
 from bot.config import Settings
 from bot.openai_client import openai_client
-from bot.slack_api import SlackAPIError, SlackWebAPI
+from bot.slack.web_api import SlackAPIError, SlackWebAPI
 from bot.storage import open_store
 
 CHECK_TIMEOUT = 15.0

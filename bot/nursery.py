@@ -35,11 +35,11 @@ from bot.metrics_server import check_ready, serve_endpoints
 from bot.processing.answer import SHUTDOWN_WRITE_SECONDS, answer_message
 from bot.processing.context import RequestState, Services
 from bot.processing.failures import BUSY_NOTICE
-from bot.slack_events import IncomingMessage, Skip, StopRequest, parse_event, parse_stop
-from bot.slack_socket import Envelope, SocketModeReader
+from bot.slack.events import IncomingMessage, Skip, StopRequest, parse_event, parse_stop
+from bot.slack.socket_mode import Envelope, SocketModeReader
 from bot.storage import StorageError
 from bot.thread_gates import ThreadGates
-from bot.websocket import Connector
+from bot.slack.websocket import Connector
 
 log = logging.getLogger(__name__)
 

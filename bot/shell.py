@@ -34,7 +34,7 @@ from bot.config import Settings
 from bot.openai_client import openai_client
 from bot.processing.answer import answer_message
 from bot.processing.context import RequestState, Services
-from bot.slack_events import BotIdentity, IncomingMessage
+from bot.slack.events import BotIdentity, IncomingMessage
 from bot.storage import open_store
 from bot.terminal_reply import TerminalWriter
 

@@ -23,11 +23,11 @@ from bot.metrics import Metrics
 from bot.nursery import Nursery
 from bot.processing.context import MediaServices, Services
 from bot.processing.failures import INTERRUPTED_NOTICE
-from bot.slack_api import SlackAPIError, SlackWebAPI
-from bot.slack_events import BotIdentity
+from bot.slack.web_api import SlackAPIError, SlackWebAPI
+from bot.slack.events import BotIdentity
 from bot.storage import Store, open_store
 from bot.timed_store import TimedStore
-from bot.websocket import Connector, connect_websocket
+from bot.slack.websocket import Connector, connect_websocket
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import httpx2
 import openai
 import pytest
 
-from bot.slack_api import SlackAPIError, SlackWebAPI
-from bot.websocket import WebSocketClosed, connect_websocket
+from bot.slack.web_api import SlackAPIError, SlackWebAPI
+from bot.slack.websocket import WebSocketClosed, connect_websocket
 from tests.fakes import Behaviour, FakeOpenAI, FakeSlack, http_server, openai_server, slack_server
 
 pytestmark = pytest.mark.anyio

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bot.slack_events import BotIdentity, IncomingMessage, Skip, parse_event, strip_mention
+from bot.slack.events import BotIdentity, IncomingMessage, Skip, parse_event, strip_mention
 
 ME = BotIdentity(user_id="UBOT", bot_id="BBOT", app_id="A1")
 

@@ -11,8 +11,8 @@ import httpx2
 import pytest
 
 from bot.file_problem import FileProblem
-from bot.slack_api import SlackAPIError, SlackWebAPI
-from bot.slack_files import download_file, resolve_file, upload_to_thread
+from bot.slack.web_api import SlackAPIError, SlackWebAPI
+from bot.slack.files import download_file, resolve_file, upload_to_thread
 from tests import media_samples as samples
 from tests.fakes.slack import FakeSlack
 

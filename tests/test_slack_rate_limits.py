@@ -9,8 +9,8 @@ import anyio
 import httpx2
 import pytest
 
-from bot.slack_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
-from bot.slack_rate_limits import METHOD_TIERS, SlackRateLimits, TIER_PER_MINUTE
+from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
+from bot.slack.rate_limits import METHOD_TIERS, SlackRateLimits, TIER_PER_MINUTE
 
 
 class Clock:

@@ -31,15 +31,15 @@ import trio.testing
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from bot.slack_api import SlackWebAPI
-from bot.slack_socket import (
+from bot.slack.web_api import SlackWebAPI
+from bot.slack.socket_mode import (
     BACKOFF_CAP_SECONDS,
     BACKOFF_MIN_SECONDS,
     PONG_TIMEOUT_SECONDS,
     Backoff,
     SocketModeReader,
 )
-from bot.websocket import WebSocketClosed, connect_websocket
+from bot.slack.websocket import WebSocketClosed, connect_websocket
 from tests.fakes import FakeOpenAI, FakeSlack, slack_server
 from tests.fakes.servers import WsprotoLink
 from tests.harness import send_dm, wait_reply

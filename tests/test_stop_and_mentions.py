@@ -11,7 +11,7 @@ import pytest
 
 from bot.processing.failures import INTERRUPTED_NOTICE, STOPPED_NOTICE
 from bot.processing.markdown import WORD_JOINER, neutralize_broadcasts, stable_length
-from bot.slack_events import StopRequest, parse_stop
+from bot.slack.events import StopRequest, parse_stop
 from bot.storage import open_store
 from tests.fakes.openai import Behaviour
 from tests.harness import eventually, running_bot, send_dm, wait_reply

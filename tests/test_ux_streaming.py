@@ -8,7 +8,7 @@ import httpx2
 import pytest
 
 from bot.processing.native_stream import SlackAnswerWriter, assistant_status, thread_title
-from bot.slack_api import SlackWebAPI
+from bot.slack.web_api import SlackWebAPI
 from tests.fakes.openai import Behaviour
 from tests.fakes.slack import FakeSlack
 from tests.harness import eventually, running_bot, send_dm, wait_reply

@@ -11,8 +11,8 @@ import pytest
 
 from bot.config import load_settings
 from bot.interactions.access import REFUSAL_CHANNEL, REFUSAL_USER, refusal
-from bot.slack_api import SlackWebAPI
-from bot.slack_socket import SocketModeReader
+from bot.slack.web_api import SlackWebAPI
+from bot.slack.socket_mode import SocketModeReader
 from tests.fakes.openai import Behaviour
 from tests.harness import running_bot, send_dm, test_settings, wait_reply
 

@@ -21,7 +21,7 @@ from slack_sdk.models.blocks import (
 from slack_sdk.models.views import View
 
 from bot.preferences import Preferences, is_reasoning_model
-from bot.slack_api import SlackAPIError, SlackWebAPI
+from bot.slack.web_api import SlackAPIError, SlackWebAPI
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 
 from bot.interactions.welcome import SUGGESTED_PROMPTS, SUGGESTED_PROMPTS_TITLE
-from bot.slack_api import SlackAPIError, SlackWebAPI
+from bot.slack.web_api import SlackAPIError, SlackWebAPI
 
 log = logging.getLogger(__name__)
 

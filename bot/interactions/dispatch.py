@@ -35,9 +35,9 @@ from bot.interactions.settings_modal import (
 )
 from bot.interactions.welcome import welcome_text
 from bot.processing.context import Services
-from bot.slack_api import SlackAPIError
-from bot.slack_events import IncomingMessage
-from bot.slack_socket import Envelope
+from bot.slack.web_api import SlackAPIError
+from bot.slack.events import IncomingMessage
+from bot.slack.socket_mode import Envelope
 from bot.storage.base import ThreadKey
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from bot.interactions.model_catalog import ModelCatalog
 from bot.interactions.settings_modal import ModalContext, Submission, parse_submission, settings_view
 from bot.preferences import baseline, below, changes, load_layers, merge, thread_key
 from bot.processing.context import Services
-from bot.slack_api import SlackAPIError
+from bot.slack.web_api import SlackAPIError
 from bot.storage.base import PreferenceLayers
 
 log = logging.getLogger(__name__)

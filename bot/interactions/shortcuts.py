@@ -22,8 +22,8 @@ from bot.processing.failures import describe, timeout_notice
 from bot.processing.markdown import markdown_to_mrkdwn, split_markdown
 from bot.processing.openai_chat import stream_chat
 from bot.processing.options import RequestOptions, options_for
-from bot.slack_api import SlackAPIError
-from bot.slack_events import strip_mention
+from bot.slack.web_api import SlackAPIError
+from bot.slack.events import strip_mention
 
 log = logging.getLogger(__name__)
 

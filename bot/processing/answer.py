@@ -26,7 +26,7 @@ from bot.processing.tool_chat import chat_with_tools
 from bot.processing.options import RequestOptions, resolve_options
 from bot.processing.native_stream import slack_surface
 from bot.processing.reply import ReplySurface
-from bot.slack_events import IncomingMessage, strip_mention
+from bot.slack.events import IncomingMessage, strip_mention
 from bot.storage import StorageError
 from bot.storage.base import HistoryMessage
 

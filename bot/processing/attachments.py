@@ -3,7 +3,7 @@ and a line for the user about anything that could not be used.
 
 For each attached file (at most MAX_FILES_PER_MESSAGE, then image URLs in the text):
   stub → `files.info` → type from name/MIME (unknown types are refused *before* any
-  download) → declared size check → download (slack_files) → parse or downscale in a
+  download) → declared size check → download (slack/files) → parse or downscale in a
   worker thread behind `MediaServices.workers`.
 Any `FileProblem` becomes one line naming the file and the reason; the rest of the
 message is still answered. The placeholder shows progress ("Reading report.pdf…").
@@ -49,7 +49,7 @@ from bot.processing.documents import (
 from bot.processing.images import PreparedImage, image_tokens, is_image_file, prepare_image
 from bot.processing.reply import ReplySurface
 from bot.processing.tokens import count_tokens, cut_to_tokens
-from bot.slack_files import download_file, resolve_file
+from bot.slack.files import download_file, resolve_file
 from bot.storage.base import ThreadImage
 from bot.url_fetch import fetch_image
 

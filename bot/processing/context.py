@@ -15,8 +15,8 @@ import openai
 
 from bot.config import Settings
 from bot.metrics import Metrics
-from bot.slack_api import SlackWebAPI
-from bot.slack_events import BotIdentity, IncomingMessage
+from bot.slack.web_api import SlackWebAPI
+from bot.slack.events import BotIdentity, IncomingMessage
 from bot.storage.base import Store
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import openai
 
 from bot.processing.openai_chat import StreamStalled
-from bot.slack_api import SlackAPIError
+from bot.slack.web_api import SlackAPIError
 from bot.storage import StorageError
 
 log = logging.getLogger(__name__)

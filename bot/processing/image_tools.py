@@ -4,7 +4,7 @@ the chat model, what running them does, and the rule used where tools are refuse
 Running a tool: `images.generate` or `images.edit` (model IMAGE_MODEL, size IMAGE_SIZE,
 quality IMAGE_QUALITY; GPT image models answer with base64) → the bytes are checked and
 downscaled for the thread's memory in a worker thread → uploaded into the thread
-(`slack_files.upload_to_thread`, completed only once the bytes are up) with a short
+(`slack.files.upload_to_thread`, completed only once the bytes are up) with a short
 caption → remembered as a thread image, so "make it darker" can edit it next. The
 result sent back to the model is one sentence; what went wrong (moderation refusal,
 missing `files:write`) is also a line for the user.
@@ -37,8 +37,8 @@ from bot.processing.context import RequestState, Services
 from bot.processing.images import prepare_image
 from bot.processing.openai_chat import ToolCall
 from bot.processing.reply import ReplySurface
-from bot.slack_api import SlackAPIError
-from bot.slack_files import upload_to_thread
+from bot.slack.web_api import SlackAPIError
+from bot.slack.files import upload_to_thread
 from bot.storage import StorageError
 from bot.storage.base import ThreadImage
 

@@ -35,8 +35,8 @@ from bot.processing.context import Services
 from bot.processing.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, stable_length
 from bot.processing.options import RequestOptions
 from bot.processing.reply import PLACEHOLDER, POST_TIMEOUT, ReplyWriter
-from bot.slack_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
-from bot.slack_events import IncomingMessage
+from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
+from bot.slack.events import IncomingMessage
 from bot.storage import StorageError
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ message — deltas are coalesced, never queued — and `finish()` writes the fin
 and any notice. Answers longer than one Slack message continue in further messages,
 split without breaking code blocks.
 
-Slack's rate limits are per method for the whole workspace (`slack_rate_limits`):
+Slack's rate limits are per method for the whole workspace (`slack/rate_limits.py`):
 - the placeholder is posted only while `chat.update` has room for its final edit beside
   the final edits already promised; otherwise nothing is posted until the answer is
   done, and the answer is then posted with `chat.postMessage` (limited per channel, not
@@ -27,7 +27,7 @@ import anyio
 
 from bot.interactions.feedback import answer_blocks
 from bot.processing.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, split_markdown
-from bot.slack_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
+from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import AcceptConnection, CloseConnection, Ping, RejectConnection, Request, TextMessage
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-from bot.websocket import WebSocketClosed
+from bot.slack.websocket import WebSocketClosed
 
 from .openai import FakeOpenAI
 from .slack import FakeSlack, Link

@@ -7,7 +7,7 @@ Trio MockClock simulation where hours of reconnects and timeouts cost no real ti
 
 Two ways to reach it:
 - in-process: `httpx2.MockTransport(fake.handle)` for the Web API and `fake.connector`
-  (a `bot.websocket.Connector`) for Socket Mode;
+  (a `bot.slack.websocket.Connector`) for Socket Mode;
 - over real sockets: `tests.fakes.servers.slack_server(fake)`.
 
 Both kinds of Socket Mode connection implement `Link` (the server side of one socket), so
@@ -56,7 +56,7 @@ import anyio
 import anyio.lowlevel
 import httpx2
 
-from bot.websocket import WebSocketClosed
+from bot.slack.websocket import WebSocketClosed
 
 FIRST_TS = 1_700_000_000
 MAX_CONNECTIONS = 10  # Slack's per-app cap on Socket Mode connections
@@ -280,7 +280,7 @@ class MemoryLink(Link):
 
 
 class MemoryWebSocket:
-    """The client end of a MemoryLink; implements bot.websocket.WebSocket."""
+    """The client end of a MemoryLink; implements bot.slack.websocket.WebSocket."""
 
     def __init__(self, link: MemoryLink) -> None:
         self._link = link
@@ -1176,7 +1176,7 @@ class FakeSlack:
         return [c for c in self.connections if c.live]
 
     async def connector(self, url: str) -> MemoryWebSocket:
-        """A `bot.websocket.Connector`: an in-memory socket to this fake for a URL from
+        """A `bot.slack.websocket.Connector`: an in-memory socket to this fake for a URL from
         apps.connections.open (unknown or reused tickets raise WebSocketClosed)."""
         await anyio.lowlevel.checkpoint()
         self.claim_ticket(url)

@@ -24,7 +24,10 @@ GRID = 0.25
 # ---- what OpenAI does with one attempt ----------------------------------------------
 # A message's `ai` is a tuple of steps, one per HTTP attempt (the SDK retries 429/5xx and
 # connection errors twice); the last step repeats. Steps are tuples so they print short:
-#   ("ok", latency, chunks, chunk_delay)   a normal streamed answer
+#   ("ok", latency, chunks, chunk_delay)   a normal streamed answer (the echo of the question)
+#   ("ok", latency, chunks, chunk_delay, text)  ... whose text is special: "broadcast" (carries
+#                                          <!here>, <!channel>, @everyone: the bot must make them
+#                                          inert) or "long" (longer than one Slack message: split)
 #   ("noresp",)                            takes the request, never sends headers: only the 305 s deadline ends it
 #   ("trickle",)                           streams a word every 30 s for 100 minutes: deadline again
 #   ("silent", latency)                    headers, then nothing: the 60 s idle deadline
@@ -64,7 +67,13 @@ class Fault:
     kind "sigterm": a graceful stop (nursery.stop()); a new process starts
                     `restart_after` seconds later (None: the bot stays down);
     kind "crash":   a hard stop: the process's effects end at this instant; a new process
-                    starts `restart_after` seconds later on the same database.
+                    starts `restart_after` seconds later on the same database;
+    kind "outage":  Slack's whole Web API answers HTTP `status` (an HTML page, nothing done)
+                    for `seconds` (FakeSlack.outage);
+    kind "slack" with `after`: Slack *does* the next `times` calls to `target`, then answers
+                    HTTP `status` (the reply is lost: a post exists that the bot was told failed);
+    kind "end_stream": Slack ends, by itself, the native stream answering message `target`
+                    ("m12") if one is streaming at that instant (FakeSlack.end_stream).
     """
 
     at: float
@@ -75,6 +84,8 @@ class Fault:
     times: int = 1
     error: str = ""
     restart_after: float | None = None
+    seconds: float = 0.0  # outage: how long
+    after: bool = False  # slack: the call takes effect, then the 5xx
 
 
 @dataclass(frozen=True)
@@ -133,7 +144,8 @@ class Scenario:
 def _step_text(step: tuple) -> str:
     kind = step[0]
     if kind == "ok":
-        return f"answer after {step[1]:g}s in {step[2]} chunk(s) {step[3]:g}s apart"
+        text = f" ({step[4]} text)" if len(step) > 4 else ""
+        return f"answer{text} after {step[1]:g}s in {step[2]} chunk(s) {step[3]:g}s apart"
     if kind == "noresp":
         return "no response at all"
     if kind == "trickle":
@@ -154,7 +166,13 @@ def _step_text(step: tuple) -> str:
 def _fault_text(f: Fault) -> str:
     if f.kind == "slack":
         extra = f" Retry-After {f.retry_after:g}s" if f.status == 429 else ""
+        if f.after:
+            return f"Slack does {f.target} but answers HTTP {f.status} x{f.times}"
         return f"Slack {f.target} answers HTTP {f.status}{extra} x{f.times}"
+    if f.kind == "outage":
+        return f"Slack Web API outage: HTTP {f.status} for {f.seconds:g}s"
+    if f.kind == "end_stream":
+        return f"Slack ends the stream answering {f.target} by itself"
     if f.kind == "socket":
         if f.target == "refuse":
             return f"socket upgrades refused x{f.times}"
@@ -304,10 +322,53 @@ def generate(seed: int) -> Scenario:
             kind2 = rng.choice(["crash", "sigterm"])
             faults.append(Fault(_q(at + restart + rng.uniform(0, 60)), kind2,
                                 restart_after=rng.choice([0.25, 5.0, 30.0])))
-    faults.sort(key=lambda f: f.at)
     native = rng.random() < 0.7
+    # Slack's weather, drawn from a stream of its own (so the rest of a seed's world is what
+    # it was before these existed): Web API outages, posts Slack made but answered 5xx for,
+    # streams Slack ends by itself, and answers whose text the bot must transform.
+    messages, weather = _weather(random.Random(f"{seed}:weather"), profile, messages, end, native)
+    faults.extend(weather)
+    faults.sort(key=lambda f: f.at)
     return Scenario(seed, users, channels, slots, slack_latency, tuple(messages), tuple(faults), native,
                     note=f"profile {profile}, size {size}")
+
+
+def _weather(rng: random.Random, profile: str, messages: list[Msg], end: float,
+             native: bool) -> tuple[list[Msg], list[Fault]]:
+    counts = {  # (outages, posts made but answered 5xx, streams ended by Slack): upper bounds
+        "calm": (0, 0, 0), "busy": (1, 1, 2), "faulty": (2, 2, 2), "chaos": (3, 3, 3)}[profile]
+    chance = {"calm": 0.0, "busy": 0.35, "faulty": 0.6, "chaos": 0.85}[profile]
+    deliveries = sorted({m.at + m.delay for m in messages})
+
+    def moment(upto: float) -> float:
+        if deliveries and rng.random() < 0.3:
+            return rng.choice(deliveries)
+        return _q(rng.uniform(0, upto))
+
+    faults: list[Fault] = []
+    for _ in range(counts[0]):
+        if rng.random() < chance:
+            faults.append(Fault(moment(end + 30), "outage", status=rng.choice([503, 503, 502, 500]),
+                                seconds=max(0.5, _q(rng.uniform(0.5, 20.0)))))
+    for _ in range(counts[1]):
+        if rng.random() < chance:
+            faults.append(Fault(moment(end + 30), "slack", "chat.postMessage", rng.choice([500, 502, 503]),
+                                times=rng.choice([1, 1, 2]), after=True))
+    dms = [m for m in messages if m.place == "dm"]
+    for _ in range(counts[2]):
+        if native and dms and rng.random() < chance:
+            m = rng.choice(dms)
+            step = m.ai[0]
+            horizon = step[1] + step[2] * step[3] + 3.0 if step[0] == "ok" else 60.0
+            faults.append(Fault(_q(m.at + m.delay + rng.uniform(0.25, horizon)), "end_stream", f"m{m.id}"))
+    out = []
+    for m in messages:  # a few answers with text the bot must transform
+        r = rng.random()
+        variant = "broadcast" if r < 0.04 else "long" if r < 0.06 else ""
+        if variant and m.ai[-1][0] == "ok":
+            m = replace(m, ai=m.ai[:-1] + (m.ai[-1][:4] + (variant,),))
+        out.append(m)
+    return out, faults
 
 
 # ---- shrinking ------------------------------------------------------------------------
@@ -353,6 +414,8 @@ def shrink_candidates(s: Scenario):
             simpler.append(replace(m, ai=(OK_PLAIN,)))
         if len(m.ai) > 1:
             simpler.append(replace(m, ai=m.ai[:1]))
+        if any(len(step) > 4 for step in m.ai):
+            simpler.append(replace(m, ai=tuple(step[:4] for step in m.ai)))
         if m.dup is not None:
             simpler.append(replace(m, dup=None))
         if m.delay:
@@ -370,15 +433,21 @@ def shrink_candidates(s: Scenario):
     for i, f in enumerate(s.faults):
         if f.times > 1:
             yield replace(s, faults=s.faults[:i] + (replace(f, times=1),) + s.faults[i + 1:])
+        if f.after:
+            yield replace(s, faults=s.faults[:i] + (replace(f, after=False),) + s.faults[i + 1:])
+        if f.kind == "outage" and f.seconds > 0.5:
+            yield replace(s, faults=s.faults[:i] + (replace(f, seconds=max(0.5, _q(f.seconds / 2))),)
+                          + s.faults[i + 1:])
         if f.kind in ("sigterm", "crash") and f.restart_after not in (None, 0.25):
             yield replace(s, faults=s.faults[:i] + (replace(f, restart_after=0.25),) + s.faults[i + 1:])
 
 
 def size(s: Scenario) -> tuple:
     """How big a scenario is (the shrinker only accepts strictly smaller ones)."""
-    plain = sum(m.ai != (OK_PLAIN,) for m in s.messages) + sum(len(m.ai) for m in s.messages)
+    plain = (sum(m.ai != (OK_PLAIN,) for m in s.messages) + sum(len(m.ai) for m in s.messages)
+             + sum(len(step) > 4 for m in s.messages for step in m.ai))
     extras = sum((m.dup is not None) + bool(m.delay) + m.twin for m in s.messages)
     return (len(s.messages) + len(s.faults), plain + extras + sum(f.times for f in s.faults)
             + s.users + s.channels + (s.slack_latency > 0) + (s.slots != 100) + s.native
-            + sum(f.restart_after not in (None, 0.25) for f in s.faults),
-            sum(m.at for m in s.messages) + sum(f.at for f in s.faults))
+            + sum(f.restart_after not in (None, 0.25) for f in s.faults) + sum(f.after for f in s.faults),
+            sum(m.at for m in s.messages) + sum(f.at + f.seconds for f in s.faults))

@@ -63,6 +63,9 @@ class Tag:
 
 
 HANDLING: contextvars.ContextVar[Tag | None] = contextvars.ContextVar("sim_handling", default=None)
+# The Web API call being answered (set around FakeSlack.handle): what Slack creates or logs
+# while answering it is attributed to it, even when the answer is lost (a 5xx after acting).
+CURRENT_CALL: contextvars.ContextVar[SlackCall | None] = contextvars.ContextVar("sim_call", default=None)
 
 
 @dataclass
@@ -74,9 +77,28 @@ class SlackCall:
     args: dict
     ok: bool = False
     error: str = ""
-    injected: bool = False
-    created_ts: str = ""
+    injected: bool = False  # answered by an injected fault (fail_next)
+    outage: bool = False  # answered by an outage (FakeSlack.outage)
+    created_ts: str = ""  # the message Slack created while answering (also when it then answered 5xx)
     t_end: float = math.nan
+    seq0: int = 0  # the world's event counter when the call was sent ...
+    seq1: int = 0  # ... and when its answer came back (orders calls within one instant)
+    status: int = 0  # HTTP status
+    retry_after: float = 0.0  # a 429's Retry-After
+    in_window_at: float | None = None  # Slack logged it inside a Retry-After window it had announced (arrival)
+
+    @property
+    def faulted(self) -> bool:
+        """Refused by the world's weather (an injected fault or an outage), not by the bot."""
+        return self.injected or self.outage
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        """The rate-limit bucket Slack charges it to (chat.postMessage: per channel)."""
+        if self.method == "chat.postMessage":
+            channel = self.args.get("channel") or self.args.get("channel_id")
+            return self.method, str(channel) if channel else None
+        return self.method, None
 
 
 @dataclass
@@ -159,6 +181,12 @@ class SimStore(SQLiteStore):
     world: World
     inc: Incarnation
 
+    async def in_flight(self):
+        found = await super().in_flight()
+        if self.inc.nursery is None:  # what the start-up's crash recovery is about to fix up
+            self.world.recovered.append((self.inc.n, list(found)))
+        return found
+
     async def _transaction(self, operation: str, body: Callable, *, write: bool = True):
         inc = self.inc
         if inc.dead:
@@ -179,12 +207,30 @@ class SimStore(SQLiteStore):
             await anyio.sleep_forever()
 
 
+class _WindowLog(list):
+    """FakeSlack.calls_in_retry_after that also marks the call it logs."""
+
+    def append(self, item) -> None:
+        call = CURRENT_CALL.get()
+        if call is not None:
+            call.in_window_at = item[2]
+        super().append(item)
+
+
 class SimSlack(FakeSlack):
-    """FakeSlack that marks injected fault responses and logs acks into the trace."""
+    """FakeSlack that marks injected fault responses, attributes every message it stores
+    to the call that made it, and logs acks into the trace."""
 
     def __init__(self, world: World, **kwargs) -> None:
         super().__init__(**kwargs)
         self.world = world
+        self.calls_in_retry_after = _WindowLog()
+
+    def _store(self, channel: str, message: dict) -> dict:
+        call = CURRENT_CALL.get()
+        if call is not None and message.get("bot_id") == self.bot_id:
+            call.created_ts = message["ts"]
+        return super()._store(channel, message)
 
     def _take_fault(self, method: str):
         response = super()._take_fault(method)
@@ -241,6 +287,16 @@ def _behaviour(step: tuple) -> Behaviour:
     raise ValueError(f"unknown OpenAI step {step!r}")
 
 
+def answer_text(question: str, variant: str) -> str:
+    """The model's text for an ("ok", …, variant) step."""
+    if variant == "broadcast":  # the bot must make these inert before Slack sees them
+        return f"Echo: {question}. Heads up <!here> and <!channel>, and @everyone too."
+    if variant == "long":  # longer than one Slack message (12,000 characters): split in two
+        paragraph = "This paragraph is here to make the answer long enough to need a second message. " * 6
+        return f"Echo: {question}.\n\n" + "\n\n".join(f"{i}. {paragraph.strip()}" for i in range(30))
+    raise ValueError(f"unknown answer text {variant!r}")
+
+
 def message_id(text: str) -> int | None:
     """The scenario message a text belongs to ("m12 from u3 …" → 12)."""
     for word in text.split():
@@ -273,6 +329,10 @@ class World:
         self.requests: list[Request] = []
         self.handlings: list[Handling] = []
         self.storage_faults: dict[str, list[list]] = {}  # method -> [[error, times left], ...]
+        self.recovered: list[tuple[int, list]] = []  # (process, the in-flight requests its start-up found)
+        self.outages: list[tuple[float, float]] = []  # (from, until)
+        self.ended_streams: set[tuple[str, str]] = set()  # streams Slack ended by itself
+        self.seq = 0
         self.t0: float | None = None  # when the scenario starts: the first socket said hello
         self.clock0 = 0.0
         self.tmp = tempfile.mkdtemp(prefix="slackbot-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -299,6 +359,10 @@ class World:
     def violate(self, text: str) -> None:
         self.violations.append(f"t={self.now():.3f}: {text}")
         self.log_trace("VIOLATION", text)
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
 
     def count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
@@ -329,7 +393,11 @@ class World:
 
     def _script(self, body: dict) -> Behaviour:
         mid = message_id(last_user_text(body))
-        return _behaviour(self._step(mid, self.ai_attempts.get(mid, 1) - 1))
+        behaviour = _behaviour(self._step(mid, self.ai_attempts.get(mid, 1) - 1))
+        step = self._step(mid, self.ai_attempts.get(mid, 1) - 1)
+        if step[0] == "ok" and len(step) > 4:
+            behaviour.text = answer_text(last_user_text(body), step[4])
+        return behaviour
 
     async def _openai(self, inc: Incarnation, request: httpx2.Request) -> httpx2.Response:
         if inc.dead:
@@ -385,8 +453,12 @@ class World:
             args = _parse_args(request)
         except Exception:  # noqa: BLE001 - the fake answers it; we only record
             args = {}
-        call = SlackCall(self.now(), inc.n, HANDLING.get(), method, args)
+        tag = HANDLING.get()
+        if tag is not None and tag.kind == "process" and inc.nursery is None:
+            tag = Tag(inc.n, None, "startup")  # identify, and the crash recovery's fix-ups
+        call = SlackCall(self.now(), inc.n, tag, method, args, seq0=self.next_seq())
         self.slack_calls.append(call)
+        current = CURRENT_CALL.set(call)
         try:
             response = await self.slack.handle(request)
         except BaseException:
@@ -394,21 +466,38 @@ class World:
             raise
         finally:
             call.t_end = self.now()
+            call.seq1 = self.next_seq()
+            CURRENT_CALL.reset(current)
         call.injected = bool(response.extensions.get("sim_injected"))
+        call.status = response.status_code
+        # An outage answers before anything else, in the instant the call arrives (no time
+        # passes between that and this line).
+        call.outage = (not call.injected and response.status_code >= 500
+                       and anyio.current_time() < self.slack.outage_until)
+        if response.status_code == 429:
+            try:
+                call.retry_after = float(response.headers.get("Retry-After", "1"))
+            except ValueError:
+                call.retry_after = 1.0
         try:
             body = json.loads(response.content)
         except ValueError:
             body = {}
         call.ok = response.status_code == 200 and bool(body.get("ok"))
         call.error = "" if call.ok else str(body.get("error") or f"HTTP {response.status_code}")
-        if call.ok and method in CREATING_METHODS:
-            call.created_ts = str(body.get("ts", ""))
+        if call.ok and method in CREATING_METHODS and call.created_ts != str(body.get("ts", "")):
+            self.violate(f"world bookkeeping: {method} answered ts {body.get('ts')!r}, the fake stored "
+                         f"{call.created_ts!r}")
         if method not in ("apps.connections.open", "auth.test") or not call.ok:
             where = args.get("channel") or args.get("channel_id") or ""
             ts = args.get("ts") or args.get("thread_ts") or ""
             text = args.get("markdown_text") or args.get("text") or args.get("status") or ""
             owner = f" [m{call.tag.msg} {call.tag.kind}]" if call.tag else ""
-            injected = " (injected)" if call.injected else ""
+            injected = " (injected)" if call.injected else " (outage)" if call.outage else ""
+            if call.created_ts and not call.ok:
+                injected += f" although Slack made {call.created_ts}"
+            if call.in_window_at is not None:
+                injected += " [inside an announced Retry-After window]"
             result = f"ok {call.created_ts}".rstrip() if call.ok else f"FAILED {call.error}{injected}"
             self.log_trace("slack", f"#{inc.n}{owner} {method} {where} {ts} {str(text)[:60]!r} -> {result}")
         if inc.dead:
@@ -492,6 +581,7 @@ class World:
                                     "database_url": f"sqlite:///{self.db_path}",
                                     **({"native_streaming": self.s.native} if "native_streaming" in SETTINGS else {})})
         self.log_trace("process", f"#{inc.n} starting")
+        HANDLING.set(Tag(inc.n, None, "process"))  # this task's context: start-up, reader, …
         try:
             with inc.scope:
                 await run_bot(
@@ -621,6 +711,11 @@ class World:
             if self.slack._faults.get(f.target):
                 self.log_trace("fault", f"(skipped: a {f.target} fault is still pending)")
                 return
+            if f.after:
+                self.slack.fail_next(f.target, status=f.status, times=f.times, after=True,
+                                     body=f"<html><body><h1>{f.status}</h1>upstream error</body></html>")
+                self.log_trace("fault", f"Slack will do {f.target} but answer HTTP {f.status} x{f.times}")
+                return
             if f.status == 429:
                 self.slack.fail_next(f.target, status=429, retry_after=f.retry_after, times=f.times)
             elif f.status == 500:
@@ -646,6 +741,25 @@ class World:
                 self.slack.silence(link)
             else:
                 await self.slack.disconnect(f.target, link)
+        elif f.kind == "outage":
+            self.slack.outage(f.seconds, status=f.status)
+            self.outages.append((self.now(), self.now() + f.seconds))
+            self.log_trace("fault", f"Slack Web API down (HTTP {f.status}) for {f.seconds:g}s")
+        elif f.kind == "end_stream":
+            mid = message_id(f.target)
+            thread = self.msg_thread.get(mid) if mid is not None else None
+            if thread is None:
+                self.log_trace("fault", f"(end of stream skipped: {f.target} was not posted)")
+                return
+            channel, thread_ts = thread
+            streams = [m["ts"] for m in self.slack.messages.get(channel, [])
+                       if m.get("streaming") and m.get("thread_ts") == thread_ts and m.get("bot_id") == self.slack.bot_id]
+            if not streams:
+                self.log_trace("fault", f"(end of stream skipped: nothing streams in the thread of {f.target})")
+                return
+            self.slack.end_stream(channel, streams[-1])
+            self.ended_streams.add((channel, streams[-1]))
+            self.log_trace("fault", f"Slack ended the stream {streams[-1]} in {channel} by itself")
         elif f.kind == "storage":
             if self.storage_faults.get(f.target):  # like Slack faults: one burst at a time per method
                 self.log_trace("fault", f"(skipped: a {f.target} fault is still pending)")

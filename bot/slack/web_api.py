@@ -5,7 +5,7 @@ the settings insist is an http(s) URL chosen by the operator, and to Slack's fil
 for downloads (`open_file` refuses any other host before sending a byte; redirects are
 checked again by the caller). Upload bytes go to Slack's upload URL without the token.
 
-Rate limits (`slack_rate_limits`): every call first draws on its method's budget, shared
+Rate limits (`rate_limits.py`): every call first draws on its method's budget, shared
 by the whole process; a 429 closes that method to every caller until its `Retry-After`
 has passed, then the call is retried a bounded number of times. Waits sit inside the
 caller's cancel scope, so a request's deadline still wins. Interim calls (`interim=True`,
@@ -31,7 +31,7 @@ import anyio
 import httpx2
 
 from bot.metrics import Metrics
-from bot.slack_rate_limits import SlackRateLimits
+from bot.slack.rate_limits import SlackRateLimits
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import anyio
 
 from bot.metrics import Metrics
-from bot.slack_api import SlackAPIError, SlackRateLimited, SlackWebAPI
-from bot.websocket import Connector, WebSocket, WebSocketClosed
+from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackWebAPI
+from bot.slack.websocket import Connector, WebSocket, WebSocketClosed
 
 log = logging.getLogger(__name__)
 

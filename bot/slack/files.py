@@ -30,7 +30,7 @@ import httpx2
 
 from bot.file_problem import FileProblem
 from bot.processing.documents import sniff
-from bot.slack_api import NotSlackFileHost, SlackAPIError, SlackWebAPI
+from bot.slack.web_api import NotSlackFileHost, SlackAPIError, SlackWebAPI
 
 log = logging.getLogger(__name__)
 
