@@ -33,8 +33,10 @@ from bot.dedupe import RecentKeys
 from bot.interactions.dispatch import SlackUX
 from bot.metrics_server import check_ready, serve_endpoints
 from bot.processing.answer import SHUTDOWN_WRITE_SECONDS, answer_message
-from bot.processing.context import RequestState, Services
+from bot.processing.context import RequestState
 from bot.processing.failures import BUSY_NOTICE
+from bot.services import SlackServices
+from bot.slack.answer_surface import slack_surface
 from bot.slack.events import IncomingMessage, Skip, StopRequest, parse_event, parse_stop
 from bot.slack.socket_mode import Envelope, SocketModeReader
 from bot.storage import StorageError
@@ -49,7 +51,7 @@ CLAIM_ATTEMPTS = 3  # claim_event tries, 0.1 s then 0.2 s apart, before in-memor
 
 
 class Nursery:
-    def __init__(self, services: Services, connector: Connector, *, handle_signals: bool = True,
+    def __init__(self, services: SlackServices, connector: Connector, *, handle_signals: bool = True,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.services = services
         self.gates = ThreadGates()
@@ -201,7 +203,9 @@ class Nursery:
                      extra={"request_id": state.request_id, "slack_thread": str(msg.thread), "kind": msg.kind})
             try:
                 with state.scope:
-                    await answer_message(self.services, state)
+                    await answer_message(self.services, state, partial(
+                        slack_surface, self.services.slack, self.services.me, self.services.settings,
+                        self.services.store, msg))
             finally:
                 del self.active[state.request_id]
                 # No outcome: cancelled before answer_message reached its own try block.

@@ -1,9 +1,9 @@
 """`slackbot shell`: talk to the same processing pipeline from a terminal, no Slack needed.
 
 It runs `answer_message` — options, history, context budget, deadlines, the model call,
-storage — with a `TerminalWriter` instead of Slack, and `Services.slack = None`: if
-anything on this path ever reached for Slack it would fail loudly here, which is how the
-processing layer is kept independent of Slack. It needs only an OpenAI key, or just
+storage — with a `TerminalWriter` as its surface instead of Slack: processing's
+`Services` has no Slack client at all, and an import contract (pyproject.toml) keeps
+`bot.processing` from importing `bot.slack`. It needs only an OpenAI key, or just
 OPENAI_BASE_URL for a local OpenAI-compatible server.
 
 A conversation is one thread (kept in an in-memory database for the session); `/new`
@@ -33,8 +33,11 @@ import httpx2
 from bot.config import Settings
 from bot.openai_client import openai_client
 from bot.processing.answer import answer_message
+from bot.file_problem import FileProblem
 from bot.processing.context import RequestState, Services
-from bot.slack.events import BotIdentity, IncomingMessage
+from bot.processing.documents import DocumentLimits, document_kind, extract_document, unsupported_reason
+from bot.processing.images import is_image_file
+from bot.processing.message import IncomingMessage
 from bot.storage import open_store
 from bot.terminal_reply import TerminalWriter
 
@@ -108,12 +111,6 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
 async def attach(path_text: str, settings: Settings, workers: anyio.CapacityLimiter) -> tuple[str, str]:
     """Read the document at `path_text`. Returns (the block to add to the next message,
     a line for the user); the block is "" when it could not be read."""
-    try:
-        from bot.file_problem import FileProblem
-        from bot.processing.documents import DocumentLimits, document_kind, extract_document, unsupported_reason
-        from bot.processing.images import is_image_file
-    except ImportError:  # the media feature is not installed: plain text files only
-        return await _attach_text(path_text, settings, workers)
     path = Path(path_text).expanduser()
     name = path.name
     if is_image_file(name):
@@ -121,9 +118,8 @@ async def attach(path_text: str, settings: Settings, workers: anyio.CapacityLimi
     kind = document_kind(name)
     if kind is None:
         return "", f"{name} {unsupported_reason(name)}"
-    max_bytes = int(getattr(settings, "max_file_mb", 20.0) * MB)
-    limits = DocumentLimits(max_pdf_pages=getattr(settings, "max_pdf_pages", 300),
-                            max_chars=getattr(settings, "max_document_chars", 1_000_000))
+    max_bytes = int(settings.max_file_mb * MB)
+    limits = DocumentLimits(max_pdf_pages=settings.max_pdf_pages, max_chars=settings.max_document_chars)
     try:
         data = await anyio.to_thread.run_sync(_read_file, path, max_bytes, limiter=workers)
         document = await anyio.to_thread.run_sync(
@@ -137,18 +133,6 @@ async def attach(path_text: str, settings: Settings, workers: anyio.CapacityLimi
     notes = "".join(f" ({note})" for note in document.notes)
     block = f"[Attached file {name} — {document.label}]\n{document.text}"
     return block, f"Attached {name} ({document.label}){notes}; it goes with your next message."
-
-
-async def _attach_text(path_text: str, settings: Settings, workers: anyio.CapacityLimiter) -> tuple[str, str]:
-    path = Path(path_text).expanduser()
-    try:
-        data = await anyio.to_thread.run_sync(_read_file, path, 2 * MB, limiter=workers)
-        text = data.decode("utf-8")
-    except OSError as exc:
-        return "", f"{path.name}: cannot read it ({exc.strerror or exc})."
-    except (ValueError, UnicodeDecodeError):
-        return "", f"{path.name}: only UTF-8 text files up to 2 MB can be attached here."
-    return f"[Attached file {path.name}]\n{text}", f"Attached {path.name}; it goes with your next message."
 
 
 async def run_shell(settings: Settings, *, stdin_fd: int | None = None, out: TextIO | None = None,
@@ -165,9 +149,7 @@ async def run_shell(settings: Settings, *, stdin_fd: int | None = None, out: Tex
     store = await open_store("sqlite:///:memory:")
     try:
         async with openai_client(settings, transport=openai_transport) as ai:
-            services = Services(settings=settings, slack=None, openai=ai, store=store,  # type: ignore[arg-type]
-                                me=BotIdentity(user_id="USHELL", bot_id="BSHELL"),
-                                model_slots=anyio.CapacityLimiter(1))
+            services = Services(settings=settings, openai=ai, store=store, model_slots=anyio.CapacityLimiter(1))
             conversation = Conversation()
             await say(f"slackbot shell — model {settings.openai_model}. {HELP}")
             while True:
@@ -200,11 +182,16 @@ async def run_shell(settings: Settings, *, stdin_fd: int | None = None, out: Tex
                     state = RequestState(request_id=uuid.uuid4().hex[:12], message=msg,
                                          started_at=anyio.current_time())
                     writer = TerminalWriter(out, status_out=err, limiter=output)
-                    await answer_message(services, state, writer)
+                    await answer_message(services, state, functools.partial(_same, writer))
     finally:
         with anyio.CancelScope(shield=True):
             await store.aclose()
     return 0
+
+
+async def _same(writer: TerminalWriter, options: object) -> TerminalWriter:
+    """The shell's surface: one terminal writer, whatever the options."""
+    return writer
 
 
 def _say(stream: TextIO, text: str) -> None:

@@ -21,9 +21,10 @@ import openai
 from bot.config import Settings
 from bot.metrics import Metrics
 from bot.nursery import Nursery
-from bot.processing.context import MediaServices, Services
+from bot.processing.context import MediaServices
 from bot.processing.failures import INTERRUPTED_NOTICE
 from bot.slack.web_api import SlackAPIError, SlackWebAPI
+from bot.services import SlackServices
 from bot.slack.events import BotIdentity
 from bot.storage import Store, open_store
 from bot.timed_store import TimedStore
@@ -136,7 +137,7 @@ async def run_bot(
         me = await identify(slack)
         log.info("connected to Slack as bot user %s", me.user_id)
         await recover_interrupted(slack, store)
-        services = Services(
+        services = SlackServices(
             settings=settings, slack=slack, openai=ai, store=store, me=me,
             model_slots=anyio.CapacityLimiter(settings.async_max_concurrent_requests), metrics=metrics,
             media=MediaServices(url_client=url_http, workers=anyio.CapacityLimiter(settings.media_workers)),

@@ -16,7 +16,9 @@ from typing import TextIO
 import anyio
 import anyio.to_thread
 
-from bot.processing.reply import PLACEHOLDER
+from bot.file_problem import FileProblem
+from bot.processing.surface import PLACEHOLDER, AttachedFile, SurfaceError
+from bot.storage.base import HistoryMessage
 
 
 class TerminalWriter:
@@ -70,6 +72,21 @@ class TerminalWriter:
             ending += f"{notice}\n" if not self.text else f"\n{notice}\n"
         await self._write(self._out, ending + "\n")
         return True
+
+    # The shell keeps its whole conversation in storage and attaches files by path
+    # (`/file`), so nothing is read through the surface; images are not drawn here.
+
+    async def read_thread(self, exclude_ts: set[str]) -> list[HistoryMessage]:
+        return []
+
+    async def resolve_file(self, obj: dict) -> AttachedFile:
+        raise FileProblem("can't be read in the shell: attach files with /file PATH", "unsupported")
+
+    async def download_file(self, file: AttachedFile, *, max_bytes: int) -> bytes:
+        raise FileProblem("can't be read in the shell: attach files with /file PATH", "unsupported")
+
+    async def post_image(self, data: bytes, *, filename: str, title: str, comment: str, alt_text: str) -> None:
+        raise SurfaceError("posting an image", "not_supported_in_the_shell")
 
     async def _flush(self) -> None:
         text = self.text

@@ -21,7 +21,7 @@ import anyio
 import pytest
 
 from bot.processing.failures import INTERRUPTED_NOTICE
-from bot.processing.reply import PLACEHOLDER
+from bot.slack.reply import PLACEHOLDER
 from tests.fakes.openai import Behaviour, FakeOpenAI
 from tests.fakes.slack import FakeSlack
 from tests.harness import eventually, running_bot, send_dm

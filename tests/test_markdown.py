@@ -1,6 +1,6 @@
 """Splitting long answers for Slack, and the small Markdown → mrkdwn conversion."""
 
-from bot.processing.markdown import markdown_to_mrkdwn, split_markdown
+from bot.slack.markdown import markdown_to_mrkdwn, split_markdown
 
 
 def test_short_text_is_one_part():

@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from bot.processing.failures import INTERRUPTED_NOTICE, STOPPED_NOTICE
-from bot.processing.markdown import WORD_JOINER, neutralize_broadcasts, stable_length
+from bot.slack.markdown import WORD_JOINER, neutralize_broadcasts, stable_length
 from bot.slack.events import StopRequest, parse_stop
 from bot.storage import open_store
 from tests.fakes.openai import Behaviour

@@ -7,7 +7,7 @@ import anyio
 import httpx2
 import pytest
 
-from bot.processing.native_stream import SlackAnswerWriter, assistant_status, thread_title
+from bot.slack.answer_surface import SlackAnswerWriter, assistant_status, thread_title
 from bot.slack.web_api import SlackWebAPI
 from tests.fakes.openai import Behaviour
 from tests.fakes.slack import FakeSlack

@@ -9,7 +9,7 @@ Two generations of it, both handled:
 
 Either way the answer is the same: offer the suggested prompts (at most four) in that
 conversation. Status ("is thinking…") and titles belong to answering; see
-`bot.processing.native_stream`. Every call here is best-effort: a refusal is logged.
+`bot.slack.answer_surface`. Every call here is best-effort: a refusal is logged.
 """
 
 from __future__ import annotations

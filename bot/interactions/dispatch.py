@@ -34,7 +34,7 @@ from bot.interactions.settings_modal import (
     parse_submission,
 )
 from bot.interactions.welcome import welcome_text
-from bot.processing.context import Services
+from bot.services import SlackServices
 from bot.slack.web_api import SlackAPIError
 from bot.slack.events import IncomingMessage
 from bot.slack.socket_mode import Envelope
@@ -56,7 +56,7 @@ def notice_view(title: str, text: str) -> dict:
 
 
 class SlackUX:
-    def __init__(self, services: Services, *, catalog: ModelCatalog | None = None) -> None:
+    def __init__(self, services: SlackServices, *, catalog: ModelCatalog | None = None) -> None:
         self.services = services
         self.catalog = catalog or ModelCatalog()
         self._said: set[tuple[str, str]] = set()  # (kind, key) known to be claimed already

@@ -1,7 +1,7 @@
 """Thumbs up / down on answers: the buttons under each answer, and recording a click.
 
-The buttons are Slack's `feedback_buttons` element in a `context_actions` block (built
-with slack_sdk's models, which validate lengths). A click arrives as a `block_actions`
+The buttons are built in `bot.slack.feedback_blocks` (they go out with the answer's
+final write). A click arrives as a `block_actions`
 interaction; the rating is stored per (answer, user), a second click replacing the first.
 """
 
@@ -9,33 +9,10 @@ from __future__ import annotations
 
 import logging
 
-from slack_sdk.models.blocks import ContextActionsBlock, FeedbackButtonsElement, MarkdownBlock
-
+from bot.slack.feedback_blocks import FEEDBACK_ACTION, RATINGS
 from bot.storage.base import Store
 
 log = logging.getLogger(__name__)
-
-FEEDBACK_ACTION = "answer_feedback"
-RATINGS = ("good", "bad")
-
-
-def feedback_block() -> dict:
-    return ContextActionsBlock(
-        elements=[FeedbackButtonsElement(
-            action_id=FEEDBACK_ACTION,
-            positive_button={"text": "Good answer", "accessibility_label": "This answer was helpful",
-                             "value": "good"},
-            negative_button={"text": "Bad answer", "accessibility_label": "This answer was not helpful",
-                             "value": "bad"},
-        )],
-    ).to_dict()
-
-
-def answer_blocks(text: str) -> list[dict]:
-    """An answer part as blocks: the Markdown itself, then the feedback buttons.
-    (`markdown_text` cannot be combined with blocks, so the text goes in a markdown block.)"""
-    return [MarkdownBlock(text=text).to_dict(), feedback_block()]
-
 
 async def record_click(store: Store, payload: dict, action: dict) -> bool:
     """Store the rating of one feedback click; False (with a log line) if the payload is

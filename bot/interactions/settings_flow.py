@@ -16,7 +16,7 @@ from bot.interactions.app_home import home_view, publish_home
 from bot.interactions.model_catalog import ModelCatalog
 from bot.interactions.settings_modal import ModalContext, Submission, parse_submission, settings_view
 from bot.preferences import baseline, below, changes, load_layers, merge, thread_key
-from bot.processing.context import Services
+from bot.services import SlackServices
 from bot.slack.web_api import SlackAPIError
 from bot.storage.base import PreferenceLayers
 
@@ -32,7 +32,7 @@ def _level(layers: PreferenceLayers, scope: str) -> dict:
     return {"workspace": layers.workspace, "user": layers.user, "thread": layers.thread}[scope]
 
 
-async def open_settings(services: Services, catalog: ModelCatalog, *, user: str, trigger_id: str,
+async def open_settings(services: SlackServices, catalog: ModelCatalog, *, user: str, trigger_id: str,
                         context: ModalContext, scope: str | None = None) -> bool:
     """Open the modal on `trigger_id`, showing the settings saved at `scope` (with what
     lies beneath them). False (logged) when Slack refused."""
@@ -53,7 +53,7 @@ async def open_settings(services: Services, catalog: ModelCatalog, *, user: str,
         return False
 
 
-async def model_changed(services: Services, catalog: ModelCatalog, payload: dict) -> None:
+async def model_changed(services: SlackServices, catalog: ModelCatalog, payload: dict) -> None:
     """The model menu changed: rebuild the modal so it asks for a temperature or a
     reasoning effort, whichever the new model takes; other fields keep what was typed."""
     view = payload.get("view") or {}
@@ -76,7 +76,7 @@ async def model_changed(services: Services, catalog: ModelCatalog, payload: dict
         log.info("could not rebuild the settings modal for %s: %s", user, exc.error)
 
 
-async def save(services: Services, payload: dict) -> Submission | None:
+async def save(services: SlackServices, payload: dict) -> Submission | None:
     """Store a submitted modal at the chosen level and refresh the user's Home tab.
     Returns what was saved, or None (with the reason told to the user) if nothing was."""
     settings = services.settings
@@ -107,7 +107,7 @@ async def save(services: Services, payload: dict) -> Submission | None:
     return submission
 
 
-async def refresh_home(services: Services, user: str) -> None:
+async def refresh_home(services: SlackServices, user: str) -> None:
     """Publish the Home tab with the user's settings (theirs over the workspace defaults)."""
     settings = services.settings
     layers = await load_layers(services.store, user, None)
@@ -117,7 +117,7 @@ async def refresh_home(services: Services, user: str) -> None:
     await publish_home(services.slack, user, view)
 
 
-async def _tell(services: Services, user: str, text: str) -> None:
+async def _tell(services: SlackServices, user: str, text: str) -> None:
     try:
         await services.slack.call("chat.postMessage", channel=user, markdown_text=text)
     except SlackAPIError as exc:

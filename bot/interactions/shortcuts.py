@@ -16,10 +16,11 @@ import anyio
 from slack_sdk.models.blocks import ContextBlock, MarkdownTextObject, SectionBlock
 from slack_sdk.models.views import View
 
-from bot.processing.context import Services
+from bot.services import SlackServices
 from bot.processing.conversation import build_prompt
 from bot.processing.failures import describe, timeout_notice
-from bot.processing.markdown import markdown_to_mrkdwn, split_markdown
+from bot.processing.surface import SurfaceError
+from bot.slack.markdown import markdown_to_mrkdwn, split_markdown
 from bot.processing.openai_chat import stream_chat
 from bot.processing.options import RequestOptions, options_for
 from bot.slack.web_api import SlackAPIError
@@ -74,7 +75,7 @@ def transcript(replies: list[dict], bot_user_id: str) -> str:
     return "\n\n".join(lines)
 
 
-async def run(services: Services, kind: str, payload: dict) -> None:
+async def run(services: SlackServices, kind: str, payload: dict) -> None:
     """Handle one message shortcut from open to result. Never raises on bad input."""
     user = (payload.get("user") or {}).get("id")
     channel = (payload.get("channel") or {}).get("id")
@@ -99,7 +100,7 @@ async def run(services: Services, kind: str, payload: dict) -> None:
             text = await _translate(services, options, message)
         footer = f"Written by `{options.model}`. Only you can see this."
     except Exception as exc:  # noqa: BLE001 - every failure is a clear line in the modal
-        failure = describe(exc)
+        failure = describe(SurfaceError(exc.method, exc.error) if isinstance(exc, SlackAPIError) else exc)
         log.warning("%s for %s failed: %s (%s)", kind, user, failure.kind, type(exc).__name__)
         text, footer = failure.message, ""
     try:
@@ -108,7 +109,7 @@ async def run(services: Services, kind: str, payload: dict) -> None:
         log.info("%s: could not show the result to %s (modal closed?): %s", kind, user, exc.error)
 
 
-async def _summarize(services: Services, options: RequestOptions, channel: str, message: dict) -> str:
+async def _summarize(services: SlackServices, options: RequestOptions, channel: str, message: dict) -> str:
     thread_ts = message.get("thread_ts") or message.get("ts")
     if not isinstance(thread_ts, str) or not thread_ts:
         return "This message has no thread to summarize."
@@ -123,14 +124,14 @@ async def _summarize(services: Services, options: RequestOptions, channel: str, 
     return await _ask(services, options, SUMMARY_PROMPT, f"Summarize this conversation:\n\n{text}")
 
 
-async def _translate(services: Services, options: RequestOptions, message: dict) -> str:
+async def _translate(services: SlackServices, options: RequestOptions, message: dict) -> str:
     text = message.get("text")
     if not isinstance(text, str) or not text.strip():
         return "This message has no text to translate."
     return await _ask(services, options, TRANSLATE_PROMPT.format(language=options.language), text)
 
 
-async def _ask(services: Services, options: RequestOptions, system: str, user_text: str) -> str:
+async def _ask(services: SlackServices, options: RequestOptions, system: str, user_text: str) -> str:
     settings = services.settings
     prompt = build_prompt(system, [], user_text, budget_tokens=settings.context_budget_tokens,
                           reserve_for_answer=options.max_answer_tokens)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 
@@ -24,9 +25,8 @@ from bot.processing.attachments import Turn, read_attachments
 from bot.processing.image_tools import ImageTools
 from bot.processing.tool_chat import chat_with_tools
 from bot.processing.options import RequestOptions, resolve_options
-from bot.processing.native_stream import slack_surface
-from bot.processing.reply import ReplySurface
-from bot.slack.events import IncomingMessage, strip_mention
+from bot.processing.message import IncomingMessage
+from bot.processing.surface import ReplySurface, SurfaceError
 from bot.storage import StorageError
 from bot.storage.base import HistoryMessage
 
@@ -43,19 +43,21 @@ LENGTH_NOTICE = "_(The answer was cut short: it reached the maximum length.)_"
 EMPTY_NOTICE = "_(The model returned an empty answer. Please try rephrasing.)_"
 
 
-async def answer_message(services: Services, state: RequestState, writer: ReplySurface | None = None) -> str:
-    """Run one request to a terminal outcome and return it
-    ("answered" | "timeout" | "error" | "interrupted").
+SurfaceFactory = Callable[[RequestOptions], Awaitable[ReplySurface]]
 
-    `writer` is where the answer appears: Slack by default; `slackbot shell` passes a
-    terminal one, which is why nothing here talks to Slack directly."""
+
+async def answer_message(services: Services, state: RequestState, make_surface: SurfaceFactory) -> str:
+    """Run one request to a terminal outcome and return it
+    ("answered" | "timeout" | "error" | "interrupted" | "stopped").
+
+    `make_surface(options)` gives where the answer appears: the nursery's builds the Slack
+    one (native streaming, paced chat.update, or one finished message, as the options
+    say); `slackbot shell` a terminal one. Nothing here talks to Slack."""
     msg = state.message
     settings = services.settings
-    # First, and never raising: the options pick the Slack surface (native streaming,
-    # paced chat.update, or one finished message).
+    # First, and never raising: the options pick the surface's mode.
     options = await resolve_options(services, msg)
-    if writer is None:
-        writer = await slack_surface(services, msg, options)
+    writer = await make_surface(options)
     recorded = False
     outcome, notice, detail = "error", "", ""
     turn: Turn | None = None
@@ -70,7 +72,7 @@ async def answer_message(services: Services, state: RequestState, writer: ReplyS
                 placeholder_ts=state.placeholder_ts, started_at=time.time(),
             )
             state.stage = "loading history"
-            history = await load_history(services, msg, rebuild=rebuild, exclude_ts={state.placeholder_ts})
+            history = await load_history(services, msg, writer, rebuild=rebuild, exclude_ts={state.placeholder_ts})
             if options.history_messages is not None:
                 history = history[-options.history_messages:] if options.history_messages else []
             state.stage = "reading attachments"
@@ -210,34 +212,16 @@ async def _record_outcome(services: Services, state: RequestState, writer: Reply
             return
 
 
-async def load_history(services: Services, msg: IncomingMessage, *, rebuild: bool,
+async def load_history(services: Services, msg: IncomingMessage, surface: ReplySurface, *, rebuild: bool,
                        exclude_ts: set[str]) -> list[HistoryMessage]:
     """The thread's conversation from storage; with `rebuild` (a mention inside a thread the
-    bot has not seen), first rebuilt once from `conversations.replies` and stored."""
+    bot has not seen), first read once from the surface (Slack's thread) and stored."""
     store = services.store
     if rebuild:
         try:
-            replies = await services.slack.thread_replies(msg.channel, msg.thread_ts)
-        except Exception as exc:  # noqa: BLE001 - answer without the history rather than not at all
-            log.warning("could not read thread %s from Slack (%s); answering without it", msg.thread, exc)
-            replies = []
-        rebuilt = rebuild_history(replies, services.me.user_id, services.me.bot_id,
-                                  exclude_ts=exclude_ts | {msg.ts})
+            rebuilt = await surface.read_thread(exclude_ts | {msg.ts})
+        except SurfaceError as exc:  # answer without the history rather than not at all
+            log.warning("could not read thread %s (%s); answering without it", msg.thread, exc.code)
+            rebuilt = []
         await store.import_history(msg.thread, rebuilt)
     return await store.load_history(msg.thread)
-
-
-def rebuild_history(replies: list[dict], bot_user_id: str, bot_id: str, *,
-                    exclude_ts: set[str]) -> list[HistoryMessage]:
-    history: list[HistoryMessage] = []
-    for m in replies:
-        ts = m.get("ts")
-        text = m.get("text") or ""
-        if not isinstance(ts, str) or ts in exclude_ts or not isinstance(text, str) or not text.strip():
-            continue
-        mine = m.get("user") == bot_user_id or (bot_id and m.get("bot_id") == bot_id)
-        if mine:
-            history.append(HistoryMessage("assistant", text, ts))
-        elif not m.get("bot_id"):
-            history.append(HistoryMessage("user", strip_mention(text, bot_user_id), ts))
-    return history

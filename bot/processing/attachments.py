@@ -47,9 +47,8 @@ from bot.processing.documents import (
     unsupported_reason,
 )
 from bot.processing.images import PreparedImage, image_tokens, is_image_file, prepare_image
-from bot.processing.reply import ReplySurface
+from bot.processing.surface import ReplySurface
 from bot.processing.tokens import count_tokens, cut_to_tokens
-from bot.slack.files import download_file, resolve_file
 from bot.storage.base import ThreadImage
 from bot.url_fetch import fetch_image
 
@@ -233,7 +232,7 @@ async def _read_file(services: Services, media: MediaServices, state: RequestSta
     name = str(obj.get("name") or obj.get("title") or obj.get("id") or "a file")
     try:
         state.stage = f"looking up {name}"
-        file = await resolve_file(services.slack, obj)
+        file = await writer.resolve_file(obj)
         name = file.name
         image = is_image_file(file.name, file.mimetype, file.filetype)
         kind = None if image else document_kind(file.name, file.mimetype, file.filetype)
@@ -241,7 +240,7 @@ async def _read_file(services: Services, media: MediaServices, state: RequestSta
             raise FileProblem(unsupported_reason(file.name), "unsupported")
         writer.set_status(f"_Reading {_clean(name)}…_")
         state.stage = f"downloading {name}"
-        data = await download_file(services.slack, file, max_bytes=int(settings.max_file_mb * MB))
+        data = await writer.download_file(file, max_bytes=int(settings.max_file_mb * MB))
         if image:
             state.stage = f"processing image {name}"
             prepared = await in_worker(media, prepare_image, data, max_pixels=settings.max_image_pixels)

@@ -1,7 +1,7 @@
 """The explicit objects processing works with: what it may use, and what it reports.
 
-`Services` is built once by the nursery and passed in; nothing in processing reaches
-for a global. `RequestState` is one request's visible progress: the nursery's watchdog
+`Services` is built once at start-up (`bot.startup`) and passed in; nothing in
+processing reaches for a global. `RequestState` is one request's visible progress: the nursery's watchdog
 reads `stage` and `started_at`; nothing else touches it.
 """
 
@@ -15,8 +15,7 @@ import openai
 
 from bot.config import Settings
 from bot.metrics import Metrics
-from bot.slack.web_api import SlackWebAPI
-from bot.slack.events import BotIdentity, IncomingMessage
+from bot.processing.message import IncomingMessage
 from bot.storage.base import Store
 
 
@@ -31,13 +30,14 @@ class MediaServices:
     tools_refused: set[str] = field(default_factory=set)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Services:
+    """What processing may use. Nothing of Slack: where the answer appears, and what the
+    platform holds (threads, files), comes per request as a `ReplySurface`."""
+
     settings: Settings
-    slack: SlackWebAPI
     openai: openai.AsyncOpenAI
     store: Store
-    me: BotIdentity
     model_slots: anyio.CapacityLimiter  # bounds concurrent OpenAI calls (ASYNC_MAX_CONCURRENT_REQUESTS)
     metrics: Metrics = field(default_factory=Metrics)  # created at start; tests may leave the default
     media: MediaServices | None = None  # files and images; None: text only (nothing to fetch with)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import openai
 
 from bot.processing.openai_chat import StreamStalled
-from bot.slack.web_api import SlackAPIError
+from bot.processing.surface import SurfaceError
 from bot.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,8 @@ def describe(exc: BaseException) -> Failure:
         return Failure("openai_server_error", ":warning: OpenAI had an internal error. Please try again.")
     if isinstance(exc, openai.APIError):
         return Failure("openai_error", f":warning: OpenAI returned an error: {_short(exc)}")
-    if isinstance(exc, SlackAPIError):
-        return Failure("slack_error", f":warning: Slack returned an error (`{exc.error}`) while I was "
+    if isinstance(exc, SurfaceError):
+        return Failure("slack_error", f":warning: Slack returned an error (`{exc.code}`) while I was "
                                       "answering.")
     if isinstance(exc, StorageError):
         log.error("storage failed: %s", exc)

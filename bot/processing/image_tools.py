@@ -4,7 +4,7 @@ the chat model, what running them does, and the rule used where tools are refuse
 Running a tool: `images.generate` or `images.edit` (model IMAGE_MODEL, size IMAGE_SIZE,
 quality IMAGE_QUALITY; GPT image models answer with base64) → the bytes are checked and
 downscaled for the thread's memory in a worker thread → uploaded into the thread
-(`slack.files.upload_to_thread`, completed only once the bytes are up) with a short
+(the surface's `post_image`; in Slack the upload is completed only once the bytes are up) with a short
 caption → remembered as a thread image, so "make it darker" can edit it next. The
 result sent back to the model is one sentence; what went wrong (moderation refusal,
 missing `files:write`) is also a line for the user.
@@ -36,9 +36,7 @@ from bot.processing.attachments import in_worker
 from bot.processing.context import RequestState, Services
 from bot.processing.images import prepare_image
 from bot.processing.openai_chat import ToolCall
-from bot.processing.reply import ReplySurface
-from bot.slack.web_api import SlackAPIError
-from bot.slack.files import upload_to_thread
+from bot.processing.surface import ReplySurface, SurfaceError
 from bot.storage import StorageError
 from bot.storage.base import ThreadImage
 
@@ -235,15 +233,14 @@ class ImageTools:
         caption = " ".join(prompt.replace("<", "").replace(">", "").replace("_", " ").split())
         caption = caption if len(caption) <= 150 else caption[:149] + "…"
         try:
-            await upload_to_thread(self.services.slack, channel=msg.channel, thread_ts=msg.thread_ts,
-                                   filename=filename, data=data, title=caption, comment=f"_{caption}_",
-                                   alt_text=prompt)
-        except SlackAPIError as exc:
-            log.warning("request %s: could not post the image: %s", self.state.request_id, exc.error)
-            hint = " (the bot's token needs the `files:write` scope)" if exc.error in (
+            await self.writer.post_image(data, filename=filename, title=caption, comment=f"_{caption}_",
+                                         alt_text=prompt)
+        except SurfaceError as exc:
+            log.warning("request %s: could not post the image: %s", self.state.request_id, exc.code)
+            hint = " (the bot's token needs the `files:write` scope)" if exc.code in (
                 "missing_scope", "not_allowed_token_type") else ""
-            self.notes.append(f":warning: I made the image but Slack refused to post it: `{exc.error}`{hint}.")
-            return f"The image was made but could not be posted in Slack ({exc.error}). Tell the user briefly."
+            self.notes.append(f":warning: I made the image but Slack refused to post it: `{exc.code}`{hint}.")
+            return f"The image was made but could not be posted in Slack ({exc.code}). Tell the user briefly."
         image = ThreadImage(name=filename, mime=prepared.mime, data=prepared.data, width=prepared.width,
                             height=prepared.height, source="bot", label=label, ts=msg.ts)
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):  # posted, so remember it

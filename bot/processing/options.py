@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from bot.config import Settings
 from bot.preferences import Preferences, is_reasoning_model, load_effective
 from bot.processing.context import Services
-from bot.slack.events import IncomingMessage
+from bot.processing.message import IncomingMessage
 from bot.storage.base import ThreadKey
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bot.storage.base import ThreadKey
+from bot.processing.message import IncomingMessage
 
 ANSWERED_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
 MAX_TEXT_CHARS = 40_000  # Slack's own cap on a message's text
@@ -33,27 +33,6 @@ class BotIdentity:
     bot_id: str
     app_id: str = ""
     team_id: str = ""  # from auth.test; chat.startStream needs it to stream into a channel
-
-
-@dataclass(frozen=True)
-class IncomingMessage:
-    event_id: str
-    kind: str  # "dm" | "mention" | "thread_followup"
-    channel: str
-    user: str
-    text: str
-    ts: str
-    thread_ts: str  # the thread the reply goes in (the message's own ts when it starts one)
-    in_existing_thread: bool  # the message was posted inside a thread that existed before it
-    files: tuple[dict, ...] = ()  # Slack file objects attached to the message (as the event gives them)
-
-    @property
-    def thread(self) -> ThreadKey:
-        return ThreadKey(self.channel, self.thread_ts)
-
-    @property
-    def dedupe_keys(self) -> tuple[str, str]:
-        return (f"event:{self.event_id}", f"msg:{self.channel}:{self.ts}")
 
 
 @dataclass(frozen=True)

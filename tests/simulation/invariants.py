@@ -28,11 +28,14 @@ Each check appends a readable line to `world.violations`. What is checked:
 from __future__ import annotations
 
 import math
+import re
 import sqlite3
 from collections import defaultdict
 
 from bot.processing.answer import FINALIZE_SECONDS, SHUTDOWN_FINALIZE_SECONDS
 from bot.processing.failures import BUSY_NOTICE
+from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, WORD_JOINER
+from tests.fakes.slack import MARKDOWN_TEXT_LIMIT as SLACK_MARKDOWN_LIMIT
 from tests.simulation.world import CREATING_METHODS, World
 from tests.simulation_support import PRODUCTION, TIMEOUT_TEXT, classify
 
@@ -40,19 +43,28 @@ EPS = 1e-6  # "one scheduling step": virtual time does not advance within a step
 TIMEOUT = PRODUCTION["async_timeout_seconds"]
 GRACE = PRODUCTION["shutdown_grace_seconds"]
 EXTRA_NOTICE_MARKERS = (":floppy_disk:",)  # notices classify() does not know yet
+WORD_JOINER = "\u2060"  # what the bot puts after the "@" of a broadcast mention to make it inert
 SHOWS = {"answered": {"answered"}, "timeout": {"timeout"}, "error": {"error", "stalled"},
          "interrupted": {"interrupted"}}
 
 
 def final_kind(message: dict | None, *, expired: bool = False) -> str:
-    """What the user ends up seeing. A message still in native-streaming state is pending,
-    unless `expired`: Slack ends a stream nobody stops after a while (FakeSlack.end_stream
-    models that), which is how a stream of a crashed process ends."""
+    """What the user ends up seeing (`shown`: FakeSlack.visible_text). A message still in
+    native-streaming state is pending, unless `expired`: Slack ends a stream nobody stops
+    after a while (FakeSlack.end_stream models that), which is how a stream of a crashed
+    process ends."""
     if message is None:
         return "deleted"
-    if message.get("streaming") and not expired:
+    return final_kind_of([message], expired=expired)
+
+
+def final_kind_of(messages: list[dict | None], *, expired: bool = False) -> str:
+    """The same for an answer shown in several messages (a long one continues in more)."""
+    if any(m is None for m in messages):
+        return "deleted"
+    if any(m.get("streaming") for m in messages) and not expired:
         return "pending"
-    text = message.get("text") or ""
+    text = "\n\n".join(m["shown"] for m in messages)
     kind = classify(text)
     if kind == "answered" and text.rsplit("\n\n", 1)[-1].startswith(EXTRA_NOTICE_MARKERS):
         return "error"
@@ -69,12 +81,13 @@ def check(world: World) -> None:
     for channel, messages in slack.messages.items():
         for message in messages:
             if message.get("bot_id") == slack.bot_id:
-                bot_messages[message["ts"]] = {**message, "channel": channel}
+                bot_messages[message["ts"]] = {**message, "channel": channel,
+                                               "shown": slack.visible_text(channel, message["ts"])}
 
     creations: dict[tuple, list] = defaultdict(list)  # (inc, kind, rid or msg) -> creating calls
     created_by: dict[str, object] = {}
     for call in world.slack_calls:
-        if call.method not in CREATING_METHODS:
+        if call.method not in CREATING_METHODS and not call.created_ts:
             continue
         tag = call.tag
         key = (call.inc, tag.kind, tag.rid or tag.msg) if tag else (call.inc, "none", None)
@@ -84,10 +97,17 @@ def check(world: World) -> None:
 
     rows = _rows(world)
     stored = {r["request_id"]: r for r in rows}
+    by_rid = {rec.rid: rec for rec in world.requests}
     for h in world.handlings:
         world.count(f"handled_{h.kind}")
     for rec in world.requests:
         world.count(f"outcome_{rec.outcome}")
+    for call in world.slack_calls:
+        if call.created_ts and not call.ok:
+            world.count("posts_made_but_answered_5xx")
+    # What each start-up's crash recovery found in flight, and what it posted.
+    recovered: dict[int, dict[str, object]] = {n: {r.request_id: r for r in found} for n, found in world.recovered}
+    recovery_posts: dict[tuple[int, str, str], list[str]] = defaultdict(list)  # (process, channel, thread) -> ts
 
     # 1. exactly once
     acked_by: dict[int, set[int]] = defaultdict(set)
@@ -120,32 +140,37 @@ def check(world: World) -> None:
     accounted: set[str] = set()
     for rec in world.requests:
         calls = creations.get((rec.inc, "request", rec.rid), [])
-        made = [c.created_ts for c in calls if c.created_ts]
+        made = sorted({c.created_ts for c in calls if c.created_ts}, key=_ts_order)
         accounted.update(made)
         row = stored.get(rec.rid)
         who = f"m{rec.msg} (request {rec.rid}, process #{rec.inc})"
         if not made:
             if rec.inc in crashed or rec.outcome == "interrupted":
                 continue
-            if calls and all(c.injected for c in calls):
+            if calls and all(c.faulted for c in calls):
                 world.count("outcome_refused_by_slack")
                 continue
             v(f"{who} ended {rec.outcome} with nothing visible in Slack "
               f"(posts tried: {[(c.method, c.error) for c in calls]})")
             continue
-        if len(made) > 1:
-            v(f"{who} created {len(made)} bot messages: {made}")
-        ts = made[0]
-        message = bot_messages.get(ts)
-        # A native stream that failed (Slack refused an append or the stop) is given up for
-        # chat.update without being stopped, and so is a crashed process's: Slack ends such
-        # streams itself after a while; what counts is the text they show.
+        messages = [bot_messages.get(ts) for ts in made]
+        # An answer longer than one Slack message goes on in more messages; every one but
+        # the last is then full (split_markdown cuts in the second half of the limit).
+        for ts, message in zip(made[:-1], messages[:-1]):
+            if message is None or len(message["shown"]) < SLACK_MARKDOWN_LIMIT // 2:
+                v(f"{who} created {len(made)} bot messages: {made} ({ts} shows {_show(message)})")
+                break
+        # A native stream that failed (Slack refused an append or the stop), or one of a
+        # crashed process, or one Slack ended itself, may be left for Slack to end: what
+        # counts is the text it shows.
         fell_back = any("Stream" in c.method and not c.ok for c in world.slack_calls
                         if c.tag and c.tag.rid == rec.rid)
-        kind = final_kind(message, expired=rec.inc in crashed or fell_back)
-        if message is not None and message.get("streaming") and kind != "pending":
+        expired = rec.inc in crashed or fell_back
+        kind = final_kind_of(messages, expired=expired)
+        if any(m is not None and m.get("streaming") for m in messages) and kind != "pending":
             world.count("streams_left_for_slack_to_expire")
         cut = _cut_by_slack(world, rec)
+        shown = _show_all(messages)
         if kind == "pending":
             if rec.inc in crashed and row is None:
                 world.count("crash_orphans")  # Slack made it; the process died before recording it
@@ -153,7 +178,7 @@ def check(world: World) -> None:
             if cut:
                 world.count("final_write_cut_by_slack_faults")
                 continue
-            v(f"{who} left its message {ts} showing {_show(message)} forever (outcome {rec.outcome}, "
+            v(f"{who} left its message {made[-1]} showing {shown} forever (outcome {rec.outcome}, "
               f"stored {row['status'] if row else 'nothing'})")
             continue
         expected = row["status"] if row is not None else rec.outcome
@@ -162,18 +187,42 @@ def check(world: World) -> None:
         if kind not in SHOWS.get(expected, {expected}):
             if cut:
                 world.count("final_write_cut_by_slack_faults")
+            elif kind == "answered" and expected == "error" and any(c.created_ts and not c.ok for c in calls):
+                # Slack posted the answer but answered 5xx, and the thread could not be read
+                # to find out: the bot cannot know it is shown (never the other way round).
+                world.count("answer_shown_though_slack_said_it_failed")
+            elif (kind == "answered" and expected == "interrupted" and rec.inc in crashed
+                  and any(rec.rid in found and not found[rec.rid].placeholder_ts for found in recovered.values())):
+                # Killed between posting the answer (it had no placeholder) and recording it:
+                # the recovery's notice follows the answer in the thread.
+                world.count("answer_posted_then_crash")
             else:
-                v(f"{who}: Slack shows {kind} ({_show(message)}) but the outcome is {expected}")
-        elif expected == "answered" and row is not None:
-            reply = row["reply"]
-            text = message.get("text") or ""
-            if reply is None or not (text == reply or text.startswith(reply + "\n\n")):
-                if cut:
-                    world.count("final_write_cut_by_slack_faults")
-                else:
-                    v(f"{who}: Slack shows {_show(message)} but storage has the answer {reply!r}")
-        if row is not None and rec.inc not in crashed and row["status"] != rec.outcome:
+                v(f"{who}: Slack shows {kind} ({shown}) but the outcome is {expected}")
+        if row is not None and rec.inc not in crashed and row["status"] != rec.outcome \
+                and not (rec.outcome == "stopped" and row["status"] == "interrupted"):
             v(f"{who}: the bot says {rec.outcome}, storage says {row['status']}")
+
+    # No request stored as answered whose answer Slack does not show: its messages, joined,
+    # show the stored text (broadcast mentions made inert, split over messages), and none of
+    # them is still streaming.
+    for row in rows:
+        if row["status"] != "answered":
+            continue
+        rec = by_rid.get(row["request_id"])
+        if rec is None:
+            continue  # reported below
+        made = sorted({c.created_ts for c in creations.get((rec.inc, "request", rec.rid), []) if c.created_ts},
+                      key=_ts_order)
+        messages = [bot_messages.get(ts) for ts in made]
+        who = f"m{rec.msg} (request {rec.rid}, process #{rec.inc})"
+        if not messages or any(m is None for m in messages):
+            v(f"{who} is stored as answered, but Slack has no message of it ({made})")
+            continue
+        if any(m.get("streaming") for m in messages):
+            v(f"{who} is stored as answered, but its message is still streaming: {_show_all(messages)}")
+        joined = _plain("".join(m["shown"] for m in messages))
+        if row["reply"] is None or _plain(_inert(row["reply"])) not in joined:
+            v(f"{who} is stored as answered with {row['reply']!r:.80}, but Slack shows {_show_all(messages)}")
 
     for h in world.handlings:
         if h.kind != "busy":
@@ -184,13 +233,15 @@ def check(world: World) -> None:
         if len(made) > 1:
             v(f"m{h.msg}: {len(made)} busy replies")
         elif made:
-            if bot_messages.get(made[0], {}).get("text") != BUSY_NOTICE:
+            if bot_messages.get(made[0], {}).get("shown") != BUSY_NOTICE:
                 v(f"m{h.msg}: the busy reply reads {_show(bot_messages.get(made[0]))}")
-        elif not (h.inc in crashed or (calls and all(c.injected for c in calls))):
+        elif not (h.inc in crashed or (calls and all(c.faulted for c in calls))):
             v(f"m{h.msg}: told busy, but no busy reply reached Slack (posts: {[(c.method, c.error) for c in calls]})")
 
-    # 3. every bot message belongs to a handling and is terminal
+    # 3. every bot message belongs to a handling (or to a crash recovery) and is terminal
     for ts, message in bot_messages.items():
+        if _live_broadcast(message["shown"]):
+            v(f"bot message {ts} in {message['channel']} shows a live broadcast mention: {_show(message)}")
         if ts in accounted:
             continue
         call = created_by.get(ts)
@@ -200,11 +251,47 @@ def check(world: World) -> None:
                 v(f"bot message {ts} posted for m{call.tag.msg} ({_show(message)}) is left pending")
             world.count("extra_messages")
             continue
+        if call is not None and call.tag is not None and call.tag.kind == "startup":
+            # The crash recovery's notice for a request that had posted nothing yet: in the
+            # thread of a request this start-up found in flight without a placeholder.
+            thread = (message["channel"], str(message.get("thread_ts") or ""))
+            found = recovered.get(call.inc, {})
+            if not any(not r.placeholder_ts and (r.thread.channel, r.thread.thread_ts) == thread
+                       for r in found.values()):
+                v(f"bot message {ts} in {thread} ({_show(message)}) was posted by the start-up of process "
+                  f"#{call.inc}, for no request it found interrupted")
+            elif final_kind(message) != "interrupted":
+                v(f"the crash recovery's message {ts} in {thread} shows {_show(message)}")
+            recovery_posts[(call.inc, *thread)].append(ts)
+            continue
         owner = f"{call.tag.kind} of m{call.tag.msg}" if call is not None and call.tag else "nobody"
         v(f"bot message {ts} in {message['channel']} ({_show(message)}) was posted by {owner}")
+    # ... and each request a crash interrupted before it posted anything gets that notice,
+    # once per recovery (a second one only when the first recovery was killed too).
+    for n, found in recovered.items():
+        for r in found.values():
+            if r.placeholder_ts:
+                continue  # its placeholder is edited (checked with its request, above)
+            key = (n, r.thread.channel, r.thread.thread_ts)
+            wanted = sum(1 for x in found.values() if not x.placeholder_ts
+                         and (x.thread.channel, x.thread.thread_ts) == key[1:])
+            posts = recovery_posts.get(key, [])
+            if len(posts) > wanted:
+                v(f"the start-up of process #{n} posted {len(posts)} interrupted notices in {key[1:]} "
+                  f"for {wanted} request(s)")
+            elif not posts:
+                tried = [c for c in world.slack_calls if c.inc == n and c.tag and c.tag.kind == "startup"
+                         and (c.args.get("channel") == r.thread.channel)]
+                if n in crashed or any(c.faulted for c in tried):
+                    world.count("recovery_notice_lost_to_slack_or_crash")
+                else:
+                    v(f"request {r.request_id} in {key[1:]} was interrupted before posting anything, and the "
+                      f"start-up of process #{n} left its thread without a notice (calls: "
+                      f"{[(c.method, c.error or 'ok') for c in tried]})")
+            else:
+                world.count("recovery_posts")
 
     # 4. deadlines
-    by_rid = {rec.rid: rec for rec in world.requests}
     for rec in world.requests:
         if rec.inc in crashed:
             continue
@@ -282,22 +369,85 @@ def check(world: World) -> None:
                 v(f"the prompt for m{call.msg} carries a user message from elsewhere: {content!r:.80}")
 
 
+def check_retry_after(world: World) -> None:
+    """6. No call went inside a Retry-After window Slack had announced — to the process
+    that made it, before it made it (a 429 it had received). Excused, and counted: a call
+    already on its way when the 429 came back (Slack answered another call first), and a
+    call of another process (a restarted one cannot know what its predecessor was told)."""
+    windows: dict[tuple, list] = defaultdict(list)
+    for c in world.slack_calls:
+        if c.status == 429:
+            windows[(c.inc, c.key)].append(c)
+    for c in world.slack_calls:
+        if c.in_window_at is None:
+            continue
+        told = [w for w in windows.get((c.inc, c.key), [])
+                if w.seq1 < c.seq0 and w.t_end - EPS <= c.in_window_at < w.t_end + w.retry_after - EPS]
+        if told:
+            w = told[-1]
+            v_text = (f"{c.method}{' in ' + str(c.key[1]) if c.key[1] else ''} by process #{c.inc} "
+                      f"({_whose(c)}) went out at {c.t:.3f}, "
+                      f"inside the Retry-After window of {w.retry_after:g}s Slack had announced to it at "
+                      f"{w.t_end:.3f}")
+            world.violate(v_text)
+        else:
+            world.count("calls_in_retry_after_unknown_to_their_process")
+
+
+def _whose(call) -> str:
+    tag = call.tag
+    if tag is None:
+        return "untagged"
+    return tag.kind if tag.msg is None else f"{tag.kind} of m{tag.msg}"
+
+
 def _cut_by_slack(world: World, rec) -> bool:
-    """The request's final write ran out of its bounded time (FINALIZE_SECONDS) while
-    Slack was failing its calls with injected faults: the view may stay stale, by design
-    (shutdown must stay bounded)."""
+    """The request's final write ran out of its bounded time (FINAL_WRITE_SECONDS, or
+    SHUTDOWN_WRITE_SECONDS once a shutdown interrupts it) while Slack was failing its calls
+    with injected faults or an outage: the view may stay stale, by design (shutdown must
+    stay bounded). Slack's own rate limits are no excuse: the bot keeps budgets for them."""
     needle = f"request {rec.rid}: Slack did not take the final text"
     if not any(kind == "log" and needle in text for _, kind, text in world.trace):
         return False
-    return any(c.injected for c in world.slack_calls if c.tag and c.tag.rid == rec.rid)
+    return any(c.faulted for c in world.slack_calls if c.tag and c.tag.rid == rec.rid)
 
 
 def _show(message: dict | None) -> str:
     if message is None:
         return "(no message)"
-    text = message.get("text") or ""
+    text = message.get("shown", message.get("text")) or ""
     state = " [streaming]" if message.get("streaming") else ""
     return repr(text if len(text) <= 70 else text[:67] + "...") + state
+
+
+def _show_all(messages: list[dict | None]) -> str:
+    return " + ".join(_show(m) for m in messages)
+
+
+def _ts_order(ts: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in ts.split("."))
+
+
+_ENTITY = re.compile(r"<!(here|channel|everyone|group)(?:\|[^<>\n]*)?>", re.IGNORECASE)
+_BARE = re.compile(r"(?<![\w@])@(here|channel|everyone)\b", re.IGNORECASE)
+
+
+def _inert(text: str) -> str:
+    """A model's text as a user reads it once its broadcast mentions are inert: `<!here>`
+    reads "@here" (the bot puts a WORD JOINER after the "@", which `_plain` drops)."""
+    return _ENTITY.sub(lambda m: "@" + m.group(1), text)
+
+
+def _plain(text: str) -> str:
+    """For comparing what was stored with what is shown: no word joiners, no whitespace
+    (a long answer is split between messages at a paragraph or line break)."""
+    return "".join(text.replace(WORD_JOINER, "").split())
+
+
+def _live_broadcast(shown: str) -> bool:
+    """Whether a bot message would ping a whole channel: a `<!here>`-style entity, or a
+    bare @here / @channel / @everyone without the joiner."""
+    return bool(_ENTITY.search(shown) or _BARE.search(shown))
 
 
 def _rows(world: World) -> list[dict]:

@@ -153,6 +153,7 @@ def run_scenario(scenario: Scenario) -> Result:
                 world.violations.append(f"worker threads were used: {offenders}")
             if not any(v.startswith("the run crashed") for v in world.violations):
                 invariants.check(world)
+                invariants.check_retry_after(world)
     finally:
         world.cleanup()
     return Result(scenario, world.violations, world.trace, dict(sorted(world.stats.items())),

@@ -34,6 +34,7 @@ import anyio
 import httpx2
 
 from bot.config import Settings
+from bot.processing.answer import FINALIZE_SECONDS
 from bot.startup import run_bot
 from bot.storage import StorageError
 from bot.storage.sqlite import SQLiteStore
@@ -468,6 +469,8 @@ class World:
             call.t_end = self.now()
             call.seq1 = self.next_seq()
             CURRENT_CALL.reset(current)
+            if call.in_window_at is not None:  # the fake's clock -> the world's
+                call.in_window_at -= anyio.current_time() - self.now()
         call.injected = bool(response.extensions.get("sim_injected"))
         call.status = response.status_code
         # An outage answers before anything else, in the instant the call arrives (no time
@@ -853,7 +856,9 @@ class World:
                         self.violate(f"process #{inc.n} did not exit within 60 s of SIGTERM")
                         inc.scope.cancel()
                 for old in self.incs:
-                    with anyio.move_on_after(60) as waiting:
+                    # A crashed process's shielded clean-up waits on calls that never return
+                    # (its final write's own bound, FINALIZE_SECONDS, ends it).
+                    with anyio.move_on_after(FINALIZE_SECONDS + 60) as waiting:
                         await old.done.wait()
                     if waiting.cancelled_caught:
                         self.violate(f"process #{old.n} never finished unwinding")

@@ -21,17 +21,15 @@ made inert before anything is shown.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
-
 import anyio
 
-from bot.interactions.feedback import answer_blocks
-from bot.processing.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, split_markdown
+from bot.slack.feedback_blocks import answer_blocks
+from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, split_markdown
+from bot.processing.surface import PLACEHOLDER
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
 
 log = logging.getLogger(__name__)
 
-PLACEHOLDER = "_Thinking…_"
 POST_TIMEOUT = 15.0
 FINAL_ATTEMPTS = 3  # the final text matters most: a transient refusal gets two more tries
 PERMANENT_ERRORS = frozenset({"message_not_found", "channel_not_found", "cant_update_message", "is_archived",
@@ -44,30 +42,6 @@ def fallback_text(part: str) -> str:
     """The short plain `text` that goes with blocks: notifications and old clients."""
     line = " ".join(part.split())
     return line if len(line) <= FALLBACK_TEXT_CHARS else line[:FALLBACK_TEXT_CHARS - 1].rstrip() + "…"
-
-
-class ReplySurface(Protocol):
-    """Where an answer appears. `ReplyWriter` is Slack; the shell has a terminal one."""
-
-    message_ts: list[str]
-
-    @property
-    def text(self) -> str: ...
-
-    @property
-    def placeholder_ts(self) -> str: ...
-
-    async def start(self, status: str = PLACEHOLDER) -> str: ...
-
-    def set_status(self, status: str) -> None: ...
-
-    def append(self, delta: str) -> None: ...
-
-    async def run(self) -> None: ...
-
-    async def finish(self, notice: str = "") -> bool:
-        """The final text plus `notice` — posted now if nothing was shown yet. True only
-        when Slack (or the terminal) shows it."""
 
 
 class ReplyWriter:

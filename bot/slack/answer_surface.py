@@ -30,13 +30,18 @@ import logging
 
 import anyio
 
-from bot.interactions.feedback import feedback_block
-from bot.processing.context import Services
-from bot.processing.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, stable_length
+from bot.slack.feedback_blocks import feedback_block
+from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, stable_length
 from bot.processing.options import RequestOptions
-from bot.processing.reply import PLACEHOLDER, POST_TIMEOUT, ReplyWriter
+from bot.slack.reply import PLACEHOLDER, POST_TIMEOUT, ReplyWriter
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
-from bot.slack.events import IncomingMessage
+from bot.processing.message import IncomingMessage
+from bot.processing.surface import AttachedFile, SurfaceError
+from bot.config import Settings
+from bot.slack.events import BotIdentity
+from bot.slack.files import SlackFile, download_file, resolve_file, upload_to_thread
+from bot.slack.transcripts import history_from_replies
+from bot.storage.base import HistoryMessage, Store
 from bot.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -60,10 +65,11 @@ class SlackAnswerWriter:
     def __init__(self, slack: SlackWebAPI, channel: str, thread_ts: str, *, mode: str = "update",
                  interval: float = 1.0, recipient_user: str = "", recipient_team: str = "",
                  assistant_thread: bool = False, title: str = "", feedback: bool = True,
-                 limit: int = SLACK_MARKDOWN_LIMIT) -> None:
+                 limit: int = SLACK_MARKDOWN_LIMIT, me: BotIdentity | None = None) -> None:
         if mode not in ("native", "update", "final"):
             raise ValueError(f"mode must be native, update or final, got {mode!r}")
         self._slack = slack
+        self._me = me or BotIdentity(user_id="", bot_id="")
         self.channel = channel
         self.thread_ts = thread_ts
         self.mode = mode
@@ -118,7 +124,10 @@ class SlackAnswerWriter:
                     self._stream_ts = ts
                     self._dirty.set()  # the status goes out from run()
                     return ts
-        ts = await self._fallback.start(status)
+        try:
+            ts = await self._fallback.start(status)
+        except SlackAPIError as exc:
+            raise SurfaceError("posting the answer", exc.error) from None
         if not ts:
             self._assistant = True  # nothing shows progress but the thread status
             self._dirty.set()
@@ -215,6 +224,30 @@ class SlackAnswerWriter:
         ok = await self._fallback.finish(notice)
         await self._clear_status()
         return ok
+
+    # ---- what the thread holds: earlier messages, files; images the bot posts ----------
+
+    async def read_thread(self, exclude_ts: set[str]) -> list[HistoryMessage]:
+        try:
+            replies = await self._slack.thread_replies(self.channel, self.thread_ts)
+        except SlackAPIError as exc:
+            raise SurfaceError("reading the thread", exc.error) from None
+        return history_from_replies(replies, self._me, exclude_ts=exclude_ts)
+
+    async def resolve_file(self, obj: dict) -> SlackFile:
+        return await resolve_file(self._slack, obj)
+
+    async def download_file(self, file: AttachedFile, *, max_bytes: int) -> bytes:
+        if not isinstance(file, SlackFile):
+            raise TypeError("download_file takes the file resolve_file returned")
+        return await download_file(self._slack, file, max_bytes=max_bytes)
+
+    async def post_image(self, data: bytes, *, filename: str, title: str, comment: str, alt_text: str) -> None:
+        try:
+            await upload_to_thread(self._slack, channel=self.channel, thread_ts=self.thread_ts, filename=filename,
+                                   data=data, title=title, comment=comment, alt_text=alt_text)
+        except SlackAPIError as exc:
+            raise SurfaceError("posting the image", exc.error) from None
 
     # ---- native streaming --------------------------------------------------------------
 
@@ -333,9 +366,9 @@ def thread_title(text: str) -> str:
     return line[:TITLE_CHARS].rsplit(" ", 1)[0].rstrip(",.;:") + "…"
 
 
-async def slack_surface(services: Services, msg: IncomingMessage, options: RequestOptions) -> SlackAnswerWriter:
-    """The Slack surface for one request. Never raises."""
-    settings = services.settings
+async def slack_surface(slack: SlackWebAPI, me: BotIdentity, settings: Settings, store: Store,
+                        msg: IncomingMessage, options: RequestOptions) -> SlackAnswerWriter:
+    """The Slack surface for one request (the nursery binds all but `options`). Never raises."""
     in_dm = msg.channel.startswith("D")
     if not options.stream:
         mode = "final"
@@ -350,11 +383,11 @@ async def slack_surface(services: Services, msg: IncomingMessage, options: Reque
         first = not msg.in_existing_thread
         if not first:
             try:
-                first = not await services.store.thread_known(msg.thread)
+                first = not await store.thread_known(msg.thread)
             except (StorageError, RuntimeError) as exc:
                 log.debug("cannot tell whether %s is new (%s); no title", msg.thread, exc)
         title = thread_title(msg.text) if first else ""
     return SlackAnswerWriter(
-        services.slack, msg.channel, msg.thread_ts, mode=mode, interval=settings.update_interval_seconds,
-        recipient_user=msg.user, recipient_team=services.me.team_id, assistant_thread=in_dm, title=title,
+        slack, msg.channel, msg.thread_ts, mode=mode, interval=settings.update_interval_seconds,
+        recipient_user=msg.user, recipient_team=me.team_id, assistant_thread=in_dm, title=title, me=me,
     )
