@@ -39,7 +39,7 @@ def test_settings(**overrides) -> Settings:
         socket_ping_interval_seconds=1.0,
         # The core tests watch the placeholder being edited (chat.update) and count the
         # bot's messages; native streaming and the first-DM welcome (both on in
-        # production) have their own tests in tests/test_ux_*.py.
+        # production) have their own tests in tests/slack/ and tests/interactions/.
         native_streaming=False,
         welcome=False,
     )

@@ -103,6 +103,16 @@ class SlackCall:
 
 
 @dataclass
+class BudgetWait:
+    """A call that waited for its turn in the bot's own budget of a Web API method."""
+
+    tag: Tag | None
+    method: str
+    t0: float
+    t1: float
+
+
+@dataclass
 class AICall:
     t: float
     inc: int
@@ -325,6 +335,7 @@ class World:
         self.envelope_event: dict[str, str] = {}
         self.link_inc: dict[int, int] = {}  # link id -> incarnation number
         self.slack_calls: list[SlackCall] = []
+        self.budget_waits: list[BudgetWait] = []
         self.ai_calls: list[AICall] = []
         self.ai_attempts: dict[int, int] = {}
         self.requests: list[Request] = []
@@ -570,6 +581,18 @@ class World:
             HANDLING.set(Tag(inc.n, mid, "busy"))
             await original_busy(msg)
 
+        limits = nursery.services.slack.limits
+        original_acquire = limits.acquire
+
+        async def acquire(method, channel=None):
+            t0 = world.now()
+            try:
+                await original_acquire(method, channel)
+            finally:
+                if world.now() > t0:
+                    world.budget_waits.append(BudgetWait(HANDLING.get(), method, t0, world.now()))
+
+        limits.acquire = acquire
         nursery._request = request
         nursery._first_time = first_time
         nursery._thread_known = thread_known

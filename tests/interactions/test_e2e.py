@@ -10,7 +10,7 @@ import pytest
 from tests.fakes import Behaviour
 from tests.harness import send_dm, wait_reply
 from tests.test_e2e import running
-from tests.test_ux_settings import form
+from tests.interactions.test_settings import form
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
