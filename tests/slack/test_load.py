@@ -73,6 +73,7 @@ async def test_a_minute_of_dms_and_mentions_under_slacks_tiers_loses_no_answer(n
         text=answer_for(re.search(r"question \d+", last_user_text(request)).group()),
         latency=MODEL_LATENCY, chunks=8, chunk_delay=0.1))
     async with sim_bot(slack, ai, native_streaming=True) as nursery:
+        t0 = anyio.current_time()
         sent = await _send_load(slack)
         with anyio.fail_after(LONG):
             await settle(nursery, ai)
@@ -83,6 +84,11 @@ async def test_a_minute_of_dms_and_mentions_under_slacks_tiers_loses_no_answer(n
             history = await nursery.services.store.load_history(ThreadKey(channel, thread_ts))
             history_ok.append(any(answer_for(question) in h.content for h in history if h.role == "assistant"))
 
+    methods = [m for m, _ in slack.accepted_calls]
+    print(f"\n{DMS} DMs + {MENTIONS} mentions in 60 s: {methods.count('chat.startStream')} native streams, "
+          f"{methods.count('chat.postMessage')} posts, {methods.count('chat.update')} edits, "
+          f"{methods.count('chat.appendStream')} appends, {methods.count('assistant.threads.setStatus')} statuses; "
+          f"429s: {sum(slack.rate_limited.values())}; all settled at t={anyio.current_time() - t0:.1f}s")
     assert outcomes.get("answered") == DMS + MENTIONS, outcomes
     missing = []
     for channel, thread_ts, question in sent:
