@@ -11,7 +11,9 @@ one; the exit code is non-zero if anything is wrong. Tokens are never printed.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import anyio
 import httpx2
@@ -133,7 +135,10 @@ async def check_database(settings: Settings) -> CheckResult:
     return CheckResult(name, True, f"{settings.database_url} is writable")
 
 
-async def _bounded(name: str, check) -> CheckResult | tuple:
+T = TypeVar("T")
+
+
+async def _bounded(name: str, check: Awaitable[T]) -> T | CheckResult:
     with anyio.move_on_after(CHECK_TIMEOUT):
         return await check
     return CheckResult(name, False, f"no answer within {CHECK_TIMEOUT:g}s",

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict, TypeGuard, overload
 from urllib.parse import urlsplit
 
 from bot.storage.location import sqlite_file
@@ -24,6 +25,14 @@ DEFAULT_SYSTEM_PROMPT = (
 
 class ConfigError(Exception):
     """A setting is missing or malformed. The message names the variable."""
+
+
+ImageQuality = Literal["auto", "low", "medium", "high", "xhigh", "max"]  # IMAGE_QUALITY
+_IMAGE_QUALITIES: tuple[ImageQuality, ...] = ("auto", "low", "medium", "high", "xhigh", "max")
+
+
+def _is_image_quality(value: str) -> TypeGuard[ImageQuality]:
+    return value in _IMAGE_QUALITIES
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class Settings:
     max_files_per_message: int = 10  # attachments + image URLs read from one message; the rest get a note
     image_model: str = "gpt-image-2.5-sunburst"  # images.generate / images.edit; "off" disables the image tools
     image_size: str = "1024x1024"
-    image_quality: str = "auto"
+    image_quality: ImageQuality = "auto"
     max_context_images: int = 4  # thread images (attached or generated) the model sees with each question
     max_image_pixels: int = 50_000_000  # decompression-bomb guard, checked from the header before decoding
     max_pdf_pages: int = 300  # pages read from one PDF; later pages are left out with a note
@@ -79,7 +88,7 @@ class Settings:
         """Every secret value, for the log redaction filter."""
         return tuple(s for s in (self.slack_bot_token, self.slack_app_token, self.openai_api_key) if s)
 
-    def replace(self, **changes: object) -> Settings:
+    def replace(self, **changes: Any) -> Settings:  # Any: each field has its own type
         return dataclasses.replace(self, **changes)
 
 
@@ -94,7 +103,13 @@ def _required(env: Mapping[str, str], name: str, prefix: str | None = None, *, o
     return value
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, cast=float, minimum: float = 0.0):
+@overload
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float: ...
+@overload
+def _number(env: Mapping[str, str], name: str, default: int, *, cast: Callable[[str], int],
+            minimum: float = 0.0) -> int: ...
+def _number(env: Mapping[str, str], name: str, default: float, *, cast: Callable[[str], float] = float,
+            minimum: float = 0.0) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -108,6 +123,10 @@ def _number(env: Mapping[str, str], name: str, default: float, *, cast=float, mi
     return value
 
 
+@overload
+def _url(env: Mapping[str, str], name: str, default: str) -> str: ...
+@overload
+def _url(env: Mapping[str, str], name: str, default: None) -> str | None: ...
 def _url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
     raw = env.get(name, "").strip()
     if not raw:
@@ -182,14 +201,46 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv_path: str | No
     )
 
 
-def _media_settings(env: Mapping[str, str]) -> dict:
+class _MediaSettings(TypedDict):
+    max_file_mb: float
+    max_files_per_message: int
+    image_model: str
+    image_size: str
+    image_quality: ImageQuality
+    max_context_images: int
+    max_image_pixels: int
+    max_pdf_pages: int
+    max_document_chars: int
+    media_workers: int
+    url_fetch_timeout_seconds: float
+    allow_loopback_urls: bool
+
+
+class _UXSettings(TypedDict):
+    settings_command: str
+    admin_users: frozenset[str]
+    allowed_users: frozenset[str]
+    allowed_channels: frozenset[str]
+    native_streaming: bool
+    welcome: bool
+
+
+class _ObservabilitySettings(TypedDict):
+    metrics_port: int | None
+    metrics_host: str
+    log_format: str
+    watchdog_interval_seconds: float
+    watchdog_threshold_seconds: float
+
+
+def _media_settings(env: Mapping[str, str]) -> _MediaSettings:
     """Settings for images and documents."""
     image_model = env.get("IMAGE_MODEL", "").strip() or Settings.image_model
     image_size = env.get("IMAGE_SIZE", "").strip().lower() or Settings.image_size
     if image_size != "auto" and not re.fullmatch(r"[1-9][0-9]{1,4}x[1-9][0-9]{1,4}", image_size):
         raise ConfigError(f"IMAGE_SIZE must be WIDTHxHEIGHT (e.g. 1024x1024) or auto, got {image_size!r}")
     image_quality = env.get("IMAGE_QUALITY", "").strip().lower() or Settings.image_quality
-    if image_quality not in ("auto", "low", "medium", "high", "xhigh", "max"):
+    if not _is_image_quality(image_quality):
         raise ConfigError(f"IMAGE_QUALITY must be one of auto, low, medium, high, xhigh, max; got {image_quality!r}")
     loopback = env.get("ALLOW_LOOPBACK_URLS", "").strip().lower() or "false"
     if loopback not in ("true", "false", "1", "0", "yes", "no"):
@@ -213,7 +264,7 @@ def _media_settings(env: Mapping[str, str]) -> dict:
     }
 
 
-def _ux_settings(env: Mapping[str, str]) -> dict:
+def _ux_settings(env: Mapping[str, str]) -> _UXSettings:
     """Settings for user preferences, access control and Slack UX."""
     command = env.get("SETTINGS_COMMAND", "").strip() or Settings.settings_command
     if not command.startswith("/"):
@@ -262,7 +313,7 @@ def _openai_key(env: Mapping[str, str], purpose: str) -> str:
     return key
 
 
-def _observability_settings(env: Mapping[str, str]) -> dict:
+def _observability_settings(env: Mapping[str, str]) -> _ObservabilitySettings:
     """Settings for metrics, health endpoints and log format."""
     port = None
     raw_port = env.get("METRICS_PORT", "").strip()

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 TOKEN_SHAPES = re.compile(r"\b(xox[abposr]-[A-Za-z0-9-]+|xapp-[A-Za-z0-9-]+|sk-[A-Za-z0-9_-]{8,})")
@@ -48,12 +49,12 @@ class JsonFormatter(logging.Formatter):
     traceback if any. The finished line goes through `redact` as well, so a secret in an
     extra field is blanked too (the filter has already cleaned message and traceback)."""
 
-    def __init__(self, redact=lambda text: text) -> None:
+    def __init__(self, redact: Callable[[str], str] = lambda text: text) -> None:
         super().__init__()
         self._redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict = {
+        entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,

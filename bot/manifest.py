@@ -9,6 +9,8 @@ Slack silently blocks DMs to the app) and the agent view with its suggested prom
 
 from __future__ import annotations
 
+from typing import Any
+
 from bot.interactions.settings_modal import THREAD_SETTINGS
 from bot.interactions.shortcuts import SUMMARIZE, TRANSLATE
 from bot.interactions.welcome import SUGGESTED_PROMPTS
@@ -41,7 +43,7 @@ BOT_EVENTS = (
 DESCRIPTION = "An AI assistant backed by OpenAI: answers in DMs and threads, summarizes and translates."
 
 
-def build_manifest(*, name: str = "AI Assistant", command: str = "/settings") -> dict:
+def build_manifest(*, name: str = "AI Assistant", command: str = "/settings") -> dict[str, Any]:
     """The manifest as a dict (JSON-ready). `name` is the app and bot name Slack shows."""
     name = name.strip()[:35] or "AI Assistant"  # Slack's limit on the app name
     bot_name = name[:80]

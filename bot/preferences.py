@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -54,7 +56,7 @@ class Preferences:
     history_messages: int | None = None  # None: as much as fits the context budget
     language: str = "English"  # for "Translate message"
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
 
@@ -91,9 +93,10 @@ def _valid(field: str, value: object) -> bool:
     return False
 
 
-def merge(base: Preferences, *levels: dict) -> Preferences:
+def merge(base: Preferences, *levels: Mapping[str, object]) -> Preferences:
     """`base` with each level's fields applied in order; unusable stored values are skipped."""
-    values = base.as_dict()
+    # Any: Preferences(**values) below; every value is one of its own fields or passed `_valid`.
+    values: dict[str, Any] = base.as_dict()
     for level in levels:
         for field, value in level.items():
             if field not in FIELDS:
@@ -105,7 +108,7 @@ def merge(base: Preferences, *levels: dict) -> Preferences:
     return Preferences(**values)
 
 
-def changes(base: Preferences, chosen: Preferences) -> dict:
+def changes(base: Preferences, chosen: Preferences) -> dict[str, object]:
     """The fields where `chosen` differs from `base`: what a level stores."""
     below, mine = base.as_dict(), chosen.as_dict()
     return {field: mine[field] for field in FIELDS if mine[field] != below[field]}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 import anyio
@@ -104,7 +105,7 @@ async def run_bot(
     connector: Connector = connect_websocket,
     store: Store | None = None,
     handle_signals: bool = True,
-    on_ready=None,
+    on_ready: Callable[[Nursery], object] | None = None,
 ) -> None:
     """Run until stopped (signal, or `nursery.stop()` via `on_ready(nursery)`)."""
     metrics = Metrics()

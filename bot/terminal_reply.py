@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from typing import TextIO
+from typing import Any, TextIO
 
 import anyio
 import anyio.to_thread
@@ -79,7 +79,7 @@ class TerminalWriter:
     async def read_thread(self, exclude_ts: set[str]) -> list[HistoryMessage]:
         return []
 
-    async def resolve_file(self, obj: dict) -> AttachedFile:
+    async def resolve_file(self, obj: dict[str, Any]) -> AttachedFile:
         raise FileProblem("can't be read in the shell: attach files with /file PATH", "unsupported")
 
     async def download_file(self, file: AttachedFile, *, max_bytes: int) -> bytes:

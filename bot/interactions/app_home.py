@@ -8,6 +8,7 @@ save settings, so it always shows what the next answer will use.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from slack_sdk.models.blocks import (
     ActionsBlock,
@@ -50,7 +51,7 @@ def settings_summary(prefs: Preferences) -> list[str]:
     ]
 
 
-def home_view(prefs: Preferences, *, command: str, is_admin: bool, allowed: bool = True) -> dict:
+def home_view(prefs: Preferences, *, command: str, is_admin: bool, allowed: bool = True) -> dict[str, Any]:
     if not allowed:
         return View(type="home", blocks=[
             HeaderBlock(text="AI assistant"),
@@ -81,7 +82,7 @@ def home_view(prefs: Preferences, *, command: str, is_admin: bool, allowed: bool
     return View(type="home", blocks=blocks).to_dict()
 
 
-async def publish_home(slack: SlackWebAPI, user: str, view: dict) -> bool:
+async def publish_home(slack: SlackWebAPI, user: str, view: dict[str, Any]) -> bool:
     """Publish the Home tab for `user`; False (logged) when Slack refuses."""
     try:
         await slack.call("views.publish", user_id=user, view=view)

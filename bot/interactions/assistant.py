@@ -15,6 +15,7 @@ conversation. Status ("is thinking…") and titles belong to answering; see
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from bot.interactions.welcome import SUGGESTED_PROMPTS, SUGGESTED_PROMPTS_TITLE
 from bot.slack.web_api import SlackAPIError, SlackWebAPI
@@ -32,7 +33,7 @@ async def suggest_prompts(slack: SlackWebAPI, channel: str, thread_ts: str | Non
         return False
 
 
-def context_entities(event: dict) -> list[str]:
+def context_entities(event: dict[str, Any]) -> list[str]:
     """What the user is looking at, for the log (`app_context_changed` entities, or the
     legacy `assistant_thread.context`)."""
     found: list[str] = []
@@ -49,7 +50,7 @@ def context_entities(event: dict) -> list[str]:
     return found
 
 
-async def on_assistant_event(slack: SlackWebAPI, event: dict) -> None:
+async def on_assistant_event(slack: SlackWebAPI, event: dict[str, Any]) -> None:
     """`assistant_thread_started` / `assistant_thread_context_changed` (legacy view) and
     `app_context_changed` (agent view)."""
     event_type = event.get("type")

@@ -15,6 +15,7 @@ payload costs a log line, not the bot.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import anyio
 from slack_sdk.models.blocks import MarkdownTextObject, SectionBlock
@@ -50,7 +51,7 @@ NOTICE_TIMEOUT = 10.0
 MAX_REMEMBERED = 50_000  # in-memory "already said" keys, a cache in front of storage
 
 
-def notice_view(title: str, text: str) -> dict:
+def notice_view(title: str, text: str) -> dict[str, Any]:
     return View(type="modal", title=title, close="Close",
                 blocks=[SectionBlock(text=MarkdownTextObject(text=text))]).to_dict()
 
@@ -63,7 +64,7 @@ class SlackUX:
 
     # ---- asked by the Socket Mode reader, while acking (pure, no I/O) ------------------
 
-    def ack_payload(self, envelope_type: str, payload: dict) -> dict | None:
+    def ack_payload(self, envelope_type: str, payload: dict[str, Any]) -> dict[str, Any] | None:
         """The payload to send with the ack of an envelope that accepts one, or None."""
         settings = self.services.settings
         if envelope_type == "slash_commands":
@@ -127,7 +128,7 @@ class SlackUX:
         else:
             await self._event(payload.get("event") or {})
 
-    async def _slash_command(self, payload: dict) -> None:
+    async def _slash_command(self, payload: dict[str, Any]) -> None:
         settings = self.services.settings
         user, trigger = payload.get("user_id"), payload.get("trigger_id")
         if payload.get("command") != settings.settings_command or refusal(settings, str(user or ""), None):
@@ -138,7 +139,7 @@ class SlackUX:
         await settings_flow.open_settings(self.services, self.catalog, user=user, trigger_id=trigger,
                                           context=ModalContext(None, "command"))
 
-    async def _interaction(self, payload: dict) -> None:
+    async def _interaction(self, payload: dict[str, Any]) -> None:
         kind = payload.get("type")
         user = (payload.get("user") or {}).get("id")
         if not isinstance(user, str) or not user:
@@ -158,9 +159,10 @@ class SlackUX:
         else:
             log.info("interaction %r is not handled", kind)
 
-    async def _action(self, payload: dict, user: str, action: dict) -> None:
+    async def _action(self, payload: dict[str, Any], user: str, action: dict[str, Any]) -> None:
         action_id = str(action.get("action_id") or "")
-        view = payload.get("view") if isinstance(payload.get("view"), dict) else {}
+        raw_view = payload.get("view")
+        view: dict[str, Any] = raw_view if isinstance(raw_view, dict) else {}
         if action_id == FEEDBACK_ACTION:
             try:
                 await record_click(self.services.store, payload, action)
@@ -178,10 +180,11 @@ class SlackUX:
         else:
             log.debug("block action %r is not handled", action_id)
 
-    async def _message_shortcut(self, payload: dict, user: str) -> None:
+    async def _message_shortcut(self, payload: dict[str, Any], user: str) -> None:
         callback = payload.get("callback_id")
         channel = (payload.get("channel") or {}).get("id")
-        message = payload.get("message") if isinstance(payload.get("message"), dict) else {}
+        raw_message = payload.get("message")
+        message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
         trigger = str(payload.get("trigger_id") or "")
         why = refusal(self.services.settings, user, channel if isinstance(channel, str) else None)
         if why:
@@ -202,7 +205,7 @@ class SlackUX:
             await self._open_notice(trigger, "Unknown shortcut",
                                     "This shortcut is not supported by this version of the assistant.")
 
-    async def _event(self, event: dict) -> None:
+    async def _event(self, event: dict[str, Any]) -> None:
         event_type = event.get("type")
         if event_type == "app_home_opened":
             user, channel = event.get("user"), event.get("channel")

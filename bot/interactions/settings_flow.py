@@ -10,6 +10,7 @@ rather than lost.
 from __future__ import annotations
 
 import logging
+from typing import Any, cast
 
 from bot.interactions.access import refusal
 from bot.interactions.app_home import home_view, publish_home
@@ -18,7 +19,7 @@ from bot.interactions.settings_modal import ModalContext, Submission, parse_subm
 from bot.preferences import baseline, below, changes, load_layers, merge, thread_key
 from bot.services import SlackServices
 from bot.slack.web_api import SlackAPIError
-from bot.storage.base import PreferenceLayers
+from bot.storage.base import PreferenceLayers, PreferenceScope
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ SAVE_FAILED = (":warning: Sorry, I could not save your settings ({why}). Nothing
                "please try again in a moment.")
 
 
-def _level(layers: PreferenceLayers, scope: str) -> dict:
+def _level(layers: PreferenceLayers, scope: str) -> dict[str, object]:
     return {"workspace": layers.workspace, "user": layers.user, "thread": layers.thread}[scope]
 
 
@@ -53,7 +54,7 @@ async def open_settings(services: SlackServices, catalog: ModelCatalog, *, user:
         return False
 
 
-async def model_changed(services: SlackServices, catalog: ModelCatalog, payload: dict) -> None:
+async def model_changed(services: SlackServices, catalog: ModelCatalog, payload: dict[str, Any]) -> None:
     """The model menu changed: rebuild the modal so it asks for a temperature or a
     reasoning effort, whichever the new model takes; other fields keep what was typed."""
     view = payload.get("view") or {}
@@ -76,7 +77,7 @@ async def model_changed(services: SlackServices, catalog: ModelCatalog, payload:
         log.info("could not rebuild the settings modal for %s: %s", user, exc.error)
 
 
-async def save(services: SlackServices, payload: dict) -> Submission | None:
+async def save(services: SlackServices, payload: dict[str, Any]) -> Submission | None:
     """Store a submitted modal at the chosen level and refresh the user's Home tab.
     Returns what was saved, or None (with the reason told to the user) if nothing was."""
     settings = services.settings
@@ -97,7 +98,10 @@ async def save(services: SlackServices, payload: dict) -> Submission | None:
         layers = await services.store.load_preferences(user, submission.thread)
         base = below(layers, settings, submission.scope)
         stored = {} if submission.reset else changes(base, merge(base, submission.form))
-        await services.store.save_preferences(submission.scope, key, stored, updated_by=user)
+        # Without errors the scope is one of SCOPE_LABELS (user, thread, workspace): parse_submission
+        # reports any other as an error.
+        scope = cast(PreferenceScope, submission.scope)
+        await services.store.save_preferences(scope, key, stored, updated_by=user)
     except Exception as exc:  # noqa: BLE001 - the modal is closed: say so in a DM instead
         log.error("could not save settings for %s (%s): %s", user, submission.scope, exc)
         await _tell(services, user, SAVE_FAILED.format(why="the database is not available"))

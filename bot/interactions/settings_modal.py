@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from slack_sdk.models.blocks import (
+    Block,
     CheckboxesElement,
     ContextBlock,
     InputBlock,
@@ -77,7 +79,9 @@ class ModalContext:
             channel, thread_ts = raw.split("/", 1)
             if channel and thread_ts:
                 thread = ThreadKey(channel, thread_ts)
-        origin = data.get("origin") if data.get("origin") in ("command", "home", "shortcut") else "command"
+        origin = data.get("origin")
+        if not isinstance(origin, str) or origin not in ("command", "home", "shortcut"):
+            origin = "command"
         return ModalContext(thread, origin)
 
 
@@ -86,8 +90,8 @@ class Submission:
     scope: str
     thread: ThreadKey | None
     reset: bool
-    form: dict = field(default_factory=dict)  # field -> value, for the fields the modal showed
-    errors: dict = field(default_factory=dict)  # block_id -> message; empty when valid
+    form: dict[str, object] = field(default_factory=dict)  # field -> value, for the fields the modal showed
+    errors: dict[str, str] = field(default_factory=dict)  # block_id -> message; empty when valid
 
 
 def _option(value: str, text: str) -> Option:
@@ -108,12 +112,12 @@ def model_choices(models: list[str], current: str, configured: str) -> list[str]
 
 
 def settings_view(shown: Preferences, models: list[str], *, configured_model: str, scope: str,
-                  context: ModalContext, is_admin: bool) -> dict:
+                  context: ModalContext, is_admin: bool) -> dict[str, Any]:
     """The modal, showing `shown`. `models` come from the endpoint (may be empty)."""
     scopes = ["user"] + (["thread"] if context.thread else []) + (["workspace"] if is_admin else [])
     if scope not in scopes:
         scope = scopes[0]
-    blocks = [
+    blocks: list[Block] = [
         InputBlock(
             block_id="scope", label="Save these settings for",
             element=RadioButtonsElement(
@@ -205,7 +209,7 @@ def _number_text(value: float | None) -> str | None:
     return None if value is None else f"{value:g}"
 
 
-def _value(values: dict, block: str) -> dict | None:
+def _value(values: dict[str, Any], block: str) -> dict[str, Any] | None:
     entry = values.get(block)
     if not isinstance(entry, dict):
         return None
@@ -215,7 +219,7 @@ def _value(values: dict, block: str) -> dict | None:
     return item
 
 
-def _text(values: dict, block: str) -> str | None:
+def _text(values: dict[str, Any], block: str) -> str | None:
     """The typed text (None when the field is absent from the modal, "" when left empty)."""
     item = _value(values, block)
     if item is None:
@@ -224,7 +228,7 @@ def _text(values: dict, block: str) -> str | None:
     return text.strip() if isinstance(text, str) else ""
 
 
-def _selected(values: dict, block: str) -> str | None:
+def _selected(values: dict[str, Any], block: str) -> str | None:
     item = _value(values, block)
     if item is None:
         return None
@@ -237,10 +241,12 @@ def parse_submission(view: object, *, user: str, admins: frozenset[str]) -> Subm
     if not isinstance(view, dict):
         return Submission("user", None, False, errors={"model": "The form arrived damaged; please try again."})
     context = ModalContext.decode(view.get("private_metadata"))
-    state = view.get("state") if isinstance(view.get("state"), dict) else {}
-    values = state.get("values") if isinstance(state.get("values"), dict) else {}
+    raw_state = view.get("state")
+    state: dict[str, Any] = raw_state if isinstance(raw_state, dict) else {}
+    raw_values = state.get("values")
+    values: dict[str, Any] = raw_values if isinstance(raw_values, dict) else {}
     errors: dict[str, str] = {}
-    form: dict = {}
+    form: dict[str, object] = {}
 
     scope = _selected(values, "scope") or "user"
     if scope not in SCOPE_LABELS:
@@ -322,6 +328,6 @@ def parse_submission(view: object, *, user: str, admins: frozenset[str]) -> Subm
     return Submission(scope, context.thread, reset, form, errors)
 
 
-def errors_ack(errors: dict[str, str]) -> dict:
+def errors_ack(errors: dict[str, str]) -> dict[str, Any]:
     """The ack payload that keeps the modal open and shows `errors` beside the fields."""
     return {"response_action": "errors", "errors": errors}

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 import anyio
-from slack_sdk.models.blocks import ContextBlock, MarkdownTextObject, SectionBlock
+from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 from slack_sdk.models.views import View
 
 from bot.services import SlackServices
@@ -49,20 +50,20 @@ TRANSLATE_PROMPT = (
 )
 
 
-def result_view(kind: str, text: str, footer: str = "") -> dict:
+def result_view(kind: str, text: str, footer: str = "") -> dict[str, Any]:
     """The modal showing `text` (Markdown, converted to the mrkdwn modals take)."""
     mrkdwn = re.sub(r"&lt;([@#!][A-Za-z0-9^|_\-]+)&gt;", r"<\1>", markdown_to_mrkdwn(text))  # keep mentions
     parts = split_markdown(mrkdwn, SECTION_LIMIT)
     if len(parts) > MAX_SECTIONS:
         parts = parts[:MAX_SECTIONS - 1] + ["_(cut short: too long to show here)_"]
-    blocks = [SectionBlock(text=MarkdownTextObject(text=part)) for part in parts if part.strip()]
+    blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=part)) for part in parts if part.strip()]
     if footer:
         blocks.append(ContextBlock(elements=[MarkdownTextObject(text=footer)]))
     return View(type="modal", title=TITLES[kind], close="Close", blocks=blocks,
                 callback_id=f"{kind}_result").to_dict()
 
 
-def transcript(replies: list[dict], bot_user_id: str) -> str:
+def transcript(replies: list[dict[str, Any]], bot_user_id: str) -> str:
     """The thread as plain lines: who said what, oldest first."""
     lines = []
     for message in replies:
@@ -75,13 +76,14 @@ def transcript(replies: list[dict], bot_user_id: str) -> str:
     return "\n\n".join(lines)
 
 
-async def run(services: SlackServices, kind: str, payload: dict) -> None:
+async def run(services: SlackServices, kind: str, payload: dict[str, Any]) -> None:
     """Handle one message shortcut from open to result. Never raises on bad input."""
     user = (payload.get("user") or {}).get("id")
     channel = (payload.get("channel") or {}).get("id")
     message = payload.get("message")
     trigger = payload.get("trigger_id")
-    if not all(isinstance(v, str) and v for v in (user, channel, trigger)) or not isinstance(message, dict):
+    if (not isinstance(user, str) or not user or not isinstance(channel, str) or not channel
+            or not isinstance(trigger, str) or not trigger or not isinstance(message, dict)):
         log.warning("%s shortcut without user, channel, message or trigger; ignored", kind)
         return
     slack = services.slack
@@ -109,7 +111,7 @@ async def run(services: SlackServices, kind: str, payload: dict) -> None:
         log.info("%s: could not show the result to %s (modal closed?): %s", kind, user, exc.error)
 
 
-async def _summarize(services: SlackServices, options: RequestOptions, channel: str, message: dict) -> str:
+async def _summarize(services: SlackServices, options: RequestOptions, channel: str, message: dict[str, Any]) -> str:
     thread_ts = message.get("thread_ts") or message.get("ts")
     if not isinstance(thread_ts, str) or not thread_ts:
         return "This message has no thread to summarize."
@@ -124,7 +126,7 @@ async def _summarize(services: SlackServices, options: RequestOptions, channel: 
     return await _ask(services, options, SUMMARY_PROMPT, f"Summarize this conversation:\n\n{text}")
 
 
-async def _translate(services: SlackServices, options: RequestOptions, message: dict) -> str:
+async def _translate(services: SlackServices, options: RequestOptions, message: dict[str, Any]) -> str:
     text = message.get("text")
     if not isinstance(text, str) or not text.strip():
         return "This message has no text to translate."

@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 import anyio
+from openai.types.chat import ChatCompletionMessageParam
 
 from bot.metrics import first_call_timer
 from bot.processing.context import RequestState, Services
@@ -28,7 +30,7 @@ from bot.processing.options import RequestOptions, resolve_options
 from bot.processing.message import IncomingMessage
 from bot.processing.surface import ReplySurface, SurfaceError
 from bot.storage import StorageError
-from bot.storage.base import HistoryMessage
+from bot.storage.base import HistoryMessage, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,11 @@ EMPTY_NOTICE = "_(The model returned an empty answer. Please try rephrasing.)_"
 
 
 SurfaceFactory = Callable[[RequestOptions], Awaitable[ReplySurface]]
+# What a request ends as: storage's outcomes, and "stopped" (stored as "interrupted").
+RequestOutcome = Outcome | Literal["stopped"]
 
 
-async def answer_message(services: Services, state: RequestState, make_surface: SurfaceFactory) -> str:
+async def answer_message(services: Services, state: RequestState, make_surface: SurfaceFactory) -> RequestOutcome:
     """Run one request to a terminal outcome and return it
     ("answered" | "timeout" | "error" | "interrupted" | "stopped").
 
@@ -59,6 +63,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
     options = await resolve_options(services, msg)
     writer = await make_surface(options)
     recorded = False
+    outcome: RequestOutcome
     outcome, notice, detail = "error", "", ""
     turn: Turn | None = None
     try:
@@ -122,7 +127,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
 
 
 async def _stream_answer(services: Services, state: RequestState, writer: ReplySurface,
-                         messages: list[dict], options: RequestOptions,
+                         messages: list[ChatCompletionMessageParam], options: RequestOptions,
                          image_tools: ImageTools | None = None) -> str | None:
     """Wait for a model slot, then stream; the writer's flush task lives only as long
     as the stream. Errors are caught inside the task group so they leave it unwrapped."""
@@ -160,7 +165,7 @@ async def _stream_answer(services: Services, state: RequestState, writer: ReplyS
     return finish_reason
 
 
-async def _finalize(services: Services, state: RequestState, writer: ReplySurface, outcome: str,
+async def _finalize(services: Services, state: RequestState, writer: ReplySurface, outcome: RequestOutcome,
                     notice: str, detail: str, recorded: bool, *, user_text: str | None = None) -> None:
     msg = state.message
     # The final write waits its turn in the workspace's budget for as long as Slack's
@@ -188,7 +193,7 @@ async def _finalize(services: Services, state: RequestState, writer: ReplySurfac
                                   user_text=msg.text if user_text is None else user_text)
 
 
-async def _record_outcome(services: Services, state: RequestState, writer: ReplySurface, outcome: str,
+async def _record_outcome(services: Services, state: RequestState, writer: ReplySurface, outcome: RequestOutcome,
                           detail: str, *, user_text: str) -> None:
     # A transient storage error here (locked, briefly full) would leave the request
     # "in flight" forever, and the next start would then overwrite a delivered answer

@@ -30,12 +30,13 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.from_thread
 import anyio.to_thread
+from openai.types.chat import ChatCompletionContentPartImageParam
 
 from bot.file_problem import FileProblem
 from bot.processing.context import MediaServices, RequestState, Services
@@ -55,6 +56,7 @@ from bot.url_fetch import fetch_image
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 MB = 1024 * 1024
 DOCUMENT_SHARE = 0.75  # of the room left after system prompt, text, images and answer; history gets the rest
 MARGIN_TOKENS = 200
@@ -74,7 +76,7 @@ class Turn:
     answerable: bool = True  # False: nothing usable arrived (only unreadable files), so no model call
 
     @property
-    def image_parts(self) -> list[dict]:
+    def image_parts(self) -> list[ChatCompletionContentPartImageParam]:
         return [{"type": "image_url", "image_url": {
             "url": f"data:{i.mime};base64,{base64.b64encode(i.data).decode('ascii')}", "detail": "auto"}}
             for i in self.images]
@@ -109,7 +111,7 @@ def _clean(name: str) -> str:
     return "".join(" " if c in "\n\r" else c for c in name if c not in "*`<>")[:120]
 
 
-async def in_worker(media: MediaServices, fn: Callable[..., T], *args, **kwargs) -> T:
+async def in_worker(media: MediaServices, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Blocking work in a worker thread, at most MEDIA_WORKERS at once. Not abandoned on
     cancellation (so the limiter really bounds the threads doing work); parsers call
     `checkpoint` between pages, so a cancellation still lands within one page."""
@@ -205,7 +207,7 @@ async def _read_all(services: Services, media: MediaServices, state: RequestStat
                     urls: list[str], collected: _Collected) -> None:
     msg = state.message
     limit = services.settings.max_files_per_message
-    sources: list[dict | str] = [*msg.files, *urls]
+    sources: list[dict[str, Any] | str] = [*msg.files, *urls]
     if len(sources) > limit:
         skipped = len(sources) - limit
         collected.notes.append(f":warning: I read only the first {limit} files and links of this message; "
@@ -227,7 +229,7 @@ def _problem(collected: _Collected, state: RequestState, name: str, problem: Fil
 
 
 async def _read_file(services: Services, media: MediaServices, state: RequestState, writer: ReplySurface,
-                     obj: dict, collected: _Collected) -> None:
+                     obj: dict[str, Any], collected: _Collected) -> None:
     settings = services.settings
     name = str(obj.get("name") or obj.get("title") or obj.get("id") or "a file")
     try:
@@ -241,7 +243,7 @@ async def _read_file(services: Services, media: MediaServices, state: RequestSta
         writer.set_status(f"_Reading {_clean(name)}…_")
         state.stage = f"downloading {name}"
         data = await writer.download_file(file, max_bytes=int(settings.max_file_mb * MB))
-        if image:
+        if kind is None:  # an image: a file that is neither was refused above
             state.stage = f"processing image {name}"
             prepared = await in_worker(media, prepare_image, data, max_pixels=settings.max_image_pixels)
             _add_image(collected, name, prepared, "attached by the user")

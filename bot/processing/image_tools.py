@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import anyio
 import httpx2
 import openai
+from openai.types import ImagesResponse
+from openai.types.chat import ChatCompletionFunctionToolParam
 
 from bot.file_problem import FileProblem
 from bot.processing.attachments import in_worker
@@ -48,7 +50,7 @@ EDITING_STATUS = "_Editing the image…_"
 UPLOADING_STATUS = "_Posting the image…_"
 MAX_GENERATED_BYTES = 50 * 1024 * 1024
 
-GENERATE_TOOL = {"type": "function", "function": {
+GENERATE_TOOL: ChatCompletionFunctionToolParam = {"type": "function", "function": {
     "name": GENERATE,
     "description": ("Draw a new picture and post it in this Slack thread. Use it when the user asks you to draw, "
                     "paint, sketch, create, generate or make an image, picture, photo, illustration, logo, icon, "
@@ -56,7 +58,7 @@ GENERATE_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "additionalProperties": False, "required": ["prompt"], "properties": {
         "prompt": {"type": "string", "description": "A detailed description of the picture to draw."}}},
 }}
-EDIT_TOOL = {"type": "function", "function": {
+EDIT_TOOL: ChatCompletionFunctionToolParam = {"type": "function", "function": {
     "name": EDIT,
     "description": ("Change a picture from this conversation (one the user attached or one you drew) and post the "
                     "result in this thread: e.g. make it darker, remove the background, add or replace something."),
@@ -136,7 +138,7 @@ class ImageTools:
     def enabled(self) -> bool:
         return self.services.settings.image_model.lower() not in ("", "off", "none")
 
-    def specs(self) -> list[dict]:
+    def specs(self) -> list[ChatCompletionFunctionToolParam]:
         return [GENERATE_TOOL, EDIT_TOOL] if self.images else [GENERATE_TOOL]
 
     async def run(self, call: ToolCall) -> str:
@@ -207,7 +209,7 @@ class ImageTools:
                           f"(HTTP {exc.status_code}); an admin needs to check `IMAGE_MODEL`.")
         return "Image generation is not available right now. Tell the user briefly."
 
-    async def _post(self, response, prompt: str, label: str) -> str:
+    async def _post(self, response: ImagesResponse, prompt: str, label: str) -> str:
         b64 = response.data[0].b64_json if response.data else None
         try:
             if not b64:

@@ -4,6 +4,7 @@ it from an event; the shell makes its own)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from bot.storage.base import ThreadKey
 
@@ -18,7 +19,7 @@ class IncomingMessage:
     ts: str
     thread_ts: str  # the thread the reply goes in (the message's own ts when it starts one)
     in_existing_thread: bool  # the message was posted inside a thread that existed before it
-    files: tuple[dict, ...] = ()  # Slack file objects attached to the message (as the event gives them)
+    files: tuple[dict[str, Any], ...] = ()  # Slack file objects attached to the message (as the event gives them)
 
     @property
     def thread(self) -> ThreadKey:

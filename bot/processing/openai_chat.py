@@ -16,10 +16,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Required, TypedDict
 
 import anyio
 import httpx2
 import openai
+from openai.types.chat import (
+    ChatCompletionChunk,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageParam,
+)
 
 
 class StreamStalled(Exception):
@@ -48,8 +54,19 @@ class ChatResult:
     tool_calls: list[ToolCall] = field(default_factory=list)
 
 
-def _optional(**params: object) -> dict:
-    """Only the parameters that were set: some models reject e.g. `temperature`."""
+class StreamOptions(TypedDict, total=False):
+    """The keyword arguments of `stream_chat` that callers pass through unchanged
+    (`tool_chat.chat_with_tools`)."""
+
+    max_tokens: Required[int]
+    idle_timeout: Required[float]
+    temperature: float | None
+    reasoning_effort: str | None
+
+
+def _optional(**params: object) -> dict[str, Any]:
+    """Only the parameters that were set: some models reject e.g. `temperature`.
+    (Any: they are spread into the SDK's keyword arguments, each of its own type.)"""
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -62,13 +79,13 @@ async def stream_chat(
     client: openai.AsyncOpenAI,
     *,
     model: str,
-    messages: list[dict],
+    messages: list[ChatCompletionMessageParam],
     max_tokens: int,
     idle_timeout: float,
     temperature: float | None = None,
     reasoning_effort: str | None = None,
     on_delta: Callable[[str], None],
-    tools: list[dict] | None = None,
+    tools: list[ChatCompletionFunctionToolParam] | None = None,
 ) -> ChatResult:
     """Stream the answer, calling `on_delta(piece)` for each piece of text as it arrives.
 
@@ -80,7 +97,9 @@ async def stream_chat(
     """
     deadline = anyio.current_effective_deadline()
     left = deadline - anyio.current_time() if math.isfinite(deadline) else 600.0
-    stream = await client.chat.completions.create(
+    # Annotated: with the optional parameters spread in, the SDK's overloads cannot tell
+    # that `stream=True` picked the streaming one.
+    stream: openai.AsyncStream[ChatCompletionChunk] = await client.chat.completions.create(
         model=model,
         messages=messages,
         stream=True,

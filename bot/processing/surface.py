@@ -13,7 +13,7 @@ exceptions at its transport boundary: `SurfaceError` when the platform refused,
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from bot.storage.base import HistoryMessage
 
@@ -44,7 +44,9 @@ class AttachedFile(Protocol):
 
 
 class ReplySurface(Protocol):
-    message_ts: list[str]
+    @property
+    def message_ts(self) -> list[str]:
+        """The ids of the messages showing the answer, first one first (empty while none is)."""
 
     @property
     def text(self) -> str: ...
@@ -71,7 +73,7 @@ class ReplySurface(Protocol):
         """The thread's earlier conversation as the platform holds it (for a thread the
         bot has not stored), leaving out `exclude_ts`. Raises SurfaceError."""
 
-    async def resolve_file(self, obj: dict) -> AttachedFile:
+    async def resolve_file(self, obj: dict[str, Any]) -> AttachedFile:
         """Describe an attached file (name, type) without downloading it. Raises FileProblem."""
 
     async def download_file(self, file: AttachedFile, *, max_bytes: int) -> bytes:

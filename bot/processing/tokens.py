@@ -14,7 +14,7 @@ import hashlib
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 PER_MESSAGE_OVERHEAD = 4  # role and separators, as OpenAI's own counting guide does
 
@@ -60,7 +60,7 @@ def cut_to_tokens(text: str, budget: int) -> str:
     return text[:lo]
 
 
-def message_tokens(message: dict) -> int:
+def message_tokens(message: Mapping[str, object]) -> int:
     content = message.get("content", "")
     if isinstance(content, list):
         content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))

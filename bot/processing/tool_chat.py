@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Unpack
 
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 
 from bot.processing.image_tools import ImageTools, api_message, refuses_tools
-from bot.processing.openai_chat import ChatResult, stream_chat
+from bot.processing.openai_chat import ChatResult, StreamOptions, stream_chat
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,8 @@ MAX_TOOL_ROUNDS = 3
 
 
 async def chat_with_tools(tools: ImageTools | None, client: openai.AsyncOpenAI, *, model: str,
-                          messages: list[dict], on_delta: Callable[[str], None], **kwargs) -> ChatResult:
+                          messages: list[ChatCompletionMessageParam], on_delta: Callable[[str], None],
+                          **kwargs: Unpack[StreamOptions]) -> ChatResult:
     """`stream_chat`, with `tools` offered when given and enabled."""
     if tools is None or not tools.enabled:
         return await stream_chat(client, model=model, messages=messages, on_delta=on_delta, **kwargs)

@@ -27,6 +27,7 @@ them, never allowed to cost the answer.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import anyio
 
@@ -234,7 +235,7 @@ class SlackAnswerWriter:
             raise SurfaceError("reading the thread", exc.error) from None
         return history_from_replies(replies, self._me, exclude_ts=exclude_ts)
 
-    async def resolve_file(self, obj: dict) -> SlackFile:
+    async def resolve_file(self, obj: dict[str, Any]) -> SlackFile:
         return await resolve_file(self._slack, obj)
 
     async def download_file(self, file: AttachedFile, *, max_bytes: int) -> bytes:

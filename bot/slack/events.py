@@ -123,8 +123,9 @@ def parse_event(payload: object, me: BotIdentity) -> IncomingMessage | Skip:
     event_id = payload.get("event_id")
     if not isinstance(event_id, str) or not event_id:
         event_id = f"{channel}:{ts}"
-    thread_ts = event.get("thread_ts")
-    in_thread = isinstance(thread_ts, str) and bool(thread_ts) and thread_ts != ts
+    raw_thread_ts = event.get("thread_ts")
+    thread_ts = raw_thread_ts if isinstance(raw_thread_ts, str) else ""
+    in_thread = bool(thread_ts) and thread_ts != ts
     reply_thread = thread_ts if in_thread else ts
 
     is_dm = event.get("channel_type") == "im" or (event_type == "message" and channel.startswith("D"))

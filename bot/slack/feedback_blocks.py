@@ -4,13 +4,15 @@ comes back as a `block_actions` interaction (`bot.interactions.feedback`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from slack_sdk.models.blocks import ContextActionsBlock, FeedbackButtonsElement, MarkdownBlock
 
 FEEDBACK_ACTION = "answer_feedback"
 RATINGS = ("good", "bad")
 
 
-def feedback_block() -> dict:
+def feedback_block() -> dict[str, Any]:
     return ContextActionsBlock(
         elements=[FeedbackButtonsElement(
             action_id=FEEDBACK_ACTION,
@@ -22,7 +24,7 @@ def feedback_block() -> dict:
     ).to_dict()
 
 
-def answer_blocks(text: str) -> list[dict]:
+def answer_blocks(text: str) -> list[dict[str, Any]]:
     """An answer part as blocks: the Markdown itself, then the feedback buttons.
     (`markdown_text` cannot be combined with blocks, so the text goes in a markdown block.)"""
     return [MarkdownBlock(text=text).to_dict(), feedback_block()]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import httpx2
@@ -55,7 +56,7 @@ class SlackFile:
     hidden: bool = False  # hidden_by_limit (the workspace's plan hides older files)
 
 
-def _file_from_object(obj: dict) -> SlackFile:
+def _file_from_object(obj: dict[str, Any]) -> SlackFile:
     size = obj.get("size")
     name = obj.get("name") or obj.get("title") or obj.get("id") or "file"
     return SlackFile(
@@ -70,7 +71,7 @@ def _file_from_object(obj: dict) -> SlackFile:
     )
 
 
-async def resolve_file(slack: SlackWebAPI, obj: dict) -> SlackFile:
+async def resolve_file(slack: SlackWebAPI, obj: dict[str, Any]) -> SlackFile:
     """The complete file; `files.info` when the event gave only a stub. Raises FileProblem."""
     if obj.get("file_access") == "check_file_info" or (obj.get("id") and not (
             obj.get("url_private") or obj.get("url_private_download") or obj.get("mode") in ("tombstone", "external"))):
@@ -84,7 +85,8 @@ async def resolve_file(slack: SlackWebAPI, obj: dict) -> SlackFile:
             if exc.error in ("file_not_found", "file_deleted"):
                 raise FileProblem("is no longer available on Slack", "gone") from None
             raise FileProblem(f"could not be looked up on Slack (`{exc.error}`)", "files_info_failed") from None
-        obj = body.get("file") if isinstance(body.get("file"), dict) else {}
+        found = body.get("file")
+        obj = found if isinstance(found, dict) else {}
     return _file_from_object(obj)
 
 

@@ -32,10 +32,12 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
+import anyio.abc
 
 from bot.metrics import Metrics
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackWebAPI
@@ -58,14 +60,14 @@ PONG_TIMEOUT_SECONDS = 5.0  # a ping's pong must arrive within this (or one ping
 class Envelope:
     envelope_id: str
     type: str
-    payload: dict
+    payload: dict[str, Any]
     retry_attempt: int = 0
     received_at: float = 0.0  # anyio.current_time() when the frame was read
 
 
 EnvelopeHandler = Callable[[Envelope], None]
 # (envelope type, payload) -> the ack's payload, or None. Called while acking: must be pure and instant.
-AckPayload = Callable[[str, dict], "dict | None"]
+AckPayload = Callable[[str, dict[str, Any]], "dict[str, Any] | None"]
 
 
 class Backoff:
@@ -79,7 +81,8 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        delay = min(self.cap, self.base * (2 ** min(self.failures, 32)))
+        doubling: int = 2 ** min(self.failures, 32)  # a non-negative power: an int
+        delay = min(self.cap, self.base * doubling)
         self.failures += 1
         return max(self.minimum, delay / 2 + self._rng.uniform(0, delay / 2))
 
@@ -167,7 +170,7 @@ class SocketModeReader:
             await conn.closed.wait()
         conn.scope.cancel()
 
-    async def _open_with_backoff(self, tg) -> _Connection:
+    async def _open_with_backoff(self, tg: anyio.abc.TaskGroup) -> _Connection:
         while True:
             try:
                 conn = await self._open()
@@ -290,10 +293,10 @@ class SocketModeReader:
             else:
                 self._on_control(conn, frame)
 
-    def _ack(self, frame: dict) -> str:
+    def _ack(self, frame: dict[str, Any]) -> str:
         """The ack frame; with a payload when the envelope accepts one and the `ack_payload`
         hook (pure and instant: validation only, no I/O) has one for it."""
-        ack: dict = {"envelope_id": _envelope_id(frame)}
+        ack: dict[str, Any] = {"envelope_id": _envelope_id(frame)}
         payload = frame.get("payload")
         if self._ack_payload is not None and frame.get("accepts_response_payload") is True and isinstance(payload, dict):
             try:
@@ -305,7 +308,7 @@ class SocketModeReader:
                 ack["payload"] = response
         return json.dumps(ack)
 
-    def _parse(self, conn: _Connection, text: str) -> dict | None:
+    def _parse(self, conn: _Connection, text: str) -> dict[str, Any] | None:
         try:
             frame = json.loads(text)
         except ValueError:
@@ -316,7 +319,7 @@ class SocketModeReader:
             return None
         return frame
 
-    def _on_control(self, conn: _Connection, frame: dict) -> None:
+    def _on_control(self, conn: _Connection, frame: dict[str, Any]) -> None:
         frame_type = frame.get("type")
         if frame_type == "hello":
             info = frame.get("debug_info") or {}
@@ -338,7 +341,7 @@ class SocketModeReader:
         for _ in range(count):
             self._metrics.ack_latency.observe(latency)
 
-    def _dispatch(self, frame: dict, envelope_id: str, received_at: float) -> None:
+    def _dispatch(self, frame: dict[str, Any], envelope_id: str, received_at: float) -> None:
         env_type = frame.get("type")
         payload = frame.get("payload")
         self._metrics.events_received.labels(type=_event_type(env_type, payload)).inc()
@@ -366,7 +369,7 @@ def _event_type(env_type: object, payload: object) -> str:
     return str(env_type if env_type in ENVELOPE_TYPES else "unknown")
 
 
-def _envelope_id(frame: dict) -> str:
+def _envelope_id(frame: dict[str, Any]) -> str:
     envelope_id = frame.get("envelope_id")
     return envelope_id if isinstance(envelope_id, str) else ""
 
@@ -374,13 +377,14 @@ def _envelope_id(frame: dict) -> str:
 async def _receive_burst(ws: WebSocket) -> list[str]:
     """The next message, plus any already received behind it (taken without waiting)."""
     first = await ws.receive_text()
-    take_buffered = getattr(ws, "take_buffered", None)
+    # Optional methods (see `WebSocket`): the in-memory test socket has neither.
+    take_buffered: Callable[[], list[str]] | None = getattr(ws, "take_buffered", None)
     return [first, *take_buffered()] if take_buffered is not None else [first]
 
 
 async def _send_all(ws: WebSocket, texts: list[str]) -> None:
     """Send `texts` in order; in one write when the socket can."""
-    send_texts = getattr(ws, "send_texts", None)
+    send_texts: Callable[[list[str]], Awaitable[None]] | None = getattr(ws, "send_texts", None)
     if send_texts is not None and len(texts) > 1:
         await send_texts(texts)
         return

@@ -4,11 +4,14 @@ bot), other bots' are left out."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from bot.slack.events import BotIdentity, strip_mention
 from bot.storage.base import HistoryMessage
 
 
-def history_from_replies(replies: list[dict], me: BotIdentity, *, exclude_ts: set[str]) -> list[HistoryMessage]:
+def history_from_replies(replies: list[dict[str, Any]], me: BotIdentity, *,
+                         exclude_ts: set[str]) -> list[HistoryMessage]:
     history: list[HistoryMessage] = []
     for m in replies:
         ts = m.get("ts")

@@ -63,7 +63,8 @@ class SlackAPIError(Exception):
     """Slack answered `ok: false` (or not JSON at all). `error` is Slack's code.
     `transient`: a 5xx or a broken connection — Slack may or may not have acted."""
 
-    def __init__(self, method: str, error: str, response: dict | None = None, *, transient: bool = False) -> None:
+    def __init__(self, method: str, error: str, response: dict[str, Any] | None = None, *,
+                 transient: bool = False) -> None:
         super().__init__(f"{method} failed: {error}")
         self.method = method
         self.error = error
@@ -146,7 +147,8 @@ class SlackWebAPI:
         self._client = client
         self._max_retries = max_rate_limit_retries
 
-    async def call(self, method: str, *, app_token: bool = False, interim: bool = False, **args: Any) -> dict:
+    async def call(self, method: str, *, app_token: bool = False, interim: bool = False,
+                   **args: Any) -> dict[str, Any]:
         """Call `method` with `args`; returns the JSON body when `ok` is true.
 
         Raises SlackAPIError (`ok: false`, non-JSON answers, HTTP errors),
@@ -168,7 +170,7 @@ class SlackWebAPI:
         finally:
             self._metrics.slack_calls.labels(method=method, result=result).inc()
 
-    async def _call(self, method: str, app_token: bool, args: dict, interim: bool) -> dict:
+    async def _call(self, method: str, app_token: bool, args: dict[str, Any], interim: bool) -> dict[str, Any]:
         token = self._app_token if app_token else self._bot_token
         headers = {"Authorization": f"Bearer {token}"}
         url = self._base_url + method
@@ -228,7 +230,7 @@ class SlackWebAPI:
     # Thin helpers for the calls the bot makes; they keep argument names in one place.
 
     async def post_message(self, channel: str, thread_ts: str | None, *, text: str | None = None,
-                           markdown_text: str | None = None, blocks: list[dict] | None = None) -> str:
+                           markdown_text: str | None = None, blocks: list[dict[str, Any]] | None = None) -> str:
         """Post in a thread; returns the new message's ts.
 
         A 5xx or a broken connection leaves it unknown whether Slack posted: each post
@@ -274,15 +276,15 @@ class SlackWebAPI:
         return ""
 
     async def update_message(self, channel: str, ts: str, *, text: str | None = None,
-                             markdown_text: str | None = None, blocks: list[dict] | None = None,
+                             markdown_text: str | None = None, blocks: list[dict[str, Any]] | None = None,
                              interim: bool = False) -> None:
         await self.call("chat.update", channel=channel, ts=ts, text=text, markdown_text=markdown_text,
                         blocks=blocks, interim=interim)
 
     async def thread_replies(self, channel: str, thread_ts: str, *, limit: int = 200,
-                             include_all_metadata: bool = False) -> list[dict]:
+                             include_all_metadata: bool = False) -> list[dict[str, Any]]:
         """All messages of a thread, parent first (follows cursors, capped at 1,000)."""
-        messages: list[dict] = []
+        messages: list[dict[str, Any]] = []
         cursor = None
         while len(messages) < 1000:
             body = await self.call("conversations.replies", channel=channel, ts=thread_ts,

@@ -24,6 +24,7 @@ from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
+    Event,
     Ping,
     Pong,
     RejectConnection,
@@ -77,6 +78,7 @@ async def connect_websocket(url: str, *, timeout: float = 15.0) -> WsprotoWebSoc
     port = parts.port or (443 if tls else 80)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    stream: anyio.abc.ByteStream  # a TCP stream, wrapped in TLS for wss://
     with anyio.fail_after(timeout):
         try:
             if tls:
@@ -111,7 +113,7 @@ class WsprotoWebSocket:
         self._pending: list[str] = []
         self.last_activity = anyio.current_time()
 
-    async def _write(self, *events) -> None:
+    async def _write(self, *events: Event) -> None:
         """Send `events` (frames, in order) in one write."""
         try:
             data = b"".join(self._conn.send(event) for event in events)
@@ -191,7 +193,7 @@ class WsprotoWebSocket:
                 await self._on_event(event)
         return self._pending.pop(0)
 
-    async def _on_event(self, event) -> None:
+    async def _on_event(self, event: Event) -> None:
         if isinstance(event, TextMessage):
             self._parts.append(event.data)
             self._size += len(event.data)

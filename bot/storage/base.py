@@ -65,9 +65,9 @@ class PreferenceLayers:
     """Stored preferences, lowest priority first; each a JSON-able dict holding only the
     fields set at that level (a key present with value None means "explicitly unset")."""
 
-    workspace: dict
-    user: dict
-    thread: dict
+    workspace: dict[str, object]
+    user: dict[str, object]
+    thread: dict[str, object]
 
 
 ImageSource = Literal["user", "bot"]
@@ -135,7 +135,8 @@ class Store(Protocol):
     async def load_preferences(self, user: str, thread: ThreadKey | None) -> PreferenceLayers:
         """The stored preference layers that apply to `user` in `thread`, in one read."""
 
-    async def save_preferences(self, scope: PreferenceScope, key: str, prefs: dict, *, updated_by: str) -> None:
+    async def save_preferences(self, scope: PreferenceScope, key: str, prefs: dict[str, object], *,
+                               updated_by: str) -> None:
         """Replace the preferences stored for (`scope`, `key`); an empty `prefs` deletes
         them. Keys: "" for the workspace, the user id, or `str(ThreadKey)` for a thread."""
 

@@ -421,7 +421,7 @@ class SQLiteStore:
             wanted.append(("thread", str(thread)))
 
         def body(conn: sqlite3.Connection) -> PreferenceLayers:
-            found: dict[str, dict] = {"workspace": {}, "user": {}, "thread": {}}
+            found: dict[str, dict[str, object]] = {"workspace": {}, "user": {}, "thread": {}}
             for scope, key in wanted:
                 row = conn.execute(
                     "SELECT prefs FROM ux_preferences WHERE scope = ? AND scope_key = ?", (scope, key)
@@ -432,7 +432,8 @@ class SQLiteStore:
 
         return await self._transaction("load_preferences", body, write=False)
 
-    async def save_preferences(self, scope: PreferenceScope, key: str, prefs: dict, *, updated_by: str) -> None:
+    async def save_preferences(self, scope: PreferenceScope, key: str, prefs: dict[str, object], *,
+                               updated_by: str) -> None:
         if scope not in ("workspace", "user", "thread"):
             raise ValueError(f"scope must be workspace, user or thread, got {scope!r}")
         encoded = json.dumps(prefs, sort_keys=True)  # before the transaction: a bad value raises here
@@ -547,7 +548,7 @@ def _ensure_thread(conn: sqlite3.Connection, thread: ThreadKey, created_at: floa
     )
 
 
-def _json_object(text: str) -> dict:
+def _json_object(text: str) -> dict[str, object]:
     """A stored preferences blob; a damaged one reads as empty rather than failing every request."""
     try:
         value = json.loads(text)
