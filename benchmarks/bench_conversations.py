@@ -72,13 +72,13 @@ API_KEY = "sk-bench-key"
 TARGET_WALL = 2.5  # seconds, for 200 conversations at 2 s latency
 TARGET_ACK_P99 = 0.020
 TARGET_RSS_MB = 70.0
-FILLER = ("Structured concurrency keeps every task inside a scope, so nothing outlives the "
-          "request that started it. ")
+FILLER = "Structured concurrency keeps every task inside a scope, so nothing outlives the request that started it. "
 
 
 # Web API methods that show an answer (or its placeholder) to the user.
-ANSWER_METHODS = frozenset({"chat.postMessage", "chat.update", "chat.startStream", "chat.appendStream",
-                            "chat.stopStream"})
+ANSWER_METHODS = frozenset(
+    {"chat.postMessage", "chat.update", "chat.startStream", "chat.appendStream", "chat.stopStream"}
+)
 BASELINES = REPO_ROOT / "benchmarks" / "baselines"
 BOTS = {  # --bot -> the command that starts it (all read the same environment)
     "slackbot": [sys.executable, "-m", "bot"],
@@ -152,8 +152,16 @@ def cpu_seconds(pid: int) -> float:
         return math.nan
 
 
-def bot_env(workdir: Path, *, backend: str, slack_url: str, openai_url: str, max_concurrent: int,
-            log_level: str, request_timeout: float = 60.0) -> dict[str, str]:
+def bot_env(
+    workdir: Path,
+    *,
+    backend: str,
+    slack_url: str,
+    openai_url: str,
+    max_concurrent: int,
+    log_level: str,
+    request_timeout: float = 60.0,
+) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", str(workdir)),
@@ -186,12 +194,14 @@ class BotProcess:
 
 
 @asynccontextmanager
-async def bot_process(command: list[str], env: dict[str, str], workdir: Path,
-                      slack: FakeSlack) -> AsyncIterator[BotProcess]:
+async def bot_process(
+    command: list[str], env: dict[str, str], workdir: Path, slack: FakeSlack
+) -> AsyncIterator[BotProcess]:
     """Start a bot, keep reading its log (so the pipe never fills), wait until its socket
     is open on `slack`; on exit SIGTERM it (then kill after 15 s) and collect the log."""
-    process = await anyio.open_process(command, cwd=str(workdir), env=env,
-                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    process = await anyio.open_process(
+        command, cwd=str(workdir), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
     bot = BotProcess(process, bytearray())
     try:
         async with anyio.create_task_group() as tg:
@@ -233,9 +243,16 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
     # Slack's rate-limit tiers are on, as in a real workspace; --no-slack-tiers gives the
     # unlimited fake of the figures measured before the fake enforced them.
     slack = FakeSlack(bot_token=BOT_TOKEN, app_token=APP_TOKEN, rate_limits=not args.no_slack_tiers)
-    ai = FakeOpenAI(api_key=API_KEY, script=lambda request: Behaviour(
-        text=answer_for(last_user_text(request)), latency=args.latency, chunks=args.chunks,
-        chunk_delay=args.chunk_delay, hang=last_user_text(request).startswith("hang")))
+    ai = FakeOpenAI(
+        api_key=API_KEY,
+        script=lambda request: Behaviour(
+            text=answer_for(last_user_text(request)),
+            latency=args.latency,
+            chunks=args.chunks,
+            chunk_delay=args.chunk_delay,
+            hang=last_user_text(request).startswith("hang"),
+        ),
+    )
     expected = {f"D{i}": answer_for(f"question {i} in D{i}") for i in range(n)}
     final_at: dict[str, float] = {}
     all_answered = anyio.Event()
@@ -281,9 +298,15 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
     workdir = Path(tempfile.mkdtemp(prefix="slackbot-bench-"))
     try:
         async with slack_server(slack) as slack_url, openai_server(ai) as openai_url:
-            env = bot_env(workdir, backend=args.backend, slack_url=slack_url, openai_url=openai_url,
-                          max_concurrent=args.max_concurrent or max(100, n), log_level=args.log_level,
-                          request_timeout=args.request_timeout)
+            env = bot_env(
+                workdir,
+                backend=args.backend,
+                slack_url=slack_url,
+                openai_url=openai_url,
+                max_concurrent=args.max_concurrent or max(100, n),
+                log_level=args.log_level,
+                request_timeout=args.request_timeout,
+            )
             phases: dict[str, float] = {}
             t0 = anyio.current_time()
             command = list(BOTS[args.bot])
@@ -346,7 +369,7 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
             outcomes[key] = int(value)
     acks = []
     unacked = 0
-    for channel, eid in envelope_of.items():
+    for eid in envelope_of.values():
         delivery = slack.deliveries[eid]
         if eid in slack.acks:
             acks.append(slack.acks[eid] - delivery.sent_at)
@@ -356,16 +379,24 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
     replies = [final_at[c] - send_time[c] for c in final_at]
     wall = (max(final_at.values()) - burst_start) if final_at else math.nan
     result = RunResult(
-        conversations=n, answered=len(final_at), ack=acks, unacked=unacked, reply=replies, wall=wall,
-        burst_send=burst_send, peak_rss_kb=peak_rss, idle_rss_kb=idle_rss, slack_errors=slack_errors,
-        outcomes=outcomes, exit_code=exit_code,
+        conversations=n,
+        answered=len(final_at),
+        ack=acks,
+        unacked=unacked,
+        reply=replies,
+        wall=wall,
+        burst_send=burst_send,
+        peak_rss_kb=peak_rss,
+        idle_rss_kb=idle_rss,
+        slack_errors=slack_errors,
+        outcomes=outcomes,
+        exit_code=exit_code,
         log_tail="\n".join(log.strip().splitlines()[-5:]),
     )
     placeholder, model_request = stage_at["placeholder"], stage_at["model_request"]
     result.stages = {
         "event -> placeholder posted": [placeholder[c] - send_time[c] for c in placeholder if c in send_time],
-        "placeholder -> model request": [model_request[c] - placeholder[c] for c in model_request
-                                         if c in placeholder],
+        "placeholder -> model request": [model_request[c] - placeholder[c] for c in model_request if c in placeholder],
         "model request -> final update": [final_at[c] - model_request[c] for c in final_at if c in model_request],
     }
     result.phases = phases
@@ -378,21 +409,29 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
 def report(args: argparse.Namespace, run_no: int, r: RunResult) -> None:
     bot = f"slackbot on {args.backend}" if args.bot == "slackbot" else args.bot
     hangs = f", {args.hangs} hanging" if args.hangs else ""
-    print(f"--- run {run_no}: {r.conversations} conversations{hangs}, model latency {args.latency:g}s, "
-          f"{bot} ---")
+    print(f"--- run {run_no}: {r.conversations} conversations{hangs}, model latency {args.latency:g}s, {bot} ---")
     print(f"  burst sent in        {ms(r.burst_send)}")
-    print(f"  ack latency          p50 {ms(percentile(r.ack, 50))}   p99 {ms(percentile(r.ack, 99))}   "
-          f"max {ms(max(r.ack) if r.ack else math.nan)}   (unacked: {r.unacked})")
-    print(f"  (fakes' own loop lag p50 {ms(percentile(r.fake_lag, 50))}   p99 {ms(percentile(r.fake_lag, 99))}   "
-          f"max {ms(max(r.fake_lag) if r.fake_lag else math.nan)}: included in the figures above and below)")
-    print(f"  reply latency        p50 {ms(percentile(r.reply, 50))}   p95 {ms(percentile(r.reply, 95))}   "
-          f"p99 {ms(percentile(r.reply, 99))}")
+    print(
+        f"  ack latency          p50 {ms(percentile(r.ack, 50))}   p99 {ms(percentile(r.ack, 99))}   "
+        f"max {ms(max(r.ack) if r.ack else math.nan)}   (unacked: {r.unacked})"
+    )
+    print(
+        f"  (fakes' own loop lag p50 {ms(percentile(r.fake_lag, 50))}   p99 {ms(percentile(r.fake_lag, 99))}   "
+        f"max {ms(max(r.fake_lag) if r.fake_lag else math.nan)}: included in the figures above and below)"
+    )
+    print(
+        f"  reply latency        p50 {ms(percentile(r.reply, 50))}   p95 {ms(percentile(r.reply, 95))}   "
+        f"p99 {ms(percentile(r.reply, 99))}"
+    )
     rate = r.answered / r.wall if r.answered and r.wall > 0 else 0.0
     print(f"  replies              {r.answered}/{r.conversations} in {r.wall:.3f} s wall  ({rate:.1f} replies/s)")
-    print(f"  bot peak RSS         {r.peak_rss_kb / 1024:.1f} MB  (idle before the burst: "
-          f"{r.idle_rss_kb / 1024:.1f} MB)")
-    print(f"  errors               {r.errors}  (not answered {r.conversations - r.answered}, slack errors "
-          f"{r.slack_errors}, unacked {r.unacked}; outcomes {r.outcomes or 'unknown'}; exit code {r.exit_code})")
+    print(
+        f"  bot peak RSS         {r.peak_rss_kb / 1024:.1f} MB  (idle before the burst: {r.idle_rss_kb / 1024:.1f} MB)"
+    )
+    print(
+        f"  errors               {r.errors}  (not answered {r.conversations - r.answered}, slack errors "
+        f"{r.slack_errors}, unacked {r.unacked}; outcomes {r.outcomes or 'unknown'}; exit code {r.exit_code})"
+    )
     for name, values in r.stages.items():
         print(f"  {name:<30} p50 {ms(percentile(values, 50))}   p99 {ms(percentile(values, 99))}")
     if r.phases:
@@ -418,22 +457,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="delay between chunks, s (default 0)")
     parser.add_argument("--backend", choices=("trio", "asyncio"), default="trio", help="the bot's backend")
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole measurement (default 1)")
-    parser.add_argument("--max-concurrent", type=int, default=0,
-                        help="ASYNC_MAX_CONCURRENT_REQUESTS for the bot (default: max(100, conversations))")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=0,
+        help="ASYNC_MAX_CONCURRENT_REQUESTS for the bot (default: max(100, conversations))",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="give up waiting for replies after this")
-    parser.add_argument("--no-slack-tiers", action="store_true",
-                        help="the fake Slack without its per-method rate limits (earlier figures)")
-    parser.add_argument("--profile", metavar="FILE",
-                        help="run the bot under cProfile and write its stats to FILE (slows it down)")
+    parser.add_argument(
+        "--no-slack-tiers",
+        action="store_true",
+        help="the fake Slack without its per-method rate limits (earlier figures)",
+    )
+    parser.add_argument(
+        "--profile", metavar="FILE", help="run the bot under cProfile and write its stats to FILE (slows it down)"
+    )
     parser.add_argument("--log-level", default="INFO", help="the bot's LOG_LEVEL (default INFO)")
-    parser.add_argument("--bot", choices=sorted(BOTS), default="slackbot",
-                        help="which bot to race: this one (default) or a baseline from benchmarks/baselines/")
-    parser.add_argument("--hangs", type=int, default=0,
-                        help="conversations whose model never answers, sent before the burst (default 0)")
-    parser.add_argument("--hang-lead", type=float, default=0.5,
-                        help="seconds between the hanging conversations and the burst (default 0.5)")
-    parser.add_argument("--request-timeout", type=float, default=60.0,
-                        help="the bots' ASYNC_TIMEOUT_SECONDS (default 60)")
+    parser.add_argument(
+        "--bot",
+        choices=sorted(BOTS),
+        default="slackbot",
+        help="which bot to race: this one (default) or a baseline from benchmarks/baselines/",
+    )
+    parser.add_argument(
+        "--hangs",
+        type=int,
+        default=0,
+        help="conversations whose model never answers, sent before the burst (default 0)",
+    )
+    parser.add_argument(
+        "--hang-lead",
+        type=float,
+        default=0.5,
+        help="seconds between the hanging conversations and the burst (default 0.5)",
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, default=60.0, help="the bots' ASYNC_TIMEOUT_SECONDS (default 60)"
+    )
     return parser
 
 
@@ -446,7 +506,7 @@ def main() -> int:
         started = time.perf_counter()
         try:
             result = anyio.run(one_run, args, run_no, backend="trio")
-        except Exception as exc:  # noqa: BLE001 - report and go on with the next run
+        except Exception as exc:
             print(f"--- run {run_no}: failed: {exc!r}")
             failed = True
             continue

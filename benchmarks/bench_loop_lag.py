@@ -97,8 +97,9 @@ async def workload(pdf: bytes, jpeg: bytes, png: bytes, *, inline: bool, workers
             document = extract_document("report.pdf", pdf, PDF, limits)
             results["text"] = fit_documents([document], 100_000)
         else:
-            document = await in_worker(media, extract_document, "report.pdf", pdf, PDF, limits,
-                                       checkpoint=anyio.from_thread.check_cancelled)
+            document = await in_worker(
+                media, extract_document, "report.pdf", pdf, PDF, limits, checkpoint=anyio.from_thread.check_cancelled
+            )
             results["text"] = await in_worker(media, fit_documents, [document], 100_000)
 
     async def image_job(name: str, data: bytes) -> None:
@@ -154,25 +155,36 @@ def main() -> int:
     print(f"building a {args.pages}-page PDF and a {args.megapixels}-megapixel JPEG and PNG…", flush=True)
     pdf = make_pdf(args.pages)
     jpeg, png = make_images(args.megapixels)
-    print(f"  PDF {len(pdf) / 1e6:.1f} MB, JPEG {len(jpeg) / 1e6:.1f} MB, PNG {len(png) / 1e6:.1f} MB; "
-          f"{args.workers} worker thread(s)")
+    print(
+        f"  PDF {len(pdf) / 1e6:.1f} MB, JPEG {len(jpeg) / 1e6:.1f} MB, PNG {len(png) / 1e6:.1f} MB; "
+        f"{args.workers} worker thread(s)"
+    )
     backends = ["trio", "asyncio"] if args.backend == "both" else [args.backend]
     modes = [False, True] if args.inline else [False]
     worst = 0.0
-    print(f"{'backend':8} {'mode':14} {'run':>3} {'work s':>7} {'ticks':>6} {'median ms':>9} {'p99 ms':>7} "
-          f"{'max ms':>7} {'>50ms':>5}")
+    print(
+        f"{'backend':8} {'mode':14} {'run':>3} {'work s':>7} {'ticks':>6} {'median ms':>9} {'p99 ms':>7} "
+        f"{'max ms':>7} {'>50ms':>5}"
+    )
     for backend in backends:
         for inline in modes:
             for run in range(1, args.runs + 1):
-                r = anyio.run(lambda: measure(pdf, jpeg, png, inline=inline, workers=args.workers), backend=backend)
+                r = anyio.run(
+                    lambda inline=inline: measure(pdf, jpeg, png, inline=inline, workers=args.workers), backend=backend
+                )
                 mode = "inline (no)" if inline else "worker threads"
-                print(f"{backend:8} {mode:14} {run:>3} {r['wall_s']:>7.2f} {r['ticks']:>6} {r['median_ms']:>9.2f} "
-                      f"{r['p99_ms']:>7.2f} {r['max_ms']:>7.2f} {r['over_50ms']:>5}", flush=True)
+                print(
+                    f"{backend:8} {mode:14} {run:>3} {r['wall_s']:>7.2f} {r['ticks']:>6} {r['median_ms']:>9.2f} "
+                    f"{r['p99_ms']:>7.2f} {r['max_ms']:>7.2f} {r['over_50ms']:>5}",
+                    flush=True,
+                )
                 if not inline:
                     worst = max(worst, r["max_ms"])
     verdict = "met" if worst <= TARGET_MS else "MISSED"
-    print(f"\nworst tick lag with worker threads: {worst:.1f} ms (target: no tick over {TARGET_MS:.0f} ms) — {verdict}"
-          f"{' (without gc.freeze)' if args.no_freeze else ''}")
+    print(
+        f"\nworst tick lag with worker threads: {worst:.1f} ms (target: no tick over {TARGET_MS:.0f} ms) — {verdict}"
+        f"{' (without gc.freeze)' if args.no_freeze else ''}"
+    )
     return 0
 
 

@@ -35,16 +35,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import anyio  # noqa: E402
-
-from bench_conversations import BOTS, RunResult, build_parser, one_run, percentile  # noqa: E402
+import anyio
+from bench_conversations import BOTS, RunResult, build_parser, one_run, percentile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENCY = 2.0
 HANGS = 15
 HANG_TIMEOUT = 10.0
-LABELS = {"slackbot": "slackbot (this bot, Trio)", "bolt-sync": "Bolt sync (10 threads)",
-          "bolt-async": "Bolt async (aiohttp)"}
+LABELS = {
+    "slackbot": "slackbot (this bot, Trio)",
+    "bolt-sync": "Bolt sync (10 threads)",
+    "bolt-async": "Bolt async (aiohttp)",
+}
 
 
 @dataclass
@@ -88,8 +90,7 @@ class Row:
         return percentile(self.result.fake_lag, 99) if self.result else math.nan
 
 
-def run_one(bot: str, *, conversations: int, hangs: int, cap: float, request_timeout: float,
-            backend: str) -> Row:
+def run_one(bot: str, *, conversations: int, hangs: int, cap: float, request_timeout: float, backend: str) -> Row:
     args = build_parser().parse_args([])
     args.bot, args.conversations, args.latency, args.timeout = bot, conversations, LATENCY, cap
     args.hangs, args.request_timeout, args.backend = hangs, request_timeout, backend
@@ -98,13 +99,16 @@ def run_one(bot: str, *, conversations: int, hangs: int, cap: float, request_tim
     started = time.perf_counter()
     try:
         result = anyio.run(one_run, args, 1, backend="trio")
-    except Exception as exc:  # noqa: BLE001 - report it in the table and go on
+    except Exception as exc:
         print(f"  failed: {exc!r}")
         return Row(bot, scenario, conversations, None, cap, error=repr(exc))
     row = Row(bot, scenario, conversations, result, cap)
-    print(f"  {result.answered}/{conversations} answered, {row.throughput:.1f}/s, p99 {fmt_s(row.p(99))}, "
-          f"ack p99 {fmt_ms(row.ack_p99)}, RSS {row.rss_mb:.0f} MB, fakes' lag p99 {fmt_ms(row.lag_p99)} "
-          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    print(
+        f"  {result.answered}/{conversations} answered, {row.throughput:.1f}/s, p99 {fmt_s(row.p(99))}, "
+        f"ack p99 {fmt_ms(row.ack_p99)}, RSS {row.rss_mb:.0f} MB, fakes' lag p99 {fmt_ms(row.lag_p99)} "
+        f"({time.perf_counter() - started:.0f} s)",
+        flush=True,
+    )
     return row
 
 
@@ -146,8 +150,10 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}; "
-            f"1-min load average when the comparison started {LOAD_AT_START:.2f}")
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Linux {platform.release()}, Python {platform.python_version()}; "
+        f"1-min load average when the comparison started {LOAD_AT_START:.2f}"
+    )
 
 
 def markdown(rows: list[Row], command: str) -> str:
@@ -173,10 +179,15 @@ def markdown(rows: list[Row], command: str) -> str:
             f"{'–' if row.scenario.startswith(str(HANGS)) else f'{row.throughput:.1f}'}{spread(row)} | "
             f"{fmt_s(row.p(50))} | "
             f"{fmt_s(row.p(95))} | {fmt_s(row.p(99))} | {fmt_ms(row.ack_p99)} | {row.rss_mb:.0f} MB | "
-            f"{row.cpu_per_1000:.1f} |")
-    lines += ["", f"Command: `{command}`. Machine: {machine()}.",
-              "The fakes' own event-loop lag p99 per run (part of every latency above): "
-              + ", ".join(f"{row.bot}/{row.scenario} {fmt_ms(row.lag_p99)}" for row in rows if row.result) + "."]
+            f"{row.cpu_per_1000:.1f} |"
+        )
+    lines += [
+        "",
+        f"Command: `{command}`. Machine: {machine()}.",
+        "The fakes' own event-loop lag p99 per run (part of every latency above): "
+        + ", ".join(f"{row.bot}/{row.scenario} {fmt_ms(row.lag_p99)}" for row in rows if row.result)
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -208,11 +219,15 @@ def chart(rows: list[Row], sizes: list[int], bots: list[str], path: Path) -> Non
     bars(axes[0][1], lambda r: r.p(99), f"Reply latency p99 (model latency {LATENCY:g} s)", "seconds", log=True)
     bars(axes[1][0], lambda r: r.rss_mb, "Peak RSS", "MB")
     ax = axes[1][1]
-    hang_rows = [next((r for r in rows if r.bot == bot and r.scenario.startswith(f"{HANGS} hanging")), None)
-                 for bot in bots]
-    ax.bar([LABELS[b] for b in bots], [r.p(50) if r and r.result and r.result.reply else 0.0 for r in hang_rows],
-           color=[colors[b] for b in bots])
-    ax.axhline(LATENCY + 0.5, color="grey", linestyle="--", label=f"target: model latency + 0.5 s")
+    hang_rows = [
+        next((r for r in rows if r.bot == bot and r.scenario.startswith(f"{HANGS} hanging")), None) for bot in bots
+    ]
+    ax.bar(
+        [LABELS[b] for b in bots],
+        [r.p(50) if r and r.result and r.result.reply else 0.0 for r in hang_rows],
+        color=[colors[b] for b in bots],
+    )
+    ax.axhline(LATENCY + 0.5, color="grey", linestyle="--", label="target: model latency + 0.5 s")
     ax.set_title(f"A normal message while {HANGS} requests hang (timeout {HANG_TIMEOUT:g} s)")
     ax.set_ylabel("seconds to answer")
     ax.tick_params(axis="x", labelsize=8)
@@ -224,14 +239,16 @@ def chart(rows: list[Row], sizes: list[int], bots: list[str], path: Path) -> Non
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bots", default="slackbot,bolt-async,bolt-sync", help="comma-separated subset of "
-                        + ", ".join(BOTS))
+    parser.add_argument(
+        "--bots", default="slackbot,bolt-async,bolt-sync", help="comma-separated subset of " + ", ".join(BOTS)
+    )
     parser.add_argument("--sizes", default="50,200,1000", help="burst sizes (default 50,200,1000)")
     parser.add_argument("--cap", type=float, default=60.0, help="stop waiting for a burst's answers after this")
     parser.add_argument("--backend", choices=("trio", "asyncio"), default="trio", help="this bot's backend")
     parser.add_argument("--no-hang", action="store_true", help="skip the hanging-requests scenario")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run each scenario this many times and report the median run (default 1)")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run each scenario this many times and report the median run (default 1)"
+    )
     args = parser.parse_args()
     bots = [b for b in args.bots.split(",") if b]
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -241,12 +258,32 @@ def main() -> int:
     rows: list[Row] = []
     for bot in bots:
         for size in sizes:
-            rows.append(median_run([run_one(bot, conversations=size, hangs=0, cap=args.cap, request_timeout=60.0,
-                                            backend=args.backend) for _ in range(args.repeat)]))
+            rows.append(
+                median_run(
+                    [
+                        run_one(
+                            bot, conversations=size, hangs=0, cap=args.cap, request_timeout=60.0, backend=args.backend
+                        )
+                        for _ in range(args.repeat)
+                    ]
+                )
+            )
         if not args.no_hang:
-            rows.append(median_run([run_one(bot, conversations=1, hangs=HANGS, cap=3 * HANG_TIMEOUT,
-                                            request_timeout=HANG_TIMEOUT, backend=args.backend)
-                                    for _ in range(args.repeat)]))
+            rows.append(
+                median_run(
+                    [
+                        run_one(
+                            bot,
+                            conversations=1,
+                            hangs=HANGS,
+                            cap=3 * HANG_TIMEOUT,
+                            request_timeout=HANG_TIMEOUT,
+                            backend=args.backend,
+                        )
+                        for _ in range(args.repeat)
+                    ]
+                )
+            )
     table = markdown(rows, command)
     (RESULTS / "compare.md").write_text(table)
     chart(rows, sizes, bots, RESULTS / "compare.png")

@@ -33,14 +33,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import anyio  # noqa: E402
-import httpx2  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from bench_conversations import (  # noqa: E402
-    API_KEY, APP_TOKEN, BOT_TOKEN, BOTS, answer_for, bot_env, bot_process, read_status_kb,
+import anyio
+import httpx2
+from bench_conversations import (
+    API_KEY,
+    APP_TOKEN,
+    BOT_TOKEN,
+    BOTS,
+    answer_for,
+    bot_env,
+    bot_process,
+    read_status_kb,
 )
-from tests.fakes import Behaviour, FakeOpenAI, FakeSlack, last_user_text, openai_server, slack_server  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fakes import Behaviour, FakeOpenAI, FakeSlack, last_user_text, openai_server, slack_server
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REQUEST_TIMEOUT = 8.0
@@ -88,11 +95,20 @@ async def soak(args: argparse.Namespace) -> dict:
     final_metrics: dict = {}
     try:
         async with slack_server(slack) as slack_url, openai_server(ai) as openai_url:
-            env = bot_env(workdir, backend=args.backend, slack_url=slack_url, openai_url=openai_url,
-                          max_concurrent=100, log_level="WARNING", request_timeout=REQUEST_TIMEOUT)
+            env = bot_env(
+                workdir,
+                backend=args.backend,
+                slack_url=slack_url,
+                openai_url=openai_url,
+                max_concurrent=100,
+                log_level="WARNING",
+                request_timeout=REQUEST_TIMEOUT,
+            )
             env["METRICS_PORT"] = str(port)
-            async with bot_process(list(BOTS["slackbot"]), env, workdir, slack) as bot, \
-                    httpx2.AsyncClient(timeout=5.0) as http:
+            async with (
+                bot_process(list(BOTS["slackbot"]), env, workdir, slack) as bot,
+                httpx2.AsyncClient(timeout=5.0) as http,
+            ):
                 metrics_url = f"http://127.0.0.1:{port}/metrics"
                 t0 = anyio.current_time()
                 done_sending = anyio.Event()
@@ -119,14 +135,18 @@ async def soak(args: argparse.Namespace) -> dict:
                         thread = m % args.threads
                         channel = f"S{thread}"
                         text = f"message {m} in {channel}"
-                        event = slack.message_event(channel, "U1", text, channel_type="im",
-                                                    thread_ts=first_ts.get(thread))
+                        event = slack.message_event(
+                            channel, "U1", text, channel_type="im", thread_ts=first_ts.get(thread)
+                        )
                         first_ts.setdefault(thread, event["ts"])
                         await slack.send_event(event)
                         sent = m + 1
                         if sent % max(1, args.messages // 10) == 0:
-                            print(f"  {sent} messages sent at {anyio.current_time() - t0:.0f} s, "
-                                  f"RSS {samples[-1][1] if samples else 0:.0f} MB", flush=True)
+                            print(
+                                f"  {sent} messages sent at {anyio.current_time() - t0:.0f} s, "
+                                f"RSS {samples[-1][1] if samples else 0:.0f} MB",
+                                flush=True,
+                            )
                     done_sending.set()
                     sent_at = anyio.current_time() - t0
                     await anyio.sleep(args.idle)
@@ -135,8 +155,13 @@ async def soak(args: argparse.Namespace) -> dict:
                 peak = read_status_kb(bot.pid, "VmHWM") / 1024
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"samples": samples, "metrics": final_metrics, "sent_at": sent_at, "peak": peak,
-            "log_tail": "\n".join(bot.stderr.decode(errors="replace").strip().splitlines()[-5:])}
+    return {
+        "samples": samples,
+        "metrics": final_metrics,
+        "sent_at": sent_at,
+        "peak": peak,
+        "log_tail": "\n".join(bot.stderr.decode(errors="replace").strip().splitlines()[-5:]),
+    }
 
 
 def rss_at(samples, seconds: float) -> float:
@@ -145,17 +170,19 @@ def rss_at(samples, seconds: float) -> float:
 
 def report(args: argparse.Namespace, out: dict) -> str:
     samples, metrics, sent_at = out["samples"], out["metrics"], out["sent_at"]
-    outcomes = {dict(labels)["outcome"]: int(v) for (name, labels), v in metrics.items()
-                if name == "slackbot_requests_total"}
-    errors = {dict(labels)["kind"]: int(v) for (name, labels), v in metrics.items()
-              if name == "slackbot_request_errors_total"}
+    outcomes = {
+        dict(labels)["outcome"]: int(v) for (name, labels), v in metrics.items() if name == "slackbot_requests_total"
+    }
+    errors = {
+        dict(labels)["kind"]: int(v) for (name, labels), v in metrics.items() if name == "slackbot_request_errors_total"
+    }
     quarters = [(f"{q * 25}% of messages", rss_at(samples, sent_at * q / 4)) for q in (1, 2, 3, 4)]
     # CPython keeps the arenas of its busiest moment, so RSS follows the peak number of
     # requests in flight. A leak shows as growth *after* that peak, or while idle.
     in_flight = [(t, f) for t, _, f, _ in samples if not math.isnan(f)]
     peak_t, peak_in_flight = max(in_flight, key=lambda x: x[1]) if in_flight else (0.0, math.nan)
     at_peak = rss_at(samples, peak_t + 10)
-    end, after_idle = rss_at(samples, sent_at), samples[-1][1]
+    after_idle = samples[-1][1]
     growth, idle_growth = after_idle - at_peak, after_idle - rss_at(samples, sent_at + 15)
     flat = growth <= 5.0 and idle_growth <= 1.0
     lines = [
@@ -164,13 +191,15 @@ def report(args: argparse.Namespace, out: dict) -> str:
         f"then {args.idle:g} s idle.",
         "",
         f"- sent in {sent_at:.0f} s; outcomes from /metrics: {outcomes or 'unavailable'}; error kinds: {errors}",
-        "- RSS: " + ", ".join(f"{name} {rss:.1f} MB" for name, rss in quarters)
+        "- RSS: "
+        + ", ".join(f"{name} {rss:.1f} MB" for name, rss in quarters)
         + f", after {args.idle:g} s idle {after_idle:.1f} MB; peak (VmHWM) {out['peak']:.1f} MB",
         f"- requests in flight peaked at {peak_in_flight:.0f} at {peak_t:.0f} s (RSS 10 s later {at_peak:.1f} MB); "
         f"growth after that peak {growth:+.1f} MB, while idle {idle_growth:+.1f} MB → "
         + ("**flat**: memory follows concurrency, not the number of messages" if flat else "**still growing**"),
         f"- 1-min load average at the end {os.getloadavg()[0]:.2f} (2 cores, shared with the fakes"
-        + (" and other work" if os.getloadavg()[0] > 2.5 else "") + ")",
+        + (" and other work" if os.getloadavg()[0] > 2.5 else "")
+        + ")",
     ]
     return "\n".join(lines) + "\n"
 

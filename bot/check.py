@@ -25,8 +25,9 @@ from bot.slack.web_api import SlackAPIError, SlackWebAPI
 from bot.storage import open_store
 
 CHECK_TIMEOUT = 15.0
-BAD_TOKEN = frozenset({"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired",
-                       "not_allowed_token_type"})
+BAD_TOKEN = frozenset(
+    {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired", "not_allowed_token_type"}
+)
 
 
 @dataclass(frozen=True)
@@ -46,33 +47,47 @@ def _slack_unreachable(settings: Settings, error: str) -> str:
 async def check_bot_token(settings: Settings, slack: SlackWebAPI) -> CheckResult:
     name = "Slack bot token"
     if not settings.slack_bot_token:
-        return CheckResult(name, False, "SLACK_BOT_TOKEN is not set",
-                           "Install the app (Install App → Install to Workspace), then copy the Bot User OAuth "
-                           "Token (xoxb-…) into .env as SLACK_BOT_TOKEN.")
+        return CheckResult(
+            name,
+            False,
+            "SLACK_BOT_TOKEN is not set",
+            "Install the app (Install App → Install to Workspace), then copy the Bot User OAuth "
+            "Token (xoxb-…) into .env as SLACK_BOT_TOKEN.",
+        )
     try:
         body = await slack.call("auth.test")
     except SlackAPIError as exc:
         fix = _slack_unreachable(settings, exc.error) or (
             "The token is wrong or revoked: copy the Bot User OAuth Token (xoxb-…) again from Install App "
-            "(reinstall the app if it was removed)." if exc.error in BAD_TOKEN else
-            "Slack refused the token; see https://docs.slack.dev/reference/methods/auth.test for the error.")
+            "(reinstall the app if it was removed)."
+            if exc.error in BAD_TOKEN
+            else "Slack refused the token; see https://docs.slack.dev/reference/methods/auth.test for the error."
+        )
         return CheckResult(name, False, f"auth.test: {exc.error}", fix)
-    return CheckResult(name, True, f"bot user {body.get('user_id', '?')} in {body.get('team') or body.get('team_id', '?')}")
+    return CheckResult(
+        name, True, f"bot user {body.get('user_id', '?')} in {body.get('team') or body.get('team_id', '?')}"
+    )
 
 
 async def check_app_token(settings: Settings, slack: SlackWebAPI) -> CheckResult:
     name = "Slack app token"
     if not settings.slack_app_token:
-        return CheckResult(name, False, "SLACK_APP_TOKEN is not set",
-                           "Basic Information → App-Level Tokens → Generate, with the connections:write scope; "
-                           "copy it (xapp-…) into .env as SLACK_APP_TOKEN.")
+        return CheckResult(
+            name,
+            False,
+            "SLACK_APP_TOKEN is not set",
+            "Basic Information → App-Level Tokens → Generate, with the connections:write scope; "
+            "copy it (xapp-…) into .env as SLACK_APP_TOKEN.",
+        )
     try:
         await slack.call("apps.connections.open", app_token=True)
     except SlackAPIError as exc:
         fix = _slack_unreachable(settings, exc.error) or (
             "The app-level token is wrong or lacks connections:write: generate a new one under Basic "
-            "Information → App-Level Tokens." if exc.error in BAD_TOKEN else
-            "Turn on Socket Mode (Settings → Socket Mode); creating the app from `slackbot manifest` does this.")
+            "Information → App-Level Tokens."
+            if exc.error in BAD_TOKEN
+            else "Turn on Socket Mode (Settings → Socket Mode); creating the app from `slackbot manifest` does this."
+        )
         return CheckResult(name, False, f"apps.connections.open: {exc.error}", fix)
     return CheckResult(name, True, "Socket Mode connection allowed")
 
@@ -81,54 +96,91 @@ async def check_openai(settings: Settings, client: openai.AsyncOpenAI) -> tuple[
     name = "OpenAI endpoint"
     where = settings.openai_base_url or "api.openai.com"
     if not settings.openai_api_key and not settings.openai_base_url:
-        return CheckResult(name, False, "OPENAI_API_KEY is not set",
-                           "Create a key at https://platform.openai.com/api-keys and put it in .env as "
-                           "OPENAI_API_KEY (or set OPENAI_BASE_URL to your OpenAI-compatible server)."), None
+        return CheckResult(
+            name,
+            False,
+            "OPENAI_API_KEY is not set",
+            "Create a key at https://platform.openai.com/api-keys and put it in .env as "
+            "OPENAI_API_KEY (or set OPENAI_BASE_URL to your OpenAI-compatible server).",
+        ), None
     try:
         models = [m.id async for m in client.models.list()]
     except openai.AuthenticationError:
-        return CheckResult(name, False, f"{where} rejected the key (401)",
-                           "OPENAI_API_KEY is wrong or revoked: create a new key and put it in .env."), None
+        return CheckResult(
+            name,
+            False,
+            f"{where} rejected the key (401)",
+            "OPENAI_API_KEY is wrong or revoked: create a new key and put it in .env.",
+        ), None
     except openai.PermissionDeniedError:
-        return CheckResult(name, False, f"{where} refused access (403)",
-                           "The key's project may not have access to models, or your region is not supported."), None
+        return CheckResult(
+            name,
+            False,
+            f"{where} refused access (403)",
+            "The key's project may not have access to models, or your region is not supported.",
+        ), None
     except openai.NotFoundError:
-        return CheckResult(name, False, f"{where} has no /models endpoint (404)",
-                           "OPENAI_BASE_URL must point at the API root, usually ending in /v1/."), None
+        return CheckResult(
+            name,
+            False,
+            f"{where} has no /models endpoint (404)",
+            "OPENAI_BASE_URL must point at the API root, usually ending in /v1/.",
+        ), None
     except openai.APIConnectionError as exc:
-        return CheckResult(name, False, f"cannot reach {where} ({type(exc).__name__})",
-                           "Check OPENAI_BASE_URL (is the server running?) and the network."), None
+        return CheckResult(
+            name,
+            False,
+            f"cannot reach {where} ({type(exc).__name__})",
+            "Check OPENAI_BASE_URL (is the server running?) and the network.",
+        ), None
     except openai.APIStatusError as exc:
-        return CheckResult(name, False, f"{where} answered HTTP {exc.status_code}",
-                           "The endpoint is failing; try again later or check its status page."), None
+        return CheckResult(
+            name,
+            False,
+            f"{where} answered HTTP {exc.status_code}",
+            "The endpoint is failing; try again later or check its status page.",
+        ), None
     return CheckResult(name, True, f"{len(models)} models at {where}"), models
 
 
 def check_model(settings: Settings, models: list[str] | None) -> CheckResult:
     name = "OpenAI model"
     if models is None:
-        return CheckResult(name, False, f"{settings.openai_model}: not checked (the endpoint check failed)",
-                           "Fix the endpoint first.")
+        return CheckResult(
+            name, False, f"{settings.openai_model}: not checked (the endpoint check failed)", "Fix the endpoint first."
+        )
     if settings.openai_model in models:
         return CheckResult(name, True, f"{settings.openai_model} is available")
     shown = ", ".join(sorted(models)[:10]) + (" …" if len(models) > 10 else "")
-    return CheckResult(name, False, f"{settings.openai_model} is not offered by the endpoint",
-                       f"Set OPENAI_MODEL to one of: {shown or '(the endpoint lists no models)'}.")
+    return CheckResult(
+        name,
+        False,
+        f"{settings.openai_model} is not offered by the endpoint",
+        f"Set OPENAI_MODEL to one of: {shown or '(the endpoint lists no models)'}.",
+    )
 
 
 async def check_database(settings: Settings) -> CheckResult:
     name = "Database"
     try:
         store = await open_store(settings.database_url)
-    except Exception as exc:  # noqa: BLE001 - whatever it is, it is the answer
-        return CheckResult(name, False, f"cannot open {settings.database_url}: {exc}",
-                           "Make sure the directory in DATABASE_URL exists or can be created, is writable by "
-                           "this user, and the disk is not full.")
+    except Exception as exc:
+        return CheckResult(
+            name,
+            False,
+            f"cannot open {settings.database_url}: {exc}",
+            "Make sure the directory in DATABASE_URL exists or can be created, is writable by "
+            "this user, and the disk is not full.",
+        )
     try:
         await store.claim_event(f"check:{uuid.uuid4().hex}")  # a real write, pruned like any event key
-    except Exception as exc:  # noqa: BLE001
-        return CheckResult(name, False, f"{settings.database_url} is not writable: {exc}",
-                           "Check the file's permissions and free disk space; stop other programs locking it.")
+    except Exception as exc:
+        return CheckResult(
+            name,
+            False,
+            f"{settings.database_url} is not writable: {exc}",
+            "Check the file's permissions and free disk space; stop other programs locking it.",
+        )
     finally:
         with anyio.CancelScope(shield=True):
             await store.aclose()
@@ -141,16 +193,26 @@ T = TypeVar("T")
 async def _bounded(name: str, check: Awaitable[T]) -> T | CheckResult:
     with anyio.move_on_after(CHECK_TIMEOUT):
         return await check
-    return CheckResult(name, False, f"no answer within {CHECK_TIMEOUT:g}s",
-                       "Check the network, proxies and the URL settings.")
+    return CheckResult(
+        name, False, f"no answer within {CHECK_TIMEOUT:g}s", "Check the network, proxies and the URL settings."
+    )
 
 
-async def run_checks(settings: Settings, *, slack_transport: httpx2.AsyncBaseTransport | None = None,
-                     openai_transport: httpx2.AsyncBaseTransport | None = None) -> list[CheckResult]:
+async def run_checks(
+    settings: Settings,
+    *,
+    slack_transport: httpx2.AsyncBaseTransport | None = None,
+    openai_transport: httpx2.AsyncBaseTransport | None = None,
+) -> list[CheckResult]:
     results = [CheckResult("Configuration", True, "read from .env and the environment")]
     async with httpx2.AsyncClient(transport=slack_transport, timeout=httpx2.Timeout(10.0)) as http:
-        slack = SlackWebAPI(bot_token=settings.slack_bot_token, app_token=settings.slack_app_token,
-                            base_url=settings.slack_api_url, client=http, max_rate_limit_retries=1)
+        slack = SlackWebAPI(
+            bot_token=settings.slack_bot_token,
+            app_token=settings.slack_app_token,
+            base_url=settings.slack_api_url,
+            client=http,
+            max_rate_limit_retries=1,
+        )
         results.append(await _bounded("Slack bot token", check_bot_token(settings, slack)))
         results.append(await _bounded("Slack app token", check_app_token(settings, slack)))
     async with openai_client(settings, transport=openai_transport, max_retries=0) as client:

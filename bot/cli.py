@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slackbot",
         description="A Slack assistant backed by OpenAI. Without a command it starts the bot. Settings come "
-                    "from the environment and a .env file in the current directory; see README.md.")
+        "from the environment and a .env file in the current directory; see README.md.",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("run", help="start the bot (the default)")
     manifest = commands.add_parser("manifest", help="print the Slack app manifest (JSON) to create the app from")
@@ -111,8 +112,13 @@ def _run() -> int:
     # in benchmarks/bench_conversations.py).
     gc.freeze()
 
-    log.info("starting on %s (model %s, timeout %gs, max %d concurrent model calls)", settings.async_backend,
-             settings.openai_model, settings.async_timeout_seconds, settings.async_max_concurrent_requests)
+    log.info(
+        "starting on %s (model %s, timeout %gs, max %d concurrent model calls)",
+        settings.async_backend,
+        settings.openai_model,
+        settings.async_timeout_seconds,
+        settings.async_max_concurrent_requests,
+    )
     try:
         anyio.run(run_bot, settings, backend=settings.async_backend)
     except StartupError as exc:

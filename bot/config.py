@@ -18,8 +18,7 @@ from urllib.parse import urlsplit
 from bot.storage.location import sqlite_file
 
 DEFAULT_SYSTEM_PROMPT = (
-    "You are a helpful assistant in a Slack workspace. Answer clearly and concisely. "
-    "Use Markdown for formatting."
+    "You are a helpful assistant in a Slack workspace. Answer clearly and concisely. Use Markdown for formatting."
 )
 
 
@@ -106,10 +105,12 @@ def _required(env: Mapping[str, str], name: str, prefix: str | None = None, *, o
 @overload
 def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0.0) -> float: ...
 @overload
-def _number(env: Mapping[str, str], name: str, default: int, *, cast: Callable[[str], int],
-            minimum: float = 0.0) -> int: ...
-def _number(env: Mapping[str, str], name: str, default: float, *, cast: Callable[[str], float] = float,
-            minimum: float = 0.0) -> float:
+def _number(
+    env: Mapping[str, str], name: str, default: int, *, cast: Callable[[str], int], minimum: float = 0.0
+) -> int: ...
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, cast: Callable[[str], float] = float, minimum: float = 0.0
+) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -137,8 +138,9 @@ def _url(env: Mapping[str, str], name: str, default: str | None) -> str | None:
     return raw if raw.endswith("/") else raw + "/"
 
 
-def load_settings(env: Mapping[str, str] | None = None, *, dotenv_path: str | None = ".env",
-                  purpose: str = "bot") -> Settings:
+def load_settings(
+    env: Mapping[str, str] | None = None, *, dotenv_path: str | None = ".env", purpose: str = "bot"
+) -> Settings:
     """Build `Settings` from `env` (default: the process environment plus `.env`).
 
     `purpose` says which secrets must be present: "bot" all three; "shell" no Slack
@@ -180,18 +182,14 @@ def load_settings(env: Mapping[str, str] | None = None, *, dotenv_path: str | No
         async_max_concurrent_requests=_number(
             env, "ASYNC_MAX_CONCURRENT_REQUESTS", Settings.async_max_concurrent_requests, cast=int
         ),
-        stream_idle_timeout_seconds=_number(
-            env, "STREAM_IDLE_TIMEOUT_SECONDS", Settings.stream_idle_timeout_seconds
-        ),
+        stream_idle_timeout_seconds=_number(env, "STREAM_IDLE_TIMEOUT_SECONDS", Settings.stream_idle_timeout_seconds),
         system_prompt=env.get("SYSTEM_PROMPT", "").strip() or DEFAULT_SYSTEM_PROMPT,
         log_level=log_level,
         async_backend=backend,
         context_budget_tokens=_number(
             env, "CONTEXT_BUDGET_TOKENS", Settings.context_budget_tokens, cast=int, minimum=500
         ),
-        shutdown_grace_seconds=_number(
-            env, "SHUTDOWN_GRACE_SECONDS", Settings.shutdown_grace_seconds, minimum=-1
-        ),
+        shutdown_grace_seconds=_number(env, "SHUTDOWN_GRACE_SECONDS", Settings.shutdown_grace_seconds, minimum=-1),
         socket_ping_interval_seconds=_number(
             env, "SOCKET_PING_INTERVAL_SECONDS", Settings.socket_ping_interval_seconds
         ),
@@ -251,13 +249,10 @@ def _media_settings(env: Mapping[str, str]) -> _MediaSettings:
         "image_model": image_model,
         "image_size": image_size,
         "image_quality": image_quality,
-        "max_context_images": _number(env, "MAX_CONTEXT_IMAGES", Settings.max_context_images, cast=int,
-                                      minimum=-1),
-        "max_image_pixels": _number(env, "MAX_IMAGE_PIXELS", Settings.max_image_pixels, cast=int,
-                                    minimum=10_000),
+        "max_context_images": _number(env, "MAX_CONTEXT_IMAGES", Settings.max_context_images, cast=int, minimum=-1),
+        "max_image_pixels": _number(env, "MAX_IMAGE_PIXELS", Settings.max_image_pixels, cast=int, minimum=10_000),
         "max_pdf_pages": _number(env, "MAX_PDF_PAGES", Settings.max_pdf_pages, cast=int),
-        "max_document_chars": _number(env, "MAX_DOCUMENT_CHARS", Settings.max_document_chars, cast=int,
-                                      minimum=1000),
+        "max_document_chars": _number(env, "MAX_DOCUMENT_CHARS", Settings.max_document_chars, cast=int, minimum=1000),
         "media_workers": _number(env, "MEDIA_WORKERS", Settings.media_workers, cast=int),
         "url_fetch_timeout_seconds": _number(env, "URL_FETCH_TIMEOUT_SECONDS", Settings.url_fetch_timeout_seconds),
         "allow_loopback_urls": loopback in ("true", "1", "yes"),
@@ -270,8 +265,10 @@ def _ux_settings(env: Mapping[str, str]) -> _UXSettings:
     if not command.startswith("/"):
         command = "/" + command
     if not re.fullmatch(r"/[a-z0-9_\-]{1,31}", command):
-        raise ConfigError(f"SETTINGS_COMMAND must be a slash command like /settings (lowercase, no spaces, "
-                          f"at most 32 characters), got {command!r}")
+        raise ConfigError(
+            f"SETTINGS_COMMAND must be a slash command like /settings (lowercase, no spaces, "
+            f"at most 32 characters), got {command!r}"
+        )
     return {
         "settings_command": command,
         "admin_users": _ux_slack_ids(env, "ADMIN_USERS", "UW"),
@@ -333,5 +330,6 @@ def _observability_settings(env: Mapping[str, str]) -> _ObservabilitySettings:
         "log_format": log_format,
         "watchdog_interval_seconds": _number(env, "WATCHDOG_INTERVAL_SECONDS", Settings.watchdog_interval_seconds),
         "watchdog_threshold_seconds": _number(
-            env, "WATCHDOG_THRESHOLD_SECONDS", Settings.watchdog_threshold_seconds, minimum=-1),
+            env, "WATCHDOG_THRESHOLD_SECONDS", Settings.watchdog_threshold_seconds, minimum=-1
+        ),
     }

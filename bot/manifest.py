@@ -71,19 +71,33 @@ def build_manifest(*, name: str = "AI Assistant", command: str = "/settings") ->
                 "agent_description": DESCRIPTION[:300],
                 "suggested_prompts": [dict(p) for p in SUGGESTED_PROMPTS[:4]],
             },
-            "slash_commands": [{
-                "command": command,
-                "description": "Choose the model, instructions and more",
-                "usage_hint": "(opens your settings)",
-                "should_escape": False,
-            }],
+            "slash_commands": [
+                {
+                    "command": command,
+                    "description": "Choose the model, instructions and more",
+                    "usage_hint": "(opens your settings)",
+                    "should_escape": False,
+                }
+            ],
             "shortcuts": [
-                {"name": "Summarize thread", "type": "message", "callback_id": SUMMARIZE,
-                 "description": "A short summary of this thread, just for you"},
-                {"name": "Translate message", "type": "message", "callback_id": TRANSLATE,
-                 "description": "This message in your language, just for you"},
-                {"name": "Thread settings", "type": "message", "callback_id": THREAD_SETTINGS,
-                 "description": "Assistant settings for this thread only"},
+                {
+                    "name": "Summarize thread",
+                    "type": "message",
+                    "callback_id": SUMMARIZE,
+                    "description": "A short summary of this thread, just for you",
+                },
+                {
+                    "name": "Translate message",
+                    "type": "message",
+                    "callback_id": TRANSLATE,
+                    "description": "This message in your language, just for you",
+                },
+                {
+                    "name": "Thread settings",
+                    "type": "message",
+                    "callback_id": THREAD_SETTINGS,
+                    "description": "Assistant settings for this thread only",
+                },
             ],
         },
         "oauth_config": {"scopes": {"bot": list(BOT_SCOPES)}},

@@ -30,45 +30,67 @@ class Metrics:
         r = self.registry
         # Socket Mode
         self.events_received = Counter(
-            "slackbot_events_received", "Envelopes received, by envelope or event type", ["type"], registry=r)
+            "slackbot_events_received", "Envelopes received, by envelope or event type", ["type"], registry=r
+        )
         self.envelopes_acked = Counter("slackbot_envelopes_acked", "Envelopes acked", registry=r)
         self.ack_latency = Histogram(
-            "slackbot_ack_latency_seconds", "From reading an envelope's frame to its ack written",
-            buckets=ACK_BUCKETS, registry=r)
+            "slackbot_ack_latency_seconds",
+            "From reading an envelope's frame to its ack written",
+            buckets=ACK_BUCKETS,
+            registry=r,
+        )
         self.socket_reconnects = Counter(
-            "slackbot_socket_reconnects", "Socket Mode connections replaced, by reason", ["reason"], registry=r)
+            "slackbot_socket_reconnects", "Socket Mode connections replaced, by reason", ["reason"], registry=r
+        )
         # Requests
         self.requests = Counter(
-            "slackbot_requests", "Requests by outcome (answered, busy, queued, timeout, interrupted, "
+            "slackbot_requests",
+            "Requests by outcome (answered, busy, queued, timeout, interrupted, "
             "error, duplicate); queued counts requests that had to wait for a model slot",
-            ["outcome"], registry=r)
+            ["outcome"],
+            registry=r,
+        )
         self.request_errors = Counter(
-            "slackbot_request_errors", "Requests that ended in an error, by kind", ["kind"], registry=r)
+            "slackbot_request_errors", "Requests that ended in an error, by kind", ["kind"], registry=r
+        )
         self.reply_latency = Histogram(
-            "slackbot_reply_latency_seconds", "From the request's start to its final text, by outcome",
-            ["outcome"], buckets=REPLY_BUCKETS, registry=r)
+            "slackbot_reply_latency_seconds",
+            "From the request's start to its final text, by outcome",
+            ["outcome"],
+            buckets=REPLY_BUCKETS,
+            registry=r,
+        )
         self.first_token_latency = Histogram(
-            "slackbot_time_to_first_token_seconds", "From the request's start to the model's first text",
-            buckets=REPLY_BUCKETS, registry=r)
+            "slackbot_time_to_first_token_seconds",
+            "From the request's start to the model's first text",
+            buckets=REPLY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge("slackbot_requests_in_flight", "Requests being answered", registry=r)
         self.queued = Gauge("slackbot_requests_queued", "Requests waiting for a model slot", registry=r)
         self.slots_borrowed = Gauge(
-            "slackbot_model_slots_borrowed", "Model slots in use (ASYNC_MAX_CONCURRENT_REQUESTS limiter)",
-            registry=r)
+            "slackbot_model_slots_borrowed", "Model slots in use (ASYNC_MAX_CONCURRENT_REQUESTS limiter)", registry=r
+        )
         self.slots_total = Gauge("slackbot_model_slots_total", "Model slots in all", registry=r)
         # Web APIs and storage
         self.slack_calls = Counter(
-            "slackbot_slack_api_calls", "Slack Web API calls, by method and result", ["method", "result"],
-            registry=r)
+            "slackbot_slack_api_calls", "Slack Web API calls, by method and result", ["method", "result"], registry=r
+        )
         self.slack_rate_limited = Counter(
-            "slackbot_slack_api_rate_limited", "Slack Web API 429 (or ratelimited) answers, by method",
-            ["method"], registry=r)
+            "slackbot_slack_api_rate_limited",
+            "Slack Web API 429 (or ratelimited) answers, by method",
+            ["method"],
+            registry=r,
+        )
         self.openai_tokens = Counter(
-            "slackbot_openai_tokens", "OpenAI tokens, by model and direction (in = prompt, out = completion)",
-            ["model", "direction"], registry=r)
+            "slackbot_openai_tokens",
+            "OpenAI tokens, by model and direction (in = prompt, out = completion)",
+            ["model", "direction"],
+            registry=r,
+        )
         self.storage_latency = Histogram(
-            "slackbot_storage_call_seconds", "Storage calls, by method", ["method"], buckets=STORAGE_BUCKETS,
-            registry=r)
+            "slackbot_storage_call_seconds", "Storage calls, by method", ["method"], buckets=STORAGE_BUCKETS, registry=r
+        )
 
     def watch_requests(self, in_flight: Callable[[], int]) -> None:
         """Read the number of requests in flight from `in_flight()` at each scrape."""

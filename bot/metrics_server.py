@@ -48,13 +48,19 @@ async def check_ready(socket_ready: Callable[[], bool], store: Store) -> tuple[b
             await store.thread_known(READY_PROBE_THREAD)
     except TimeoutError:
         return False, f"storage did not answer within {READY_STORAGE_TIMEOUT:g}s"
-    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", with its name
+    except Exception as exc:
         return False, f"storage unavailable ({type(exc).__name__})"
     return True, "ready"
 
 
-async def serve_endpoints(metrics: Metrics, readiness: Readiness, host: str, port: int, *,
-                          task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+async def serve_endpoints(
+    metrics: Metrics,
+    readiness: Readiness,
+    host: str,
+    port: int,
+    *,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """Listen on host:port until cancelled; `task_status.started(bound_port)` once listening."""
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
     bound = listener.extra(anyio.abc.SocketAttribute.local_port)
@@ -92,8 +98,7 @@ async def _route(metrics: Metrics, readiness: Readiness, method: str, path: str)
     return 404, "text/plain; charset=utf-8", b"not found\n"
 
 
-async def _serve_connection(stream: anyio.abc.ByteStream,
-                            route: Callable[[str, str], Awaitable[Response]]) -> None:
+async def _serve_connection(stream: anyio.abc.ByteStream, route: Callable[[str, str], Awaitable[Response]]) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     while True:
         request = None
@@ -101,8 +106,9 @@ async def _serve_connection(stream: anyio.abc.ByteStream,
             try:
                 request = await _next_request(stream, conn)
             except h11.RemoteProtocolError as exc:  # malformed, or a head over MAX_HEAD (431)
-                await _send(stream, conn, exc.error_status_hint, "text/plain; charset=utf-8", b"bad request\n",
-                            head_only=False)
+                await _send(
+                    stream, conn, exc.error_status_hint, "text/plain; charset=utf-8", b"bad request\n", head_only=False
+                )
                 return
         if request is None:
             return  # closed, or idle too long
@@ -135,10 +141,10 @@ async def _next_request(stream: anyio.abc.ByteStream, conn: h11.Connection) -> h
             return None
 
 
-async def _send(stream: anyio.abc.ByteStream, conn: h11.Connection, status: int, content_type: str,
-                body: bytes, *, head_only: bool) -> None:
-    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
-               ("Cache-Control", "no-store")]
+async def _send(
+    stream: anyio.abc.ByteStream, conn: h11.Connection, status: int, content_type: str, body: bytes, *, head_only: bool
+) -> None:
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
     try:
         data = conn.send(h11.Response(status_code=status, headers=headers))
         if not head_only:

@@ -39,9 +39,9 @@ from bot.services import SlackServices
 from bot.slack.answer_surface import slack_surface
 from bot.slack.events import IncomingMessage, Skip, StopRequest, parse_event, parse_stop
 from bot.slack.socket_mode import Envelope, SocketModeReader
+from bot.slack.websocket import Connector
 from bot.storage import StorageError
 from bot.thread_gates import ThreadGates
-from bot.slack.websocket import Connector
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +51,28 @@ CLAIM_ATTEMPTS = 3  # claim_event tries, 0.1 s then 0.2 s apart, before in-memor
 
 
 class Nursery:
-    def __init__(self, services: SlackServices, connector: Connector, *, handle_signals: bool = True,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        services: SlackServices,
+        connector: Connector,
+        *,
+        handle_signals: bool = True,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
         self.services = services
         self.gates = ThreadGates()
         self.recent = RecentKeys()
         self.active: dict[str, RequestState] = {}
         self.outcomes: dict[str, int] = {}
         self.ux = SlackUX(services)
-        self.reader = SocketModeReader(services.slack, connector, self.on_envelope,
-                                       ping_interval=services.settings.socket_ping_interval_seconds,
-                                       ack_payload=self.ux.ack_payload,
-                                       metrics=services.metrics)
+        self.reader = SocketModeReader(
+            services.slack,
+            connector,
+            self.on_envelope,
+            ping_interval=services.settings.socket_ping_interval_seconds,
+            ack_payload=self.ux.ack_payload,
+            metrics=services.metrics,
+        )
         services.metrics.watch_requests(lambda: len(self.active))
         services.metrics.watch_limiter(services.model_slots)
         self.metrics_port: int | None = None  # bound port of the /metrics listener, when on
@@ -84,8 +94,9 @@ class Nursery:
                 tg.start_soon(self._watch_signals)
             if settings.metrics_port is not None:
                 ready = partial(check_ready, lambda: self.reader.ready_sockets > 0, self.services.store)
-                self.metrics_port = await tg.start(serve_endpoints, self.services.metrics, ready,
-                                                   settings.metrics_host, settings.metrics_port)
+                self.metrics_port = await tg.start(
+                    serve_endpoints, self.services.metrics, ready, settings.metrics_host, settings.metrics_port
+                )
             tg.start_soon(self._run_reader)
             tg.start_soon(self._watchdog, settings.watchdog_interval_seconds, settings.watchdog_threshold_seconds)
             tg.start_soon(self._cleanup)
@@ -115,7 +126,8 @@ class Nursery:
         if self.active or self._handling:
             log.info("waiting up to %.1fs for %d request(s) in flight", grace, max(len(self.active), self._handling))
             with anyio.move_on_after(grace):
-                while self.active or self._handling:
+                # Polled, not an Event: `active` and `_handling` change in many places.
+                while self.active or self._handling:  # noqa: ASYNC110
                     await anyio.sleep(0.05)
         if self.active:
             log.info("interrupting %d request(s)", len(self.active))
@@ -133,10 +145,19 @@ class Nursery:
             for state in list(self.active.values()):
                 age = now - state.started_at
                 if age >= threshold:
-                    log.warning("request %s in %s running for %.0fs (stage: %s)",
-                                state.request_id, state.message.thread, age, state.stage,
-                                extra={"request_id": state.request_id, "age_s": round(age, 1),
-                                       "slack_thread": str(state.message.thread), "stage": state.stage})
+                    log.warning(
+                        "request %s in %s running for %.0fs (stage: %s)",
+                        state.request_id,
+                        state.message.thread,
+                        age,
+                        state.stage,
+                        extra={
+                            "request_id": state.request_id,
+                            "age_s": round(age, 1),
+                            "slack_thread": str(state.message.thread),
+                            "stage": state.stage,
+                        },
+                    )
 
     async def _cleanup(self) -> None:
         while True:
@@ -184,8 +205,13 @@ class Nursery:
         msg = parsed
         if not await self._first_time(msg):
             self._count("duplicate")
-            log.info("event %s (%s/%s) already handled; skipped (retry %d)", msg.event_id,
-                     msg.channel, msg.ts, envelope.retry_attempt)
+            log.info(
+                "event %s (%s/%s) already handled; skipped (retry %d)",
+                msg.event_id,
+                msg.channel,
+                msg.ts,
+                envelope.retry_attempt,
+            )
             return
         if msg.kind == "thread_followup" and not await self._thread_known(msg):
             log.debug("message %s in a thread the bot is not part of; skipped", msg.ts)
@@ -196,25 +222,47 @@ class Nursery:
             if not entered:
                 await self._busy_reply(msg)
                 return
-            state = RequestState(request_id=uuid.uuid4().hex[:12], message=msg,
-                                 started_at=anyio.current_time())
+            state = RequestState(request_id=uuid.uuid4().hex[:12], message=msg, started_at=anyio.current_time())
             self.active[state.request_id] = state
-            log.info("request %s: %s in %s", state.request_id, msg.kind, msg.thread,
-                     extra={"request_id": state.request_id, "slack_thread": str(msg.thread), "kind": msg.kind})
+            log.info(
+                "request %s: %s in %s",
+                state.request_id,
+                msg.kind,
+                msg.thread,
+                extra={"request_id": state.request_id, "slack_thread": str(msg.thread), "kind": msg.kind},
+            )
             try:
                 with state.scope:
-                    await answer_message(self.services, state, partial(
-                        slack_surface, self.services.slack, self.services.me, self.services.settings,
-                        self.services.store, msg))
+                    await answer_message(
+                        self.services,
+                        state,
+                        partial(
+                            slack_surface,
+                            self.services.slack,
+                            self.services.me,
+                            self.services.settings,
+                            self.services.store,
+                            msg,
+                        ),
+                    )
             finally:
                 del self.active[state.request_id]
                 # No outcome: cancelled before answer_message reached its own try block.
                 outcome = state.outcome or ("stopped" if state.stop_reason else "interrupted")
                 self._count(outcome)
                 duration = anyio.current_time() - state.started_at
-                log.info("request %s: %s after %.2fs", state.request_id, outcome, duration,
-                         extra={"request_id": state.request_id, "slack_thread": str(msg.thread),
-                                "outcome": outcome, "duration_s": round(duration, 3)})
+                log.info(
+                    "request %s: %s after %.2fs",
+                    state.request_id,
+                    outcome,
+                    duration,
+                    extra={
+                        "request_id": state.request_id,
+                        "slack_thread": str(msg.thread),
+                        "outcome": outcome,
+                        "duration_s": round(duration, 3),
+                    },
+                )
 
     def stop_request(self, stop: StopRequest) -> RequestState | None:
         """The user pressed Stop: cancel the request answering in that thread through its
@@ -227,15 +275,24 @@ class Nursery:
             if msg.channel != stop.channel:
                 continue
             if (stop.thread_ts and msg.thread_ts == stop.thread_ts) or (
-                    state.placeholder_ts and state.placeholder_ts in stop.message_ts):
+                state.placeholder_ts and state.placeholder_ts in stop.message_ts
+            ):
                 break
         else:
-            log.debug("stop in %s/%s (messages %s): no request running there; ignored",
-                      stop.channel, stop.thread_ts, ",".join(stop.message_ts) or "none")
+            log.debug(
+                "stop in %s/%s (messages %s): no request running there; ignored",
+                stop.channel,
+                stop.thread_ts,
+                ",".join(stop.message_ts) or "none",
+            )
             return None
         if not state.stop_reason:  # Slack may deliver the event twice: once is enough
-            log.info("request %s: stopped by %s", state.request_id, stop.user or "the user",
-                     extra={"request_id": state.request_id, "slack_thread": str(msg.thread)})
+            log.info(
+                "request %s: stopped by %s",
+                state.request_id,
+                stop.user or "the user",
+                extra={"request_id": state.request_id, "slack_thread": str(msg.thread)},
+            )
             state.stop_reason = f"stopped by {stop.user or 'the user'}"
         state.scope.cancel()
         return state
@@ -253,8 +310,9 @@ class Nursery:
                     break
                 except StorageError as exc:
                     if attempt == CLAIM_ATTEMPTS:
-                        log.warning("storage cannot record event %s (%s); relying on in-memory dedupe",
-                                    msg.event_id, exc)
+                        log.warning(
+                            "storage cannot record event %s (%s); relying on in-memory dedupe", msg.event_id, exc
+                        )
                         return True
                     await anyio.sleep(0.1 * 2 ** (attempt - 1))
         return True
@@ -272,7 +330,7 @@ class Nursery:
         with anyio.move_on_after(10):
             try:
                 await self.services.slack.post_message(msg.channel, msg.thread_ts, markdown_text=BUSY_NOTICE)
-            except Exception as exc:  # noqa: BLE001 - a failed busy note must not kill anything
+            except Exception as exc:
                 log.warning("could not post the busy reply in %s: %s", msg.thread, exc)
 
     def _count(self, outcome: str) -> None:

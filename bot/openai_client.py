@@ -20,10 +20,21 @@ NO_KEY = "no-key-needed"
 
 
 @asynccontextmanager
-async def openai_client(settings: Settings, *, transport: httpx2.AsyncBaseTransport | None = None,
-                        max_retries: int = 2) -> AsyncIterator[openai.AsyncOpenAI]:
-    http = openai.DefaultAsyncHttpx2Client(transport=transport) if transport is not None \
+async def openai_client(
+    settings: Settings, *, transport: httpx2.AsyncBaseTransport | None = None, max_retries: int = 2
+) -> AsyncIterator[openai.AsyncOpenAI]:
+    http = (
+        openai.DefaultAsyncHttpx2Client(transport=transport)
+        if transport is not None
         else openai.DefaultAsyncHttpx2Client()
-    async with http, openai.AsyncOpenAI(api_key=settings.openai_api_key or NO_KEY, base_url=settings.openai_base_url,
-                                        http_client=http, max_retries=max_retries) as client:
+    )
+    async with (
+        http,
+        openai.AsyncOpenAI(
+            api_key=settings.openai_api_key or NO_KEY,
+            base_url=settings.openai_base_url,
+            http_client=http,
+            max_retries=max_retries,
+        ) as client,
+    ):
         yield client

@@ -25,8 +25,17 @@ from bot.storage.base import PreferenceLayers, Store, ThreadKey
 
 log = logging.getLogger(__name__)
 
-FIELDS = ("model", "temperature", "reasoning_effort", "instructions", "stream", "image_size",
-          "image_quality", "history_messages", "language")
+FIELDS = (
+    "model",
+    "temperature",
+    "reasoning_effort",
+    "instructions",
+    "stream",
+    "image_size",
+    "image_quality",
+    "history_messages",
+    "language",
+)
 REASONING_EFFORTS = ("minimal", "low", "medium", "high")
 IMAGE_SIZES = ("auto", "1024x1024", "1536x1024", "1024x1536")
 IMAGE_QUALITIES = ("auto", "low", "medium", "high")
@@ -64,9 +73,11 @@ def baseline(settings: Settings) -> Preferences:
     """The level below everything stored: what the environment configures."""
     size = getattr(settings, "image_size", "auto")  # IMAGE_SIZE / IMAGE_QUALITY, when the media feature has them
     quality = getattr(settings, "image_quality", "auto")
-    return Preferences(model=settings.openai_model,
-                       image_size=size if size in IMAGE_SIZES else "auto",
-                       image_quality=quality if quality in IMAGE_QUALITIES else "auto")
+    return Preferences(
+        model=settings.openai_model,
+        image_size=size if size in IMAGE_SIZES else "auto",
+        image_quality=quality if quality in IMAGE_QUALITIES else "auto",
+    )
 
 
 def _valid(field: str, value: object) -> bool:
@@ -76,8 +87,9 @@ def _valid(field: str, value: object) -> bool:
     if field == "reasoning_effort":
         return value is None or value in REASONING_EFFORTS
     if field == "history_messages":
-        return value is None or (isinstance(value, int) and not isinstance(value, bool)
-                                 and 0 <= value <= MAX_HISTORY_MESSAGES)
+        return value is None or (
+            isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_HISTORY_MESSAGES
+        )
     if field == "stream":
         return isinstance(value, bool)
     if field == "image_size":
@@ -129,14 +141,15 @@ def below(layers: PreferenceLayers, settings: Settings, scope: str) -> Preferenc
     return merge(base, layers.workspace, layers.user)
 
 
-async def load_layers(store: Store, user: str, thread: ThreadKey | None, *,
-                      timeout: float = LOAD_TIMEOUT) -> PreferenceLayers:
+async def load_layers(
+    store: Store, user: str, thread: ThreadKey | None, *, timeout: float = LOAD_TIMEOUT
+) -> PreferenceLayers:
     """The stored levels; empty ones (with a log line) when storage fails or is slow."""
     layers, failed = None, False
     try:
         with anyio.move_on_after(timeout):
             layers = await store.load_preferences(user, thread)
-    except Exception as exc:  # noqa: BLE001 - preferences are never worth failing a request
+    except Exception as exc:
         failed = True
         log.warning("could not load preferences for %s (%s); using the defaults", user, exc)
     if layers is None:
@@ -146,8 +159,7 @@ async def load_layers(store: Store, user: str, thread: ThreadKey | None, *,
     return layers
 
 
-async def load_effective(store: Store, settings: Settings, user: str,
-                         thread: ThreadKey | None) -> Preferences:
+async def load_effective(store: Store, settings: Settings, user: str, thread: ThreadKey | None) -> Preferences:
     """The preferences that apply to `user` in `thread` right now."""
     layers = await load_layers(store, user, thread)
     return merge(baseline(settings), layers.workspace, layers.user, layers.thread)

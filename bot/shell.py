@@ -31,9 +31,9 @@ import anyio.to_thread
 import httpx2
 
 from bot.config import Settings
+from bot.file_problem import FileProblem
 from bot.openai_client import openai_client
 from bot.processing.answer import answer_message
-from bot.file_problem import FileProblem
 from bot.processing.context import RequestState, Services
 from bot.processing.documents import DocumentLimits, document_kind, extract_document, unsupported_reason
 from bot.processing.images import is_image_file
@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 
 SHELL_USER = "shell-user"
 SHELL_CHANNEL = "shell"
-HELP = ("Type a message and press Enter. Commands: /new starts a new conversation, "
-        "/file PATH attaches a document to your next message, /help, /quit (or Ctrl-D).")
+HELP = (
+    "Type a message and press Enter. Commands: /new starts a new conversation, "
+    "/file PATH attaches a document to your next message, /help, /quit (or Ctrl-D)."
+)
 MB = 1024 * 1024
 
 
@@ -95,13 +97,20 @@ class Conversation:
         if self.attachments:
             text = "\n\n".join([text, *self.attachments])
             self.attachments = []
-        return IncomingMessage(event_id=f"shell-{uuid.uuid4().hex}", kind="dm", channel=SHELL_CHANNEL,
-                               user=SHELL_USER, text=text, ts=ts, thread_ts=self.thread_ts,
-                               in_existing_thread=not first)
+        return IncomingMessage(
+            event_id=f"shell-{uuid.uuid4().hex}",
+            kind="dm",
+            channel=SHELL_CHANNEL,
+            user=SHELL_USER,
+            text=text,
+            ts=ts,
+            thread_ts=self.thread_ts,
+            in_existing_thread=not first,
+        )
 
 
 def _read_file(path: Path, max_bytes: int) -> bytes:
-    with path.open("rb") as handle:
+    with path.expanduser().open("rb") as handle:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ValueError(f"is over the {max_bytes / MB:g} MB limit")
@@ -111,7 +120,7 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
 async def attach(path_text: str, settings: Settings, workers: anyio.CapacityLimiter) -> tuple[str, str]:
     """Read the document at `path_text`. Returns (the block to add to the next message,
     a line for the user); the block is "" when it could not be read."""
-    path = Path(path_text).expanduser()
+    path = Path(path_text)  # `~` is expanded in the worker thread that reads it
     name = path.name
     if is_image_file(name):
         return "", f"{name}: images can't be attached in the shell yet; documents can."
@@ -123,7 +132,8 @@ async def attach(path_text: str, settings: Settings, workers: anyio.CapacityLimi
     try:
         data = await anyio.to_thread.run_sync(_read_file, path, max_bytes, limiter=workers)
         document = await anyio.to_thread.run_sync(
-            functools.partial(extract_document, name, data, kind, limits), limiter=workers)
+            functools.partial(extract_document, name, data, kind, limits), limiter=workers
+        )
     except OSError as exc:
         return "", f"{name}: cannot read it ({exc.strerror or exc})."
     except ValueError as exc:
@@ -135,8 +145,14 @@ async def attach(path_text: str, settings: Settings, workers: anyio.CapacityLimi
     return block, f"Attached {name} ({document.label}){notes}; it goes with your next message."
 
 
-async def run_shell(settings: Settings, *, stdin_fd: int | None = None, out: TextIO | None = None,
-                    err: TextIO | None = None, openai_transport: httpx2.AsyncBaseTransport | None = None) -> int:
+async def run_shell(
+    settings: Settings,
+    *,
+    stdin_fd: int | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    openai_transport: httpx2.AsyncBaseTransport | None = None,
+) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
     reader = LineReader(sys.stdin.fileno() if stdin_fd is None else stdin_fd)
@@ -179,8 +195,7 @@ async def run_shell(settings: Settings, *, stdin_fd: int | None = None, out: Tex
                     await say(f"Unknown command {command}. {HELP}")
                 else:
                     msg = conversation.next_message(line)
-                    state = RequestState(request_id=uuid.uuid4().hex[:12], message=msg,
-                                         started_at=anyio.current_time())
+                    state = RequestState(request_id=uuid.uuid4().hex[:12], message=msg, started_at=anyio.current_time())
                     writer = TerminalWriter(out, status_out=err, limiter=output)
                     await answer_message(services, state, functools.partial(_same, writer))
     finally:

@@ -24,12 +24,12 @@ from bot.metrics import Metrics
 from bot.nursery import Nursery
 from bot.processing.context import MediaServices
 from bot.processing.failures import INTERRUPTED_NOTICE
-from bot.slack.web_api import SlackAPIError, SlackWebAPI
 from bot.services import SlackServices
 from bot.slack.events import BotIdentity
+from bot.slack.web_api import SlackAPIError, SlackWebAPI
+from bot.slack.websocket import Connector, connect_websocket
 from bot.storage import Store, open_store
 from bot.timed_store import TimedStore
-from bot.slack.websocket import Connector, connect_websocket
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,11 @@ async def identify(slack: SlackWebAPI) -> BotIdentity:
     while True:
         try:
             body = await slack.call("auth.test")
-            return BotIdentity(user_id=str(body.get("user_id", "")), bot_id=str(body.get("bot_id", "")),
-                               team_id=str(body.get("team_id", "")))
+            return BotIdentity(
+                user_id=str(body.get("user_id", "")),
+                bot_id=str(body.get("bot_id", "")),
+                team_id=str(body.get("team_id", "")),
+            )
         except SlackAPIError as exc:
             if exc.error in AUTH_ERRORS:
                 raise StartupError(f"Slack rejected SLACK_BOT_TOKEN ({exc.error}); check the token") from None
@@ -73,8 +76,15 @@ async def recover_interrupted(slack: SlackWebAPI, store: Store) -> int:
                     await slack.post_message(channel, req.thread.thread_ts, markdown_text=INTERRUPTED_NOTICE)
             except SlackAPIError as exc:
                 log.warning("could not mark request %s in %s interrupted: %s", req.request_id, req.thread, exc.error)
-        await store.finish_request(req.request_id, outcome="interrupted", user_text="", user_ts="",
-                                   reply_text="", finished_at=time.time(), detail="process stopped")
+        await store.finish_request(
+            req.request_id,
+            outcome="interrupted",
+            user_text="",
+            user_ts="",
+            reply_text="",
+            finished_at=time.time(),
+            detail="process stopped",
+        )
     if stale:
         log.info("marked %d request(s) from a previous run as interrupted", len(stale))
     return len(stale)
@@ -111,36 +121,58 @@ async def run_bot(
     metrics = Metrics()
     async with AsyncExitStack() as stack:
         slack_http = await stack.enter_async_context(
-            httpx2.AsyncClient(transport=slack_transport, timeout=httpx2.Timeout(30.0, connect=10.0),
-                               limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50))
+            httpx2.AsyncClient(
+                transport=slack_transport,
+                timeout=httpx2.Timeout(30.0, connect=10.0),
+                limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50),
+            )
         )
         openai_http = await stack.enter_async_context(
             openai.DefaultAsyncHttpx2Client(transport=openai_transport)
-            if openai_transport is not None else openai.DefaultAsyncHttpx2Client()
+            if openai_transport is not None
+            else openai.DefaultAsyncHttpx2Client()
         )
         # Pasted image URLs: a client of its own that carries no token, ignores proxy
         # variables and never follows redirects by itself (url_fetch checks each hop).
         url_http = await stack.enter_async_context(
-            httpx2.AsyncClient(transport=url_transport, trust_env=False, follow_redirects=False,
-                               timeout=httpx2.Timeout(settings.url_fetch_timeout_seconds, connect=5.0),
-                               limits=httpx2.Limits(max_connections=20, max_keepalive_connections=0))
+            httpx2.AsyncClient(
+                transport=url_transport,
+                trust_env=False,
+                follow_redirects=False,
+                timeout=httpx2.Timeout(settings.url_fetch_timeout_seconds, connect=5.0),
+                limits=httpx2.Limits(max_connections=20, max_keepalive_connections=0),
+            )
         )
         ai = await stack.enter_async_context(
-            openai.AsyncOpenAI(api_key=settings.openai_api_key, base_url=settings.openai_base_url,
-                               http_client=openai_http, max_retries=2)
+            openai.AsyncOpenAI(
+                api_key=settings.openai_api_key,
+                base_url=settings.openai_base_url,
+                http_client=openai_http,
+                max_retries=2,
+            )
         )
         if store is None:
             store = await open_store(settings.database_url)
             stack.push_async_callback(_close_store, store)
         store = TimedStore(store, metrics)
-        slack = SlackWebAPI(bot_token=settings.slack_bot_token, app_token=settings.slack_app_token,
-                            base_url=settings.slack_api_url, client=slack_http, metrics=metrics)
+        slack = SlackWebAPI(
+            bot_token=settings.slack_bot_token,
+            app_token=settings.slack_app_token,
+            base_url=settings.slack_api_url,
+            client=slack_http,
+            metrics=metrics,
+        )
         me = await identify(slack)
         log.info("connected to Slack as bot user %s", me.user_id)
         await recover_interrupted(slack, store)
         services = SlackServices(
-            settings=settings, slack=slack, openai=ai, store=store, me=me,
-            model_slots=anyio.CapacityLimiter(settings.async_max_concurrent_requests), metrics=metrics,
+            settings=settings,
+            slack=slack,
+            openai=ai,
+            store=store,
+            me=me,
+            model_slots=anyio.CapacityLimiter(settings.async_max_concurrent_requests),
+            metrics=metrics,
             media=MediaServices(url_client=url_http, workers=anyio.CapacityLimiter(settings.media_workers)),
         )
         nursery = Nursery(services, connector, handle_signals=handle_signals)

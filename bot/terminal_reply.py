@@ -22,8 +22,9 @@ from bot.storage.base import HistoryMessage
 
 
 class TerminalWriter:
-    def __init__(self, out: TextIO, *, status_out: TextIO | None = None,
-                 limiter: anyio.CapacityLimiter | None = None) -> None:
+    def __init__(
+        self, out: TextIO, *, status_out: TextIO | None = None, limiter: anyio.CapacityLimiter | None = None
+    ) -> None:
         self._out = out
         self._status_out = status_out if status_out is not None and _is_tty(status_out) else None
         self._limiter = limiter or anyio.CapacityLimiter(1)
@@ -91,7 +92,7 @@ class TerminalWriter:
     async def _flush(self) -> None:
         text = self.text
         if len(text) > self._written:
-            chunk = text[self._written:]
+            chunk = text[self._written :]
             # Shielded: run() is cancelled the moment the stream ends, and a cancellation
             # between taking the chunk and writing it would lose it.
             with anyio.CancelScope(shield=True):

@@ -93,9 +93,12 @@ def _pinned_request(client: httpx2.AsyncClient, url: httpx2.URL, address: str) -
     host_header = url.netloc.decode("ascii")
     pinned = url.copy_with(host=address)
     extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
-    return client.build_request("GET", pinned, headers={"Host": host_header, "User-Agent": USER_AGENT,
-                                                        "Accept": "image/*"},
-                                extensions=extensions)
+    return client.build_request(
+        "GET",
+        pinned,
+        headers={"Host": host_header, "User-Agent": USER_AGENT, "Accept": "image/*"},
+        extensions=extensions,
+    )
 
 
 async def _connect(client: httpx2.AsyncClient, url: httpx2.URL, addresses: list[str]) -> httpx2.Response:
@@ -108,8 +111,9 @@ async def _connect(client: httpx2.AsyncClient, url: httpx2.URL, addresses: list[
     return await client.send(_pinned_request(client, url, addresses[-1]), stream=True, follow_redirects=False)
 
 
-async def fetch_image(client: httpx2.AsyncClient, url: str, *, max_bytes: int, timeout: float,
-                      allow_loopback: bool = False) -> FetchedImage:
+async def fetch_image(
+    client: httpx2.AsyncClient, url: str, *, max_bytes: int, timeout: float, allow_loopback: bool = False
+) -> FetchedImage:
     """The image at `url`. Raises FileProblem (refused, not an image, too big, too slow,
     unreachable)."""
     try:
@@ -128,22 +132,27 @@ async def fetch_image(client: httpx2.AsyncClient, url: str, *, max_bytes: int, t
                         current = current.join(location)
                         continue
                     if response.status_code != 200:
-                        raise FileProblem(f"could not be fetched (the server answered HTTP {response.status_code})",
-                                          "http_status")
+                        raise FileProblem(
+                            f"could not be fetched (the server answered HTTP {response.status_code})", "http_status"
+                        )
                     content_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
                     if content_type not in IMAGE_TYPES:
-                        raise FileProblem(f"is not a PNG, JPEG, GIF or WebP image (the server says "
-                                          f"{content_type or 'nothing'})", "not_an_image")
+                        raise FileProblem(
+                            f"is not a PNG, JPEG, GIF or WebP image (the server says {content_type or 'nothing'})",
+                            "not_an_image",
+                        )
                     declared = response.headers.get("content-length", "")
                     if declared.isdigit() and int(declared) > max_bytes:
-                        raise FileProblem(f"is {int(declared) / MB:,.1f} MB, over the {max_bytes / MB:g} MB limit",
-                                          "too_large")
+                        raise FileProblem(
+                            f"is {int(declared) / MB:,.1f} MB, over the {max_bytes / MB:g} MB limit", "too_large"
+                        )
                     buffer = bytearray()
                     async for chunk in response.aiter_bytes():
                         buffer += chunk
                         if len(buffer) > max_bytes:
-                            raise FileProblem(f"is over the {max_bytes / MB:g} MB limit, so I stopped "
-                                              "downloading it", "too_large")
+                            raise FileProblem(
+                                f"is over the {max_bytes / MB:g} MB limit, so I stopped downloading it", "too_large"
+                            )
                     return FetchedImage(bytes(buffer), content_type, str(current))
                 finally:
                     with anyio.CancelScope(shield=True):

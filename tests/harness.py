@@ -72,12 +72,18 @@ async def running_bot(
 
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(partial(
-                run_bot, settings,
-                slack_transport=httpx2.MockTransport(slack.handle),
-                openai_transport=httpx2.MockTransport(ai.handle),
-                connector=slack.connector, store=store, handle_signals=False, on_ready=on_ready,
-            ))
+            tg.start_soon(
+                partial(
+                    run_bot,
+                    settings,
+                    slack_transport=httpx2.MockTransport(slack.handle),
+                    openai_transport=httpx2.MockTransport(ai.handle),
+                    connector=slack.connector,
+                    store=store,
+                    handle_signals=False,
+                    on_ready=on_ready,
+                )
+            )
             with anyio.fail_after(ready_timeout):
                 await ready.wait()
                 await holder[0].reader.connected.wait()
@@ -91,16 +97,18 @@ async def running_bot(
                 await store.aclose()
 
 
-async def send_dm(slack: FakeSlack, text: str, *, channel: str = "D1", user: str = "U1",
-                  thread_ts: str | None = None) -> tuple[str, dict]:
+async def send_dm(
+    slack: FakeSlack, text: str, *, channel: str = "D1", user: str = "U1", thread_ts: str | None = None
+) -> tuple[str, dict]:
     """Post a DM as a user and deliver its event; returns (envelope_id, event)."""
     event = slack.message_event(channel, user, text, thread_ts=thread_ts, channel_type="im")
     envelope_id = await slack.send_event(event)
     return envelope_id, event
 
 
-async def wait_reply(slack: FakeSlack, channel: str, thread_ts: str, contains: str, *,
-                     timeout: float = 10.0) -> list[str]:
+async def wait_reply(
+    slack: FakeSlack, channel: str, thread_ts: str, contains: str, *, timeout: float = 10.0
+) -> list[str]:
     """Wait until a bot reply in the thread contains `contains`; returns the replies."""
     await slack.wait_until(lambda: any(contains in r for r in slack.bot_replies(channel, thread_ts)), timeout)
     return slack.bot_replies(channel, thread_ts)

@@ -24,13 +24,17 @@ def pdf_with_pages(pages: list[str]) -> bytes:
     ]
     kids = []
     for text in pages:
-        lines = [line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)").encode("latin-1")
-                 for line in text.split("\n")]
+        lines = [
+            line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)").encode("latin-1")
+            for line in text.split("\n")
+        ]
         stream = b"BT /F1 11 Tf 14 TL 72 740 Td " + b" T* ".join(b"(" + line + b") Tj" for line in lines) + b" ET"
         content_number = len(objects) + 2
         page_number = len(objects) + 1
-        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >>"
-                       b" /Contents %d 0 R >>" % content_number)
+        objects.append(
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >>"
+            b" /Contents %d 0 R >>" % content_number
+        )
         objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
         kids.append(b"%d 0 R" % page_number)
     objects[1] = b"<< /Type /Pages /Kids [" + b" ".join(kids) + b"] /Count %d >>" % len(pages)
@@ -69,7 +73,9 @@ def docx_with_table() -> bytes:
     document.add_heading("Quarterly report", level=1)
     document.add_paragraph("Revenue grew in every region.")
     table = document.add_table(rows=3, cols=2)
-    for row, (region, value) in zip(table.rows, [("Region", "Revenue"), ("North", "120"), ("South", "95")]):
+    for row, (region, value) in zip(
+        table.rows, [("Region", "Revenue"), ("North", "120"), ("South", "95")], strict=False
+    ):
         row.cells[0].text, row.cells[1].text = region, value
     document.add_paragraph("Outlook: steady.")
     out = io.BytesIO()
@@ -137,12 +143,12 @@ def jpeg_bytes(size: tuple[int, int] = (3000, 2000)) -> bytes:
 def huge_png_header(width: int = 30_000, height: int = 30_000) -> bytes:
     """A tiny PNG whose header claims width×height pixels: a decompression bomb that must
     be refused from its header, before any pixel is decoded."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def animated_gif(frames: int = 3, size: tuple[int, int] = (40, 30)) -> bytes:
@@ -166,8 +172,13 @@ def _rezip(data: bytes, member: str, change) -> bytes:
 def billion_laughs(kind: str) -> bytes:
     """A DOCX or XLSX whose XML defines nested entities that would expand to ~3 GB of text
     (an XML bomb inside a small, well-formed zip)."""
-    dtd = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol0 "' + "lol" * 30 + '">'
-           + "".join(f'<!ENTITY lol{i} "{("&lol%d;" % (i - 1)) * 10}">' for i in range(1, 9)) + "]>")
+    dtd = (
+        '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol0 "'
+        + "lol" * 30
+        + '">'
+        + "".join(f'<!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">' for i in range(1, 9))
+        + "]>"
+    )
 
     def bomb(xml: bytes, marker: str) -> bytes:
         body = xml.decode().split("?>", 1)[-1]

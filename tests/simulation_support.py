@@ -39,11 +39,19 @@ from tests.fakes.slack import FakeSlack
 from tests.harness import running_bot
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
-PRODUCTION = {name: _DEFAULTS[name] for name in (
-    "async_timeout_seconds", "async_max_concurrent_requests", "stream_idle_timeout_seconds",
-    "update_interval_seconds", "shutdown_grace_seconds", "socket_ping_interval_seconds",
-    "watchdog_interval_seconds", "watchdog_threshold_seconds",
-)}
+PRODUCTION = {
+    name: _DEFAULTS[name]
+    for name in (
+        "async_timeout_seconds",
+        "async_max_concurrent_requests",
+        "stream_idle_timeout_seconds",
+        "update_interval_seconds",
+        "shutdown_grace_seconds",
+        "socket_ping_interval_seconds",
+        "watchdog_interval_seconds",
+        "watchdog_threshold_seconds",
+    )
+}
 assert PRODUCTION["async_timeout_seconds"] == 305 and PRODUCTION["stream_idle_timeout_seconds"] == 60
 
 TIMEOUT_TEXT = "did not finish within 305 seconds"
@@ -100,8 +108,14 @@ class RecordingSlack(FakeSlack):
             body = json.loads(response.content)
             if body.get("ok"):
                 message = body["message"]
-                write = Write(anyio.current_time(), method, body["channel"], body["ts"],
-                              message.get("thread_ts", body["ts"]), self.visible_text(body["channel"], body["ts"]))
+                write = Write(
+                    anyio.current_time(),
+                    method,
+                    body["channel"],
+                    body["ts"],
+                    message.get("thread_ts", body["ts"]),
+                    self.visible_text(body["channel"], body["ts"]),
+                )
                 self.writes.append(write)
                 key = (write.channel, write.ts)
                 self.latest[key] = write
@@ -114,8 +128,9 @@ class RecordingSlack(FakeSlack):
 
     def thread_finals(self, channel: str, thread_ts: str) -> list[Write]:
         """The last write of every bot message in a thread, in message order."""
-        return sorted((w for w in self.latest.values() if w.channel == channel and w.thread_ts == thread_ts),
-                      key=lambda w: w.ts)
+        return sorted(
+            (w for w in self.latest.values() if w.channel == channel and w.thread_ts == thread_ts), key=lambda w: w.ts
+        )
 
     def texts_of(self, channel: str, ts: str) -> list[str]:
         """Every text one bot message had, in order."""
@@ -197,8 +212,13 @@ def forbid_worker_threads(monkeypatch) -> list[str]:
 async def settle(nursery: Nursery, ai: FakeOpenAI, *, timeout: float = LONG) -> None:
     """Until nothing is in flight: no request, no held gate or model slot, no open stream."""
     with anyio.fail_after(timeout):
-        while (nursery.active or nursery.gates.held or ai.open_streams or getattr(ai, "awaiting_headers", 0)
-               or nursery.services.model_slots.borrowed_tokens):
+        while (
+            nursery.active
+            or nursery.gates.held
+            or ai.open_streams
+            or getattr(ai, "awaiting_headers", 0)
+            or nursery.services.model_slots.borrowed_tokens
+        ):
             await anyio.sleep(0.25)
 
 
@@ -221,8 +241,9 @@ FORBIDDEN = re.compile(
 )
 
 
-def assert_clean_logs(records: Iterable[logging.LogRecord], *, allowed_warnings: Iterable[re.Pattern] = (),
-                      allow_errors: bool = False) -> dict[str, int]:
+def assert_clean_logs(
+    records: Iterable[logging.LogRecord], *, allowed_warnings: Iterable[re.Pattern] = (), allow_errors: bool = False
+) -> dict[str, int]:
     """Check every WARNING+ record; returns a count of warnings per allowed pattern."""
     patterns = list(allowed_warnings)
     counts: dict[str, int] = {}

@@ -21,7 +21,7 @@ async def test_dm_is_answered_in_its_thread_and_remembered(slack, ai):
         await wait_reply(slack, "D1", ev["ts"], "Echo: hello there")
         assert eid in slack.acks
         # A follow-up in the same thread carries the history to the model.
-        _, ev2 = await send_dm(slack, "second", thread_ts=ev["ts"])
+        _, _ev2 = await send_dm(slack, "second", thread_ts=ev["ts"])
         await wait_reply(slack, "D1", ev["ts"], "Echo: second")
     last = ai.requests[-1]["messages"]
     assert [m["role"] for m in last] == ["system", "user", "assistant", "user"]
@@ -76,7 +76,7 @@ async def test_timeout_updates_placeholder_and_frees_the_thread(slack, ai):
         replies = await wait_reply(slack, "D1", ev["ts"], "did not finish within 0.5 seconds")
         assert len(replies) == 1
         await ai.wait_until(lambda: ai.open_streams == 0, timeout=5)
-        _, ev2 = await send_dm(slack, "again", thread_ts=ev["ts"])
+        _, _ev2 = await send_dm(slack, "again", thread_ts=ev["ts"])
         await wait_reply(slack, "D1", ev["ts"], "Echo: again")
         await eventually(lambda: nursery.gates.held == 0 and not nursery.active)
         assert nursery.outcomes["timeout"] == 1
@@ -169,8 +169,7 @@ async def test_disconnect_and_drop_lose_nothing(slack, ai):
 async def test_silent_socket_is_replaced(slack, ai):
     async with running_bot(slack, ai, socket_ping_interval_seconds=0.1):
         slack.silence()
-        await slack.wait_until(lambda: slack.connections_opened >= 2 and len(slack.live_connections) == 1,
-                               timeout=5)
+        await slack.wait_until(lambda: slack.connections_opened >= 2 and len(slack.live_connections) == 1, timeout=5)
         _, ev = await send_dm(slack, "new socket")
         await wait_reply(slack, "D1", ev["ts"], "Echo: new socket")
 
@@ -207,15 +206,19 @@ async def test_restart_marks_requests_left_in_flight_interrupted(slack, ai, tmp_
     url = f"sqlite:///{tmp_path}/bot.db"
     store = await open_store(url)
     placeholder = slack.add_user_message("D1", "UBOT", "_Thinking…_")  # what the dead process left
-    await store.start_request("dead1", ThreadKey("D1", "1.0"), user_ts="1.0", placeholder_ts=placeholder,
-                              started_at=0.0)
+    await store.start_request(
+        "dead1", ThreadKey("D1", "1.0"), user_ts="1.0", placeholder_ts=placeholder, started_at=0.0
+    )
     await store.aclose()
     store = await open_store(url)
     try:
         async with running_bot(slack, ai, store=store):
-            await slack.wait_until(lambda: any(m.get("ts") == placeholder and INTERRUPTED_NOTICE in
-                                               (m.get("markdown_text") or m.get("text") or "")
-                                               for m in slack.messages["D1"]))
+            await slack.wait_until(
+                lambda: any(
+                    m.get("ts") == placeholder and INTERRUPTED_NOTICE in (m.get("markdown_text") or m.get("text") or "")
+                    for m in slack.messages["D1"]
+                )
+            )
         assert await store.in_flight() == []
     finally:
         await store.aclose()
@@ -238,8 +241,9 @@ async def test_queued_requests_say_they_are_waiting(slack, ai):
     async with running_bot(slack, ai, async_max_concurrent_requests=1):
         _, a = await send_dm(slack, "a", channel="D1")
         _, b = await send_dm(slack, "b", channel="D2")
-        await slack.wait_until(lambda: any("Waiting for a free slot" in t
-                                           for texts in slack.updates.values() for t in texts))
+        await slack.wait_until(
+            lambda: any("Waiting for a free slot" in t for texts in slack.updates.values() for t in texts)
+        )
         await wait_reply(slack, "D1", a["ts"], "ok a")
         await wait_reply(slack, "D2", b["ts"], "ok b")
     assert ai.max_open_streams == 1

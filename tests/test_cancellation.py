@@ -91,7 +91,7 @@ async def test_cancel_at_every_step_trio(anyio_backend, inline_store):
                 channel = f"D{k}"
                 _, ev = await send_dm(slack, "check me", channel=channel)
                 done = k  # each iteration ends with exactly one counted outcome
-                await eventually(lambda: sum(nursery.outcomes.values()) == done, timeout=10)
+                await eventually(lambda done=done: sum(nursery.outcomes.values()) == done, timeout=10)
                 await anyio.sleep(0.01)  # let the request task finish unwinding
                 outcome = assert_clean(nursery, slack, ai, channel, ev["ts"])
                 await assert_storage_agrees(nursery.services.store, outcome)
@@ -108,10 +108,19 @@ async def test_cancel_at_every_step_trio(anyio_backend, inline_store):
     assert outcomes.get("answered", 0) >= 1
 
 
-STAGES = ["chat.postMessage", "conversations.replies", "model slot", "mid-stream", "final chat.update",
-          # images and documents: a file on its way in, a document being parsed (in a worker
-          # thread), an image being drawn, and a drawn image on its way up to Slack.
-          "file download", "document parsing", "image generation", "file upload"]
+STAGES = [
+    "chat.postMessage",
+    "conversations.replies",
+    "model slot",
+    "mid-stream",
+    "final chat.update",
+    # images and documents: a file on its way in, a document being parsed (in a worker
+    # thread), an image being drawn, and a drawn image on its way up to Slack.
+    "file download",
+    "document parsing",
+    "image generation",
+    "file upload",
+]
 MEDIA_STAGES = STAGES[-4:]
 
 
@@ -121,8 +130,9 @@ async def test_cancel_at_each_interaction(stage, tmp_path, monkeypatch):
     slack, ai = FakeSlack(), FakeOpenAI()
     hold = anyio.Event()
     reached = anyio.Event()
-    ai.script = lambda request: Behaviour(text=ANSWER, chunks=4, chunk_delay=0.05,
-                                          stall_after=2 if stage == "mid-stream" else None)
+    ai.script = lambda request: Behaviour(
+        text=ANSWER, chunks=4, chunk_delay=0.05, stall_after=2 if stage == "mid-stream" else None
+    )
 
     original = slack.handle
 
@@ -153,13 +163,16 @@ async def test_cancel_at_each_interaction(stage, tmp_path, monkeypatch):
     ai.handle = ai_handle
     if stage in ("image generation", "file upload"):
         ai.enqueue(Behaviour(tool_calls=[("generate_image", {"prompt": "a fox"})]))
-    files = {"file download": [slack.add_file("scores.csv", b"name,score\nada,91\n")],
-             "document parsing": [slack.add_file("huge.pdf", PDF_3000_PAGES)]}.get(stage, [])
+    files = {
+        "file download": [slack.add_file("scores.csv", b"name,score\nada,91\n")],
+        "document parsing": [slack.add_file("huge.pdf", PDF_3000_PAGES)],
+    }.get(stage, [])
     parent = slack.add_user_message("C1", "U2", "earlier talk")
     # A long update interval makes the final text go out in the (shielded) finalize step.
     interval = 10.0 if stage == "final chat.update" else 0.05
-    async with running_bot(slack, ai, async_max_concurrent_requests=1, async_timeout_seconds=30,
-                           update_interval_seconds=interval) as nursery:
+    async with running_bot(
+        slack, ai, async_max_concurrent_requests=1, async_timeout_seconds=30, update_interval_seconds=interval
+    ) as nursery:
         slot_holder = None
         if stage == "model slot":
             slot_holder = object()

@@ -22,25 +22,37 @@ pytestmark = pytest.mark.anyio
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BOT_TOKEN, APP_TOKEN, API_KEY = "xoxb-test-token", "xapp-test-token", "sk-test"
 # Which scope each subscribed bot event needs (Slack refuses a manifest without them).
-EVENT_SCOPES = {"app_mention": "app_mentions:read", "message.im": "im:history", "message.channels": "channels:history",
-                "message.groups": "groups:history", "message.mpim": "mpim:history",
-                "assistant_thread_started": "assistant:write", "assistant_thread_context_changed": "assistant:write"}
+EVENT_SCOPES = {
+    "app_mention": "app_mentions:read",
+    "message.im": "im:history",
+    "message.channels": "channels:history",
+    "message.groups": "groups:history",
+    "message.mpim": "mpim:history",
+    "assistant_thread_started": "assistant:write",
+    "assistant_thread_context_changed": "assistant:write",
+}
 
 
 def env_for(tmp_path: Path, **values: str) -> dict[str, str]:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "PYTHONPATH": str(REPO_ROOT),
-           "DATABASE_URL": f"sqlite:///{tmp_path}/data/bot.db"}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "PYTHONPATH": str(REPO_ROOT),
+        "DATABASE_URL": f"sqlite:///{tmp_path}/data/bot.db",
+    }
     env.update(values)
     return env
 
 
-async def run_cli(tmp_path: Path, args: list[str], env: dict[str, str], *, stdin: bytes = b"",
-                  timeout: float = 60.0) -> tuple[int, str, str]:
+async def run_cli(
+    tmp_path: Path, args: list[str], env: dict[str, str], *, stdin: bytes = b"", timeout: float = 60.0
+) -> tuple[int, str, str]:
     workdir = tmp_path / "cwd"
     workdir.mkdir(exist_ok=True)  # no .env here: only what the test sets
     with anyio.fail_after(timeout):
-        done = await anyio.run_process([sys.executable, "-m", "bot", *args], input=stdin, env=env, cwd=str(workdir),
-                                       check=False)
+        done = await anyio.run_process(
+            [sys.executable, "-m", "bot", *args], input=stdin, env=env, cwd=str(workdir), check=False
+        )
     return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
@@ -68,8 +80,13 @@ def validate_manifest(manifest: dict, command: str) -> None:
     assert set(shortcuts) == {"summarize_thread", "translate_message", "thread_settings"}
     assert all(s["type"] == "message" and s["name"] and len(s["description"]) <= 80 for s in shortcuts.values())
     scopes, events = manifest["oauth_config"]["scopes"]["bot"], settings["event_subscriptions"]["bot_events"]
-    assert set(events) >= {"app_mention", "message.im", "app_home_opened", "app_context_changed",
-                           "assistant_thread_started"}
+    assert set(events) >= {
+        "app_mention",
+        "message.im",
+        "app_home_opened",
+        "app_context_changed",
+        "assistant_thread_started",
+    }
     assert all(EVENT_SCOPES[e] in scopes for e in events if e in EVENT_SCOPES)
     assert {"commands", "chat:write", "assistant:write", "im:write"} <= set(scopes)
     assert len(scopes) == len(set(scopes)) and len(events) == len(set(events))
@@ -104,8 +121,15 @@ def cli_backend(request):
 async def test_check_passes_against_fakes_that_answer_right(tmp_path, cli_backend):
     slack, ai = FakeSlack(bot_token=BOT_TOKEN, app_token=APP_TOKEN), FakeOpenAI(api_key=API_KEY)
     async with slack_server(slack) as slack_url, openai_server(ai) as openai_url:
-        env = env_for(tmp_path, SLACK_BOT_TOKEN=BOT_TOKEN, SLACK_APP_TOKEN=APP_TOKEN, OPENAI_API_KEY=API_KEY,
-                      SLACK_API_URL=slack_url, OPENAI_BASE_URL=openai_url, BOT_ASYNC_BACKEND=cli_backend)
+        env = env_for(
+            tmp_path,
+            SLACK_BOT_TOKEN=BOT_TOKEN,
+            SLACK_APP_TOKEN=APP_TOKEN,
+            OPENAI_API_KEY=API_KEY,
+            SLACK_API_URL=slack_url,
+            OPENAI_BASE_URL=openai_url,
+            BOT_ASYNC_BACKEND=cli_backend,
+        )
         code, out, err = await run_cli(tmp_path, ["check"], env)
     assert code == 0, out + err
     assert "All checks passed." in out and "FAIL" not in out
@@ -123,9 +147,15 @@ async def test_check_reports_each_problem_with_its_fix(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the database directory should be")
     async with slack_server(slack) as slack_url, openai_server(ai) as openai_url:
-        env = env_for(tmp_path, SLACK_BOT_TOKEN=BOT_TOKEN, SLACK_APP_TOKEN=APP_TOKEN, OPENAI_API_KEY=API_KEY,
-                      SLACK_API_URL=slack_url, OPENAI_BASE_URL=openai_url,
-                      DATABASE_URL=f"sqlite:///{blocker}/bot.db")
+        env = env_for(
+            tmp_path,
+            SLACK_BOT_TOKEN=BOT_TOKEN,
+            SLACK_APP_TOKEN=APP_TOKEN,
+            OPENAI_API_KEY=API_KEY,
+            SLACK_API_URL=slack_url,
+            OPENAI_BASE_URL=openai_url,
+            DATABASE_URL=f"sqlite:///{blocker}/bot.db",
+        )
         code, out, err = await run_cli(tmp_path, ["check"], env)
     assert code == 1, out + err
     lines = out.splitlines()
@@ -148,8 +178,15 @@ async def test_check_reports_each_problem_with_its_fix(tmp_path):
 async def test_check_names_the_models_when_the_configured_one_is_missing(tmp_path):
     slack, ai = FakeSlack(bot_token=BOT_TOKEN, app_token=APP_TOKEN), FakeOpenAI(api_key=API_KEY)
     async with slack_server(slack) as slack_url, openai_server(ai) as openai_url:
-        env = env_for(tmp_path, SLACK_BOT_TOKEN=BOT_TOKEN, SLACK_APP_TOKEN=APP_TOKEN, OPENAI_API_KEY=API_KEY,
-                      SLACK_API_URL=slack_url, OPENAI_BASE_URL=openai_url, OPENAI_MODEL="gpt-nope")
+        env = env_for(
+            tmp_path,
+            SLACK_BOT_TOKEN=BOT_TOKEN,
+            SLACK_APP_TOKEN=APP_TOKEN,
+            OPENAI_API_KEY=API_KEY,
+            SLACK_API_URL=slack_url,
+            OPENAI_BASE_URL=openai_url,
+            OPENAI_MODEL="gpt-nope",
+        )
         code, out, _ = await run_cli(tmp_path, ["check"], env)
     assert code == 1
     assert "gpt-nope is not offered" in out and "Set OPENAI_MODEL to one of: gpt-4o-mini, gpt-5-mini" in out
@@ -176,14 +213,23 @@ async def test_shell_talks_to_the_pipeline_one_thread_per_conversation(tmp_path)
     ai = FakeOpenAI(api_key=API_KEY)
     doc = tmp_path / "notes.md"
     doc.write_text("# Notes\nThe launch is on Tuesday.\n")
-    lines = ["hello there", "and a follow-up", "/new", "fresh start", f"/file {doc}", "when is the launch?",
-             f"/file {tmp_path}/missing.txt", "/quit", "never sent"]
+    lines = [
+        "hello there",
+        "and a follow-up",
+        "/new",
+        "fresh start",
+        f"/file {doc}",
+        "when is the launch?",
+        f"/file {tmp_path}/missing.txt",
+        "/quit",
+        "never sent",
+    ]
     async with openai_server(ai) as openai_url:
         env = env_for(tmp_path, OPENAI_API_KEY=API_KEY, OPENAI_BASE_URL=openai_url)  # no Slack settings at all
         code, out, err = await run_cli(tmp_path, ["shell"], env, stdin=("\n".join(lines) + "\n").encode())
     assert code == 0, err
     assert "Echo: hello there" in out and "Echo: and a follow-up" in out and "Echo: fresh start" in out
-    first, follow, fresh, launch = ai.requests
+    _first, follow, fresh, launch = ai.requests
     assert [m["role"] for m in follow["messages"]] == ["system", "user", "assistant", "user"]  # same thread
     assert [m["role"] for m in fresh["messages"]] == ["system", "user"]  # /new: a new thread
     assert "The launch is on Tuesday." in launch["messages"][-1]["content"]  # the attached file went along

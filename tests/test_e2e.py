@@ -46,8 +46,9 @@ def anyio_backend(request):
     return request.param
 
 
-def base_env(tmp_path: Path, *, backend: str, slack_url: str | None = None, openai_url: str | None = None,
-             **extra: str) -> dict[str, str]:
+def base_env(
+    tmp_path: Path, *, backend: str, slack_url: str | None = None, openai_url: str | None = None, **extra: str
+) -> dict[str, str]:
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", str(tmp_path)),
@@ -91,8 +92,9 @@ class BotProcess:
                     await anyio.sleep(0.1)  # let the readers take the last bytes
                     if needle in self.log:
                         return
-                    raise AssertionError(f"bot exited ({self.process.returncode}) before logging {needle!r}:\n"
-                                         f"{self.log}")
+                    raise AssertionError(
+                        f"bot exited ({self.process.returncode}) before logging {needle!r}:\n{self.log}"
+                    )
                 await anyio.sleep(0.02)
 
     async def wait_exit(self, timeout: float) -> int:
@@ -111,8 +113,9 @@ async def bot_process(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[BotP
     A failure inside the block is re-raised bare, with the bot's stderr attached as a note."""
     workdir = tmp_path / "cwd"
     workdir.mkdir(exist_ok=True)
-    process = await anyio.open_process([sys.executable, "-m", "bot"], cwd=str(workdir), env=env,
-                                       stdin=subprocess.DEVNULL)
+    process = await anyio.open_process(
+        [sys.executable, "-m", "bot"], cwd=str(workdir), env=env, stdin=subprocess.DEVNULL
+    )
     bot = BotProcess(process)
     drained = [anyio.Event(), anyio.Event()]
 
@@ -158,8 +161,9 @@ async def bot_process(tmp_path: Path, env: dict[str, str]) -> AsyncIterator[BotP
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, *, backend: str, slack: FakeSlack | None = None, ai: FakeOpenAI | None = None,
-                  **extra_env: str) -> AsyncIterator[tuple[BotProcess, FakeSlack, FakeOpenAI]]:
+async def running(
+    tmp_path: Path, *, backend: str, slack: FakeSlack | None = None, ai: FakeOpenAI | None = None, **extra_env: str
+) -> AsyncIterator[tuple[BotProcess, FakeSlack, FakeOpenAI]]:
     """Fakes on real sockets, plus the bot process connected to them (first socket live)."""
     slack = slack or FakeSlack(bot_token=BOT_TOKEN, app_token=APP_TOKEN)
     ai = ai or FakeOpenAI(api_key=API_KEY)
@@ -190,7 +194,7 @@ async def test_dm_is_answered_in_its_thread(tmp_path, bot_backend):
 
 
 async def test_channel_mention_is_answered(tmp_path, bot_backend):
-    async with running(tmp_path, backend=bot_backend) as (bot, slack, ai):
+    async with running(tmp_path, backend=bot_backend) as (_bot, slack, ai):
         mention = slack.app_mention_event("C1", "U1", "what is the plan?")
         twin = slack.message_event("C1", "U1", mention["text"], ts=mention["ts"], channel_type="channel")
         eids = [await slack.send_event(mention), await slack.send_event(twin)]  # Slack sends both
@@ -205,7 +209,7 @@ async def test_channel_mention_is_answered(tmp_path, bot_backend):
 
 async def test_a_burst_is_acked_at_once_and_each_event_answered_once(tmp_path, bot_backend):
     """Envelopes sent back to back reach the bot in few reads; each is acked and answered once."""
-    async with running(tmp_path, backend=bot_backend) as (bot, slack, ai):
+    async with running(tmp_path, backend=bot_backend) as (_bot, slack, ai):
         sent = [await send_dm(slack, f"burst {i}", channel=f"D{i}") for i in range(30)]
         for i, (eid, ev) in enumerate(sent):
             await slack.wait_acked(eid)
@@ -343,10 +347,13 @@ async def test_files_and_image_tools_over_real_sockets(tmp_path, bot_backend):
     ai = FakeOpenAI(api_key=API_KEY)
     ai.enqueue(Behaviour(tool_calls=[("edit_image", {"prompt": "make the square blue"})]), "Done, it is blue now.")
     async with running(tmp_path, backend=bot_backend, slack=slack, ai=ai) as (bot, slack, ai):
-        files = [slack.add_file("report.pdf", pdf_with_pages(["Revenue rose 12%", "Costs fell"])),
-                 slack.add_file("square.png", png_bytes((200, 200)))]
-        event = slack.message_event("D1", "U1", "make the square blue", channel_type="im", subtype="file_share",
-                                    files=files)
+        files = [
+            slack.add_file("report.pdf", pdf_with_pages(["Revenue rose 12%", "Costs fell"])),
+            slack.add_file("square.png", png_bytes((200, 200))),
+        ]
+        event = slack.message_event(
+            "D1", "U1", "make the square blue", channel_type="im", subtype="file_share", files=files
+        )
         await slack.send_event(event)
         await wait_reply(slack, "D1", event["ts"], "Done, it is blue now.", timeout=20)
         with anyio.fail_after(10):
@@ -373,7 +380,7 @@ async def test_metrics_endpoints_and_json_logs_from_the_real_process(tmp_path, b
     with socket.socket() as probe:  # a free port for METRICS_PORT
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    async with running(tmp_path, backend=bot_backend, METRICS_PORT=str(port), LOG_FORMAT="json") as (bot, slack, ai):
+    async with running(tmp_path, backend=bot_backend, METRICS_PORT=str(port), LOG_FORMAT="json") as (bot, slack, _ai):
         _, ev = await send_dm(slack, "count me")
         await wait_reply(slack, "D1", ev["ts"], "Echo: count me")
         await bot.wait_log('"outcome": "answered"')

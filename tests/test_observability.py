@@ -84,8 +84,12 @@ async def test_metrics_endpoint_counts_a_request(slack, ai):
     assert value(text, "slackbot_requests_in_flight") == 0
     assert value(text, "slackbot_model_slots_total") == 100
     assert value(text, "slackbot_model_slots_borrowed") == 0
-    for name in ("slackbot_requests_queued", "slackbot_socket_reconnects", "slackbot_slack_api_rate_limited",
-                 "slackbot_request_errors"):
+    for name in (
+        "slackbot_requests_queued",
+        "slackbot_socket_reconnects",
+        "slackbot_slack_api_rate_limited",
+        "slackbot_request_errors",
+    ):
         assert f"# TYPE {name}" in text
     assert not any(secret in text for secret in SECRETS)
 
@@ -157,11 +161,12 @@ async def test_keep_alive_and_a_malformed_request(slack, ai):
 
 async def test_an_idle_connection_is_closed(slack, ai, monkeypatch):
     monkeypatch.setattr("bot.metrics_server.IDLE_TIMEOUT", 0.2)
-    async with running_bot(slack, ai, metrics_port=0) as nursery:
-        async with await anyio.connect_tcp("127.0.0.1", nursery.metrics_port) as stream:
-            with anyio.fail_after(3):
-                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-                    await stream.receive()  # the server hangs up on a client that says nothing
+    async with (
+        running_bot(slack, ai, metrics_port=0) as nursery,
+        await anyio.connect_tcp("127.0.0.1", nursery.metrics_port) as stream,
+    ):
+        with anyio.fail_after(3), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+            await stream.receive()  # the server hangs up on a client that says nothing
 
 
 async def test_readyz_follows_the_socket(slack, ai):
@@ -256,11 +261,18 @@ async def test_json_log_keeps_tracebacks_redacted(json_log):
 
 async def test_watchdog_logs_a_long_request_every_interval(slack, ai, json_log):
     ai.enqueue(Behaviour(hang=True))
+
     def watch_lines():
         return [e for e in parse_lines(json_log) if "stage" in e and e["level"] == "WARNING"]
 
-    async with running_bot(slack, ai, watchdog_interval_seconds=0.2, watchdog_threshold_seconds=0.1,
-                           async_timeout_seconds=60.0, stream_idle_timeout_seconds=60.0):
+    async with running_bot(
+        slack,
+        ai,
+        watchdog_interval_seconds=0.2,
+        watchdog_threshold_seconds=0.1,
+        async_timeout_seconds=60.0,
+        stream_idle_timeout_seconds=60.0,
+    ):
         _, ev = await send_dm(slack, "this will hang")
         # Polled, not slept: on a loaded machine the intervals stretch, the behaviour does not.
         await eventually(lambda: len(w := watch_lines()) >= 4 and w[-1]["age_s"] >= 0.8, timeout=20)
@@ -276,12 +288,24 @@ def test_observability_settings():
     base = {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1", "OPENAI_API_KEY": "sk-1"}
     settings = load_settings(base, dotenv_path=None)
     assert (settings.metrics_port, settings.metrics_host, settings.log_format) == (None, "127.0.0.1", "text")
-    settings = load_settings({**base, "METRICS_PORT": "9102", "METRICS_HOST": "0.0.0.0", "LOG_FORMAT": "JSON",
-                              "WATCHDOG_INTERVAL_SECONDS": "5", "WATCHDOG_THRESHOLD_SECONDS": "30"},
-                             dotenv_path=None)
+    settings = load_settings(
+        {
+            **base,
+            "METRICS_PORT": "9102",
+            "METRICS_HOST": "0.0.0.0",
+            "LOG_FORMAT": "JSON",
+            "WATCHDOG_INTERVAL_SECONDS": "5",
+            "WATCHDOG_THRESHOLD_SECONDS": "30",
+        },
+        dotenv_path=None,
+    )
     assert (settings.metrics_port, settings.metrics_host, settings.log_format) == (9102, "0.0.0.0", "json")
     assert (settings.watchdog_interval_seconds, settings.watchdog_threshold_seconds) == (5.0, 30.0)
-    for bad in ({"METRICS_PORT": "http"}, {"METRICS_PORT": "70000"}, {"LOG_FORMAT": "xml"},
-                {"WATCHDOG_INTERVAL_SECONDS": "0"}):
+    for bad in (
+        {"METRICS_PORT": "http"},
+        {"METRICS_PORT": "70000"},
+        {"LOG_FORMAT": "xml"},
+        {"WATCHDOG_INTERVAL_SECONDS": "0"},
+    ):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             load_settings({**base, **bad}, dotenv_path=None)

@@ -25,8 +25,12 @@ def test_reasoning_models_are_recognised():
 
 def test_levels_apply_in_order_and_bad_stored_values_are_skipped():
     settings = test_settings(openai_model="gpt-4o-mini")
-    prefs = merge(baseline(settings), {"temperature": 0.2, "instructions": "Be brief."},
-                  {"temperature": 0.9, "bogus": 1}, {"temperature": "hot", "stream": False})
+    prefs = merge(
+        baseline(settings),
+        {"temperature": 0.2, "instructions": "Be brief."},
+        {"temperature": 0.9, "bogus": 1},
+        {"temperature": "hot", "stream": False},
+    )
     assert prefs.temperature == 0.9 and prefs.instructions == "Be brief." and prefs.stream is False
     # An explicit None in a higher level means "back to the model's default".
     assert merge(baseline(settings), {"temperature": 0.2}, {"temperature": None}).temperature is None
@@ -45,13 +49,22 @@ def test_a_level_stores_only_what_differs_from_below():
 
 def test_options_follow_the_model_kind():
     settings = test_settings(system_prompt="Base prompt.")
-    chat = options_from(settings, Preferences(model="gpt-4o-mini", temperature=0.4, reasoning_effort="high",
-                                              instructions="  Use metric units. ", history_messages=6))
+    chat = options_from(
+        settings,
+        Preferences(
+            model="gpt-4o-mini",
+            temperature=0.4,
+            reasoning_effort="high",
+            instructions="  Use metric units. ",
+            history_messages=6,
+        ),
+    )
     assert chat.temperature == 0.4 and chat.reasoning_effort is None and chat.history_messages == 6
     assert chat.system_prompt.startswith("Base prompt.") and chat.system_prompt.endswith("Use metric units.")
     assert chat.image_size == "auto" and chat.language == "English"
-    drawn = options_from(settings, Preferences(model="gpt-4o-mini", image_size="1536x1024", image_quality="high",
-                                               language="Polish"))
+    drawn = options_from(
+        settings, Preferences(model="gpt-4o-mini", image_size="1536x1024", image_quality="high", language="Polish")
+    )
     assert (drawn.image_size, drawn.image_quality, drawn.language) == ("1536x1024", "high", "Polish")
     reasoning = options_from(settings, Preferences(model="o3-mini", temperature=0.4, reasoning_effort="high"))
     assert reasoning.temperature is None and reasoning.reasoning_effort == "high"
@@ -60,32 +73,41 @@ def test_options_follow_the_model_kind():
 
 def test_modal_round_trip_and_validation():
     context = ModalContext(ThreadKey("C1", "1700000000.000100"), "shortcut")
-    view = settings_view(Preferences(model="gpt-4o-mini", temperature=0.5, history_messages=4), ["m"] * 300,
-                         configured_model="gpt-5-mini", scope="thread", context=context, is_admin=False)
+    view = settings_view(
+        Preferences(model="gpt-4o-mini", temperature=0.5, history_messages=4),
+        ["m"] * 300,
+        configured_model="gpt-5-mini",
+        scope="thread",
+        context=context,
+        is_admin=False,
+    )
     model = next(b for b in view["blocks"] if b.get("block_id") == "model")
     assert len(model["element"]["options"]) <= 100  # Slack's cap, whatever the endpoint lists
     assert ModalContext.decode(view["private_metadata"]) == context
-    view["state"] = {"values": {
-        "scope": {"scope": {"selected_option": {"value": "thread"}}},
-        "model": {"model": {"selected_option": {"value": "gpt-4o-mini"}}},
-        "temperature": {"temperature": {"value": "1,25"}},
-        "history_messages": {"history_messages": {"value": ""}},
-        "language": {"language": {"value": "Deutsch"}},
-    }}
+    view["state"] = {
+        "values": {
+            "scope": {"scope": {"selected_option": {"value": "thread"}}},
+            "model": {"model": {"selected_option": {"value": "gpt-4o-mini"}}},
+            "temperature": {"temperature": {"value": "1,25"}},
+            "history_messages": {"history_messages": {"value": ""}},
+            "language": {"language": {"value": "Deutsch"}},
+        }
+    }
     parsed = parse_submission(view, user="U1", admins=frozenset())
     assert parsed.errors == {} and parsed.scope == "thread" and parsed.thread == context.thread
-    assert parsed.form == {"model": "gpt-4o-mini", "temperature": 1.25, "history_messages": None,
-                           "language": "Deutsch"}
-    for field, value, block in (("temperature", "3", "temperature"), ("temperature", "nan", "temperature"),
-                                ("history_messages", "12x", "history_messages"),
-                                ("language", "x" * 41, "language")):
+    assert parsed.form == {"model": "gpt-4o-mini", "temperature": 1.25, "history_messages": None, "language": "Deutsch"}
+    for field, value, block in (
+        ("temperature", "3", "temperature"),
+        ("temperature", "nan", "temperature"),
+        ("history_messages", "12x", "history_messages"),
+        ("language", "x" * 41, "language"),
+    ):
         view["state"]["values"][field] = {field: {"value": value}}
         assert block in parse_submission(view, user="U1", admins=frozenset()).errors
         view["state"]["values"][field] = {field: {"value": ""}}
     assert "model" in parse_submission("not a view", user="U1", admins=frozenset()).errors
     del view["private_metadata"]  # a thread scope needs the thread it was opened from
     assert "scope" in parse_submission(view, user="U1", admins=frozenset()).errors
-
 
 
 @pytest.mark.anyio
@@ -97,8 +119,9 @@ async def test_store_preferences_feedback_and_once(tmp_path):
         await store.save_preferences("user", "U1", {"temperature": None, "language": "German"}, updated_by="U1")
         await store.save_preferences("thread", str(thread), {"stream": False}, updated_by="U1")
         layers = await store.load_preferences("U1", thread)
-        assert layers == PreferenceLayers({"model": "gpt-4o-mini"}, {"temperature": None, "language": "German"},
-                                          {"stream": False})
+        assert layers == PreferenceLayers(
+            {"model": "gpt-4o-mini"}, {"temperature": None, "language": "German"}, {"stream": False}
+        )
         assert (await store.load_preferences("U2", None)).user == {}
         await store.save_preferences("user", "U1", {}, updated_by="U1")  # empty: forget the level
         assert (await store.load_preferences("U1", thread)).user == {}

@@ -58,11 +58,11 @@ from tests.fakes.slack import NoConnection
 from tests.harness import send_dm
 from tests.simulation_support import (
     LONG,
-    CountingOpenAI,
     PRODUCTION,
     STALLED_TEXT,
     TIMEOUT_TEXT,
     WATCHDOG,
+    CountingOpenAI,
     RecordingSlack,
     assert_clean_logs,
     assert_released,
@@ -134,8 +134,9 @@ class Sent:
     expect_at: float = 0.0
 
 
-async def rapid_fire(seed: int, *, threads: int = 50, hangs: int = 3, busy: int = 10,
-                     late: int = 8) -> tuple[list[tuple[float, str, str]], dict]:
+async def rapid_fire(
+    seed: int, *, threads: int = 50, hangs: int = 3, busy: int = 10, late: int = 8
+) -> tuple[list[tuple[float, str, str]], dict]:
     """50 DMs in distinct threads back to back, follow-ups 1 s later (their thread is
     busy) and 30 s later (free again, unless it hangs); seeded latencies 2–10 s.
     Checks every message against a model of the expected outcome and time; returns the
@@ -205,7 +206,7 @@ async def rapid_fire(seed: int, *, threads: int = 50, hangs: int = 3, busy: int 
         assert len(finals) == len(msgs), f"{channel}: {len(msgs)} messages, {len(finals)} replies"
         got = sorted((w.text, w.time) for w in finals)
         want = sorted((s.expect_text, s.expect_at) for s in msgs)
-        for (text, at), (expect_text, expect_at) in zip(got, want):
+        for (text, at), (expect_text, expect_at) in zip(got, want, strict=False):
             assert text == expect_text, (channel, got, want)
             assert expect_at <= at + 1e-9 and at <= expect_at + MARGIN, (channel, text, at - expect_at)
             worst = max(worst, abs(at - expect_at))
@@ -220,8 +221,12 @@ async def rapid_fire(seed: int, *, threads: int = 50, hangs: int = 3, busy: int 
         assert TIMEOUT <= w.time - s.at <= TIMEOUT + 1
 
     trace = sorted((round(w.time - t0, 3), w.channel, w.text) for w in slack.latest.values())
-    summary = {"outcomes": outcomes, "messages": len(sent), "worst_deviation": worst,
-               "virtual_seconds": max(w.time for w in slack.writes) - t0}
+    summary = {
+        "outcomes": outcomes,
+        "messages": len(sent),
+        "worst_deviation": worst,
+        "virtual_seconds": max(w.time for w in slack.writes) - t0,
+    }
     return trace, summary
 
 
@@ -315,12 +320,15 @@ async def test_hundreds_of_timeouts_with_queued_slots(logs, no_threads, wall):
         assert w.text == TIMEOUT_NOTICE
         assert TIMEOUT <= w.time - at <= TIMEOUT + 1
         if WAITING_STATUS in slack.texts_of(channel, w.ts) or any(
-                c == channel and status.startswith("is waiting") for c, _, status, _ in slack.status_log):
+            c == channel and status.startswith("is waiting") for c, _, status, _ in slack.status_log
+        ):
             waited.append(i)
     # The ones beyond the 100 slots said they were waiting — as far as Slack's budgets
     # allow: 200 status lines at once exceed any tier, and the bot never pushes past one.
     assert waited and min(waited) >= 100
-    assert slack.rate_limited == {} and slack.calls_in_retry_after == []  # the ones beyond the 100 slots said they were waiting
+    assert (
+        slack.rate_limited == {} and slack.calls_in_retry_after == []
+    )  # the ones beyond the 100 slots said they were waiting
     assert len(ai.requests) == 100 and ai.max_calls_open == 100  # the limiter held
     assert TIMEOUT <= t_end - t0 <= TIMEOUT + 1
     print(f"\n300 timeouts: {t_end - t0:.1f}s virtual in {real:.2f}s real")
@@ -453,7 +461,10 @@ async def test_socket_disconnects_during_load_lose_nothing(logs, no_threads, wal
         tg.start_soon(slack_retries, done)
         t0 = anyio.current_time()
         for i in range(40):  # long answers: ~1–3 s to the first token, then 10 chunks 3 s apart
-            await deliver(f"long {i}" + " please" * 5, Behaviour(latency=round(rng.uniform(1.0, 3.0), 3), chunks=10, chunk_delay=3.0))
+            await deliver(
+                f"long {i}" + " please" * 5,
+                Behaviour(latency=round(rng.uniform(1.0, 3.0), 3), chunks=10, chunk_delay=3.0),
+            )
         schedule = [(5.0, "refresh_requested"), (10.0, "warning"), (20.0, "drop"), (25.0, None)]
         long_threads = list(events)
         for at, action in schedule:
@@ -515,7 +526,7 @@ async def test_stalled_streams_are_cut_at_exactly_the_idle_deadline(logs, no_thr
         await settle(nursery, ai)
         assert_released(nursery, ai)
         # Each stalled thread is free again: a follow-up is answered, not told "busy".
-        for kind, channel, thread_ts, _, _ in cases[:13]:
+        for _kind, channel, thread_ts, _, _ in cases[:13]:
             plan[f"again {channel}"] = Behaviour(latency=2.0)
             await send_dm(slack, f"again {channel}", channel=channel, thread_ts=thread_ts)
         await slack.wait_terminal(len(cases) + 13)
@@ -536,7 +547,7 @@ async def test_stalled_streams_are_cut_at_exactly_the_idle_deadline(logs, no_thr
         else:
             assert first.text == b.text
             assert abs(first.time - (at + b.latency + 3 * b.chunk_delay)) < MARGIN
-    for kind, channel, thread_ts, _, _ in cases[:13]:
+    for _kind, channel, thread_ts, _, _ in cases[:13]:
         assert [w.text for w in slack.thread_finals(channel, thread_ts)][1:] == [f"Echo: again {channel}"]
     stalled = re.compile(r"^request \w+ failed: stalled \(StreamStalled\)$")
     counts = assert_clean_logs(logs.records, allowed_warnings=[stalled, WATCHDOG])
@@ -552,10 +563,8 @@ async def test_injected_failures_leave_no_limiter_or_lock_errors(logs, no_thread
     kinds = {
         "ok": (lambda: Behaviour(latency=rng.uniform(1, 8), chunk_delay=0.5), "answered", "Echo: "),
         "e500": (lambda: Behaviour(status=500, latency=1.0), "error", "internal error"),
-        "quota": (lambda: Behaviour(status=429, error_code="insufficient_quota", latency=1.0), "error",
-                  "out of quota"),
-        "long": (lambda: Behaviour(status=400, error_code="context_length_exceeded", latency=1.0), "error",
-                 "too long"),
+        "quota": (lambda: Behaviour(status=429, error_code="insufficient_quota", latency=1.0), "error", "out of quota"),
+        "long": (lambda: Behaviour(status=400, error_code="context_length_exceeded", latency=1.0), "error", "too long"),
         "cut": (lambda: Behaviour(text="abc def ghi", cut_after=1, latency=2.0), "error", "could not reach OpenAI"),
         "hang": (no_response, "timeout", TIMEOUT_TEXT),
         "stall": (lambda: Behaviour(text="x y z w", stall_after=1, latency=1.0), "error", STALLED_TEXT),
@@ -688,8 +697,9 @@ async def test_six_hours_of_traffic_keep_state_flat(logs, no_threads, wall):
             await anyio.sleep_until(t0 + 300.0 * k)
             if k and k % 12 == 0:
                 await slack.disconnect("refresh_requested")
-                await slack.wait_until(lambda: len(slack.live_connections) == 1
-                                       and not slack.live_connections[0].draining, LONG)
+                await slack.wait_until(
+                    lambda: len(slack.live_connections) == 1 and not slack.live_connections[0].draining, LONG
+                )
             ev = slack.message_event(f"DH{k % 7}", f"U{k % 7}", f"hour {k // 12} msg {k}")
             await slack.send_event(ev, event_id=f"EvH{k}")
             first_event = first_event or ev
@@ -745,7 +755,9 @@ async def test_final_write_hanging_in_slack_still_closes_the_request(logs, no_th
             assert stuck, "the outage must catch some answers"
             for i, thread in enumerate(threads):
                 history = [(m.role, m.content) for m in await store.load_history(thread)]
-                assert history == ([] if thread in stuck else [("user", f"outage {i}"), ("assistant", f"Echo: outage {i}")])
+                assert history == (
+                    [] if thread in stuck else [("user", f"outage {i}"), ("assistant", f"Echo: outage {i}")]
+                )
             assert nursery.outcomes == {"error": len(stuck), "answered": 10 - len(stuck)}
             del slack.latency["chat.update"]  # Slack is back
             for i, thread in enumerate(threads):

@@ -82,8 +82,9 @@ def test_bad_settings_name_the_variable(change, name):
 
 def test_redaction_hides_configured_and_token_shaped_secrets():
     f = RedactSecrets(("my-very-secret",))
-    record = logging.LogRecord("x", logging.INFO, "", 0, "key %s and %s and xoxb-999-zzz",
-                               ("my-very-secret", "sk-live-ABCDEFGH123"), None)
+    record = logging.LogRecord(
+        "x", logging.INFO, "", 0, "key %s and %s and xoxb-999-zzz", ("my-very-secret", "sk-live-ABCDEFGH123"), None
+    )
     f.filter(record)
     text = record.getMessage()
     assert "my-very-secret" not in text and "sk-live" not in text and "xoxb-999" not in text

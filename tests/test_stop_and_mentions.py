@@ -10,8 +10,8 @@ import anyio
 import pytest
 
 from bot.processing.failures import INTERRUPTED_NOTICE, STOPPED_NOTICE
-from bot.slack.markdown import WORD_JOINER, neutralize_broadcasts, stable_length
 from bot.slack.events import StopRequest, parse_stop
+from bot.slack.markdown import WORD_JOINER, neutralize_broadcasts, stable_length
 from bot.storage import open_store
 from tests.fakes.openai import Behaviour
 from tests.harness import eventually, running_bot, send_dm, wait_reply
@@ -26,8 +26,7 @@ def methods(slack) -> list[str]:
 
 def stop_event(channel: str, thread_ts: str | None, streams: list[str] | None = None, user: str = "U1") -> dict:
     """Shaped as docs.slack.dev/reference/events/agent_session_stopped shows it."""
-    event = {"type": "agent_session_stopped", "channel": channel, "user": user,
-             "streaming_message_ts": streams or []}
+    event = {"type": "agent_session_stopped", "channel": channel, "user": user, "streaming_message_ts": streams or []}
     if thread_ts is not None:
         event["thread_ts"] = thread_ts
     return event
@@ -124,7 +123,7 @@ async def test_a_stopped_thread_takes_the_next_message(slack, ai):
         await slack.send_app_event(stop_event("D1", ev["ts"]))
         await wait_reply(slack, "D1", ev["ts"], STOPPED_NOTICE, timeout=3)
         await eventually(lambda: not nursery.active and nursery.gates.held == 0, timeout=3)
-        _, ev2 = await send_dm(slack, "second", thread_ts=ev["ts"])
+        _, _ev2 = await send_dm(slack, "second", thread_ts=ev["ts"])
         await wait_reply(slack, "D1", ev["ts"], "Echo: second")
         await eventually(lambda: nursery.outcomes.get("answered") == 1)
         assert nursery.outcomes.get("stopped") == 1
@@ -155,70 +154,108 @@ def _payload(event: dict) -> dict:
 
 
 def test_parse_stop_reads_the_documented_payload():
-    event = {"channel": "C0123ABC456", "event_ts": "1783536983.783769", "streaming_message_ts": ["1782234987.693923"],
-             "thread_ts": "1782234671.392669", "type": "agent_session_stopped", "user": "U123ABC456"}
-    assert parse_stop(_payload(event)) == StopRequest("C0123ABC456", "1782234671.392669",
-                                                      ("1782234987.693923",), "U123ABC456")
+    event = {
+        "channel": "C0123ABC456",
+        "event_ts": "1783536983.783769",
+        "streaming_message_ts": ["1782234987.693923"],
+        "thread_ts": "1782234671.392669",
+        "type": "agent_session_stopped",
+        "user": "U123ABC456",
+    }
+    assert parse_stop(_payload(event)) == StopRequest(
+        "C0123ABC456", "1782234671.392669", ("1782234987.693923",), "U123ABC456"
+    )
 
 
 def test_parse_stop_is_defensive():
     assert parse_stop(_payload({"type": "message", "channel": "C1", "ts": "1.0"})) is None
     assert parse_stop("nonsense") is None and parse_stop({"event": "x"}) is None
-    assert parse_stop(_payload({"type": "agent_session_stopped", "channel_id": "D1", "thread_ts": "1.0"})) == \
-        StopRequest("D1", "1.0", ())
-    assert parse_stop(_payload({"type": "agent_session_stopped", "channel": "D1",
-                                "streaming_message_ts": "2.0"})) == StopRequest("D1", "", ("2.0",))
-    assert parse_stop(_payload({"type": "agent_session_stopped", "channel": "D1", "message_ts": "3.0",
-                                "streaming_message_ts": [None, 5, "2.0"]})) == StopRequest("D1", "", ("2.0", "3.0"))
+    assert parse_stop(
+        _payload({"type": "agent_session_stopped", "channel_id": "D1", "thread_ts": "1.0"})
+    ) == StopRequest("D1", "1.0", ())
+    assert parse_stop(
+        _payload({"type": "agent_session_stopped", "channel": "D1", "streaming_message_ts": "2.0"})
+    ) == StopRequest("D1", "", ("2.0",))
+    assert parse_stop(
+        _payload(
+            {
+                "type": "agent_session_stopped",
+                "channel": "D1",
+                "message_ts": "3.0",
+                "streaming_message_ts": [None, 5, "2.0"],
+            }
+        )
+    ) == StopRequest("D1", "", ("2.0", "3.0"))
     # Malformed (no channel, or nothing to find the request by): an empty channel, for the log.
     assert parse_stop(_payload({"type": "agent_session_stopped", "thread_ts": "1.0"})).channel == ""
-    assert parse_stop(_payload({"type": "agent_session_stopped", "channel": "D1",
-                                "streaming_message_ts": []})).channel == ""
+    assert (
+        parse_stop(_payload({"type": "agent_session_stopped", "channel": "D1", "streaming_message_ts": []})).channel
+        == ""
+    )
     assert parse_stop(_payload({"type": "agent_session_stopped", "channel": 5, "thread_ts": "1.0"})).channel == ""
 
 
 # ---- neutralize_broadcasts ----------------------------------------------------------------
 
 
-LIVE = re.compile(r"<!(?:channel|here|everyone|group|subteam)|(?<![\w])@(?:channel|here|everyone)(?![\w])",
-                  re.IGNORECASE)
+LIVE = re.compile(
+    r"<!(?:channel|here|everyone|group|subteam)|(?<![\w])@(?:channel|here|everyone)(?![\w])", re.IGNORECASE
+)
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    ("<!channel>", f"@{WJ}channel"),
-    ("<!here>", f"@{WJ}here"),
-    ("<!everyone>", f"@{WJ}everyone"),
-    ("<!group>", f"@{WJ}channel"),
-    ("<!here|here>", f"@{WJ}here"),
-    ("<!channel|@channel>", f"@{WJ}channel"),
-    ("<!HERE>", f"@{WJ}here"),
-    ("<!subteam^S123>", f"@{WJ}S123"),
-    ("<!subteam^S1|@devs>", f"@{WJ}devs"),
-    ("<!subteam^S1|devs>", f"@{WJ}devs"),
-    ("<!subteam^S1|@devs @here>", f"@{WJ}devs @{WJ}here"),
-    ("@channel", f"@{WJ}channel"),
-    ("@here", f"@{WJ}here"),
-    ("@everyone", f"@{WJ}everyone"),
-    ("@Here, look", f"@{WJ}Here, look"),
-    ("(@here)", f"(@{WJ}here)"),
-    ("hi <!here> and @channel!", f"hi @{WJ}here and @{WJ}channel!"),
-    # Not Slack's syntax, but still never a ping: the `<!` is broken, the text kept.
-    ("<!channel foo>", f"<{WJ}!channel foo>"),
-    ("<!subteam>", f"<{WJ}!subteam>"),
-    ("<!here", f"<{WJ}!here"),
-    ("<!subteam^S1|a<b>", f"<{WJ}!subteam^S1|a<b>"),
-    ("<!subteam^S1|<!here>>", f"<{WJ}!subteam^S1|@{WJ}here>"),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("<!channel>", f"@{WJ}channel"),
+        ("<!here>", f"@{WJ}here"),
+        ("<!everyone>", f"@{WJ}everyone"),
+        ("<!group>", f"@{WJ}channel"),
+        ("<!here|here>", f"@{WJ}here"),
+        ("<!channel|@channel>", f"@{WJ}channel"),
+        ("<!HERE>", f"@{WJ}here"),
+        ("<!subteam^S123>", f"@{WJ}S123"),
+        ("<!subteam^S1|@devs>", f"@{WJ}devs"),
+        ("<!subteam^S1|devs>", f"@{WJ}devs"),
+        ("<!subteam^S1|@devs @here>", f"@{WJ}devs @{WJ}here"),
+        ("@channel", f"@{WJ}channel"),
+        ("@here", f"@{WJ}here"),
+        ("@everyone", f"@{WJ}everyone"),
+        ("@Here, look", f"@{WJ}Here, look"),
+        ("(@here)", f"(@{WJ}here)"),
+        ("hi <!here> and @channel!", f"hi @{WJ}here and @{WJ}channel!"),
+        # Not Slack's syntax, but still never a ping: the `<!` is broken, the text kept.
+        ("<!channel foo>", f"<{WJ}!channel foo>"),
+        ("<!subteam>", f"<{WJ}!subteam>"),
+        ("<!here", f"<{WJ}!here"),
+        ("<!subteam^S1|a<b>", f"<{WJ}!subteam^S1|a<b>"),
+        ("<!subteam^S1|<!here>>", f"<{WJ}!subteam^S1|@{WJ}here>"),
+    ],
+)
 def test_broadcasts_become_readable_and_inert(raw, expected):
     assert neutralize_broadcasts(raw) == expected
     assert not LIVE.search(neutralize_broadcasts(raw))
 
 
-@pytest.mark.parametrize("text", [
-    "<@U123> and <@U456|bob>", "<#C123|general>", "<https://example.com|a link>", "<!date^1392734382^{date}|Feb 18>",
-    "mail me at name@here.com", "@channels and @hereby and @everyones", "@herd", "a @ b", "<!-- html -->",
-    "x < y > z", "plain text", "", "`code` and ```fenced```", f"@{WJ}here already", f"<{WJ}!channel>",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<@U123> and <@U456|bob>",
+        "<#C123|general>",
+        "<https://example.com|a link>",
+        "<!date^1392734382^{date}|Feb 18>",
+        "mail me at name@here.com",
+        "@channels and @hereby and @everyones",
+        "@herd",
+        "a @ b",
+        "<!-- html -->",
+        "x < y > z",
+        "plain text",
+        "",
+        "`code` and ```fenced```",
+        f"@{WJ}here already",
+        f"<{WJ}!channel>",
+    ],
+)
 def test_everything_else_is_left_alone(text):
     assert neutralize_broadcasts(text) == text
 
@@ -236,19 +273,36 @@ def test_long_unclosed_openers_are_defused_not_held_forever():
     assert neutralize_broadcasts(text + ">").startswith(neutralize_broadcasts(text))
 
 
-@pytest.mark.parametrize(("text", "held_from"), [
-    ("hello <", 6), ("hello <!", 6), ("hello <!cha", 6), ("hello <!channel", 6), ("hello <!subteam^S1|@de", 6),
-    ("hello @", 6), ("hello @her", 6), ("hello @here", 6), ("hello @everyon", 6),
-    ("hello <x", 8), ("hello <!x", 9), ("hello @herd", 11), ("hello @here.", 12), ("hello <!here>", 13),
-    ("me@", 3), ("<!date^1|x", 10),
-])
+@pytest.mark.parametrize(
+    ("text", "held_from"),
+    [
+        ("hello <", 6),
+        ("hello <!", 6),
+        ("hello <!cha", 6),
+        ("hello <!channel", 6),
+        ("hello <!subteam^S1|@de", 6),
+        ("hello @", 6),
+        ("hello @her", 6),
+        ("hello @here", 6),
+        ("hello @everyon", 6),
+        ("hello <x", 8),
+        ("hello <!x", 9),
+        ("hello @herd", 11),
+        ("hello @here.", 12),
+        ("hello <!here>", 13),
+        ("me@", 3),
+        ("<!date^1|x", 10),
+    ],
+)
 def test_stable_length_holds_back_only_what_may_still_change(text, held_from):
     assert stable_length(text) == held_from
 
 
-SAMPLE = ("Hi <@U123>! <!channel> please read. <!here|here> too, and <!everyone>; ping <!subteam^S1|@devs> "
-          "and <!subteam^S2>, not name@here.com. Bare @here, @channel and @everyone, but not @channels. "
-          "<!channel bogus> <!date^1|d> <!group> end @here")
+SAMPLE = (
+    "Hi <@U123>! <!channel> please read. <!here|here> too, and <!everyone>; ping <!subteam^S1|@devs> "
+    "and <!subteam^S2>, not name@here.com. Bare @here, @channel and @everyone, but not @channels. "
+    "<!channel bogus> <!date^1|d> <!group> end @here"
+)
 
 
 def _assert_streams_like_the_whole(text: str, cuts: list[int]) -> None:
@@ -285,8 +339,32 @@ def test_every_split_of_the_sample_is_prefix_stable():
 
 
 def test_random_texts_are_prefix_stable_and_never_ping():
-    pieces = ["<", "!", ">", "|", "@", "^", " ", "\n", "x", "e", "channel", "here", "everyone", "group",
-              "subteam", "subteam^S1", "<!", "<@U1>", "<!here>", "@here", "<!subteam^S9|@team>", "a@", "ch", "her"]
+    pieces = [
+        "<",
+        "!",
+        ">",
+        "|",
+        "@",
+        "^",
+        " ",
+        "\n",
+        "x",
+        "e",
+        "channel",
+        "here",
+        "everyone",
+        "group",
+        "subteam",
+        "subteam^S1",
+        "<!",
+        "<@U1>",
+        "<!here>",
+        "@here",
+        "<!subteam^S9|@team>",
+        "a@",
+        "ch",
+        "her",
+    ]
     rng = random.Random(20240611)
     for _ in range(1500):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
@@ -297,6 +375,6 @@ def test_random_texts_are_prefix_stable_and_never_ping():
         _assert_streams_like_the_whole(text, cuts)
         for p in cuts:
             head = text[:p]
-            stable = neutralize_broadcasts(head[:stable_length(head)])
+            stable = neutralize_broadcasts(head[: stable_length(head)])
             more = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
             assert neutralize_broadcasts(head + more).startswith(stable), (head, more)

@@ -44,9 +44,11 @@ class Site:
         if path == "/big.png":
             return httpx2.Response(200, content=b"\0" * 3000, headers={"Content-Type": "image/png"})
         if path == "/chunked.png":
+
             async def body():
                 for _ in range(10):
                     yield b"\0" * 1000
+
             return httpx2.Response(200, content=body(), headers={"Content-Type": "image/png"})
         if path == "/slow.png":
             await anyio.sleep(math.inf)
@@ -105,18 +107,21 @@ async def test_redirects_are_followed_and_checked_at_every_hop(site, client):
     assert (await refused(client, f"{site.origin}/loop.png")).kind == "bad_redirect"
 
 
-@pytest.mark.parametrize("url,kind", [
-    ("ftp://example.com/x.png", "bad_scheme"),
-    ("file:///etc/passwd.png", "bad_scheme"),
-    ("http://10.0.0.1/x.png", "private_address"),
-    ("http://192.168.1.1/x.png", "private_address"),
-    ("http://[::1]/x.png", "private_address"),
-    ("http://[fe80::1]/x.png", "private_address"),
-    ("http://224.0.0.1/x.png", "private_address"),
-    ("http://0.0.0.0/x.png", "private_address"),
-    ("http://[::ffff:127.0.0.1]/x.png", "private_address"),
-    ("http://no-such-host.invalid/x.png", "dns"),
-])
+@pytest.mark.parametrize(
+    "url,kind",
+    [
+        ("ftp://example.com/x.png", "bad_scheme"),
+        ("file:///etc/passwd.png", "bad_scheme"),
+        ("http://10.0.0.1/x.png", "private_address"),
+        ("http://192.168.1.1/x.png", "private_address"),
+        ("http://[::1]/x.png", "private_address"),
+        ("http://[fe80::1]/x.png", "private_address"),
+        ("http://224.0.0.1/x.png", "private_address"),
+        ("http://0.0.0.0/x.png", "private_address"),
+        ("http://[::ffff:127.0.0.1]/x.png", "private_address"),
+        ("http://no-such-host.invalid/x.png", "dns"),
+    ],
+)
 async def test_refused_before_connecting(client, url, kind):
     assert (await refused(client, url, allow_loopback=False)).kind == kind
 
@@ -133,9 +138,22 @@ async def test_content_type_size_and_time_caps(site, client):
 
 def test_address_rules():
     assert address_allowed("93.184.215.14") and address_allowed("2606:4700::1111")
-    for address in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.0.1", "169.254.169.254", "100.64.0.1",
-                    "224.0.0.251", "255.255.255.255", "::1", "fe80::1", "fc00::1", "ff02::1", "::ffff:10.0.0.1",
-                    "not an address"):
+    for address in (
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.0.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "224.0.0.251",
+        "255.255.255.255",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "ff02::1",
+        "::ffff:10.0.0.1",
+        "not an address",
+    ):
         assert not address_allowed(address), address
     assert address_allowed("127.0.0.1", allow_loopback=True) and address_allowed("::1", allow_loopback=True)
     assert not address_allowed("10.1.2.3", allow_loopback=True)

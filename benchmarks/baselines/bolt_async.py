@@ -27,8 +27,9 @@ TIMEOUT = float(os.environ.get("ASYNC_TIMEOUT_SECONDS", "60"))
 MODEL = os.environ.get("OPENAI_MODEL", "gpt-5-mini")
 SYSTEM = "You are a helpful assistant in a Slack workspace."
 
-web = AsyncWebClient(token=os.environ["SLACK_BOT_TOKEN"],
-                     base_url=os.environ.get("SLACK_API_URL", AsyncWebClient.BASE_URL))
+web = AsyncWebClient(
+    token=os.environ["SLACK_BOT_TOKEN"], base_url=os.environ.get("SLACK_API_URL", AsyncWebClient.BASE_URL)
+)
 app = AsyncApp(client=web)
 ai = AsyncOpenAI(api_key=os.environ["OPENAI_API_KEY"], base_url=os.environ.get("OPENAI_BASE_URL"))
 
@@ -37,8 +38,10 @@ locks: dict[str, asyncio.Lock] = {}
 
 async def history(client: AsyncWebClient, channel: str, thread_ts: str, bot_user: str) -> list[dict]:
     replies = (await client.conversations_replies(channel=channel, ts=thread_ts))["messages"]
-    return [{"role": "assistant" if m.get("user") == bot_user else "user", "content": m.get("text", "")}
-            for m in replies[:-1]]
+    return [
+        {"role": "assistant" if m.get("user") == bot_user else "user", "content": m.get("text", "")}
+        for m in replies[:-1]
+    ]
 
 
 async def stream_answer(client: AsyncWebClient, channel: str, placeholder: str, messages: list[dict]) -> str:
@@ -68,9 +71,9 @@ async def answer(event: dict, client: AsyncWebClient, context) -> None:
         messages.append({"role": "user", "content": event.get("text", "")})
         try:
             text = await asyncio.wait_for(stream_answer(client, channel, placeholder, messages), TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             text = f"Sorry, no answer within {TIMEOUT:g}s."
-        except Exception as exc:  # noqa: BLE001 - tell the user, as such bots do
+        except Exception as exc:
             log.warning("OpenAI call failed: %s", type(exc).__name__)
             text = f"Sorry, something went wrong ({type(exc).__name__})."
         await client.chat_update(channel=channel, ts=placeholder, text=text or "(empty answer)")

@@ -35,8 +35,9 @@ SYSTEM = "You are a helpful assistant in a Slack workspace."
 
 web = WebClient(token=os.environ["SLACK_BOT_TOKEN"], base_url=os.environ.get("SLACK_API_URL", WebClient.BASE_URL))
 app = App(client=web, listener_executor=ThreadPoolExecutor(max_workers=WORKERS))
-ai = OpenAI(api_key=os.environ["OPENAI_API_KEY"], base_url=os.environ.get("OPENAI_BASE_URL"),
-            timeout=TIMEOUT, max_retries=0)
+ai = OpenAI(
+    api_key=os.environ["OPENAI_API_KEY"], base_url=os.environ.get("OPENAI_BASE_URL"), timeout=TIMEOUT, max_retries=0
+)
 
 locks: dict[str, threading.Lock] = {}
 locks_guard = threading.Lock()
@@ -49,8 +50,10 @@ def thread_lock(key: str) -> threading.Lock:
 
 def history(client: WebClient, channel: str, thread_ts: str, bot_user: str) -> list[dict]:
     replies = client.conversations_replies(channel=channel, ts=thread_ts)["messages"]
-    return [{"role": "assistant" if m.get("user") == bot_user else "user", "content": m.get("text", "")}
-            for m in replies[:-1]]
+    return [
+        {"role": "assistant" if m.get("user") == bot_user else "user", "content": m.get("text", "")}
+        for m in replies[:-1]
+    ]
 
 
 def answer(event: dict, client: WebClient, context) -> None:
@@ -75,7 +78,7 @@ def answer(event: dict, client: WebClient, context) -> None:
                     if time.monotonic() - last_update >= 1.0:
                         client.chat_update(channel=channel, ts=placeholder, text=text)
                         last_update = time.monotonic()
-        except Exception as exc:  # noqa: BLE001 - tell the user, as such bots do
+        except Exception as exc:
             log.warning("OpenAI call failed: %s", type(exc).__name__)
             text = f"Sorry, something went wrong ({type(exc).__name__})."
         client.chat_update(channel=channel, ts=placeholder, text=text or "(empty answer)")

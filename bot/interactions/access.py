@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from bot.config import Settings
 
-REFUSAL_USER = ("Sorry, I'm only available to some people in this workspace. "
-                "If you think you should have access, ask a workspace admin.")
-REFUSAL_CHANNEL = ("Sorry, I'm not enabled in this channel. You can talk to me in a direct message, "
-                   "or ask a workspace admin to enable me here.")
+REFUSAL_USER = (
+    "Sorry, I'm only available to some people in this workspace. "
+    "If you think you should have access, ask a workspace admin."
+)
+REFUSAL_CHANNEL = (
+    "Sorry, I'm not enabled in this channel. You can talk to me in a direct message, "
+    "or ask a workspace admin to enable me here."
+)
 
 
 def is_dm(channel: str) -> bool:
@@ -21,7 +25,7 @@ def is_dm(channel: str) -> bool:
 
 
 def refusal(settings: Settings, user: str, channel: str | None) -> str:
-    """"" when `user` may use the bot in `channel` (None: no channel involved, e.g. the
+    """ "" when `user` may use the bot in `channel` (None: no channel involved, e.g. the
     settings modal); otherwise the polite line to show them."""
     if user in settings.admin_users:
         return ""

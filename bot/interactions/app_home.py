@@ -53,31 +53,47 @@ def settings_summary(prefs: Preferences) -> list[str]:
 
 def home_view(prefs: Preferences, *, command: str, is_admin: bool, allowed: bool = True) -> dict[str, Any]:
     if not allowed:
-        return View(type="home", blocks=[
-            HeaderBlock(text="AI assistant"),
-            SectionBlock(text=MarkdownTextObject(
-                text="This assistant is limited to some people in this workspace. Ask a workspace admin "
-                     "if you should have access.")),
-        ]).to_dict()
-    buttons = [ButtonElement(text="Change my settings", action_id=OPEN_SETTINGS_ACTION, value="user",
-                             style="primary")]
+        return View(
+            type="home",
+            blocks=[
+                HeaderBlock(text="AI assistant"),
+                SectionBlock(
+                    text=MarkdownTextObject(
+                        text="This assistant is limited to some people in this workspace. Ask a workspace admin "
+                        "if you should have access."
+                    )
+                ),
+            ],
+        ).to_dict()
+    buttons = [ButtonElement(text="Change my settings", action_id=OPEN_SETTINGS_ACTION, value="user", style="primary")]
     if is_admin:
-        buttons.append(ButtonElement(text="Workspace defaults", action_id=f"{OPEN_SETTINGS_ACTION}_workspace",
-                                     value="workspace"))
+        buttons.append(
+            ButtonElement(text="Workspace defaults", action_id=f"{OPEN_SETTINGS_ACTION}_workspace", value="workspace")
+        )
     instructions = _excerpt(prefs.instructions) if prefs.instructions.strip() else "_none_"
     blocks = [
         HeaderBlock(text="AI assistant"),
-        SectionBlock(text=MarkdownTextObject(text=(
-            "Ask me anything in the *Messages* tab, mention me in a channel, or keep talking in a thread I'm "
-            "in — each thread is one conversation. On any message, the ⋮ menu has *Summarize thread* and "
-            "*Translate message*."))),
+        SectionBlock(
+            text=MarkdownTextObject(
+                text=(
+                    "Ask me anything in the *Messages* tab, mention me in a channel, or keep talking in a thread I'm "
+                    "in — each thread is one conversation. On any message, the ⋮ menu has *Summarize thread* and "
+                    "*Translate message*."
+                )
+            )
+        ),
         DividerBlock(),
         SectionBlock(text=MarkdownTextObject(text="*Your settings*\n" + "\n".join(settings_summary(prefs)))),
         SectionBlock(text=MarkdownTextObject(text=f"*Custom instructions:* {instructions}")),
         ActionsBlock(elements=buttons),
-        ContextBlock(elements=[MarkdownTextObject(
-            text=f"`{command}` opens the settings anywhere. For one thread only, use *Thread settings* "
-                 "in the ⋮ menu of a message in that thread.")]),
+        ContextBlock(
+            elements=[
+                MarkdownTextObject(
+                    text=f"`{command}` opens the settings anywhere. For one thread only, use *Thread settings* "
+                    "in the ⋮ menu of a message in that thread."
+                )
+            ]
+        ),
     ]
     return View(type="home", blocks=blocks).to_dict()
 

@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 
 async def suggest_prompts(slack: SlackWebAPI, channel: str, thread_ts: str | None = None) -> bool:
     try:
-        await slack.call("assistant.threads.setSuggestedPrompts", channel_id=channel, thread_ts=thread_ts,
-                         title=SUGGESTED_PROMPTS_TITLE, prompts=[dict(p) for p in SUGGESTED_PROMPTS[:4]])
+        await slack.call(
+            "assistant.threads.setSuggestedPrompts",
+            channel_id=channel,
+            thread_ts=thread_ts,
+            title=SUGGESTED_PROMPTS_TITLE,
+            prompts=[dict(p) for p in SUGGESTED_PROMPTS[:4]],
+        )
         return True
     except SlackAPIError as exc:
         log.info("could not set suggested prompts in %s: %s", channel, exc.error)

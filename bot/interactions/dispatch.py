@@ -24,7 +24,7 @@ from slack_sdk.models.views import View
 from bot.interactions import assistant, settings_flow, shortcuts
 from bot.interactions.access import refusal
 from bot.interactions.app_home import OPEN_SETTINGS_ACTION
-from bot.interactions.feedback import FEEDBACK_ACTION, record_click
+from bot.interactions.feedback import record_click
 from bot.interactions.model_catalog import ModelCatalog
 from bot.interactions.settings_modal import (
     CALLBACK_ID,
@@ -36,24 +36,27 @@ from bot.interactions.settings_modal import (
 )
 from bot.interactions.welcome import welcome_text
 from bot.services import SlackServices
-from bot.slack.web_api import SlackAPIError
 from bot.slack.events import IncomingMessage
+from bot.slack.feedback_blocks import FEEDBACK_ACTION
 from bot.slack.socket_mode import Envelope
+from bot.slack.web_api import SlackAPIError
 from bot.storage.base import ThreadKey
 
 log = logging.getLogger(__name__)
 
 # (`agent_session_stopped`, the agent view's Stop button, is not among them: it is about a
 # running request, so the nursery handles it before asking `wants` — see Nursery.stop_request.)
-UX_EVENTS = frozenset({"app_home_opened", "assistant_thread_started", "assistant_thread_context_changed",
-                       "app_context_changed"})
+UX_EVENTS = frozenset(
+    {"app_home_opened", "assistant_thread_started", "assistant_thread_context_changed", "app_context_changed"}
+)
 NOTICE_TIMEOUT = 10.0
 MAX_REMEMBERED = 50_000  # in-memory "already said" keys, a cache in front of storage
 
 
 def notice_view(title: str, text: str) -> dict[str, Any]:
-    return View(type="modal", title=title, close="Close",
-                blocks=[SectionBlock(text=MarkdownTextObject(text=text))]).to_dict()
+    return View(
+        type="modal", title=title, close="Close", blocks=[SectionBlock(text=MarkdownTextObject(text=text))]
+    ).to_dict()
 
 
 class SlackUX:
@@ -70,8 +73,10 @@ class SlackUX:
         if envelope_type == "slash_commands":
             command = payload.get("command")
             if command != settings.settings_command:
-                return {"response_type": "ephemeral",
-                        "text": f"I don't know {command}. Try {settings.settings_command}."}
+                return {
+                    "response_type": "ephemeral",
+                    "text": f"I don't know {command}. Try {settings.settings_command}.",
+                }
             why = refusal(settings, str(payload.get("user_id") or ""), None)
             return {"response_type": "ephemeral", "text": why} if why else None
         if envelope_type == "interactive" and payload.get("type") == "view_submission":
@@ -136,8 +141,9 @@ class SlackUX:
         if not isinstance(user, str) or not user or not isinstance(trigger, str) or not trigger:
             log.warning("slash command without user_id or trigger_id; ignored")
             return
-        await settings_flow.open_settings(self.services, self.catalog, user=user, trigger_id=trigger,
-                                          context=ModalContext(None, "command"))
+        await settings_flow.open_settings(
+            self.services, self.catalog, user=user, trigger_id=trigger, context=ModalContext(None, "command")
+        )
 
     async def _interaction(self, payload: dict[str, Any]) -> None:
         kind = payload.get("type")
@@ -166,15 +172,19 @@ class SlackUX:
         if action_id == FEEDBACK_ACTION:
             try:
                 await record_click(self.services.store, payload, action)
-            except Exception as exc:  # noqa: BLE001 - a lost click is logged loudly, never raised
+            except Exception as exc:
                 log.error("could not record feedback from %s: %s", user, exc)
         elif action_id.startswith(OPEN_SETTINGS_ACTION):
             if refusal(self.services.settings, user, None):
                 return
-            await settings_flow.open_settings(self.services, self.catalog, user=user,
-                                              trigger_id=str(payload.get("trigger_id") or ""),
-                                              context=ModalContext(None, "home"),
-                                              scope=str(action.get("value") or "user"))
+            await settings_flow.open_settings(
+                self.services,
+                self.catalog,
+                user=user,
+                trigger_id=str(payload.get("trigger_id") or ""),
+                context=ModalContext(None, "home"),
+                scope=str(action.get("value") or "user"),
+            )
         elif action_id == MODEL_ACTION and view.get("callback_id") == CALLBACK_ID:
             await settings_flow.model_changed(self.services, self.catalog, payload)
         else:
@@ -197,13 +207,19 @@ class SlackUX:
             if not isinstance(channel, str) or not channel or not isinstance(thread_ts, str) or not thread_ts:
                 log.warning("thread settings shortcut without channel or message; ignored")
                 return
-            await settings_flow.open_settings(self.services, self.catalog, user=user, trigger_id=trigger,
-                                              context=ModalContext(ThreadKey(channel, thread_ts), "shortcut"),
-                                              scope="thread")
+            await settings_flow.open_settings(
+                self.services,
+                self.catalog,
+                user=user,
+                trigger_id=trigger,
+                context=ModalContext(ThreadKey(channel, thread_ts), "shortcut"),
+                scope="thread",
+            )
         else:
             log.info("message shortcut %r is not handled", callback)
-            await self._open_notice(trigger, "Unknown shortcut",
-                                    "This shortcut is not supported by this version of the assistant.")
+            await self._open_notice(
+                trigger, "Unknown shortcut", "This shortcut is not supported by this version of the assistant."
+            )
 
     async def _event(self, event: dict[str, Any]) -> None:
         event_type = event.get("type")
@@ -228,7 +244,7 @@ class SlackUX:
             return False
         try:
             first = await self.services.store.claim_once(kind, key)
-        except Exception as exc:  # noqa: BLE001 - saying it twice beats not saying it
+        except Exception as exc:
             log.warning("storage cannot remember the %s for %s (%s); using memory", kind, key, exc)
             first = True
         if len(self._said) >= MAX_REMEMBERED:

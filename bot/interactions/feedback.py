@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from bot.slack.feedback_blocks import FEEDBACK_ACTION, RATINGS
+from bot.slack.feedback_blocks import RATINGS
 from bot.storage.base import Store
 
 log = logging.getLogger(__name__)
+
 
 async def record_click(store: Store, payload: dict[str, Any], action: dict[str, Any]) -> bool:
     """Store the rating of one feedback click; False (with a log line) if the payload is
@@ -23,8 +24,15 @@ async def record_click(store: Store, payload: dict[str, Any], action: dict[str, 
     container = payload.get("container") or {}
     channel = container.get("channel_id") or (payload.get("channel") or {}).get("id")
     message_ts = container.get("message_ts") or (payload.get("message") or {}).get("ts")
-    if (rating not in RATINGS or not isinstance(user, str) or not user or not isinstance(channel, str)
-            or not channel or not isinstance(message_ts, str) or not message_ts):
+    if (
+        rating not in RATINGS
+        or not isinstance(user, str)
+        or not user
+        or not isinstance(channel, str)
+        or not channel
+        or not isinstance(message_ts, str)
+        or not message_ts
+    ):
         log.warning("feedback click without a rating, user, channel or message; ignored")
         return False
     await store.record_feedback(channel, message_ts, user, rating)

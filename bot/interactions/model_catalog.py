@@ -18,8 +18,22 @@ log = logging.getLogger(__name__)
 CACHE_SECONDS = 600.0
 MAX_MODELS = 1000  # enough for any endpoint; the modal shows at most 100
 # Model families that cannot hold a chat conversation.
-NOT_CHAT = ("embedding", "whisper", "tts", "dall-e", "davinci", "babbage", "moderation", "transcribe",
-            "audio", "realtime", "image", "search", "sora", "computer-use")
+NOT_CHAT = (
+    "embedding",
+    "whisper",
+    "tts",
+    "dall-e",
+    "davinci",
+    "babbage",
+    "moderation",
+    "transcribe",
+    "audio",
+    "realtime",
+    "image",
+    "search",
+    "sora",
+    "computer-use",
+)
 
 
 def chat_models(ids: list[str]) -> list[str]:
@@ -64,8 +78,10 @@ class ModelCatalog:
                     break
         except openai.OpenAIError as exc:
             self.last_error = type(exc).__name__
-            log.warning("could not list the endpoint's models (%s); the settings modal offers "
-                        "the configured model only", type(exc).__name__)
+            log.warning(
+                "could not list the endpoint's models (%s); the settings modal offers the configured model only",
+                type(exc).__name__,
+            )
             return
         self._ids = chat_models(ids)
         self._fetched_at = anyio.current_time()

@@ -25,16 +25,22 @@ log = logging.getLogger(__name__)
 
 MODELS_TIMEOUT = 1.2  # of the 3 s a trigger_id lives
 LAYERS_TIMEOUT = 1.0
-SAVE_FAILED = (":warning: Sorry, I could not save your settings ({why}). Nothing changed; "
-               "please try again in a moment.")
+SAVE_FAILED = ":warning: Sorry, I could not save your settings ({why}). Nothing changed; please try again in a moment."
 
 
 def _level(layers: PreferenceLayers, scope: str) -> dict[str, object]:
     return {"workspace": layers.workspace, "user": layers.user, "thread": layers.thread}[scope]
 
 
-async def open_settings(services: SlackServices, catalog: ModelCatalog, *, user: str, trigger_id: str,
-                        context: ModalContext, scope: str | None = None) -> bool:
+async def open_settings(
+    services: SlackServices,
+    catalog: ModelCatalog,
+    *,
+    user: str,
+    trigger_id: str,
+    context: ModalContext,
+    scope: str | None = None,
+) -> bool:
     """Open the modal on `trigger_id`, showing the settings saved at `scope` (with what
     lies beneath them). False (logged) when Slack refused."""
     settings = services.settings
@@ -44,8 +50,9 @@ async def open_settings(services: SlackServices, catalog: ModelCatalog, *, user:
     layers = await load_layers(services.store, user, context.thread, timeout=LAYERS_TIMEOUT)
     shown = merge(below(layers, settings, scope), _level(layers, scope))
     models = await catalog.models(services.openai, timeout=MODELS_TIMEOUT)
-    view = settings_view(shown, models, configured_model=settings.openai_model, scope=scope,
-                         context=context, is_admin=is_admin)
+    view = settings_view(
+        shown, models, configured_model=settings.openai_model, scope=scope, context=context, is_admin=is_admin
+    )
     try:
         await services.slack.call("views.open", trigger_id=trigger_id, view=view)
         return True
@@ -67,9 +74,14 @@ async def model_changed(services: SlackServices, catalog: ModelCatalog, payload:
     valid = {k: v for k, v in submission.form.items() if k not in submission.errors}
     shown = merge(base, valid)
     models = await catalog.models(services.openai, timeout=MODELS_TIMEOUT)
-    new_view = settings_view(shown, models, configured_model=settings.openai_model, scope=scope,
-                             context=ModalContext.decode(view.get("private_metadata")),
-                             is_admin=user in settings.admin_users)
+    new_view = settings_view(
+        shown,
+        models,
+        configured_model=settings.openai_model,
+        scope=scope,
+        context=ModalContext.decode(view.get("private_metadata")),
+        is_admin=user in settings.admin_users,
+    )
     try:
         await services.slack.call("views.update", view_id=view.get("id"), hash=view.get("hash"), view=new_view)
     except SlackAPIError as exc:
@@ -102,7 +114,7 @@ async def save(services: SlackServices, payload: dict[str, Any]) -> Submission |
         # reports any other as an error.
         scope = cast(PreferenceScope, submission.scope)
         await services.store.save_preferences(scope, key, stored, updated_by=user)
-    except Exception as exc:  # noqa: BLE001 - the modal is closed: say so in a DM instead
+    except Exception as exc:
         log.error("could not save settings for %s (%s): %s", user, submission.scope, exc)
         await _tell(services, user, SAVE_FAILED.format(why="the database is not available"))
         return None
@@ -116,8 +128,12 @@ async def refresh_home(services: SlackServices, user: str) -> None:
     settings = services.settings
     layers = await load_layers(services.store, user, None)
     prefs = merge(baseline(settings), layers.workspace, layers.user)
-    view = home_view(prefs, command=settings.settings_command, is_admin=user in settings.admin_users,
-                     allowed=not refusal(settings, user, None))
+    view = home_view(
+        prefs,
+        command=settings.settings_command,
+        is_admin=user in settings.admin_users,
+        allowed=not refusal(settings, user, None),
+    )
     await publish_home(services.slack, user, view)
 
 

@@ -111,15 +111,17 @@ def model_choices(models: list[str], current: str, configured: str) -> list[str]
     return [m for m in ordered if m][:MAX_OPTIONS]
 
 
-def settings_view(shown: Preferences, models: list[str], *, configured_model: str, scope: str,
-                  context: ModalContext, is_admin: bool) -> dict[str, Any]:
+def settings_view(
+    shown: Preferences, models: list[str], *, configured_model: str, scope: str, context: ModalContext, is_admin: bool
+) -> dict[str, Any]:
     """The modal, showing `shown`. `models` come from the endpoint (may be empty)."""
     scopes = ["user"] + (["thread"] if context.thread else []) + (["workspace"] if is_admin else [])
     if scope not in scopes:
         scope = scopes[0]
     blocks: list[Block] = [
         InputBlock(
-            block_id="scope", label="Save these settings for",
+            block_id="scope",
+            label="Save these settings for",
             element=RadioButtonsElement(
                 action_id="scope",
                 options=[_option(s, SCOPE_LABELS[s]) for s in scopes],
@@ -127,81 +129,121 @@ def settings_view(shown: Preferences, models: list[str], *, configured_model: st
             ),
         ),
         InputBlock(
-            block_id="model", label="Model", dispatch_action=True,
-            element=_select(MODEL_ACTION, [(m, m) for m in model_choices(models, shown.model, configured_model)],
-                            shown.model),
+            block_id="model",
+            label="Model",
+            dispatch_action=True,
+            element=_select(
+                MODEL_ACTION, [(m, m) for m in model_choices(models, shown.model, configured_model)], shown.model
+            ),
         ),
     ]
     if is_reasoning_model(shown.model):
         efforts = [(DEFAULT_EFFORT, "Model default")] + [(e, e.capitalize()) for e in REASONING_EFFORTS]
-        blocks.append(InputBlock(
-            block_id="reasoning_effort", label="Reasoning effort",
-            hint="More effort: slower, more careful answers.",
-            element=_select("reasoning_effort", efforts, shown.reasoning_effort or DEFAULT_EFFORT),
-        ))
+        blocks.append(
+            InputBlock(
+                block_id="reasoning_effort",
+                label="Reasoning effort",
+                hint="More effort: slower, more careful answers.",
+                element=_select("reasoning_effort", efforts, shown.reasoning_effort or DEFAULT_EFFORT),
+            )
+        )
     else:
-        blocks.append(InputBlock(
-            block_id="temperature", label="Temperature", optional=True,
-            hint="0 = focused and repeatable, 2 = most varied. Empty: the model's default.",
-            element=PlainTextInputElement(
-                action_id="temperature", placeholder="Model default",
-                initial_value=_number_text(shown.temperature),
-            ),
-        ))
+        blocks.append(
+            InputBlock(
+                block_id="temperature",
+                label="Temperature",
+                optional=True,
+                hint="0 = focused and repeatable, 2 = most varied. Empty: the model's default.",
+                element=PlainTextInputElement(
+                    action_id="temperature",
+                    placeholder="Model default",
+                    initial_value=_number_text(shown.temperature),
+                ),
+            )
+        )
     blocks += [
         InputBlock(
-            block_id="instructions", label="Custom instructions", optional=True,
-            hint="Standing instructions added to every conversation, e.g. \"Answer in British English.\"",
+            block_id="instructions",
+            label="Custom instructions",
+            optional=True,
+            hint='Standing instructions added to every conversation, e.g. "Answer in British English."',
             element=PlainTextInputElement(
-                action_id="instructions", multiline=True, max_length=MAX_INSTRUCTIONS,
+                action_id="instructions",
+                multiline=True,
+                max_length=MAX_INSTRUCTIONS,
                 initial_value=shown.instructions or None,
             ),
         ),
         InputBlock(
-            block_id="stream", label="Show answers",
+            block_id="stream",
+            label="Show answers",
             element=RadioButtonsElement(
                 action_id="stream",
                 options=[_option("on", "As they are written (streaming)"), _option("off", "When finished")],
-                initial_option=_option("on", "As they are written (streaming)") if shown.stream
+                initial_option=_option("on", "As they are written (streaming)")
+                if shown.stream
                 else _option("off", "When finished"),
             ),
         ),
         InputBlock(
-            block_id="history_messages", label="Earlier messages to include", optional=True,
+            block_id="history_messages",
+            label="Earlier messages to include",
+            optional=True,
             hint=f"How many earlier messages of the thread the model sees (0–{MAX_HISTORY_MESSAGES}). "
-                 "Empty: as many as fit.",
+            "Empty: as many as fit.",
             element=PlainTextInputElement(
-                action_id="history_messages", placeholder="As many as fit",
+                action_id="history_messages",
+                placeholder="As many as fit",
                 initial_value=None if shown.history_messages is None else str(shown.history_messages),
             ),
         ),
         InputBlock(
-            block_id="image_size", label="Image size",
-            element=_select("image_size", [(s, "Automatic" if s == "auto" else s.replace("x", " × "))
-                                           for s in IMAGE_SIZES], shown.image_size),
+            block_id="image_size",
+            label="Image size",
+            element=_select(
+                "image_size",
+                [(s, "Automatic" if s == "auto" else s.replace("x", " × ")) for s in IMAGE_SIZES],
+                shown.image_size,
+            ),
         ),
         InputBlock(
-            block_id="image_quality", label="Image quality",
-            element=_select("image_quality", [(q, "Automatic" if q == "auto" else q.capitalize())
-                                              for q in IMAGE_QUALITIES], shown.image_quality),
+            block_id="image_quality",
+            label="Image quality",
+            element=_select(
+                "image_quality",
+                [(q, "Automatic" if q == "auto" else q.capitalize()) for q in IMAGE_QUALITIES],
+                shown.image_quality,
+            ),
         ),
         InputBlock(
-            block_id="language", label="Your language", optional=True,
-            hint="\"Translate message\" translates into this language.",
-            element=PlainTextInputElement(action_id="language", max_length=MAX_LANGUAGE,
-                                          initial_value=shown.language or None),
+            block_id="language",
+            label="Your language",
+            optional=True,
+            hint='"Translate message" translates into this language.',
+            element=PlainTextInputElement(
+                action_id="language", max_length=MAX_LANGUAGE, initial_value=shown.language or None
+            ),
         ),
         InputBlock(
-            block_id="reset", label="Start over", optional=True,
-            element=CheckboxesElement(action_id="reset", options=[
-                _option("reset", "Forget the settings saved at this level")]),
+            block_id="reset",
+            label="Start over",
+            optional=True,
+            element=CheckboxesElement(
+                action_id="reset", options=[_option("reset", "Forget the settings saved at this level")]
+            ),
         ),
-        ContextBlock(elements=[MarkdownTextObject(
-            text="Thread settings win over yours, and yours over the workspace defaults.")]),
+        ContextBlock(
+            elements=[MarkdownTextObject(text="Thread settings win over yours, and yours over the workspace defaults.")]
+        ),
     ]
     return View(
-        type="modal", callback_id=CALLBACK_ID, title="Assistant settings", submit="Save", close="Cancel",
-        private_metadata=context.encode(), blocks=blocks,
+        type="modal",
+        callback_id=CALLBACK_ID,
+        title="Assistant settings",
+        submit="Save",
+        close="Cancel",
+        private_metadata=context.encode(),
+        blocks=blocks,
     ).to_dict()
 
 
@@ -301,8 +343,9 @@ def parse_submission(view: object, *, user: str, admins: frozenset[str]) -> Subm
         if not history:
             form["history_messages"] = None
         elif not history.isdigit() or int(history) > MAX_HISTORY_MESSAGES:
-            errors["history_messages"] = (f"Enter a whole number from 0 to {MAX_HISTORY_MESSAGES}, "
-                                          "or leave it empty for as many as fit.")
+            errors["history_messages"] = (
+                f"Enter a whole number from 0 to {MAX_HISTORY_MESSAGES}, or leave it empty for as many as fit."
+            )
         else:
             form["history_messages"] = int(history)
 
@@ -323,8 +366,9 @@ def parse_submission(view: object, *, user: str, admins: frozenset[str]) -> Subm
             form["language"] = language
 
     item = _value(values, "reset")
-    reset = bool(item and any(isinstance(o, dict) and o.get("value") == "reset"
-                              for o in item.get("selected_options") or ()))
+    reset = bool(
+        item and any(isinstance(o, dict) and o.get("value") == "reset" for o in item.get("selected_options") or ())
+    )
     return Submission(scope, context.thread, reset, form, errors)
 
 

@@ -17,15 +17,15 @@ import anyio
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 from slack_sdk.models.views import View
 
-from bot.services import SlackServices
 from bot.processing.conversation import build_prompt
 from bot.processing.failures import describe, timeout_notice
-from bot.processing.surface import SurfaceError
-from bot.slack.markdown import markdown_to_mrkdwn, split_markdown
 from bot.processing.openai_chat import stream_chat
 from bot.processing.options import RequestOptions, options_for
-from bot.slack.web_api import SlackAPIError
+from bot.processing.surface import SurfaceError
+from bot.services import SlackServices
 from bot.slack.events import strip_mention
+from bot.slack.markdown import markdown_to_mrkdwn, split_markdown
+from bot.slack.web_api import SlackAPIError
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,10 @@ TRANSLATE = "translate_message"
 TITLES = {SUMMARIZE: "Thread summary", TRANSLATE: "Translation"}
 SECTION_LIMIT = 3000  # characters of mrkdwn per section block
 MAX_SECTIONS = 40
-CANNOT_READ = ("I can't read this conversation ({error}). If it is a channel, invite me to it first "
-               "(`/invite` and my name), then try again.")
+CANNOT_READ = (
+    "I can't read this conversation ({error}). If it is a channel, invite me to it first "
+    "(`/invite` and my name), then try again."
+)
 
 SUMMARY_PROMPT = (
     "You summarize Slack conversations for someone who has not read them. Write a short summary: "
@@ -55,12 +57,11 @@ def result_view(kind: str, text: str, footer: str = "") -> dict[str, Any]:
     mrkdwn = re.sub(r"&lt;([@#!][A-Za-z0-9^|_\-]+)&gt;", r"<\1>", markdown_to_mrkdwn(text))  # keep mentions
     parts = split_markdown(mrkdwn, SECTION_LIMIT)
     if len(parts) > MAX_SECTIONS:
-        parts = parts[:MAX_SECTIONS - 1] + ["_(cut short: too long to show here)_"]
+        parts = [*parts[: MAX_SECTIONS - 1], "_(cut short: too long to show here)_"]
     blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=part)) for part in parts if part.strip()]
     if footer:
         blocks.append(ContextBlock(elements=[MarkdownTextObject(text=footer)]))
-    return View(type="modal", title=TITLES[kind], close="Close", blocks=blocks,
-                callback_id=f"{kind}_result").to_dict()
+    return View(type="modal", title=TITLES[kind], close="Close", blocks=blocks, callback_id=f"{kind}_result").to_dict()
 
 
 def transcript(replies: list[dict[str, Any]], bot_user_id: str) -> str:
@@ -82,14 +83,20 @@ async def run(services: SlackServices, kind: str, payload: dict[str, Any]) -> No
     channel = (payload.get("channel") or {}).get("id")
     message = payload.get("message")
     trigger = payload.get("trigger_id")
-    if (not isinstance(user, str) or not user or not isinstance(channel, str) or not channel
-            or not isinstance(trigger, str) or not trigger or not isinstance(message, dict)):
+    if (
+        not isinstance(user, str)
+        or not user
+        or not isinstance(channel, str)
+        or not channel
+        or not isinstance(trigger, str)
+        or not trigger
+        or not isinstance(message, dict)
+    ):
         log.warning("%s shortcut without user, channel, message or trigger; ignored", kind)
         return
     slack = services.slack
     try:
-        opened = await slack.call("views.open", trigger_id=trigger,
-                                  view=result_view(kind, "_Working on it…_"))
+        opened = await slack.call("views.open", trigger_id=trigger, view=result_view(kind, "_Working on it…_"))
     except SlackAPIError as exc:
         log.warning("%s: could not open the modal for %s: %s", kind, user, exc.error)
         return
@@ -101,7 +108,7 @@ async def run(services: SlackServices, kind: str, payload: dict[str, Any]) -> No
         else:
             text = await _translate(services, options, message)
         footer = f"Written by `{options.model}`. Only you can see this."
-    except Exception as exc:  # noqa: BLE001 - every failure is a clear line in the modal
+    except Exception as exc:
         failure = describe(SurfaceError(exc.method, exc.error) if isinstance(exc, SlackAPIError) else exc)
         log.warning("%s for %s failed: %s (%s)", kind, user, failure.kind, type(exc).__name__)
         text, footer = failure.message, ""
@@ -135,15 +142,26 @@ async def _translate(services: SlackServices, options: RequestOptions, message: 
 
 async def _ask(services: SlackServices, options: RequestOptions, system: str, user_text: str) -> str:
     settings = services.settings
-    prompt = build_prompt(system, [], user_text, budget_tokens=settings.context_budget_tokens,
-                          reserve_for_answer=options.max_answer_tokens)
+    prompt = build_prompt(
+        system,
+        [],
+        user_text,
+        budget_tokens=settings.context_budget_tokens,
+        reserve_for_answer=options.max_answer_tokens,
+    )
     pieces: list[str] = []
     with anyio.move_on_after(settings.async_timeout_seconds) as deadline:
         async with services.model_slots:
-            await stream_chat(services.openai, model=options.model, messages=prompt.messages,
-                              max_tokens=options.max_answer_tokens, temperature=options.temperature,
-                              reasoning_effort=options.reasoning_effort,
-                              idle_timeout=settings.stream_idle_timeout_seconds, on_delta=pieces.append)
+            await stream_chat(
+                services.openai,
+                model=options.model,
+                messages=prompt.messages,
+                max_tokens=options.max_answer_tokens,
+                temperature=options.temperature,
+                reasoning_effort=options.reasoning_effort,
+                idle_timeout=settings.stream_idle_timeout_seconds,
+                on_delta=pieces.append,
+            )
     if deadline.cancelled_caught:
         return timeout_notice(settings.async_timeout_seconds)
     return "".join(pieces).strip() or "_(The model returned an empty answer. Please try again.)_"

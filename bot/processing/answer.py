@@ -20,15 +20,15 @@ import anyio
 from openai.types.chat import ChatCompletionMessageParam
 
 from bot.metrics import first_call_timer
+from bot.processing.attachments import Turn, read_attachments
 from bot.processing.context import RequestState, Services
 from bot.processing.conversation import build_prompt
 from bot.processing.failures import INTERRUPTED_NOTICE, STOPPED_NOTICE, describe, timeout_notice
-from bot.processing.attachments import Turn, read_attachments
 from bot.processing.image_tools import ImageTools
-from bot.processing.tool_chat import chat_with_tools
-from bot.processing.options import RequestOptions, resolve_options
 from bot.processing.message import IncomingMessage
+from bot.processing.options import RequestOptions, resolve_options
 from bot.processing.surface import ReplySurface, SurfaceError
+from bot.processing.tool_chat import chat_with_tools
 from bot.storage import StorageError
 from bot.storage.base import HistoryMessage, Outcome
 
@@ -73,23 +73,39 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
             rebuild = msg.in_existing_thread and not await services.store.thread_known(msg.thread)
             recorded = True  # before the call: finishing a request never started is a no-op
             await services.store.start_request(
-                state.request_id, msg.thread, user_ts=msg.ts,
-                placeholder_ts=state.placeholder_ts, started_at=time.time(),
+                state.request_id,
+                msg.thread,
+                user_ts=msg.ts,
+                placeholder_ts=state.placeholder_ts,
+                started_at=time.time(),
             )
             state.stage = "loading history"
             history = await load_history(services, msg, writer, rebuild=rebuild, exclude_ts={state.placeholder_ts})
             if options.history_messages is not None:
-                history = history[-options.history_messages:] if options.history_messages else []
+                history = history[-options.history_messages :] if options.history_messages else []
             state.stage = "reading attachments"
-            turn = await read_attachments(services, state, writer, system_prompt=options.system_prompt,
-                                          reserve_for_answer=options.max_answer_tokens)
-            prompt = build_prompt(options.system_prompt, history, turn.user_text,
-                                  budget_tokens=settings.context_budget_tokens,
-                                  reserve_for_answer=options.max_answer_tokens,
-                                  user_parts=turn.image_parts, parts_tokens=turn.image_tokens)
+            turn = await read_attachments(
+                services,
+                state,
+                writer,
+                system_prompt=options.system_prompt,
+                reserve_for_answer=options.max_answer_tokens,
+            )
+            prompt = build_prompt(
+                options.system_prompt,
+                history,
+                turn.user_text,
+                budget_tokens=settings.context_budget_tokens,
+                reserve_for_answer=options.max_answer_tokens,
+                user_parts=turn.image_parts,
+                parts_tokens=turn.image_tokens,
+            )
             if prompt.dropped_history:
-                log.info("request %s: left out %d older messages to fit the context budget",
-                         state.request_id, prompt.dropped_history)
+                log.info(
+                    "request %s: left out %d older messages to fit the context budget",
+                    state.request_id,
+                    prompt.dropped_history,
+                )
             finish_reason = None
             if turn.answerable:  # else only unreadable files came: their notes are the whole answer
                 image_tools = ImageTools(services, state, writer, turn.images, turn.notes) if services.media else None
@@ -112,23 +128,41 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
         failure = describe(exc)
         outcome, notice, detail = "error", failure.message, failure.kind
         services.metrics.request_errors.labels(kind=failure.kind).inc()
-        log.warning("request %s failed: %s (%s)", state.request_id, failure.kind, type(exc).__name__,
-                    extra={"request_id": state.request_id, "slack_thread": str(msg.thread), "error_kind": failure.kind})
+        log.warning(
+            "request %s failed: %s (%s)",
+            state.request_id,
+            failure.kind,
+            type(exc).__name__,
+            extra={"request_id": state.request_id, "slack_thread": str(msg.thread), "error_kind": failure.kind},
+        )
     finally:
         state.outcome = outcome
         state.stage = "finishing"
         if turn is not None and turn.notes:  # files not read, documents trimmed: said under the answer
             notice = "\n".join([*turn.notes, notice]).strip()
         with anyio.CancelScope(shield=True):
-            await _finalize(services, state, writer, outcome, notice, detail, recorded,
-                            user_text=turn.stored_text if turn is not None else msg.text)
+            await _finalize(
+                services,
+                state,
+                writer,
+                outcome,
+                notice,
+                detail,
+                recorded,
+                user_text=turn.stored_text if turn is not None else msg.text,
+            )
         services.metrics.reply_latency.labels(outcome=outcome).observe(anyio.current_time() - state.started_at)
     return outcome
 
 
-async def _stream_answer(services: Services, state: RequestState, writer: ReplySurface,
-                         messages: list[ChatCompletionMessageParam], options: RequestOptions,
-                         image_tools: ImageTools | None = None) -> str | None:
+async def _stream_answer(
+    services: Services,
+    state: RequestState,
+    writer: ReplySurface,
+    messages: list[ChatCompletionMessageParam],
+    options: RequestOptions,
+    image_tools: ImageTools | None = None,
+) -> str | None:
     """Wait for a model slot, then stream; the writer's flush task lives only as long
     as the stream. Errors are caught inside the task group so they leave it unwrapped."""
     settings = services.settings
@@ -145,17 +179,24 @@ async def _stream_answer(services: Services, state: RequestState, writer: ReplyS
                 state.stage = "streaming"
                 writer.set_status("_Thinking…_")
                 result = await chat_with_tools(
-                    image_tools, services.openai, model=options.model, messages=messages,
-                    max_tokens=options.max_answer_tokens, temperature=options.temperature,
+                    image_tools,
+                    services.openai,
+                    model=options.model,
+                    messages=messages,
+                    max_tokens=options.max_answer_tokens,
+                    temperature=options.temperature,
                     reasoning_effort=options.reasoning_effort,
                     idle_timeout=settings.stream_idle_timeout_seconds,
-                    on_delta=first_call_timer(writer.append, lambda: services.metrics.first_token_latency.observe(
-                        anyio.current_time() - state.started_at)),
+                    on_delta=first_call_timer(
+                        writer.append,
+                        lambda: services.metrics.first_token_latency.observe(anyio.current_time() - state.started_at),
+                    ),
                 )
                 finish_reason = result.finish_reason
                 services.metrics.openai_tokens.labels(model=options.model, direction="in").inc(result.prompt_tokens)
                 services.metrics.openai_tokens.labels(model=options.model, direction="out").inc(
-                    result.completion_tokens)
+                    result.completion_tokens
+                )
         except Exception as exc:
             error = exc
         finally:
@@ -165,8 +206,17 @@ async def _stream_answer(services: Services, state: RequestState, writer: ReplyS
     return finish_reason
 
 
-async def _finalize(services: Services, state: RequestState, writer: ReplySurface, outcome: RequestOutcome,
-                    notice: str, detail: str, recorded: bool, *, user_text: str | None = None) -> None:
+async def _finalize(
+    services: Services,
+    state: RequestState,
+    writer: ReplySurface,
+    outcome: RequestOutcome,
+    notice: str,
+    detail: str,
+    recorded: bool,
+    *,
+    user_text: str | None = None,
+) -> None:
     msg = state.message
     # The final write waits its turn in the workspace's budget for as long as Slack's
     # Retry-After asks (up to FINAL_WRITE_SECONDS); a shutdown shortens that (`hurry`).
@@ -177,7 +227,7 @@ async def _finalize(services: Services, state: RequestState, writer: ReplySurfac
         state.final_write = slack_bound
         try:
             delivered = await writer.finish(notice)
-        except Exception as exc:  # noqa: BLE001 - nothing more we can tell the user
+        except Exception as exc:
             log.error("request %s: could not write the final text: %s", state.request_id, exc)
         finally:
             state.final_write = None
@@ -189,12 +239,20 @@ async def _finalize(services: Services, state: RequestState, writer: ReplySurfac
         state.outcome = outcome
     if recorded:
         with anyio.move_on_after(STORE_RESERVE_SECONDS):
-            await _record_outcome(services, state, writer, outcome, detail,
-                                  user_text=msg.text if user_text is None else user_text)
+            await _record_outcome(
+                services, state, writer, outcome, detail, user_text=msg.text if user_text is None else user_text
+            )
 
 
-async def _record_outcome(services: Services, state: RequestState, writer: ReplySurface, outcome: RequestOutcome,
-                          detail: str, *, user_text: str) -> None:
+async def _record_outcome(
+    services: Services,
+    state: RequestState,
+    writer: ReplySurface,
+    outcome: RequestOutcome,
+    detail: str,
+    *,
+    user_text: str,
+) -> None:
     # A transient storage error here (locked, briefly full) would leave the request
     # "in flight" forever, and the next start would then overwrite a delivered answer
     # with the interrupted notice: retry within STORE_RESERVE_SECONDS.
@@ -202,8 +260,13 @@ async def _record_outcome(services: Services, state: RequestState, writer: Reply
         try:
             await services.store.finish_request(
                 # Storage keeps a user's Stop as "interrupted" (its detail says who stopped it).
-                state.request_id, outcome="interrupted" if outcome == "stopped" else outcome, user_text=user_text, user_ts=state.message.ts,
-                reply_text=writer.text, finished_at=time.time(), detail=detail,
+                state.request_id,
+                outcome="interrupted" if outcome == "stopped" else outcome,
+                user_text=user_text,
+                user_ts=state.message.ts,
+                reply_text=writer.text,
+                finished_at=time.time(),
+                detail=detail,
             )
             return
         except StorageError as exc:
@@ -217,8 +280,9 @@ async def _record_outcome(services: Services, state: RequestState, writer: Reply
             return
 
 
-async def load_history(services: Services, msg: IncomingMessage, surface: ReplySurface, *, rebuild: bool,
-                       exclude_ts: set[str]) -> list[HistoryMessage]:
+async def load_history(
+    services: Services, msg: IncomingMessage, surface: ReplySurface, *, rebuild: bool, exclude_ts: set[str]
+) -> list[HistoryMessage]:
     """The thread's conversation from storage; with `rebuild` (a mention inside a thread the
     bot has not seen), first read once from the surface (Slack's thread) and stored."""
     store = services.store

@@ -77,9 +77,16 @@ class Turn:
 
     @property
     def image_parts(self) -> list[ChatCompletionContentPartImageParam]:
-        return [{"type": "image_url", "image_url": {
-            "url": f"data:{i.mime};base64,{base64.b64encode(i.data).decode('ascii')}", "detail": "auto"}}
-            for i in self.images]
+        return [
+            {
+                "type": "image_url",
+                "image_url": {
+                    "url": f"data:{i.mime};base64,{base64.b64encode(i.data).decode('ascii')}",
+                    "detail": "auto",
+                },
+            }
+            for i in self.images
+        ]
 
     @property
     def image_tokens(self) -> int:
@@ -133,16 +140,16 @@ class _Collected:
     documents_text: str = ""  # the labelled, trimmed document blocks
 
 
-async def read_attachments(services: Services, state: RequestState, writer: ReplySurface, *,
-                           system_prompt: str, reserve_for_answer: int) -> Turn:
+async def read_attachments(
+    services: Services, state: RequestState, writer: ReplySurface, *, system_prompt: str, reserve_for_answer: int
+) -> Turn:
     """Read the message's files and image URLs, and gather the thread's earlier images.
     Raises only for cancellation and storage errors; every file problem becomes a note."""
     msg = state.message
     media = services.media
     settings = services.settings
     if media is None:  # a surface without file support (e.g. a terminal)
-        notes = [_line(str(f.get("name") or "a file"), "was not read: files are not supported here")
-                 for f in msg.files]
+        notes = [_line(str(f.get("name") or "a file"), "was not read: files are not supported here") for f in msg.files]
         return Turn(user_text=msg.text, stored_text=msg.text, notes=notes, answerable=bool(msg.text.strip()))
     earlier: list[ThreadImage] = []
     if msg.in_existing_thread and settings.max_context_images > 0:
@@ -160,11 +167,17 @@ async def read_attachments(services: Services, state: RequestState, writer: Repl
             await _read_all(services, media, state, writer, urls, collected)
             if collected.documents:
                 state.stage = "fitting documents"
-                room = (settings.context_budget_tokens - reserve_for_answer - count_tokens(system_prompt)
-                        - count_tokens(msg.text) - MARGIN_TOKENS
-                        - sum(_image_cost(i) for i in [*earlier, *collected.images]))
-                blocks, notes = await in_worker(media, fit_documents, collected.documents,
-                                                 max(500, int(room * DOCUMENT_SHARE)))
+                room = (
+                    settings.context_budget_tokens
+                    - reserve_for_answer
+                    - count_tokens(system_prompt)
+                    - count_tokens(msg.text)
+                    - MARGIN_TOKENS
+                    - sum(_image_cost(i) for i in [*earlier, *collected.images])
+                )
+                blocks, notes = await in_worker(
+                    media, fit_documents, collected.documents, max(500, int(room * DOCUMENT_SHARE))
+                )
                 collected.notes.extend(notes)
                 collected.documents_text = blocks
         except Exception as exc:  # leaves the task group unwrapped, as _stream_answer does
@@ -175,8 +188,9 @@ async def read_attachments(services: Services, state: RequestState, writer: Repl
         raise error
     if collected.images:
         state.stage = "storing images"
-        stamped = [ThreadImage(i.name, i.mime, i.data, i.width, i.height, i.source, i.label, msg.ts)
-                   for i in collected.images]
+        stamped = [
+            ThreadImage(i.name, i.mime, i.data, i.width, i.height, i.source, i.label, msg.ts) for i in collected.images
+        ]
         await services.store.add_thread_images(msg.thread, stamped, keep=max(settings.max_context_images, 1))
     writer.set_status("_Thinking…_")
     return _turn(msg.text, collected, earlier)
@@ -193,25 +207,34 @@ def _turn(text: str, collected: _Collected, earlier: list[ThreadImage]) -> Turn:
     model_parts = [text, documents_text, "\n".join(collected.model_notes)]
     if images:
         new = len(earlier)
-        listing = "; ".join(f"{n}. {_clean(i.name)} — {i.label or 'an image'}"
-                            f" ({'with this message' if n > new else 'earlier in this thread'})"
-                            for n, i in enumerate(images, 1))
+        listing = "; ".join(
+            f"{n}. {_clean(i.name)} — {i.label or 'an image'}"
+            f" ({'with this message' if n > new else 'earlier in this thread'})"
+            for n, i in enumerate(images, 1)
+        )
         model_parts.append(f"[Images in this conversation, in the order they are attached below: {listing}]")
     user_text = "\n\n".join(p for p in model_parts if p)
     answerable = bool(text.strip() or documents_text or collected.images)
-    return Turn(user_text=user_text, stored_text=stored, images=images, notes=collected.notes,
-                answerable=answerable)
+    return Turn(user_text=user_text, stored_text=stored, images=images, notes=collected.notes, answerable=answerable)
 
 
-async def _read_all(services: Services, media: MediaServices, state: RequestState, writer: ReplySurface,
-                    urls: list[str], collected: _Collected) -> None:
+async def _read_all(
+    services: Services,
+    media: MediaServices,
+    state: RequestState,
+    writer: ReplySurface,
+    urls: list[str],
+    collected: _Collected,
+) -> None:
     msg = state.message
     limit = services.settings.max_files_per_message
     sources: list[dict[str, Any] | str] = [*msg.files, *urls]
     if len(sources) > limit:
         skipped = len(sources) - limit
-        collected.notes.append(f":warning: I read only the first {limit} files and links of this message; "
-                               f"{skipped} more {'were' if skipped != 1 else 'was'} left out.")
+        collected.notes.append(
+            f":warning: I read only the first {limit} files and links of this message; "
+            f"{skipped} more {'were' if skipped != 1 else 'was'} left out."
+        )
         sources = sources[:limit]
     for source in sources:
         if isinstance(source, str):
@@ -223,13 +246,21 @@ async def _read_all(services: Services, media: MediaServices, state: RequestStat
 def _problem(collected: _Collected, state: RequestState, name: str, problem: FileProblem) -> None:
     log.info("request %s: file %r not used: %s (%s)", state.request_id, name, problem.kind, problem.reason)
     collected.notes.append(_line(name, problem.reason))
-    collected.model_notes.append(f"[The file {_clean(name)} could not be read: it {problem.reason}. The user has "
-                                 "been told; answer the rest of the message.]")
+    collected.model_notes.append(
+        f"[The file {_clean(name)} could not be read: it {problem.reason}. The user has "
+        "been told; answer the rest of the message.]"
+    )
     collected.stored_notes.append(f"[attached {_clean(name)}: not read — {problem.reason}]")
 
 
-async def _read_file(services: Services, media: MediaServices, state: RequestState, writer: ReplySurface,
-                     obj: dict[str, Any], collected: _Collected) -> None:
+async def _read_file(
+    services: Services,
+    media: MediaServices,
+    state: RequestState,
+    writer: ReplySurface,
+    obj: dict[str, Any],
+    collected: _Collected,
+) -> None:
     settings = services.settings
     name = str(obj.get("name") or obj.get("title") or obj.get("id") or "a file")
     try:
@@ -249,24 +280,36 @@ async def _read_file(services: Services, media: MediaServices, state: RequestSta
             _add_image(collected, name, prepared, "attached by the user")
         else:
             state.stage = f"parsing {name}"
-            document = await in_worker(media, extract_document, name, data, kind, _limits(services),
-                                        checkpoint=anyio.from_thread.check_cancelled)
+            document = await in_worker(
+                media,
+                extract_document,
+                name,
+                data,
+                kind,
+                _limits(services),
+                checkpoint=anyio.from_thread.check_cancelled,
+            )
             collected.documents.append(document)
             collected.notes.extend(_line(name, note) for note in document.notes)
     except FileProblem as problem:
         _problem(collected, state, name, problem)
 
 
-async def _read_url(services: Services, media: MediaServices, state: RequestState, writer: ReplySurface,
-                    url: str, collected: _Collected) -> None:
+async def _read_url(
+    services: Services, media: MediaServices, state: RequestState, writer: ReplySurface, url: str, collected: _Collected
+) -> None:
     settings = services.settings
     name = url if len(url) <= 80 else url[:77] + "…"
     try:
         writer.set_status("_Fetching the image…_")
         state.stage = "fetching an image URL"
-        fetched = await fetch_image(media.url_client, url, max_bytes=int(settings.max_file_mb * MB),
-                                    timeout=settings.url_fetch_timeout_seconds,
-                                    allow_loopback=settings.allow_loopback_urls)
+        fetched = await fetch_image(
+            media.url_client,
+            url,
+            max_bytes=int(settings.max_file_mb * MB),
+            timeout=settings.url_fetch_timeout_seconds,
+            allow_loopback=settings.allow_loopback_urls,
+        )
         state.stage = "processing an image URL"
         prepared = await in_worker(media, prepare_image, fetched.data, max_pixels=settings.max_image_pixels)
         short = urlsplit(url).path.rsplit("/", 1)[-1] or "image"
@@ -276,8 +319,17 @@ async def _read_url(services: Services, media: MediaServices, state: RequestStat
 
 
 def _add_image(collected: _Collected, name: str, prepared: PreparedImage, label: str) -> None:
-    collected.images.append(ThreadImage(name=name, mime=prepared.mime, data=prepared.data, width=prepared.width,
-                                        height=prepared.height, source="user", label=label))
+    collected.images.append(
+        ThreadImage(
+            name=name,
+            mime=prepared.mime,
+            data=prepared.data,
+            width=prepared.width,
+            height=prepared.height,
+            source="user",
+            label=label,
+        )
+    )
     collected.stored_notes.append(f"[attached image: {_clean(name)}]")
     if prepared.note:
         collected.notes.append(_line(name, prepared.note))
@@ -290,15 +342,22 @@ def fit_documents(documents: list[Document], budget_tokens: int) -> tuple[str, l
     costs = [count_tokens(d.text) for d in documents]
     shares = _shares(costs, budget_tokens)
     blocks, notes = [], []
-    for document, cost, share in zip(documents, costs, shares):
+    for document, cost, share in zip(documents, costs, shares, strict=False):
         text, name = document.text, _clean(document.name)
         if cost > share:
             kept = cut_to_tokens(text, share)
             percent = max(1, round(100 * len(kept) / max(1, len(text))))
-            text = (f"{kept}\n[… {name} was trimmed to fit the model's context: this is the first "
-                    f"{len(kept):,} of {len(document.text):,} characters …]")
-            notes.append(_line(document.name, f"is long: I could read only the first {percent}% of it "
-                                              f"({len(kept):,} of {len(document.text):,} characters)"))
+            text = (
+                f"{kept}\n[… {name} was trimmed to fit the model's context: this is the first "
+                f"{len(kept):,} of {len(document.text):,} characters …]"
+            )
+            notes.append(
+                _line(
+                    document.name,
+                    f"is long: I could read only the first {percent}% of it "
+                    f"({len(kept):,} of {len(document.text):,} characters)",
+                )
+            )
         blocks.append(f"[Attached file: {name} ({document.label})]\n{text}\n[End of {name}]")
     return "\n\n".join(blocks), notes
 
@@ -319,4 +378,3 @@ def _shares(costs: list[int], budget: int) -> list[int]:
                 shares[j] = fair
             break
     return shares
-

@@ -40,15 +40,55 @@ TEXT_EXTENSIONS = frozenset(
     "hpp hh cs fs vb sql sh bash zsh fish ps1 bat cmd dockerfile makefile gradle properties tf hcl "
     "graphql gql proto diff patch tex bib srt vtt svelte vue dart ex exs erl hs clj elm nim zig".split()
 )
-TEXT_MIMETYPES = frozenset({"application/json", "application/x-yaml", "application/yaml", "application/xml",
-                            "application/javascript", "application/x-sh", "application/sql", "application/toml"})
+TEXT_MIMETYPES = frozenset(
+    {
+        "application/json",
+        "application/x-yaml",
+        "application/yaml",
+        "application/xml",
+        "application/javascript",
+        "application/x-sh",
+        "application/sql",
+        "application/toml",
+    }
+)
 # Slack's `filetype` for snippets and text uploads (besides the extension-like ones above).
-SLACK_TEXT_FILETYPES = frozenset({"text", "post", "javascript", "python", "shell", "markdown", "yaml", "json",
-                                  "xml", "html", "csharp", "cpp", "c", "go", "java", "kotlin", "ruby", "rust",
-                                  "sql", "swift", "typescript", "php", "perl", "scala", "diff", "dockerfile"})
-LEGACY_OFFICE = {"doc": "Word 97–2003 (.doc) files can't be read; save it as .docx and send it again",
-                 "xls": "Excel 97–2003 (.xls) files can't be read; save it as .xlsx and send it again",
-                 "ppt": "PowerPoint files can't be read yet", "pptx": "PowerPoint files can't be read yet"}
+SLACK_TEXT_FILETYPES = frozenset(
+    {
+        "text",
+        "post",
+        "javascript",
+        "python",
+        "shell",
+        "markdown",
+        "yaml",
+        "json",
+        "xml",
+        "html",
+        "csharp",
+        "cpp",
+        "c",
+        "go",
+        "java",
+        "kotlin",
+        "ruby",
+        "rust",
+        "sql",
+        "swift",
+        "typescript",
+        "php",
+        "perl",
+        "scala",
+        "diff",
+        "dockerfile",
+    }
+)
+LEGACY_OFFICE = {
+    "doc": "Word 97–2003 (.doc) files can't be read; save it as .docx and send it again",
+    "xls": "Excel 97–2003 (.xls) files can't be read; save it as .xlsx and send it again",
+    "ppt": "PowerPoint files can't be read yet",
+    "pptx": "PowerPoint files can't be read yet",
+}
 
 
 def _noop() -> None:
@@ -101,8 +141,12 @@ def document_kind(name: str, mimetype: str = "", filetype: str = "") -> str | No
         return TSV
     if ext in LEGACY_OFFICE:
         return None
-    if ext in TEXT_EXTENSIONS or filetype in SLACK_TEXT_FILETYPES or mimetype.startswith("text/") \
-            or mimetype in TEXT_MIMETYPES:
+    if (
+        ext in TEXT_EXTENSIONS
+        or filetype in SLACK_TEXT_FILETYPES
+        or mimetype.startswith("text/")
+        or mimetype in TEXT_MIMETYPES
+    ):
         return TEXT
     return None
 
@@ -113,8 +157,10 @@ def unsupported_reason(name: str) -> str:
     if ext in LEGACY_OFFICE:
         return LEGACY_OFFICE[ext]
     shown = f".{ext} files" if ext else "files of this type"
-    return (f"can't be read: {shown} aren't supported. I read images (PNG, JPEG, GIF, WebP), PDF, "
-            "Word (.docx), Excel (.xlsx/.xlsm), CSV/TSV and text or source files")
+    return (
+        f"can't be read: {shown} aren't supported. I read images (PNG, JPEG, GIF, WebP), PDF, "
+        "Word (.docx), Excel (.xlsx/.xlsm), CSV/TSV and text or source files"
+    )
 
 
 def sniff(data: bytes) -> str:
@@ -145,14 +191,26 @@ def sniff(data: bytes) -> str:
     return "text"
 
 
-SNIFF_WORDS = {"pdf": "PDF data", "zip": "a zip archive", "png": "a PNG image", "jpeg": "a JPEG image",
-               "gif": "a GIF image", "webp": "a WebP image", "html": "a web page (HTML)", "empty": "nothing",
-               "binary": "binary data", "text": "plain text"}
+SNIFF_WORDS = {
+    "pdf": "PDF data",
+    "zip": "a zip archive",
+    "png": "a PNG image",
+    "jpeg": "a JPEG image",
+    "gif": "a GIF image",
+    "webp": "a WebP image",
+    "html": "a web page (HTML)",
+    "empty": "nothing",
+    "binary": "binary data",
+    "text": "plain text",
+}
 
 
 def _mismatch(kind: str, found: str) -> FileProblem:
-    return FileProblem(f"is named like a {KIND_LABELS[kind]} but contains {SNIFF_WORDS[found]}; "
-                       "check the file (or its extension) and send it again", "wrong_type")
+    return FileProblem(
+        f"is named like a {KIND_LABELS[kind]} but contains {SNIFF_WORDS[found]}; "
+        "check the file (or its extension) and send it again",
+        "wrong_type",
+    )
 
 
 def decode_text(data: bytes) -> str:
@@ -160,14 +218,15 @@ def decode_text(data: bytes) -> str:
     than guessed, so the model never reads mojibake."""
     try:
         if data.startswith(codecs.BOM_UTF8):
-            text = data[len(codecs.BOM_UTF8):].decode("utf-8")
+            text = data[len(codecs.BOM_UTF8) :].decode("utf-8")
         elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
             text = data.decode("utf-16")
         else:
             text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise FileProblem("is not UTF-8 text, so I could not decode it; save it as UTF-8 and send it again",
-                          "undecodable") from None
+        raise FileProblem(
+            "is not UTF-8 text, so I could not decode it; save it as UTF-8 and send it again", "undecodable"
+        ) from None
     if "\x00" in text:
         raise FileProblem("looks like binary data, not text", "undecodable")
     return text
@@ -208,16 +267,23 @@ def check_zip(data: bytes, kind: str, limits: DocumentLimits) -> None:
     except (zipfile.BadZipFile, ValueError, OSError):
         raise FileProblem(f"is damaged: it is not a readable {KIND_LABELS[kind]}", "corrupt") from None
     if len(entries) > limits.max_zip_entries:
-        raise FileProblem(f"has {len(entries):,} parts inside (the limit is {limits.max_zip_entries:,}); "
-                          "it looks like a zip bomb, so I did not open it", "zip_bomb")
+        raise FileProblem(
+            f"has {len(entries):,} parts inside (the limit is {limits.max_zip_entries:,}); "
+            "it looks like a zip bomb, so I did not open it",
+            "zip_bomb",
+        )
     total = sum(e.file_size for e in entries)
     if total > limits.max_unzipped_bytes:
-        raise FileProblem(f"would unpack to {total / MB:,.0f} MB (the limit is {limits.max_unzipped_bytes / MB:,.0f} "
-                          "MB); it looks like a zip bomb, so I did not open it", "zip_bomb")
+        raise FileProblem(
+            f"would unpack to {total / MB:,.0f} MB (the limit is {limits.max_unzipped_bytes / MB:,.0f} "
+            "MB); it looks like a zip bomb, so I did not open it",
+            "zip_bomb",
+        )
 
 
-def extract_document(name: str, data: bytes, kind: str, limits: DocumentLimits,
-                     checkpoint: Callable[[], None] = _noop) -> Document:
+def extract_document(
+    name: str, data: bytes, kind: str, limits: DocumentLimits, checkpoint: Callable[[], None] = _noop
+) -> Document:
     """The document's text, labelled by kind. Raises FileProblem."""
     if not data:
         raise FileProblem("is empty", "empty")
@@ -234,7 +300,7 @@ def extract_document(name: str, data: bytes, kind: str, limits: DocumentLimits,
     notes: tuple[str, ...] = ()
     if len(text) > limits.max_chars:
         notes = (f"is long: only its first {limits.max_chars:,} characters were read",)
-        text = text[:limits.max_chars]
+        text = text[: limits.max_chars]
     if not text.strip():
         raise FileProblem("is empty", "empty")
     if kind in (CSV, TSV):
@@ -244,7 +310,7 @@ def extract_document(name: str, data: bytes, kind: str, limits: DocumentLimits,
 
 
 def _pdf(name: str, data: bytes, limits: DocumentLimits, checkpoint: Callable[[], None]) -> Document:
-    from pypdf import PdfReader, PasswordType
+    from pypdf import PasswordType, PdfReader
     from pypdf.errors import DependencyError
 
     found = sniff(data)
@@ -258,12 +324,13 @@ def _pdf(name: str, data: bytes, limits: DocumentLimits, checkpoint: Callable[[]
             except DependencyError:
                 opened = PasswordType.NOT_DECRYPTED
             if opened == PasswordType.NOT_DECRYPTED:
-                raise FileProblem("is password-protected (encrypted), so I can't read it; send a copy "
-                                  "without a password", "encrypted")
+                raise FileProblem(
+                    "is password-protected (encrypted), so I can't read it; send a copy without a password", "encrypted"
+                )
         count = len(reader.pages)
     except FileProblem:
         raise
-    except Exception as exc:  # noqa: BLE001 - pypdf raises many kinds of error on damaged files
+    except Exception as exc:
         log.info("pdf %r unreadable: %s: %s", name, type(exc).__name__, exc)
         raise FileProblem("is damaged: it is not a readable PDF", "corrupt") from None
     if count == 0:
@@ -276,15 +343,16 @@ def _pdf(name: str, data: bytes, limits: DocumentLimits, checkpoint: Callable[[]
         checkpoint()
         try:
             text = reader.pages[number].extract_text() or ""
-        except Exception as exc:  # noqa: BLE001 - one bad page must not lose the others
+        except Exception as exc:
             log.info("pdf %r page %d unreadable: %s", name, number + 1, type(exc).__name__)
             unreadable += 1
             continue
         budget.add(f"--- page {number + 1} ---\n{text.strip()}")
         if budget.full:
             read = number + 1
-            notes.append(f"is long: I read its text up to page {read} of {count} "
-                         f"(the first {limits.max_chars:,} characters)")
+            notes.append(
+                f"is long: I read its text up to page {read} of {count} (the first {limits.max_chars:,} characters)"
+            )
             break
     if read < count and not budget.full:
         notes.append(f"has {count} pages: I read the first {read} (the limit is {limits.max_pdf_pages})")
@@ -293,8 +361,9 @@ def _pdf(name: str, data: bytes, limits: DocumentLimits, checkpoint: Callable[[]
     text = budget.text
     body = "".join(line for line in text.splitlines() if not line.startswith("--- page ")).strip()
     if not body:
-        raise FileProblem("has no text I can extract (it may be scanned images); try sending the pages "
-                          "as images instead", "no_text")
+        raise FileProblem(
+            "has no text I can extract (it may be scanned images); try sending the pages as images instead", "no_text"
+        )
     return Document(name, PDF, text, f"{count} page{'s' if count != 1 else ''}", tuple(notes))
 
 
@@ -305,7 +374,7 @@ def _docx(name: str, data: bytes, limits: DocumentLimits, checkpoint: Callable[[
     check_zip(data, DOCX, limits)
     try:
         document = docx.Document(io.BytesIO(data))
-    except Exception as exc:  # noqa: BLE001 - not a Word file inside, or a damaged one
+    except Exception as exc:
         log.info("docx %r unreadable: %s: %s", name, type(exc).__name__, exc)
         raise FileProblem("is not a readable Word document (.docx)", "corrupt") from None
     budget = _TextBudget(limits.max_chars)
@@ -328,7 +397,7 @@ def _docx(name: str, data: bytes, limits: DocumentLimits, checkpoint: Callable[[
                 break
     except FileProblem:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.info("docx %r failed while reading: %s: %s", name, type(exc).__name__, exc)
         raise FileProblem("is damaged: it is not a readable Word document", "corrupt") from None
     notes = (f"is long: only its first {limits.max_chars:,} characters were read",) if budget.full else ()
@@ -344,7 +413,7 @@ def _xlsx(name: str, data: bytes, limits: DocumentLimits, checkpoint: Callable[[
     check_zip(data, XLSX, limits)
     try:
         workbook = openpyxl.load_workbook(io.BytesIO(data), read_only=True, data_only=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.info("xlsx %r unreadable: %s: %s", name, type(exc).__name__, exc)
         raise FileProblem("is not a readable Excel workbook (.xlsx/.xlsm)", "corrupt") from None
     budget = _TextBudget(limits.max_chars)
@@ -358,8 +427,9 @@ def _xlsx(name: str, data: bytes, limits: DocumentLimits, checkpoint: Callable[[
             columns = sheet.max_column if isinstance(sheet.max_column, int) else None
             buffer = io.StringIO()
             writer = csv.writer(buffer, lineterminator="\n")
-            for row in sheet.iter_rows(values_only=True, max_col=min(columns or limits.max_columns,
-                                                                      limits.max_columns)):
+            for row in sheet.iter_rows(
+                values_only=True, max_col=min(columns or limits.max_columns, limits.max_columns)
+            ):
                 rows_read += 1
                 if rows_read % 200 == 0:
                     checkpoint()
@@ -378,12 +448,13 @@ def _xlsx(name: str, data: bytes, limits: DocumentLimits, checkpoint: Callable[[
                 break
     except FileProblem:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         log.info("xlsx %r failed while reading: %s: %s", name, type(exc).__name__, exc)
         raise FileProblem("is damaged: it is not a readable Excel workbook", "corrupt") from None
     finally:
         workbook.close()
     if sheets == 0:
         raise FileProblem("has no worksheets", "empty")
-    return Document(name, XLSX, budget.text, f"{sheets} sheet{'s' if sheets != 1 else ''}, {rows_read:,} rows",
-                    tuple(notes))
+    return Document(
+        name, XLSX, budget.text, f"{sheets} sheet{'s' if sheets != 1 else ''}, {rows_read:,} rows", tuple(notes)
+    )

@@ -50,32 +50,65 @@ EDITING_STATUS = "_Editing the image…_"
 UPLOADING_STATUS = "_Posting the image…_"
 MAX_GENERATED_BYTES = 50 * 1024 * 1024
 
-GENERATE_TOOL: ChatCompletionFunctionToolParam = {"type": "function", "function": {
-    "name": GENERATE,
-    "description": ("Draw a new picture and post it in this Slack thread. Use it when the user asks you to draw, "
-                    "paint, sketch, create, generate or make an image, picture, photo, illustration, logo, icon, "
-                    "poster or diagram. Not for describing or analysing images."),
-    "parameters": {"type": "object", "additionalProperties": False, "required": ["prompt"], "properties": {
-        "prompt": {"type": "string", "description": "A detailed description of the picture to draw."}}},
-}}
-EDIT_TOOL: ChatCompletionFunctionToolParam = {"type": "function", "function": {
-    "name": EDIT,
-    "description": ("Change a picture from this conversation (one the user attached or one you drew) and post the "
-                    "result in this thread: e.g. make it darker, remove the background, add or replace something."),
-    "parameters": {"type": "object", "additionalProperties": False, "required": ["prompt"], "properties": {
-        "prompt": {"type": "string", "description": "What to change, described fully."},
-        "image": {"type": "integer", "description": ("Which picture to edit: its number in the list of images in "
-                                                     "this conversation. Default: the most recent one.")}}},
-}}
+GENERATE_TOOL: ChatCompletionFunctionToolParam = {
+    "type": "function",
+    "function": {
+        "name": GENERATE,
+        "description": (
+            "Draw a new picture and post it in this Slack thread. Use it when the user asks you to draw, "
+            "paint, sketch, create, generate or make an image, picture, photo, illustration, logo, icon, "
+            "poster or diagram. Not for describing or analysing images."
+        ),
+        "parameters": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["prompt"],
+            "properties": {
+                "prompt": {"type": "string", "description": "A detailed description of the picture to draw."}
+            },
+        },
+    },
+}
+EDIT_TOOL: ChatCompletionFunctionToolParam = {
+    "type": "function",
+    "function": {
+        "name": EDIT,
+        "description": (
+            "Change a picture from this conversation (one the user attached or one you drew) and post the "
+            "result in this thread: e.g. make it darker, remove the background, add or replace something."
+        ),
+        "parameters": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["prompt"],
+            "properties": {
+                "prompt": {"type": "string", "description": "What to change, described fully."},
+                "image": {
+                    "type": "integer",
+                    "description": (
+                        "Which picture to edit: its number in the list of images in "
+                        "this conversation. Default: the most recent one."
+                    ),
+                },
+            },
+        },
+    },
+}
 
-_DRAW = re.compile(r"^\s*(?:(?:please|pls|can you|could you|would you|now)[\s,]+)*(?:"
-                   r"(?:draw|paint|sketch|illustrate)\b"
-                   r"|(?:generate|create|make|design|render|produce)\s+(?:me\s+)?(?:a|an|another|some|the|\d+)?\s*"
-                   r"(?:\w+\s+){0,3}?(?:image|picture|pic|photo|drawing|illustration|logo|icon|poster|painting|"
-                   r"diagram|sketch|wallpaper|avatar)s?\b)", re.IGNORECASE)
-_EDIT = re.compile(r"^\s*(?:(?:please|pls|can you|could you|would you|now)[\s,]+)*(?:"
-                   r"make\s+(?:it|this|that|the\s+\w+)|change|edit|remove|add|replace|turn\s+(?:it|this|that)|"
-                   r"recolou?r|erase|brighten|darken|crop|put)\b", re.IGNORECASE)
+_DRAW = re.compile(
+    r"^\s*(?:(?:please|pls|can you|could you|would you|now)[\s,]+)*(?:"
+    r"(?:draw|paint|sketch|illustrate)\b"
+    r"|(?:generate|create|make|design|render|produce)\s+(?:me\s+)?(?:a|an|another|some|the|\d+)?\s*"
+    r"(?:\w+\s+){0,3}?(?:image|picture|pic|photo|drawing|illustration|logo|icon|poster|painting|"
+    r"diagram|sketch|wallpaper|avatar)s?\b)",
+    re.IGNORECASE,
+)
+_EDIT = re.compile(
+    r"^\s*(?:(?:please|pls|can you|could you|would you|now)[\s,]+)*(?:"
+    r"make\s+(?:it|this|that|the\s+\w+)|change|edit|remove|add|replace|turn\s+(?:it|this|that)|"
+    r"recolou?r|erase|brighten|darken|crop|put)\b",
+    re.IGNORECASE,
+)
 
 
 def decide_without_tools(text: str, has_image: bool) -> str | None:
@@ -164,8 +197,12 @@ class ImageTools:
         settings = self.services.settings
         try:
             response = await self.services.openai.images.generate(
-                prompt=prompt[:32000], model=settings.image_model, size=settings.image_size,
-                quality=settings.image_quality, n=1, timeout=_sdk_timeout(),
+                prompt=prompt[:32000],
+                model=settings.image_model,
+                size=settings.image_size,
+                quality=settings.image_quality,
+                n=1,
+                timeout=_sdk_timeout(),
             )
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
             return self._refused("draw", exc)
@@ -186,8 +223,12 @@ class ImageTools:
         extension = "png" if source.mime == "image/png" else "jpg"
         try:
             response = await self.services.openai.images.edit(
-                image=(f"image.{extension}", source.data, source.mime), prompt=prompt[:32000],
-                model=settings.image_model, size=settings.image_size, quality=settings.image_quality, n=1,
+                image=(f"image.{extension}", source.data, source.mime),
+                prompt=prompt[:32000],
+                model=settings.image_model,
+                size=settings.image_size,
+                quality=settings.image_quality,
+                n=1,
                 timeout=_sdk_timeout(),
             )
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
@@ -205,8 +246,10 @@ class ImageTools:
     def _unavailable(self, exc: openai.APIStatusError) -> str:
         model = self.services.settings.image_model
         log.warning("request %s: image model %s unavailable: %s", self.state.request_id, model, api_message(exc))
-        self.notes.append(f":no_entry: The image model `{model}` is not available to this API key "
-                          f"(HTTP {exc.status_code}); an admin needs to check `IMAGE_MODEL`.")
+        self.notes.append(
+            f":no_entry: The image model `{model}` is not available to this API key "
+            f"(HTTP {exc.status_code}); an admin needs to check `IMAGE_MODEL`."
+        )
         return "Image generation is not available right now. Tell the user briefly."
 
     async def _post(self, response: ImagesResponse, prompt: str, label: str) -> str:
@@ -235,27 +278,42 @@ class ImageTools:
         caption = " ".join(prompt.replace("<", "").replace(">", "").replace("_", " ").split())
         caption = caption if len(caption) <= 150 else caption[:149] + "…"
         try:
-            await self.writer.post_image(data, filename=filename, title=caption, comment=f"_{caption}_",
-                                         alt_text=prompt)
+            await self.writer.post_image(
+                data, filename=filename, title=caption, comment=f"_{caption}_", alt_text=prompt
+            )
         except SurfaceError as exc:
             log.warning("request %s: could not post the image: %s", self.state.request_id, exc.code)
-            hint = " (the bot's token needs the `files:write` scope)" if exc.code in (
-                "missing_scope", "not_allowed_token_type") else ""
+            hint = (
+                " (the bot's token needs the `files:write` scope)"
+                if exc.code in ("missing_scope", "not_allowed_token_type")
+                else ""
+            )
             self.notes.append(f":warning: I made the image but Slack refused to post it: `{exc.code}`{hint}.")
             return f"The image was made but could not be posted in Slack ({exc.code}). Tell the user briefly."
-        image = ThreadImage(name=filename, mime=prepared.mime, data=prepared.data, width=prepared.width,
-                            height=prepared.height, source="bot", label=label, ts=msg.ts)
+        image = ThreadImage(
+            name=filename,
+            mime=prepared.mime,
+            data=prepared.data,
+            width=prepared.width,
+            height=prepared.height,
+            source="bot",
+            label=label,
+            ts=msg.ts,
+        )
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):  # posted, so remember it
             try:
                 await self.services.store.add_thread_images(
-                    msg.thread, [image], keep=max(self.services.settings.max_context_images, 1))
+                    msg.thread, [image], keep=max(self.services.settings.max_context_images, 1)
+                )
             except StorageError as exc:  # the picture is in Slack; only a later edit would miss it
                 log.warning("request %s: could not store the posted image: %s", self.state.request_id, exc)
         self.images.append(image)
         self.made += 1
         self.writer.set_status("_Thinking…_")
-        return (f"Done: the image was posted in the thread as {filename} (it is image number {len(self.images)} "
-                "now). Reply with one short sentence; do not repeat the prompt or describe the tool.")
+        return (
+            f"Done: the image was posted in the thread as {filename} (it is image number {len(self.images)} "
+            "now). Reply with one short sentence; do not repeat the prompt or describe the tool."
+        )
 
     async def fallback(self, text: str) -> str | None:
         """Apply the keyword rule; returns a short reply when it drew or edited, None to

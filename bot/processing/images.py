@@ -69,8 +69,11 @@ def target_size(width: int, height: int) -> tuple[int, int]:
 
 def is_image_file(name: str, mimetype: str = "", filetype: str = "") -> bool:
     ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-    return ext in IMAGE_EXTENSIONS or (mimetype or "").lower() in IMAGE_MIMETYPES \
+    return (
+        ext in IMAGE_EXTENSIONS
+        or (mimetype or "").lower() in IMAGE_MIMETYPES
         or (filetype or "").lower() in IMAGE_EXTENSIONS
+    )
 
 
 def prepare_image(data: bytes, *, max_pixels: int) -> PreparedImage:
@@ -84,8 +87,11 @@ def prepare_image(data: bytes, *, max_pixels: int) -> PreparedImage:
         with Image.open(io.BytesIO(data), formats=FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
-                raise FileProblem(f"is too large to process ({width:,}×{height:,} pixels; the limit is "
-                                  f"{max_pixels / 1e6:g} megapixels)", "too_many_pixels")
+                raise FileProblem(
+                    f"is too large to process ({width:,}×{height:,} pixels; the limit is "
+                    f"{max_pixels / 1e6:g} megapixels)",
+                    "too_many_pixels",
+                )
             note = ""
             if getattr(image, "is_animated", False):
                 note = "is animated: I looked at its first frame only"
@@ -110,8 +116,9 @@ def prepare_image(data: bytes, *, max_pixels: int) -> PreparedImage:
     except FileProblem:
         raise
     except Image.DecompressionBombError:
-        raise FileProblem(f"is too large to process (over {max_pixels / 1e6:g} megapixels)", "too_many_pixels") \
-            from None
+        raise FileProblem(
+            f"is too large to process (over {max_pixels / 1e6:g} megapixels)", "too_many_pixels"
+        ) from None
     except UnidentifiedImageError:
         raise FileProblem("is not a PNG, JPEG, GIF or WebP image I can read", "not_an_image") from None
     except (OSError, SyntaxError, ValueError, EOFError):

@@ -49,8 +49,10 @@ def options_from(settings: Settings, prefs: Preferences) -> RequestOptions:
     reasoning = is_reasoning_model(prefs.model)
     system_prompt = settings.system_prompt
     if prefs.instructions.strip():
-        system_prompt = (f"{system_prompt}\n\nStanding instructions from the user "
-                         f"(follow them unless they conflict with the above):\n{prefs.instructions.strip()}")
+        system_prompt = (
+            f"{system_prompt}\n\nStanding instructions from the user "
+            f"(follow them unless they conflict with the above):\n{prefs.instructions.strip()}"
+        )
     return RequestOptions(
         model=prefs.model,
         system_prompt=system_prompt,

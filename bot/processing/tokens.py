@@ -38,7 +38,7 @@ def _tiktoken_counter() -> Callable[[str], int] | None:
         return None  # would need a download: stay offline
     try:
         enc = tiktoken.get_encoding("o200k_base")
-    except Exception:  # noqa: BLE001 - any failure means: use the estimate
+    except Exception:
         return None
     return lambda text: len(enc.encode(text, disallowed_special=()))
 

@@ -28,9 +28,15 @@ log = logging.getLogger(__name__)
 MAX_TOOL_ROUNDS = 3
 
 
-async def chat_with_tools(tools: ImageTools | None, client: openai.AsyncOpenAI, *, model: str,
-                          messages: list[ChatCompletionMessageParam], on_delta: Callable[[str], None],
-                          **kwargs: Unpack[StreamOptions]) -> ChatResult:
+async def chat_with_tools(
+    tools: ImageTools | None,
+    client: openai.AsyncOpenAI,
+    *,
+    model: str,
+    messages: list[ChatCompletionMessageParam],
+    on_delta: Callable[[str], None],
+    **kwargs: Unpack[StreamOptions],
+) -> ChatResult:
     """`stream_chat`, with `tools` offered when given and enabled."""
     if tools is None or not tools.enabled:
         return await stream_chat(client, model=model, messages=messages, on_delta=on_delta, **kwargs)
@@ -55,21 +61,22 @@ async def chat_with_tools(tools: ImageTools | None, client: openai.AsyncOpenAI, 
         offered = tools.specs() if not refused and rounds < MAX_TOOL_ROUNDS else None
         written.clear()
         try:
-            result = await stream_chat(client, model=model, messages=messages, on_delta=delta, tools=offered,
-                                       **kwargs)
+            result = await stream_chat(client, model=model, messages=messages, on_delta=delta, tools=offered, **kwargs)
         except openai.APIStatusError as exc:
             if not offered or rounds or not refuses_tools(exc):  # a later round's 400 is not a refusal
                 raise
-            log.warning("model %s refused function calling (%s); using the keyword rule for images from now on",
-                        model, api_message(exc))
+            log.warning(
+                "model %s refused function calling (%s); using the keyword rule for images from now on",
+                model,
+                api_message(exc),
+            )
             if media is not None:
                 media.tools_refused.add(model)
             refused = True
             reply = await tools.fallback(tools.state.message.text)
             if reply is not None:
                 on_delta(reply)
-                return ChatResult(text=reply, finish_reason="stop", prompt_tokens=total_in,
-                                  completion_tokens=total_out)
+                return ChatResult(text=reply, finish_reason="stop", prompt_tokens=total_in, completion_tokens=total_out)
             continue
         total_in += result.prompt_tokens
         total_out += result.completion_tokens
@@ -79,11 +86,17 @@ async def chat_with_tools(tools: ImageTools | None, client: openai.AsyncOpenAI, 
                 on_delta("Here is the image.")
                 result.text = "Here is the image."
             return result
-        messages = [*messages, {
-            "role": "assistant", "content": result.text or None,
-            "tool_calls": [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                           for c in result.tool_calls],
-        }]
+        messages = [
+            *messages,
+            {
+                "role": "assistant",
+                "content": result.text or None,
+                "tool_calls": [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in result.tool_calls
+                ],
+            },
+        ]
         for call in result.tool_calls:
             outcome = await tools.run(call)
             messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome})

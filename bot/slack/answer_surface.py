@@ -31,19 +31,19 @@ from typing import Any
 
 import anyio
 
-from bot.slack.feedback_blocks import feedback_block
-from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, stable_length
-from bot.processing.options import RequestOptions
-from bot.slack.reply import PLACEHOLDER, POST_TIMEOUT, ReplyWriter
-from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
-from bot.processing.message import IncomingMessage
-from bot.processing.surface import AttachedFile, SurfaceError
 from bot.config import Settings
+from bot.processing.message import IncomingMessage
+from bot.processing.options import RequestOptions
+from bot.processing.surface import AttachedFile, SurfaceError
 from bot.slack.events import BotIdentity
+from bot.slack.feedback_blocks import feedback_block
 from bot.slack.files import SlackFile, download_file, resolve_file, upload_to_thread
+from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, stable_length
+from bot.slack.reply import PLACEHOLDER, POST_TIMEOUT, ReplyWriter
 from bot.slack.transcripts import history_from_replies
-from bot.storage.base import HistoryMessage, Store
+from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
 from bot.storage import StorageError
+from bot.storage.base import HistoryMessage, Store
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ STOP_ATTEMPTS = 3  # chat.stopStream tries before the message is taken as stuck 
 
 
 def assistant_status(status: str) -> str:
-    """"_Thinking…_" → "is thinking…": Slack shows the status after the app's name."""
+    """ "_Thinking…_" → "is thinking…": Slack shows the status after the app's name."""
     text = status.strip().strip("_*").strip()
     if not text:
         return ""
@@ -63,10 +63,22 @@ def assistant_status(status: str) -> str:
 
 
 class SlackAnswerWriter:
-    def __init__(self, slack: SlackWebAPI, channel: str, thread_ts: str, *, mode: str = "update",
-                 interval: float = 1.0, recipient_user: str = "", recipient_team: str = "",
-                 assistant_thread: bool = False, title: str = "", feedback: bool = True,
-                 limit: int = SLACK_MARKDOWN_LIMIT, me: BotIdentity | None = None) -> None:
+    def __init__(
+        self,
+        slack: SlackWebAPI,
+        channel: str,
+        thread_ts: str,
+        *,
+        mode: str = "update",
+        interval: float = 1.0,
+        recipient_user: str = "",
+        recipient_team: str = "",
+        assistant_thread: bool = False,
+        title: str = "",
+        feedback: bool = True,
+        limit: int = SLACK_MARKDOWN_LIMIT,
+        me: BotIdentity | None = None,
+    ) -> None:
         if mode not in ("native", "update", "final"):
             raise ValueError(f"mode must be native, update or final, got {mode!r}")
         self._slack = slack
@@ -142,7 +154,9 @@ class SlackAnswerWriter:
             # Shielded like ReplyWriter.start: a ts Slack created must never be lost.
             with anyio.CancelScope(shield=True), anyio.move_on_after(POST_TIMEOUT):
                 body = await self._slack.call(
-                    "chat.startStream", channel=self.channel, thread_ts=self.thread_ts,
+                    "chat.startStream",
+                    channel=self.channel,
+                    thread_ts=self.thread_ts,
                     recipient_user_id=self._recipient_user or None,
                     recipient_team_id=self._recipient_team or None,
                 )
@@ -200,7 +214,7 @@ class SlackAnswerWriter:
         text = self.text
         if self.mode == "native":
             shown = neutralize_broadcasts(text)
-            final = shown[self._sent:]
+            final = shown[self._sent :]
             if notice:
                 final = f"{final}\n\n{notice}" if text else notice
             if len(shown) + len(notice) + 2 > self._limit:
@@ -209,8 +223,11 @@ class SlackAnswerWriter:
             else:
                 try:
                     await self._slack.call(
-                        "chat.stopStream", channel=self.channel, ts=self._stream_ts,
-                        markdown_text=final or None, blocks=[feedback_block()] if text and self._feedback else None,
+                        "chat.stopStream",
+                        channel=self.channel,
+                        ts=self._stream_ts,
+                        markdown_text=final or None,
+                        blocks=[feedback_block()] if text and self._feedback else None,
                     )
                     self._release_stop()
                     await self._clear_status()
@@ -245,8 +262,16 @@ class SlackAnswerWriter:
 
     async def post_image(self, data: bytes, *, filename: str, title: str, comment: str, alt_text: str) -> None:
         try:
-            await upload_to_thread(self._slack, channel=self.channel, thread_ts=self.thread_ts, filename=filename,
-                                   data=data, title=title, comment=comment, alt_text=alt_text)
+            await upload_to_thread(
+                self._slack,
+                channel=self.channel,
+                thread_ts=self.thread_ts,
+                filename=filename,
+                data=data,
+                title=title,
+                comment=comment,
+                alt_text=alt_text,
+            )
         except SlackAPIError as exc:
             raise SurfaceError("posting the image", exc.error) from None
 
@@ -259,8 +284,8 @@ class SlackAnswerWriter:
             self._give_up_stream("the answer is longer than one message")
             return
         # Only the part that can no longer change: a `<!chan` cut mid-mention is held back.
-        shown = neutralize_broadcasts(text[:stable_length(text)])
-        chunk = shown[self._sent:]
+        shown = neutralize_broadcasts(text[: stable_length(text)])
+        chunk = shown[self._sent :]
         if not chunk:
             return
         # Shielded (and bounded): unlike chat.update, an append is not idempotent. If this
@@ -268,8 +293,9 @@ class SlackAnswerWriter:
         # finish() would send the chunk again and the answer would show it twice.
         with anyio.CancelScope(shield=True), anyio.move_on_after(POST_TIMEOUT) as bound:
             try:
-                await self._slack.call("chat.appendStream", channel=self.channel, ts=self._stream_ts,
-                                       markdown_text=chunk, interim=True)
+                await self._slack.call(
+                    "chat.appendStream", channel=self.channel, ts=self._stream_ts, markdown_text=chunk, interim=True
+                )
                 self._sent += len(chunk)
                 self.appends_sent += 1
             except (SlackSkipped, SlackRateLimited):
@@ -310,12 +336,13 @@ class SlackAnswerWriter:
         """Carry on with paced chat.update: in the stream's message when there is one."""
         if self.mode != "native":
             return
-        log.info("native streaming in %s/%s given up (%s); continuing with chat.update",
-                 self.channel, self.thread_ts, why)
+        log.info(
+            "native streaming in %s/%s given up (%s); continuing with chat.update", self.channel, self.thread_ts, why
+        )
         self.fell_back = why
         self.mode = "update"
         if self._stream_ts:
-            self._fallback.adopt(self._stream_ts, neutralize_broadcasts(self.text)[:self._sent])
+            self._fallback.adopt(self._stream_ts, neutralize_broadcasts(self.text)[: self._sent])
             if self.text:
                 self._fallback.append(self.text)
             if self._tg is not None:
@@ -339,8 +366,13 @@ class SlackAnswerWriter:
     async def _set_assistant_status(self, status: str, *, interim: bool = False) -> None:
         with anyio.move_on_after(EXTRA_TIMEOUT):
             try:
-                await self._slack.call("assistant.threads.setStatus", channel_id=self.channel,
-                                       thread_ts=self.thread_ts, status=status, interim=interim)
+                await self._slack.call(
+                    "assistant.threads.setStatus",
+                    channel_id=self.channel,
+                    thread_ts=self.thread_ts,
+                    status=status,
+                    interim=interim,
+                )
                 self._status_shown = status
                 self._status_at = anyio.current_time()
             except (SlackSkipped, SlackRateLimited):
@@ -353,8 +385,9 @@ class SlackAnswerWriter:
     async def _set_title(self, title: str) -> None:
         with anyio.move_on_after(EXTRA_TIMEOUT):
             try:
-                await self._slack.call("assistant.threads.setTitle", channel_id=self.channel,
-                                       thread_ts=self.thread_ts, title=title)
+                await self._slack.call(
+                    "assistant.threads.setTitle", channel_id=self.channel, thread_ts=self.thread_ts, title=title
+                )
             except SlackAPIError as exc:
                 log.debug("assistant.threads.setTitle in %s: %s", self.channel, exc.error)
 
@@ -367,8 +400,9 @@ def thread_title(text: str) -> str:
     return line[:TITLE_CHARS].rsplit(" ", 1)[0].rstrip(",.;:") + "…"
 
 
-async def slack_surface(slack: SlackWebAPI, me: BotIdentity, settings: Settings, store: Store,
-                        msg: IncomingMessage, options: RequestOptions) -> SlackAnswerWriter:
+async def slack_surface(
+    slack: SlackWebAPI, me: BotIdentity, settings: Settings, store: Store, msg: IncomingMessage, options: RequestOptions
+) -> SlackAnswerWriter:
     """The Slack surface for one request (the nursery binds all but `options`). Never raises."""
     in_dm = msg.channel.startswith("D")
     if not options.stream:
@@ -389,6 +423,14 @@ async def slack_surface(slack: SlackWebAPI, me: BotIdentity, settings: Settings,
                 log.debug("cannot tell whether %s is new (%s); no title", msg.thread, exc)
         title = thread_title(msg.text) if first else ""
     return SlackAnswerWriter(
-        slack, msg.channel, msg.thread_ts, mode=mode, interval=settings.update_interval_seconds,
-        recipient_user=msg.user, recipient_team=me.team_id, assistant_thread=in_dm, title=title, me=me,
+        slack,
+        msg.channel,
+        msg.thread_ts,
+        mode=mode,
+        interval=settings.update_interval_seconds,
+        recipient_user=msg.user,
+        recipient_team=me.team_id,
+        assistant_thread=in_dm,
+        title=title,
+        me=me,
     )

@@ -14,13 +14,21 @@ RATINGS = ("good", "bad")
 
 def feedback_block() -> dict[str, Any]:
     return ContextActionsBlock(
-        elements=[FeedbackButtonsElement(
-            action_id=FEEDBACK_ACTION,
-            positive_button={"text": "Good answer", "accessibility_label": "This answer was helpful",
-                             "value": "good"},
-            negative_button={"text": "Bad answer", "accessibility_label": "This answer was not helpful",
-                             "value": "bad"},
-        )],
+        elements=[
+            FeedbackButtonsElement(
+                action_id=FEEDBACK_ACTION,
+                positive_button={
+                    "text": "Good answer",
+                    "accessibility_label": "This answer was helpful",
+                    "value": "good",
+                },
+                negative_button={
+                    "text": "Bad answer",
+                    "accessibility_label": "This answer was not helpful",
+                    "value": "bad",
+                },
+            )
+        ],
     ).to_dict()
 
 
@@ -28,5 +36,3 @@ def answer_blocks(text: str) -> list[dict[str, Any]]:
     """An answer part as blocks: the Markdown itself, then the feedback buttons.
     (`markdown_text` cannot be combined with blocks, so the text goes in a markdown block.)"""
     return [MarkdownBlock(text=text).to_dict(), feedback_block()]
-
-

@@ -39,9 +39,11 @@ MB = 1024 * 1024
 MAX_REDIRECTS = 3
 COMPLETE_TIMEOUT = 15.0
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-SCOPE_MISSING = ("could not be downloaded: Slack sent its sign-in page instead of the file. The bot's token is "
-                 "missing the `files:read` scope; an admin needs to add it under **OAuth & Permissions** and "
-                 "reinstall the app")
+SCOPE_MISSING = (
+    "could not be downloaded: Slack sent its sign-in page instead of the file. The bot's token is "
+    "missing the `files:read` scope; an admin needs to add it under **OAuth & Permissions** and "
+    "reinstall the app"
+)
 
 
 @dataclass(frozen=True)
@@ -73,15 +75,21 @@ def _file_from_object(obj: dict[str, Any]) -> SlackFile:
 
 async def resolve_file(slack: SlackWebAPI, obj: dict[str, Any]) -> SlackFile:
     """The complete file; `files.info` when the event gave only a stub. Raises FileProblem."""
-    if obj.get("file_access") == "check_file_info" or (obj.get("id") and not (
-            obj.get("url_private") or obj.get("url_private_download") or obj.get("mode") in ("tombstone", "external"))):
+    if obj.get("file_access") == "check_file_info" or (
+        obj.get("id")
+        and not (
+            obj.get("url_private") or obj.get("url_private_download") or obj.get("mode") in ("tombstone", "external")
+        )
+    ):
         try:
             body = await slack.call("files.info", file=str(obj.get("id", "")))
         except SlackAPIError as exc:
             if exc.error == "missing_scope":
-                raise FileProblem("could not be read: the bot's token is missing the `files:read` scope; an admin "
-                                  "needs to add it under **OAuth & Permissions** and reinstall the app",
-                                  "missing_scope") from None
+                raise FileProblem(
+                    "could not be read: the bot's token is missing the `files:read` scope; an admin "
+                    "needs to add it under **OAuth & Permissions** and reinstall the app",
+                    "missing_scope",
+                ) from None
             if exc.error in ("file_not_found", "file_deleted"):
                 raise FileProblem("is no longer available on Slack", "gone") from None
             raise FileProblem(f"could not be looked up on Slack (`{exc.error}`)", "files_info_failed") from None
@@ -99,8 +107,9 @@ def check_declared(file: SlackFile, max_bytes: int) -> None:
     if file.mode == "external":
         raise FileProblem("is stored outside Slack (an external link), so I can't read it", "external")
     if file.size is not None and file.size > max_bytes:
-        raise FileProblem(f"is {file.size / MB:,.1f} MB, over the {max_bytes / MB:g} MB limit, so I did not "
-                          "download it", "too_large")
+        raise FileProblem(
+            f"is {file.size / MB:,.1f} MB, over the {max_bytes / MB:g} MB limit, so I did not download it", "too_large"
+        )
     if file.size == 0:
         raise FileProblem("is empty", "empty")
     if not file.url:
@@ -108,8 +117,11 @@ def check_declared(file: SlackFile, max_bytes: int) -> None:
 
 
 def _expects_html(file: SlackFile) -> bool:
-    return file.filetype.lower() in ("html", "htm") or file.mimetype.lower() == "text/html" \
+    return (
+        file.filetype.lower() in ("html", "htm")
+        or file.mimetype.lower() == "text/html"
         or file.name.lower().endswith((".html", ".htm"))
+    )
 
 
 async def download_file(slack: SlackWebAPI, file: SlackFile, *, max_bytes: int) -> bytes:
@@ -133,18 +145,21 @@ async def download_file(slack: SlackWebAPI, file: SlackFile, *, max_bytes: int) 
                 if response.status_code in (404, 410):
                     raise FileProblem("is no longer available on Slack", "gone")
                 if response.status_code != 200:
-                    raise FileProblem(f"could not be downloaded from Slack (HTTP {response.status_code})",
-                                      "download_failed")
+                    raise FileProblem(
+                        f"could not be downloaded from Slack (HTTP {response.status_code})", "download_failed"
+                    )
                 content_type = response.headers.get("content-type", "").lower()
                 data = await _read_capped(response, max_bytes)
         except NotSlackFileHost:
             log.warning("file %s has a URL outside Slack's file host; not downloaded with the token", file.id)
-            raise FileProblem("is not hosted on Slack's file server, so I did not download it", "foreign_host") \
-                from None
+            raise FileProblem(
+                "is not hosted on Slack's file server, so I did not download it", "foreign_host"
+            ) from None
         except (SlackAPIError, httpx2.HTTPError) as exc:
             log.warning("download of file %s failed: %s", file.id, exc)
-            raise FileProblem("could not be downloaded from Slack (a network error); please try again",
-                              "download_failed") from None
+            raise FileProblem(
+                "could not be downloaded from Slack (a network error); please try again", "download_failed"
+            ) from None
         if not _expects_html(file) and (content_type.startswith("text/html") or sniff(data) == "html"):
             log.warning("download of file %s returned an HTML page (missing files:read scope?)", file.id)
             raise FileProblem(SCOPE_MISSING, "login_page")
@@ -166,23 +181,38 @@ async def _read_capped(response: httpx2.Response, max_bytes: int) -> bytes:
     return bytes(buffer)
 
 
-async def upload_to_thread(slack: SlackWebAPI, *, channel: str, thread_ts: str, filename: str, data: bytes,
-                           title: str, comment: str = "", alt_text: str = "") -> str:
+async def upload_to_thread(
+    slack: SlackWebAPI,
+    *,
+    channel: str,
+    thread_ts: str,
+    filename: str,
+    data: bytes,
+    title: str,
+    comment: str = "",
+    alt_text: str = "",
+) -> str:
     """Post `data` as a file in the thread; returns its file id. Raises SlackAPIError.
 
     The file appears only at the last step, which runs once the bytes are uploaded,
     shielded and bounded: a cancellation before it leaves no file (Slack discards
     uncompleted uploads), and one during it is held off until Slack has answered."""
-    body = await slack.call("files.getUploadURLExternal", filename=filename, length=len(data),
-                            alt_txt=alt_text[:1000] or None)
+    body = await slack.call(
+        "files.getUploadURLExternal", filename=filename, length=len(data), alt_txt=alt_text[:1000] or None
+    )
     upload_url, file_id = str(body.get("upload_url") or ""), str(body.get("file_id") or "")
     if not upload_url or not file_id:
         raise SlackAPIError("files.getUploadURLExternal", "bad_response: no upload_url")
     await slack.post_upload(upload_url, data, filename=filename)
     completed = False
     with anyio.CancelScope(shield=True), anyio.move_on_after(COMPLETE_TIMEOUT):
-        await slack.call("files.completeUploadExternal", files=[{"id": file_id, "title": title[:250]}],
-                         channel_id=channel, thread_ts=thread_ts, initial_comment=comment or None)
+        await slack.call(
+            "files.completeUploadExternal",
+            files=[{"id": file_id, "title": title[:250]}],
+            channel_id=channel,
+            thread_ts=thread_ts,
+            initial_comment=comment or None,
+        )
         completed = True
     if not completed:
         raise SlackAPIError("files.completeUploadExternal", "timeout")

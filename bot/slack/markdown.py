@@ -118,8 +118,11 @@ _ENTITY_WINDOW = 256  # a `<!channel|…` without its `>` this far on is defused
 _SPECIAL_WORDS = ("channel", "here", "everyone", "group")  # `<!group>`: the old name of `<!channel>`
 _OPENER_WORDS = (*_SPECIAL_WORDS, "subteam")
 _BARE_WORDS = ("channel", "here", "everyone")
-_ENTITY = re.compile(r"<!(?:(channel|here|everyone|group)(?:\|[^<>\n]*)?"
-                     r"|subteam\^([A-Za-z0-9]+)(?:\|([^<>\n]*))?)>", re.IGNORECASE)
+_ENTITY = re.compile(
+    r"<!(?:(channel|here|everyone|group)(?:\|[^<>\n]*)?"
+    r"|subteam\^([A-Za-z0-9]+)(?:\|([^<>\n]*))?)>",
+    re.IGNORECASE,
+)
 _INTERESTING = re.compile(r"[<@]")
 _DEFUSED = "<" + WORD_JOINER + "!"
 
@@ -131,7 +134,7 @@ def _is_word_char(c: str) -> bool:
 def _starts_word(text: str, at: int, words: tuple[str, ...]) -> tuple[str, bool]:
     """(the word of `words` that `text` has at `at`, case-insensitively, or "";
     whether the text ends inside what could still become one of them)."""
-    rest = text[at:at + max(map(len, words))].lower()
+    rest = text[at : at + max(map(len, words))].lower()
     for word in words:
         if rest.startswith(word):
             return word, False
@@ -175,7 +178,7 @@ def _at_sign(text: str, i: int, final: bool) -> tuple[str, int] | None:
             return None  # "@here" may yet become "@heresy"
     elif _is_word_char(text[end]):
         return "@", i + 1  # "@channels", "@here_x": another word
-    return "@" + WORD_JOINER + text[i + 1:end], end
+    return "@" + WORD_JOINER + text[i + 1 : end], end
 
 
 def _neutralize(text: str, *, final: bool) -> tuple[str, int]:

@@ -21,32 +21,53 @@ made inert before anything is shown.
 from __future__ import annotations
 
 import logging
+
 import anyio
 
+from bot.processing.surface import PLACEHOLDER
 from bot.slack.feedback_blocks import answer_blocks
 from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, split_markdown
-from bot.processing.surface import PLACEHOLDER
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
 
 log = logging.getLogger(__name__)
 
 POST_TIMEOUT = 15.0
 FINAL_ATTEMPTS = 3  # the final text matters most: a transient refusal gets two more tries
-PERMANENT_ERRORS = frozenset({"message_not_found", "channel_not_found", "cant_update_message", "is_archived",
-                              "not_in_channel", "invalid_auth", "token_revoked", "account_inactive",
-                              "msg_too_long", "invalid_blocks", "streaming_state_conflict"})
+PERMANENT_ERRORS = frozenset(
+    {
+        "message_not_found",
+        "channel_not_found",
+        "cant_update_message",
+        "is_archived",
+        "not_in_channel",
+        "invalid_auth",
+        "token_revoked",
+        "account_inactive",
+        "msg_too_long",
+        "invalid_blocks",
+        "streaming_state_conflict",
+    }
+)
 FALLBACK_TEXT_CHARS = 300  # the notification text beside blocks (chat.update's `text` takes 4,000 at most)
 
 
 def fallback_text(part: str) -> str:
     """The short plain `text` that goes with blocks: notifications and old clients."""
     line = " ".join(part.split())
-    return line if len(line) <= FALLBACK_TEXT_CHARS else line[:FALLBACK_TEXT_CHARS - 1].rstrip() + "…"
+    return line if len(line) <= FALLBACK_TEXT_CHARS else line[: FALLBACK_TEXT_CHARS - 1].rstrip() + "…"
 
 
 class ReplyWriter:
-    def __init__(self, slack: SlackWebAPI, channel: str, thread_ts: str, *, interval: float = 1.0,
-                 limit: int = SLACK_MARKDOWN_LIMIT, feedback: bool = False) -> None:
+    def __init__(
+        self,
+        slack: SlackWebAPI,
+        channel: str,
+        thread_ts: str,
+        *,
+        interval: float = 1.0,
+        limit: int = SLACK_MARKDOWN_LIMIT,
+        feedback: bool = False,
+    ) -> None:
         self._slack = slack
         self.channel = channel
         self.thread_ts = thread_ts
@@ -151,8 +172,7 @@ class ReplyWriter:
                     if exc.error in PERMANENT_ERRORS or attempt == FINAL_ATTEMPTS:
                         log.error("final update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
                         return False
-                    log.warning("final update failed in %s/%s (%s); retrying", self.channel, self.thread_ts,
-                                exc.error)
+                    log.warning("final update failed in %s/%s (%s); retrying", self.channel, self.thread_ts, exc.error)
                     await anyio.sleep(0.2 * attempt)
             return False
         finally:
@@ -172,17 +192,20 @@ class ReplyWriter:
             if i < len(self.message_ts):
                 if self._shown[i] != shown:
                     if blocks is None:
-                        await self._slack.update_message(self.channel, self.message_ts[i], markdown_text=part,
-                                                         interim=interim)
+                        await self._slack.update_message(
+                            self.channel, self.message_ts[i], markdown_text=part, interim=interim
+                        )
                     else:
-                        await self._slack.update_message(self.channel, self.message_ts[i], blocks=blocks,
-                                                         text=fallback_text(part), interim=interim)
+                        await self._slack.update_message(
+                            self.channel, self.message_ts[i], blocks=blocks, text=fallback_text(part), interim=interim
+                        )
                     self._shown[i] = shown
             else:
                 if blocks is None:
                     ts = await self._slack.post_message(self.channel, self.thread_ts, markdown_text=part)
                 else:
-                    ts = await self._slack.post_message(self.channel, self.thread_ts, blocks=blocks,
-                                                        text=fallback_text(part))
+                    ts = await self._slack.post_message(
+                        self.channel, self.thread_ts, blocks=blocks, text=fallback_text(part)
+                    )
                 self.message_ts.append(ts)
                 self._shown.append(shown)

@@ -75,8 +75,13 @@ class Backoff:
     d = base·2ⁿ capped at `cap` (0.25–0.5 s, 0.5–1 s, 1–2 s, 2–4 s, then 2.5–5 s for
     every further attempt), and is never below `minimum`."""
 
-    def __init__(self, base: float = BACKOFF_BASE_SECONDS, cap: float = BACKOFF_CAP_SECONDS,
-                 rng: random.Random | None = None, minimum: float = BACKOFF_MIN_SECONDS) -> None:
+    def __init__(
+        self,
+        base: float = BACKOFF_BASE_SECONDS,
+        cap: float = BACKOFF_CAP_SECONDS,
+        rng: random.Random | None = None,
+        minimum: float = BACKOFF_MIN_SECONDS,
+    ) -> None:
         self.base, self.cap, self.minimum, self.failures = base, cap, minimum, 0
         self._rng = rng or random.Random()
 
@@ -298,7 +303,11 @@ class SocketModeReader:
         hook (pure and instant: validation only, no I/O) has one for it."""
         ack: dict[str, Any] = {"envelope_id": _envelope_id(frame)}
         payload = frame.get("payload")
-        if self._ack_payload is not None and frame.get("accepts_response_payload") is True and isinstance(payload, dict):
+        if (
+            self._ack_payload is not None
+            and frame.get("accepts_response_payload") is True
+            and isinstance(payload, dict)
+        ):
             try:
                 response = self._ack_payload(str(frame.get("type")), payload)
             except Exception:  # a bug in the hook must not cost the ack
@@ -323,8 +332,12 @@ class SocketModeReader:
         frame_type = frame.get("type")
         if frame_type == "hello":
             info = frame.get("debug_info") or {}
-            log.info("socket #%d ready (connections: %s, refresh in ~%ss)", conn.number,
-                     frame.get("num_connections"), info.get("approximate_connection_time", "?"))
+            log.info(
+                "socket #%d ready (connections: %s, refresh in ~%ss)",
+                conn.number,
+                frame.get("num_connections"),
+                info.get("approximate_connection_time", "?"),
+            )
             if not conn.hello.is_set():
                 self.ready_sockets += 1
             conn.hello.set()
@@ -395,6 +408,7 @@ async def _send_all(ws: WebSocket, texts: list[str]) -> None:
 async def _first_of(*events: anyio.Event) -> None:
     """Return as soon as any of `events` is set."""
     async with anyio.create_task_group() as tg:
+
         async def wait(ev: anyio.Event) -> None:
             await ev.wait()
             tg.cancel_scope.cancel()

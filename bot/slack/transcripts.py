@@ -10,8 +10,9 @@ from bot.slack.events import BotIdentity, strip_mention
 from bot.storage.base import HistoryMessage
 
 
-def history_from_replies(replies: list[dict[str, Any]], me: BotIdentity, *,
-                         exclude_ts: set[str]) -> list[HistoryMessage]:
+def history_from_replies(
+    replies: list[dict[str, Any]], me: BotIdentity, *, exclude_ts: set[str]
+) -> list[HistoryMessage]:
     history: list[HistoryMessage] = []
     for m in replies:
         ts = m.get("ts")

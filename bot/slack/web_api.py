@@ -63,8 +63,9 @@ class SlackAPIError(Exception):
     """Slack answered `ok: false` (or not JSON at all). `error` is Slack's code.
     `transient`: a 5xx or a broken connection — Slack may or may not have acted."""
 
-    def __init__(self, method: str, error: str, response: dict[str, Any] | None = None, *,
-                 transient: bool = False) -> None:
+    def __init__(
+        self, method: str, error: str, response: dict[str, Any] | None = None, *, transient: bool = False
+    ) -> None:
         super().__init__(f"{method} failed: {error}")
         self.method = method
         self.error = error
@@ -98,10 +99,17 @@ class SlackSkipped(SlackAPIError):
 # add one): a 5xx or a broken connection is retried for these, a few times, quickly —
 # a blip on the final chat.update must not leave an answer showing "Thinking…" forever.
 # chat.postMessage is not among them: Slack may have posted before failing.
-RETRY_SERVER_ERRORS = frozenset({
-    "chat.update", "conversations.replies", "conversations.history", "auth.test", "users.info",
-    "assistant.threads.setStatus", "assistant.threads.setTitle",
-})
+RETRY_SERVER_ERRORS = frozenset(
+    {
+        "chat.update",
+        "conversations.replies",
+        "conversations.history",
+        "auth.test",
+        "users.info",
+        "assistant.threads.setStatus",
+        "assistant.threads.setTitle",
+    }
+)
 SERVER_ERROR_BACKOFF = 0.25  # seconds before the first retry; doubled for each next one
 POST_ATTEMPTS = 4  # chat.postMessage tries on a 5xx / broken connection (each after a look-up)
 POST_LOOKUPS = 8  # look-ups for a post's marker while Slack keeps failing (pauses 0.25 s … 4 s: ~20 s)
@@ -147,8 +155,7 @@ class SlackWebAPI:
         self._client = client
         self._max_retries = max_rate_limit_retries
 
-    async def call(self, method: str, *, app_token: bool = False, interim: bool = False,
-                   **args: Any) -> dict[str, Any]:
+    async def call(self, method: str, *, app_token: bool = False, interim: bool = False, **args: Any) -> dict[str, Any]:
         """Call `method` with `args`; returns the JSON body when `ok` is true.
 
         Raises SlackAPIError (`ok: false`, non-JSON answers, HTTP errors),
@@ -185,7 +192,9 @@ class SlackWebAPI:
                 await self.limits.acquire(method, channel)
             if method in JSON_METHODS:
                 request = self._client.build_request(
-                    "POST", url, headers={**headers, "Content-Type": "application/json; charset=utf-8"},
+                    "POST",
+                    url,
+                    headers={**headers, "Content-Type": "application/json; charset=utf-8"},
                     content=json.dumps(args).encode(),
                 )
             else:
@@ -220,8 +229,9 @@ class SlackWebAPI:
                 continue  # the budget's wait is the Retry-After
             if not isinstance(body, dict):
                 what = "not JSON" if body is None else "not a JSON object"
-                raise SlackAPIError(method, f"bad_response: HTTP {response.status_code}, {what}",
-                                    transient=server_error)
+                raise SlackAPIError(
+                    method, f"bad_response: HTTP {response.status_code}, {what}", transient=server_error
+                )
             if not body.get("ok"):
                 error = str(body.get("error") or f"http_{response.status_code}")
                 raise SlackAPIError(method, error, body, transient=server_error)
@@ -229,8 +239,15 @@ class SlackWebAPI:
 
     # Thin helpers for the calls the bot makes; they keep argument names in one place.
 
-    async def post_message(self, channel: str, thread_ts: str | None, *, text: str | None = None,
-                           markdown_text: str | None = None, blocks: list[dict[str, Any]] | None = None) -> str:
+    async def post_message(
+        self,
+        channel: str,
+        thread_ts: str | None,
+        *,
+        text: str | None = None,
+        markdown_text: str | None = None,
+        blocks: list[dict[str, Any]] | None = None,
+    ) -> str:
         """Post in a thread; returns the new message's ts.
 
         A 5xx or a broken connection leaves it unknown whether Slack posted: each post
@@ -243,8 +260,15 @@ class SlackWebAPI:
         pause = 0
         for attempt in range(1, POST_ATTEMPTS + 1):
             try:
-                body = await self.call("chat.postMessage", channel=channel, thread_ts=thread_ts, text=text,
-                                       markdown_text=markdown_text, blocks=blocks, metadata=metadata)
+                body = await self.call(
+                    "chat.postMessage",
+                    channel=channel,
+                    thread_ts=thread_ts,
+                    text=text,
+                    markdown_text=markdown_text,
+                    blocks=blocks,
+                    metadata=metadata,
+                )
                 return str(body.get("ts", ""))
             except SlackAPIError as exc:
                 if not exc.transient or not thread_ts or attempt == POST_ATTEMPTS:
@@ -257,8 +281,9 @@ class SlackWebAPI:
                     found = await self.find_post(channel, thread_ts, marker)
                 except SlackAPIError as lookup:
                     if not lookup.transient or pause >= POST_LOOKUPS:
-                        log.warning("cannot tell whether chat.postMessage went through (%s); not posting again",
-                                    lookup.error)
+                        log.warning(
+                            "cannot tell whether chat.postMessage went through (%s); not posting again", lookup.error
+                        )
                         raise failure from None
                     continue
                 if found:
@@ -275,20 +300,41 @@ class SlackWebAPI:
                 return str(message.get("ts") or "")
         return ""
 
-    async def update_message(self, channel: str, ts: str, *, text: str | None = None,
-                             markdown_text: str | None = None, blocks: list[dict[str, Any]] | None = None,
-                             interim: bool = False) -> None:
-        await self.call("chat.update", channel=channel, ts=ts, text=text, markdown_text=markdown_text,
-                        blocks=blocks, interim=interim)
+    async def update_message(
+        self,
+        channel: str,
+        ts: str,
+        *,
+        text: str | None = None,
+        markdown_text: str | None = None,
+        blocks: list[dict[str, Any]] | None = None,
+        interim: bool = False,
+    ) -> None:
+        await self.call(
+            "chat.update",
+            channel=channel,
+            ts=ts,
+            text=text,
+            markdown_text=markdown_text,
+            blocks=blocks,
+            interim=interim,
+        )
 
-    async def thread_replies(self, channel: str, thread_ts: str, *, limit: int = 200,
-                             include_all_metadata: bool = False) -> list[dict[str, Any]]:
+    async def thread_replies(
+        self, channel: str, thread_ts: str, *, limit: int = 200, include_all_metadata: bool = False
+    ) -> list[dict[str, Any]]:
         """All messages of a thread, parent first (follows cursors, capped at 1,000)."""
         messages: list[dict[str, Any]] = []
         cursor = None
         while len(messages) < 1000:
-            body = await self.call("conversations.replies", channel=channel, ts=thread_ts,
-                                   limit=limit, cursor=cursor, include_all_metadata=include_all_metadata or None)
+            body = await self.call(
+                "conversations.replies",
+                channel=channel,
+                ts=thread_ts,
+                limit=limit,
+                cursor=cursor,
+                include_all_metadata=include_all_metadata or None,
+            )
             messages.extend(m for m in body.get("messages", []) if isinstance(m, dict))
             cursor = (body.get("response_metadata") or {}).get("next_cursor")
             if not cursor or not body.get("has_more", True):
@@ -308,8 +354,11 @@ class SlackWebAPI:
         if target.scheme == "https" and target.host == SLACK_FILE_HOST and target.port in (None, 443):
             return True
         api = httpx2.URL(self._base_url)
-        return (target.scheme, target.host, target.port or _DEFAULT_PORTS.get(target.scheme)) == \
-            (api.scheme, api.host, api.port or _DEFAULT_PORTS.get(api.scheme))
+        return (target.scheme, target.host, target.port or _DEFAULT_PORTS.get(target.scheme)) == (
+            api.scheme,
+            api.host,
+            api.port or _DEFAULT_PORTS.get(api.scheme),
+        )
 
     @asynccontextmanager
     async def open_file(self, url: str) -> AsyncIterator[httpx2.Response]:
@@ -337,8 +386,9 @@ class SlackWebAPI:
         if httpx2.URL(upload_url).scheme not in ("https", "http"):
             raise SlackAPIError("file upload", "bad_upload_url")
         try:
-            response = await self._client.post(upload_url, content=data, headers={
-                "Content-Type": "application/octet-stream", "X-Filename": filename})
+            response = await self._client.post(
+                upload_url, content=data, headers={"Content-Type": "application/octet-stream", "X-Filename": filename}
+            )
         except httpx2.HTTPError as exc:
             raise SlackAPIError("file upload", f"http_error: {type(exc).__name__}") from None
         if response.status_code != 200:

@@ -11,6 +11,7 @@ implementation. Tests swap in an in-memory one with the same methods.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from typing import Protocol
@@ -83,8 +84,12 @@ async def connect_websocket(url: str, *, timeout: float = 15.0) -> WsprotoWebSoc
         try:
             if tls:
                 stream = await anyio.connect_tcp(
-                    parts.hostname, port, tls=True, ssl_context=_ssl_context(),
-                    tls_hostname=parts.hostname, tls_standard_compatible=False,
+                    parts.hostname,
+                    port,
+                    tls=True,
+                    ssl_context=_ssl_context(),
+                    tls_hostname=parts.hostname,
+                    tls_standard_compatible=False,
                 )
             else:
                 stream = await anyio.connect_tcp(parts.hostname, port)
@@ -207,10 +212,8 @@ class WsprotoWebSocket:
         elif isinstance(event, Ping):
             await self._write(event.response())
         elif isinstance(event, CloseConnection):
-            try:
+            with contextlib.suppress(WebSocketClosed):
                 await self._write(event.response())
-            except WebSocketClosed:
-                pass
             self._closed = True
             if not self._pending:
                 raise WebSocketClosed(f"closed by peer: {event.code} {event.reason or ''}".strip())
@@ -225,7 +228,7 @@ class WsprotoWebSocket:
                     data = self._conn.send(CloseConnection(code=1000))
                     async with self._send_lock:
                         await self._stream.send(data)
-                except Exception:  # noqa: BLE001 - best effort on a socket we are leaving
+                except Exception:
                     pass
         await self._abort()
 

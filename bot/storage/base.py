@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 Role = Literal["user", "assistant"]
+
+
 class StorageError(RuntimeError):
     """The database failed (locked, disk full, corrupt file…). The message says which
     operation failed and why; the driver's error is chained as `__cause__`."""
@@ -135,8 +137,9 @@ class Store(Protocol):
     async def load_preferences(self, user: str, thread: ThreadKey | None) -> PreferenceLayers:
         """The stored preference layers that apply to `user` in `thread`, in one read."""
 
-    async def save_preferences(self, scope: PreferenceScope, key: str, prefs: dict[str, object], *,
-                               updated_by: str) -> None:
+    async def save_preferences(
+        self, scope: PreferenceScope, key: str, prefs: dict[str, object], *, updated_by: str
+    ) -> None:
         """Replace the preferences stored for (`scope`, `key`); an empty `prefs` deletes
         them. Keys: "" for the workspace, the user id, or `str(ThreadKey)` for a thread."""
 

@@ -24,6 +24,7 @@ Why it looks the way it does:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,14 +37,14 @@ import anyio
 import anyio.to_thread
 
 from bot.storage.base import (
-    StorageError,
-    StoreClosed,
     HistoryMessage,
     InFlightRequest,
     Outcome,
     PreferenceLayers,
     PreferenceScope,
     Rating,
+    StorageError,
+    StoreClosed,
     ThreadImage,
     ThreadKey,
 )
@@ -231,9 +232,7 @@ class SQLiteStore:
 
     # -- the one way in: one call, one transaction ---------------------------------
 
-    async def _transaction(
-        self, operation: str, body: Callable[[sqlite3.Connection], T], *, write: bool = True
-    ) -> T:
+    async def _transaction(self, operation: str, body: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
         """Run `body` inside one transaction, as one worker call (or inline)."""
         if self._conn is None:
             raise StoreClosed(f"{operation}: the store is closed")
@@ -251,10 +250,8 @@ class SQLiteStore:
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
-                        try:
+                        with contextlib.suppress(sqlite3.Error):  # the original error is the one to report
                             conn.execute("ROLLBACK")
-                        except sqlite3.Error:
-                            pass  # the original error is the one worth reporting
                     raise
                 return result
             except sqlite3.Error as exc:
@@ -272,9 +269,7 @@ class SQLiteStore:
         across processes sharing the file only one INSERT wins)."""
 
         def body(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO events (key, claimed_at) VALUES (?, ?)", (key, time.time())
-            )
+            cursor = conn.execute("INSERT OR IGNORE INTO events (key, claimed_at) VALUES (?, ?)", (key, time.time()))
             return cursor.rowcount == 1
 
         return await self._transaction("claim_event", body)
@@ -315,8 +310,7 @@ class SQLiteStore:
             if existing is not None:
                 return
             conn.executemany(
-                "INSERT INTO messages (channel, thread_ts, role, content, ts, in_context)"
-                " VALUES (?, ?, ?, ?, ?, 1)",
+                "INSERT INTO messages (channel, thread_ts, role, content, ts, in_context) VALUES (?, ?, ?, ?, ?, 1)",
                 [(thread.channel, thread.thread_ts, m.role, m.content, m.ts) for m in messages],
             )
 
@@ -353,15 +347,14 @@ class SQLiteStore:
         """Close the request and append the exchange, in one transaction. Only a request
         still in flight is finished: a second call (or an unknown id) changes nothing,
         so the history can never get the exchange twice. Each of the user message and
-        the reply is stored only if non-empty (recovery after a crash knows neither); both enter the model's context only when
-        the outcome is 'answered'."""
+        the reply is stored only if non-empty (recovery after a crash knows neither); both
+        enter the model's context only when the outcome is 'answered'."""
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
 
         def body(conn: sqlite3.Connection) -> None:
             row = conn.execute(
-                "SELECT channel, thread_ts, placeholder_ts FROM requests"
-                " WHERE request_id = ? AND status = 'in_flight'",
+                "SELECT channel, thread_ts, placeholder_ts FROM requests WHERE request_id = ? AND status = 'in_flight'",
                 (request_id,),
             ).fetchone()
             if row is None:
@@ -432,8 +425,9 @@ class SQLiteStore:
 
         return await self._transaction("load_preferences", body, write=False)
 
-    async def save_preferences(self, scope: PreferenceScope, key: str, prefs: dict[str, object], *,
-                               updated_by: str) -> None:
+    async def save_preferences(
+        self, scope: PreferenceScope, key: str, prefs: dict[str, object], *, updated_by: str
+    ) -> None:
         if scope not in ("workspace", "user", "thread"):
             raise ValueError(f"scope must be workspace, user or thread, got {scope!r}")
         encoded = json.dumps(prefs, sort_keys=True)  # before the transaction: a bad value raises here
@@ -497,8 +491,22 @@ class SQLiteStore:
                 "INSERT INTO media_thread_images"
                 " (channel, thread_ts, ts, name, mime, width, height, source, label, data, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(thread.channel, thread.thread_ts, i.ts, i.name, i.mime, i.width, i.height, i.source, i.label,
-                  sqlite3.Binary(i.data), now) for i in images],
+                [
+                    (
+                        thread.channel,
+                        thread.thread_ts,
+                        i.ts,
+                        i.name,
+                        i.mime,
+                        i.width,
+                        i.height,
+                        i.source,
+                        i.label,
+                        sqlite3.Binary(i.data),
+                        now,
+                    )
+                    for i in images
+                ],
             )
             conn.execute(
                 "DELETE FROM media_thread_images WHERE channel = ? AND thread_ts = ? AND id NOT IN"
@@ -518,9 +526,19 @@ class SQLiteStore:
                 " WHERE channel = ? AND thread_ts = ? ORDER BY id DESC LIMIT ?",
                 (thread.channel, thread.thread_ts, limit),
             ).fetchall()
-            return [ThreadImage(name=name, mime=mime, data=bytes(data), width=width, height=height, source=source,
-                                label=label, ts=ts)
-                    for name, mime, data, width, height, source, label, ts in reversed(rows)]
+            return [
+                ThreadImage(
+                    name=name,
+                    mime=mime,
+                    data=bytes(data),
+                    width=width,
+                    height=height,
+                    source=source,
+                    label=label,
+                    ts=ts,
+                )
+                for name, mime, data, width, height, source, label, ts in reversed(rows)
+            ]
 
         return await self._transaction("thread_images", body, write=False)
 

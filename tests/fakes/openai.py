@@ -88,20 +88,27 @@ _ERRORS = {  # status -> (type, default code, message)
 }
 _MESSAGES = {
     "context_length_exceeded": "This model's maximum context length is 128000 tokens. However, your messages "
-                               "resulted in 130000 tokens. Please reduce the length of the messages.",
+    "resulted in 130000 tokens. Please reduce the length of the messages.",
     "insufficient_quota": "You exceeded your current quota, please check your plan and billing details.",
 }
 
 
-def error_response(status: int, code: str | None = None, *, message: str | None = None,
-                   retry_after: float | None = None) -> httpx2.Response:
+def error_response(
+    status: int, code: str | None = None, *, message: str | None = None, retry_after: float | None = None
+) -> httpx2.Response:
     """An error in OpenAI's JSON shape, which the SDK maps to its exception classes."""
     kind, default_code, default_message = _ERRORS.get(status, _ERRORS[500 if status >= 500 else 400])
     code = code or default_code
     if code == "insufficient_quota":
         kind = "insufficient_quota"
-    body = {"error": {"message": message or _MESSAGES.get(code or "", default_message), "type": kind,
-                      "param": "messages" if code == "context_length_exceeded" else None, "code": code}}
+    body = {
+        "error": {
+            "message": message or _MESSAGES.get(code or "", default_message),
+            "type": kind,
+            "param": "messages" if code == "context_length_exceeded" else None,
+            "code": code,
+        }
+    }
     headers = {"x-request-id": "req_fake_error"}
     if retry_after is not None:
         headers["retry-after"] = f"{retry_after:g}"
@@ -130,8 +137,13 @@ class FakeOpenAI:
     recorded in `requests`), `POST /v1/images/generations` and `/v1/images/edits`, and
     `GET /v1/models`."""
 
-    def __init__(self, *, api_key: str = "sk-test", script: Callable[[dict], Behaviour | str] | None = None,
-                 models: tuple[str, ...] = ("gpt-5-mini", "gpt-4o-mini")) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str = "sk-test",
+        script: Callable[[dict], Behaviour | str] | None = None,
+        models: tuple[str, ...] = ("gpt-5-mini", "gpt-4o-mini"),
+    ) -> None:
         self.api_key = api_key
         self.script = script or echo
         self.queue: list[Behaviour] = []
@@ -168,8 +180,11 @@ class FakeOpenAI:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or key != self.api_key:
             shown = f"{key[:5]}***" if key else "(none)"
-            return error_response(401, message=f"Incorrect API key provided: {shown}. You can find your API key "
-                                               "at https://platform.openai.com/account/api-keys.")
+            return error_response(
+                401,
+                message=f"Incorrect API key provided: {shown}. You can find your API key "
+                "at https://platform.openai.com/account/api-keys.",
+            )
         path = request.url.path.rstrip("/")
         if request.method == "GET" and path.endswith("/models"):
             data = [{"id": m, "object": "model", "created": CREATED, "owned_by": "openai"} for m in self.models]
@@ -192,9 +207,18 @@ class FakeOpenAI:
         if not body.get("model") or not isinstance(body.get("messages"), list):
             return error_response(400, message="Missing required parameter: 'model' or 'messages'.")
         if self.reject_tools and body.get("tools"):
-            return httpx2.Response(400, headers={"x-request-id": "req_fake_tools"}, json={"error": {
-                "message": "Unsupported parameter: 'tools' is not supported with this model.",
-                "type": "invalid_request_error", "param": "tools", "code": "unsupported_parameter"}})
+            return httpx2.Response(
+                400,
+                headers={"x-request-id": "req_fake_tools"},
+                json={
+                    "error": {
+                        "message": "Unsupported parameter: 'tools' is not supported with this model.",
+                        "type": "invalid_request_error",
+                        "param": "tools",
+                        "code": "unsupported_parameter",
+                    }
+                },
+            )
         behaviour = self.queue.pop(0) if self.queue else self.script(body)
         if isinstance(behaviour, str):
             behaviour = Behaviour(text=behaviour)
@@ -207,16 +231,31 @@ class FakeOpenAI:
             return error_response(behaviour.status, behaviour.error_code, retry_after=behaviour.retry_after)
         if not body.get("stream"):
             await anyio.sleep(math.inf if behaviour.hang else behaviour.latency)
-            return httpx2.Response(200, headers=headers, json={
-                "id": completion_id, "object": "chat.completion", "created": CREATED, "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None,
-                                                     "annotations": []},
-                             "logprobs": None, "finish_reason": behaviour.finish_reason}],
-                "usage": _usage(body, text), "service_tier": "default", "system_fingerprint": "fp_fake",
-            })
+            return httpx2.Response(
+                200,
+                headers=headers,
+                json={
+                    "id": completion_id,
+                    "object": "chat.completion",
+                    "created": CREATED,
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": text, "refusal": None, "annotations": []},
+                            "logprobs": None,
+                            "finish_reason": behaviour.finish_reason,
+                        }
+                    ],
+                    "usage": _usage(body, text),
+                    "service_tier": "default",
+                    "system_fingerprint": "fp_fake",
+                },
+            )
         events = self._events(body, behaviour, text, completion_id)
-        return httpx2.Response(200, headers={**headers, "content-type": "text/event-stream; charset=utf-8"},
-                               stream=_ClosingStream(events))
+        return httpx2.Response(
+            200, headers={**headers, "content-type": "text/event-stream; charset=utf-8"}, stream=_ClosingStream(events)
+        )
 
     async def _events(self, body: dict, b: Behaviour, text: str, completion_id: str) -> AsyncIterator[bytes]:
         """The SSE body; `open_streams` counts it from its first step until it ends or is closed."""
@@ -226,9 +265,15 @@ class FakeOpenAI:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
         def event(choices: list, usage: dict | None = None) -> bytes:
-            chunk = {"id": completion_id, "object": "chat.completion.chunk", "created": CREATED,
-                     "model": body["model"], "service_tier": "default", "system_fingerprint": "fp_fake",
-                     "choices": choices}
+            chunk = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": CREATED,
+                "model": body["model"],
+                "service_tier": "default",
+                "system_fingerprint": "fp_fake",
+                "choices": choices,
+            }
             if include_usage:
                 chunk["usage"] = usage
             return f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
@@ -242,9 +287,20 @@ class FakeOpenAI:
             if b.tool_calls:
                 for index, (name, arguments) in enumerate(b.tool_calls):
                     raw = arguments if isinstance(arguments, str) else json.dumps(arguments)
-                    yield event(delta({"tool_calls": [{"index": index, "id": f"call_fake{self._ids:04d}{index}",
-                                                       "type": "function",
-                                                       "function": {"name": name, "arguments": ""}}]}))
+                    yield event(
+                        delta(
+                            {
+                                "tool_calls": [
+                                    {
+                                        "index": index,
+                                        "id": f"call_fake{self._ids:04d}{index}",
+                                        "type": "function",
+                                        "function": {"name": name, "arguments": ""},
+                                    }
+                                ]
+                            }
+                        )
+                    )
                     for piece in _split(raw, 3):
                         await anyio.sleep(b.chunk_delay)
                         yield event(delta({"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
@@ -260,7 +316,8 @@ class FakeOpenAI:
                     await anyio.sleep(math.inf)
                 if i == b.cut_after:
                     raise httpx2.RemoteProtocolError(
-                        "peer closed connection without sending complete message body (incomplete chunked read)")
+                        "peer closed connection without sending complete message body (incomplete chunked read)"
+                    )
                 if i == len(pieces):
                     break
                 await anyio.sleep(b.chunk_delay if i else 0)
@@ -289,7 +346,8 @@ class FakeOpenAI:
             if not content_type.startswith("multipart/form-data"):
                 return error_response(400, message="Expected multipart/form-data.")
             message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-                b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + request.content)
+                b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + request.content
+            )
             for part in message.iter_parts():
                 name = part.get_param("name", header="content-disposition")
                 payload = part.get_payload(decode=True) or b""
@@ -309,15 +367,30 @@ class FakeOpenAI:
         await anyio.sleep(math.inf if behaviour.hang else behaviour.latency)
         if behaviour.status is not None:
             return error_response(behaviour.status, behaviour.error_code, message=behaviour.text)
-        b64 = behaviour.text if behaviour.text is not None else base64.b64encode(
-            _picture(record["prompt"], record["image"])).decode("ascii")
+        b64 = (
+            behaviour.text
+            if behaviour.text is not None
+            else base64.b64encode(_picture(record["prompt"], record["image"])).decode("ascii")
+        )
         size = record.get("size") if record.get("size") not in (None, "auto") else "1024x1024"
-        return httpx2.Response(200, headers={"x-request-id": f"req_fake_img_{len(self.image_requests)}"}, json={
-            "created": CREATED, "background": "opaque", "data": [{"b64_json": b64}], "output_format": "png",
-            "quality": record.get("quality") or "medium", "size": size,
-            "usage": {"input_tokens": 50, "input_tokens_details": {"image_tokens": 0, "text_tokens": 50},
-                      "output_tokens": 272, "total_tokens": 322},
-        })
+        return httpx2.Response(
+            200,
+            headers={"x-request-id": f"req_fake_img_{len(self.image_requests)}"},
+            json={
+                "created": CREATED,
+                "background": "opaque",
+                "data": [{"b64_json": b64}],
+                "output_format": "png",
+                "quality": record.get("quality") or "medium",
+                "size": size,
+                "usage": {
+                    "input_tokens": 50,
+                    "input_tokens_details": {"image_tokens": 0, "text_tokens": 50},
+                    "output_tokens": 272,
+                    "total_tokens": 322,
+                },
+            },
+        )
 
 
 def _picture(prompt: str, source: bytes | None) -> bytes:
@@ -339,13 +412,21 @@ def _split(text: str, chunks: int) -> list[str]:
     if not text:
         return []
     size = math.ceil(len(text) / max(1, min(chunks, len(text))))
-    return [text[i:i + size] for i in range(0, len(text), size)]
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 def _usage(body: dict, text: str) -> dict:
     prompt = sum(len(str(m.get("content") or "").split()) for m in body.get("messages", [])) + 3
     completion = len(text.split())
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                          "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }

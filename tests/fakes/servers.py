@@ -56,7 +56,7 @@ async def _tcp_server(on_connection: Callable[[anyio.abc.SocketStream, int], Awa
             await on_connection(stream, port)
         except _GONE:
             pass
-        except Exception:  # noqa: BLE001 - a broken fake connection must not kill the server
+        except Exception:
             log.exception("fake server connection failed")
         finally:
             await anyio.aclose_forcefully(stream)
@@ -107,12 +107,14 @@ async def _serve_http(stream: anyio.abc.SocketStream, handler: Handler, port: in
             return
         head, body = received
         request = httpx2.Request(
-            head.method.decode(), f"http://127.0.0.1:{port}{head.target.decode()}",
-            headers=[(k, v) for k, v in head.headers if k not in (b"transfer-encoding",)], content=body,
+            head.method.decode(),
+            f"http://127.0.0.1:{port}{head.target.decode()}",
+            headers=[(k, v) for k, v in head.headers if k not in (b"transfer-encoding",)],
+            content=body,
         )
         try:
             response = await handler(request)
-        except Exception:  # noqa: BLE001 - report a fake's bug to the client as a 500
+        except Exception:
             log.exception("fake handler failed for %s %s", request.method, request.url)
             response = httpx2.Response(500, text="fake handler failed")
         if not await _send_response(stream, conn, response) or conn.our_state is not h11.DONE:
@@ -150,12 +152,20 @@ async def _send_response(stream: anyio.abc.SocketStream, conn: h11.Connection, r
     headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP]
     if "content-length" in response.headers:
         body = await response.aread()
-        await stream.send(conn.send(h11.Response(status_code=response.status_code,
-                                                 headers=[*headers, (b"content-length", str(len(body)).encode())])))
+        await stream.send(
+            conn.send(
+                h11.Response(
+                    status_code=response.status_code, headers=[*headers, (b"content-length", str(len(body)).encode())]
+                )
+            )
+        )
         await stream.send(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
         return True
-    await stream.send(conn.send(h11.Response(status_code=response.status_code,
-                                             headers=[*headers, (b"transfer-encoding", b"chunked")])))
+    await stream.send(
+        conn.send(
+            h11.Response(status_code=response.status_code, headers=[*headers, (b"transfer-encoding", b"chunked")])
+        )
+    )
     finished = False
     async with anyio.create_task_group() as tg:
 
@@ -177,7 +187,7 @@ async def _send_response(stream: anyio.abc.SocketStream, conn: h11.Connection, r
             finished = True
         except _GONE:
             pass
-        except Exception as exc:  # noqa: BLE001 - the body broke: cut the connection, as a real server would
+        except Exception as exc:
             log.debug("response body failed (%r); cutting the connection", exc)
         finally:
             with anyio.CancelScope(shield=True):
@@ -212,8 +222,9 @@ class WsprotoLink(Link):
     While `corked` (from the 101 response until `uncork`), writes are collected instead of
     sent, and `uncork` sends them all in one TCP write."""
 
-    def __init__(self, fake: FakeSlack, stream: anyio.abc.SocketStream, ws: WSConnection,
-                 *, corked: bytes | None = None) -> None:
+    def __init__(
+        self, fake: FakeSlack, stream: anyio.abc.SocketStream, ws: WSConnection, *, corked: bytes | None = None
+    ) -> None:
         super().__init__(fake)
         self._stream, self._ws = stream, ws
         self._lock = anyio.Lock()
@@ -308,8 +319,14 @@ class WsprotoLink(Link):
 AfterHello = Callable[[WsprotoLink], Awaitable[None]]
 
 
-async def _serve_websocket(stream: anyio.abc.SocketStream, fake: FakeSlack, head: bytes, *,
-                           one_write: bool = True, after_hello: AfterHello | None = None) -> None:
+async def _serve_websocket(
+    stream: anyio.abc.SocketStream,
+    fake: FakeSlack,
+    head: bytes,
+    *,
+    one_write: bool = True,
+    after_hello: AfterHello | None = None,
+) -> None:
     ws = WSConnection(ConnectionType.SERVER)
     ws.receive_data(head)
     request = next((e for e in ws.events() if isinstance(e, Request)), None)
@@ -339,8 +356,9 @@ async def _serve_websocket(stream: anyio.abc.SocketStream, fake: FakeSlack, head
 
 
 @asynccontextmanager
-async def slack_server(fake: FakeSlack, *, one_write: bool = True,
-                       after_hello: AfterHello | None = None) -> AsyncIterator[str]:
+async def slack_server(
+    fake: FakeSlack, *, one_write: bool = True, after_hello: AfterHello | None = None
+) -> AsyncIterator[str]:
     """Serve the Web API, file downloads/uploads and Socket Mode (WebSocket upgrades on
     `/link`) on one port. Sets `fake.ws_url` to `ws://127.0.0.1:<port>/link` (and
     `fake.files_url` to the server's origin) while running; yields the Web API

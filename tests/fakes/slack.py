@@ -43,6 +43,7 @@ bot that breaks them fails here as it would in production:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mimetypes
@@ -426,8 +427,14 @@ class FakeSlack:
                     self._event = anyio.Event()
                 event = self._event
                 now = anyio.current_time()
-                wake = min((c.close_deadline for c in self.connections
-                            if c.close_deadline is not None and c.close_deadline > now), default=math.inf)
+                wake = min(
+                    (
+                        c.close_deadline
+                        for c in self.connections
+                        if c.close_deadline is not None and c.close_deadline > now
+                    ),
+                    default=math.inf,
+                )
                 with anyio.CancelScope(deadline=wake):
                     await event.wait()
 
@@ -438,9 +445,17 @@ class FakeSlack:
 
     # ------------------------------------------------------------------ Web API
 
-    def fail_next(self, method: str, *, error: str = "internal_error", status: int = 200,
-                  retry_after: float | None = None, body: str | None = None, times: int = 1,
-                  after: bool = False) -> None:
+    def fail_next(
+        self,
+        method: str,
+        *,
+        error: str = "internal_error",
+        status: int = 200,
+        retry_after: float | None = None,
+        body: str | None = None,
+        times: int = 1,
+        after: bool = False,
+    ) -> None:
         """The next `times` calls to `method` fail. status=429 answers `ratelimited` with a
         Retry-After header; `body` replaces the JSON with raw text (a proxy's 502 page).
         `after`: Slack does the work, then the answer is lost in a 5xx (a post may exist
@@ -472,8 +487,11 @@ class FakeSlack:
             await anyio.sleep(delay)
         now = anyio.current_time()
         if now < self.outage_until:
-            return httpx2.Response(self._outage_status, text="<html><h1>Service Unavailable</h1></html>",
-                                   headers={"Content-Type": "text/html"})
+            return httpx2.Response(
+                self._outage_status,
+                text="<html><h1>Service Unavailable</h1></html>",
+                headers={"Content-Type": "text/html"},
+            )
         key = self._bucket_key(method, args)
         window = self.retry_windows.get(key)
         in_window = window is not None and now < window - _EPSILON
@@ -484,10 +502,8 @@ class FakeSlack:
         if fault is not None and after:  # Slack acts, then the answer is lost
             impl = _METHODS.get(method)
             if impl is not None:
-                try:
+                with contextlib.suppress(SlackError):
                     impl(self, args)
-                except SlackError:
-                    pass
                 self._changed()
             return fault
         if fault is not None:
@@ -607,9 +623,15 @@ class FakeSlack:
         return message
 
     def _auth_test(self, args: dict) -> dict:
-        return {"url": "https://fake-team.slack.com/", "team": "Fake Team", "user": "bot",
-                "team_id": self.team_id, "user_id": self.bot_user_id, "bot_id": self.bot_id,
-                "is_enterprise_install": False}
+        return {
+            "url": "https://fake-team.slack.com/",
+            "team": "Fake Team",
+            "user": "bot",
+            "team_id": self.team_id,
+            "user_id": self.bot_user_id,
+            "bot_id": self.bot_id,
+            "is_enterprise_install": False,
+        }
 
     def _connections_open(self, args: dict) -> dict:
         ticket = f"{len(self._tickets) + 1}"
@@ -642,15 +664,25 @@ class FakeSlack:
         channel = args.get("channel")
         if not channel:
             raise SlackError("channel_not_found")
-        message = {"type": "message", "ts": self._next_ts(), "user": self.bot_user_id, "bot_id": self.bot_id,
-                   "app_id": self.app_id, "team": self.team_id, **self._text_args(args, required=True)}
+        message = {
+            "type": "message",
+            "ts": self._next_ts(),
+            "user": self.bot_user_id,
+            "bot_id": self.bot_id,
+            "app_id": self.app_id,
+            "team": self.team_id,
+            **self._text_args(args, required=True),
+        }
         if args.get("thread_ts"):
             message["thread_ts"] = str(args["thread_ts"])
             self._clear_status(channel, message["thread_ts"])
         metadata = args.get("metadata")
         if metadata is not None:
-            if not isinstance(metadata, dict) or not isinstance(metadata.get("event_type"), str) \
-                    or not isinstance(metadata.get("event_payload"), dict):
+            if (
+                not isinstance(metadata, dict)
+                or not isinstance(metadata.get("event_type"), str)
+                or not isinstance(metadata.get("event_payload"), dict)
+            ):
                 raise SlackError("invalid_metadata_format")
             message["metadata"] = metadata
         self._store(channel, message)
@@ -696,20 +728,31 @@ class FakeSlack:
             start = int(str(args.get("cursor") or "offset_0").removeprefix("offset_"))
         except ValueError:
             raise SlackError("invalid_arguments") from None
-        page = thread[start:start + limit]
+        page = thread[start : start + limit]
         if str(args.get("include_all_metadata", "")).lower() not in ("true", "1"):
             page = [{k: v for k, v in m.items() if k != "metadata"} for m in page]  # as Slack: only on request
         more = start + limit < len(thread)
-        return {"messages": page, "has_more": more,
-                "response_metadata": {"next_cursor": f"offset_{start + limit}" if more else ""}}
+        return {
+            "messages": page,
+            "has_more": more,
+            "response_metadata": {"next_cursor": f"offset_{start + limit}" if more else ""},
+        }
 
     def _users_info(self, args: dict) -> dict:
         user = args.get("user")
         if not user:
             raise SlackError("user_not_found")
-        default = {"id": user, "team_id": self.team_id, "name": f"user-{user.lower()}", "real_name": f"User {user}",
-                   "deleted": False, "is_bot": user == self.bot_user_id, "tz": "UTC", "tz_offset": 0,
-                   "profile": {"real_name": f"User {user}", "display_name": f"user-{user.lower()}"}}
+        default = {
+            "id": user,
+            "team_id": self.team_id,
+            "name": f"user-{user.lower()}",
+            "real_name": f"User {user}",
+            "deleted": False,
+            "is_bot": user == self.bot_user_id,
+            "tz": "UTC",
+            "tz_offset": 0,
+            "profile": {"real_name": f"User {user}", "display_name": f"user-{user.lower()}"},
+        }
         return {"user": {**default, **self.users.get(user, {})}}
 
     # ------------------------------------------------------------------ UX surfaces
@@ -753,8 +796,15 @@ class FakeSlack:
     def _store_view(self, view: dict, view_id: str | None = None, **extra: Any) -> dict:
         self._ids += 1
         view_id = view_id or f"V{self._ids:08d}"
-        stored = {**view, "id": view_id, "team_id": self.team_id, "app_id": self.app_id,
-                  "hash": f"{self._ids}.fakehash", "state": {"values": {}}, **extra}
+        stored = {
+            **view,
+            "id": view_id,
+            "team_id": self.team_id,
+            "app_id": self.app_id,
+            "hash": f"{self._ids}.fakehash",
+            "state": {"values": {}},
+            **extra,
+        }
         self.views[view_id] = stored
         return stored
 
@@ -863,10 +913,20 @@ class FakeSlack:
         if not args.get("thread_ts"):
             raise SlackError("invalid_arguments")
         if not str(channel).startswith("D") and not (args.get("recipient_user_id") and args.get("recipient_team_id")):
-            raise SlackError("missing_recipient_team_id" if args.get("recipient_user_id") else "missing_recipient_user_id")
-        message = {"type": "message", "ts": self._next_ts(), "user": self.bot_user_id, "bot_id": self.bot_id,
-                   "app_id": self.app_id, "team": self.team_id, "text": "", "thread_ts": str(args["thread_ts"]),
-                   "streaming": True}
+            raise SlackError(
+                "missing_recipient_team_id" if args.get("recipient_user_id") else "missing_recipient_user_id"
+            )
+        message = {
+            "type": "message",
+            "ts": self._next_ts(),
+            "user": self.bot_user_id,
+            "bot_id": self.bot_id,
+            "app_id": self.app_id,
+            "team": self.team_id,
+            "text": "",
+            "thread_ts": str(args["thread_ts"]),
+            "streaming": True,
+        }
         if len(args.get("markdown_text") or "") > MARKDOWN_TEXT_LIMIT:  # refused before anything is stored
             raise SlackError("msg_too_long", f"markdown_text is longer than {MARKDOWN_TEXT_LIMIT} characters")
         self._store(channel, message)
@@ -921,23 +981,40 @@ class FakeSlack:
 
     # Interaction payloads, shaped as Slack sends them over Socket Mode.
 
-    async def send_slash_command(self, command: str, text: str = "", *, user: str = "U1",
-                                 channel: str = "D1") -> tuple[str, str]:
+    async def send_slash_command(
+        self, command: str, text: str = "", *, user: str = "U1", channel: str = "D1"
+    ) -> tuple[str, str]:
         """Deliver a `slash_commands` envelope; returns (envelope_id, trigger_id)."""
         trigger = self.new_trigger()
-        payload = {"token": "fake-verification-token", "team_id": self.team_id, "team_domain": "fake",
-                   "channel_id": channel, "channel_name": "directmessage" if channel.startswith("D") else "general",
-                   "user_id": user, "user_name": f"user-{user.lower()}", "command": command, "text": text,
-                   "api_app_id": self.app_id, "is_enterprise_install": "false",
-                   "response_url": f"https://hooks.slack.test/commands/{self.team_id}/1/x", "trigger_id": trigger}
+        payload = {
+            "token": "fake-verification-token",
+            "team_id": self.team_id,
+            "team_domain": "fake",
+            "channel_id": channel,
+            "channel_name": "directmessage" if channel.startswith("D") else "general",
+            "user_id": user,
+            "user_name": f"user-{user.lower()}",
+            "command": command,
+            "text": text,
+            "api_app_id": self.app_id,
+            "is_enterprise_install": "false",
+            "response_url": f"https://hooks.slack.test/commands/{self.team_id}/1/x",
+            "trigger_id": trigger,
+        }
         envelope_id = await self.send_envelope("slash_commands", payload, accepts_response_payload=True)
         return envelope_id, trigger
 
     def _interaction_base(self, kind: str, user: str) -> dict:
-        return {"type": kind, "team": {"id": self.team_id, "domain": "fake"},
-                "user": {"id": user, "username": f"user-{user.lower()}", "team_id": self.team_id},
-                "api_app_id": self.app_id, "token": "fake-verification-token", "trigger_id": self.new_trigger(),
-                "is_enterprise_install": False, "enterprise": None}
+        return {
+            "type": kind,
+            "team": {"id": self.team_id, "domain": "fake"},
+            "user": {"id": user, "username": f"user-{user.lower()}", "team_id": self.team_id},
+            "api_app_id": self.app_id,
+            "token": "fake-verification-token",
+            "trigger_id": self.new_trigger(),
+            "is_enterprise_install": False,
+            "enterprise": None,
+        }
 
     async def submit_view(self, view_id: str, values: dict, *, user: str = "U1") -> str:
         """Deliver a `view_submission` of a view the bot opened, with `values` as its
@@ -947,12 +1024,21 @@ class FakeSlack:
         payload = {**self._interaction_base("view_submission", user), "view": view, "response_urls": []}
         return await self.send_envelope("interactive", payload, accepts_response_payload=True)
 
-    async def click(self, action: dict, *, user: str = "U1", view_id: str | None = None,
-                    message: tuple[str, str] | None = None, values: dict | None = None) -> str:
+    async def click(
+        self,
+        action: dict,
+        *,
+        user: str = "U1",
+        view_id: str | None = None,
+        message: tuple[str, str] | None = None,
+        values: dict | None = None,
+    ) -> str:
         """Deliver a `block_actions` interaction for `action` (it needs `action_id`), from a
         view (`view_id`) or a message (`(channel, ts)`); returns the envelope_id."""
-        payload = {**self._interaction_base("block_actions", user), "actions": [
-            {"block_id": action.get("block_id", "b"), "action_ts": self._next_ts(), **action}]}
+        payload = {
+            **self._interaction_base("block_actions", user),
+            "actions": [{"block_id": action.get("block_id", "b"), "action_ts": self._next_ts(), **action}],
+        }
         if view_id is not None:
             view = dict(self.views[view_id])
             view["state"] = {"values": values or {}}
@@ -960,9 +1046,11 @@ class FakeSlack:
         if message is not None:
             channel, ts = message
             stored = self._find(channel, ts) or {"ts": ts}
-            payload.update(channel={"id": channel, "name": channel}, message=dict(stored),
-                           container={"type": "message", "message_ts": ts, "channel_id": channel,
-                                      "is_ephemeral": False})
+            payload.update(
+                channel={"id": channel, "name": channel},
+                message=dict(stored),
+                container={"type": "message", "message_ts": ts, "channel_id": channel, "is_ephemeral": False},
+            )
         return await self.send_envelope("interactive", payload, accepts_response_payload=True)
 
     async def message_shortcut(self, callback_id: str, channel: str, ts: str, *, user: str = "U1") -> str:
@@ -970,9 +1058,15 @@ class FakeSlack:
         message = self._find(channel, ts)
         if message is None:
             raise KeyError(f"no message {channel}/{ts}")
-        payload = {**self._interaction_base("message_action", user), "callback_id": callback_id,
-                   "action_ts": self._next_ts(), "message_ts": ts, "channel": {"id": channel, "name": channel},
-                   "message": dict(message), "response_url": f"https://hooks.slack.test/actions/{self.team_id}/1/x"}
+        payload = {
+            **self._interaction_base("message_action", user),
+            "callback_id": callback_id,
+            "action_ts": self._next_ts(),
+            "message_ts": ts,
+            "channel": {"id": channel, "name": channel},
+            "message": dict(message),
+            "response_url": f"https://hooks.slack.test/actions/{self.team_id}/1/x",
+        }
         return await self.send_envelope("interactive", payload, accepts_response_payload=False)
 
     async def send_app_event(self, event: dict) -> str:
@@ -985,8 +1079,17 @@ class FakeSlack:
     # upload flow: files.getUploadURLExternal → POST the bytes (no token needed) →
     # files.completeUploadExternal, which alone makes the file appear in the thread.
 
-    def add_file(self, name: str, data: bytes, *, mimetype: str | None = None, filetype: str | None = None,
-                 size: int | None = None, user: str = "U1", file_id: str | None = None) -> dict:
+    def add_file(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        mimetype: str | None = None,
+        filetype: str | None = None,
+        size: int | None = None,
+        user: str = "U1",
+        file_id: str | None = None,
+    ) -> dict:
         """Store a file as if `user` uploaded it; returns the file object as events carry
         it. `size` overrides the declared size (a file that lies about it)."""
         if file_id is None:
@@ -996,14 +1099,33 @@ class FakeSlack:
         ext = name.rsplit(".", 1)[-1].lower() if "." in name else "binary"
         quoted = quote(name)
         base = f"{self.files_url}/files-pri/{self.team_id}-{file_id}"
-        obj = {"id": file_id, "created": FIRST_TS, "timestamp": FIRST_TS, "name": name, "title": name,
-               "mimetype": mimetype or guessed, "filetype": filetype or ext, "pretty_type": ext.upper(),
-               "user": user, "user_team": self.team_id, "editable": False,
-               "size": len(data) if size is None else size, "mode": "hosted", "is_external": False,
-               "external_type": "", "is_public": False, "public_url_shared": False, "display_as_bot": False,
-               "username": "", "url_private": f"{base}/{quoted}", "url_private_download": f"{base}/download/{quoted}",
-               "permalink": f"https://fake-team.slack.com/files/{user}/{file_id}/{quoted}",
-               "is_starred": False, "has_rich_preview": False, "file_access": "visible"}
+        obj = {
+            "id": file_id,
+            "created": FIRST_TS,
+            "timestamp": FIRST_TS,
+            "name": name,
+            "title": name,
+            "mimetype": mimetype or guessed,
+            "filetype": filetype or ext,
+            "pretty_type": ext.upper(),
+            "user": user,
+            "user_team": self.team_id,
+            "editable": False,
+            "size": len(data) if size is None else size,
+            "mode": "hosted",
+            "is_external": False,
+            "external_type": "",
+            "is_public": False,
+            "public_url_shared": False,
+            "display_as_bot": False,
+            "username": "",
+            "url_private": f"{base}/{quoted}",
+            "url_private_download": f"{base}/download/{quoted}",
+            "permalink": f"https://fake-team.slack.com/files/{user}/{file_id}/{quoted}",
+            "is_starred": False,
+            "has_rich_preview": False,
+            "file_access": "visible",
+        }
         self.files[file_id] = obj
         self.file_data[file_id] = data
         return dict(obj)
@@ -1054,8 +1176,12 @@ class FakeSlack:
             raise SlackError("invalid_arguments")
         self._ids += 1
         file_id = f"F{self._ids:08d}"
-        self._pending_uploads[file_id] = {"filename": filename, "length": length, "data": None,
-                                          "alt_txt": args.get("alt_txt", "")}
+        self._pending_uploads[file_id] = {
+            "filename": filename,
+            "length": length,
+            "data": None,
+            "alt_txt": args.get("alt_txt", ""),
+        }
         return {"upload_url": f"{self.files_url}/upload/v1/{file_id}-{uuid.uuid4().hex[:8]}", "file_id": file_id}
 
     def _receive_upload(self, request: httpx2.Request, ticket: str, authorization: str) -> httpx2.Response:
@@ -1090,13 +1216,29 @@ class FakeSlack:
             obj = self.add_file(pending["filename"], pending["data"], user=self.bot_user_id, file_id=file_id)
             obj["title"] = self.files[file_id]["title"] = title
             done.append({"id": file_id, "title": title})
-            self.uploads.append({"file": obj, "channel": channel, "thread_ts": thread_ts, "bytes": pending["data"],
-                                 "comment": args.get("initial_comment", ""), "alt_txt": pending["alt_txt"]})
+            self.uploads.append(
+                {
+                    "file": obj,
+                    "channel": channel,
+                    "thread_ts": thread_ts,
+                    "bytes": pending["data"],
+                    "comment": args.get("initial_comment", ""),
+                    "alt_txt": pending["alt_txt"],
+                }
+            )
             if channel:
-                message = {"type": "message", "subtype": "file_share", "ts": self._next_ts(),
-                           "user": self.bot_user_id, "bot_id": self.bot_id, "app_id": self.app_id,
-                           "team": self.team_id, "text": str(args.get("initial_comment") or ""), "files": [obj],
-                           "upload": True}
+                message = {
+                    "type": "message",
+                    "subtype": "file_share",
+                    "ts": self._next_ts(),
+                    "user": self.bot_user_id,
+                    "bot_id": self.bot_id,
+                    "app_id": self.app_id,
+                    "team": self.team_id,
+                    "text": str(args.get("initial_comment") or ""),
+                    "files": [obj],
+                    "upload": True,
+                }
                 if thread_ts:
                     message["thread_ts"] = str(thread_ts)
                 self._store(str(channel), message)
@@ -1104,8 +1246,9 @@ class FakeSlack:
 
     # ------------------------------------------------------------------ helpers for tests
 
-    def add_user_message(self, channel: str, user: str, text: str, thread_ts: str | None = None, *,
-                         files: list[dict] | None = None) -> str:
+    def add_user_message(
+        self, channel: str, user: str, text: str, thread_ts: str | None = None, *, files: list[dict] | None = None
+    ) -> str:
         """Store a message so conversations.replies sees it; returns its ts. With
         user=bot_user_id it is stored as the bot's own (e.g. a placeholder left by a crash)."""
         message = {"type": "message", "ts": self._next_ts(), "user": user, "text": text, "team": self.team_id}
@@ -1122,31 +1265,57 @@ class FakeSlack:
     def thread_messages(self, channel: str, thread_ts: str) -> list[dict]:
         """The thread as conversations.replies returns it: parent first, then replies by ts."""
         all_messages = self.messages.get(channel, [])
-        thread = sorted((m for m in all_messages if m["ts"] == thread_ts or m.get("thread_ts") == thread_ts),
-                        key=lambda m: m["ts"])
+        thread = sorted(
+            (m for m in all_messages if m["ts"] == thread_ts or m.get("thread_ts") == thread_ts), key=lambda m: m["ts"]
+        )
         if not thread or thread[0]["ts"] != thread_ts:
             return [dict(m) for m in thread]
         replies = thread[1:]
         parent = dict(thread[0])
         if replies:
-            parent.update(thread_ts=thread_ts, reply_count=len(replies),
-                          reply_users=sorted({m["user"] for m in replies}), latest_reply=replies[-1]["ts"])
+            parent.update(
+                thread_ts=thread_ts,
+                reply_count=len(replies),
+                reply_users=sorted({m["user"] for m in replies}),
+                latest_reply=replies[-1]["ts"],
+            )
         return [parent, *(dict(m) for m in replies)]
 
     def bot_replies(self, channel: str, thread_ts: str) -> list[str]:
         """The bot's replies in a thread as a user sees them (`visible_text`), oldest first."""
-        return [self.visible_text(channel, m["ts"]) for m in self.thread_messages(channel, thread_ts)
-                if m.get("bot_id") == self.bot_id and m["ts"] != thread_ts]
+        return [
+            self.visible_text(channel, m["ts"])
+            for m in self.thread_messages(channel, thread_ts)
+            if m.get("bot_id") == self.bot_id and m["ts"] != thread_ts
+        ]
 
-    def message_event(self, channel: str, user: str, text: str, ts: str | None = None, thread_ts: str | None = None,
-                      channel_type: str = "im", subtype: str | None = None, files: list[dict] | None = None) -> dict:
+    def message_event(
+        self,
+        channel: str,
+        user: str,
+        text: str,
+        ts: str | None = None,
+        thread_ts: str | None = None,
+        channel_type: str = "im",
+        subtype: str | None = None,
+        files: list[dict] | None = None,
+    ) -> dict:
         """A `message` event as Slack delivers it. Without `ts` a plain (or file_share /
         thread_broadcast) message is also stored, so the bot finds it in the thread."""
         if ts is None:
             stored = subtype in (None, "file_share", "thread_broadcast")
             ts = self.add_user_message(channel, user, text, thread_ts, files=files) if stored else self._next_ts()
-        event = {"type": "message", "channel": channel, "user": user, "text": text, "ts": ts, "event_ts": ts,
-                 "channel_type": channel_type, "team": self.team_id, "blocks": _rich_text(text)}
+        event = {
+            "type": "message",
+            "channel": channel,
+            "user": user,
+            "text": text,
+            "ts": ts,
+            "event_ts": ts,
+            "channel_type": channel_type,
+            "team": self.team_id,
+            "blocks": _rich_text(text),
+        }
         if thread_ts:
             event["thread_ts"] = thread_ts
         if subtype:
@@ -1155,16 +1324,25 @@ class FakeSlack:
             event["files"] = files
         return event
 
-    def app_mention_event(self, channel: str, user: str, text: str, ts: str | None = None,
-                          thread_ts: str | None = None) -> dict:
+    def app_mention_event(
+        self, channel: str, user: str, text: str, ts: str | None = None, thread_ts: str | None = None
+    ) -> dict:
         """An `app_mention` event; `<@bot>` is prefixed when the text lacks it."""
         mention = f"<@{self.bot_user_id}>"
         if mention not in text:
             text = f"{mention} {text}"
         if ts is None:
             ts = self.add_user_message(channel, user, text, thread_ts)
-        event = {"type": "app_mention", "channel": channel, "user": user, "text": text, "ts": ts, "event_ts": ts,
-                 "team": self.team_id, "blocks": _rich_text(text)}
+        event = {
+            "type": "app_mention",
+            "channel": channel,
+            "user": user,
+            "text": text,
+            "ts": ts,
+            "event_ts": ts,
+            "team": self.team_id,
+            "blocks": _rich_text(text),
+        }
         if thread_ts:
             event["thread_ts"] = thread_ts
         return event
@@ -1205,16 +1383,33 @@ class FakeSlack:
         self.max_live_connections = max(self.max_live_connections, live)
         self._changed()
         if live > MAX_CONNECTIONS:
-            await link.send(json.dumps({"type": "disconnect", "reason": "too_many_websockets",
-                                        "num_connections": live, "connection_info": {"app_id": self.app_id},
-                                        "debug_info": {"host": "fake-slack"}}))
+            await link.send(
+                json.dumps(
+                    {
+                        "type": "disconnect",
+                        "reason": "too_many_websockets",
+                        "num_connections": live,
+                        "connection_info": {"app_id": self.app_id},
+                        "debug_info": {"host": "fake-slack"},
+                    }
+                )
+            )
             await link.close()
             return
-        await link.send(json.dumps({
-            "type": "hello", "num_connections": live, "connection_info": {"app_id": self.app_id},
-            "debug_info": {"host": "fake-slack", "build_number": 1,
-                           "approximate_connection_time": self.approximate_connection_time},
-        }))
+        await link.send(
+            json.dumps(
+                {
+                    "type": "hello",
+                    "num_connections": live,
+                    "connection_info": {"app_id": self.app_id},
+                    "debug_info": {
+                        "host": "fake-slack",
+                        "build_number": 1,
+                        "approximate_connection_time": self.approximate_connection_time,
+                    },
+                }
+            )
+        )
 
     def _on_client_frame(self, link: Link, text: str) -> None:
         """A text frame from the client; acks are recorded with their time and payload."""
@@ -1244,21 +1439,37 @@ class FakeSlack:
         self._round_robin += 1
         return link
 
-    async def send_envelope(self, type: str, payload: dict, *, accepts_response_payload: bool = False,
-                            retry_attempt: int = 0, retry_reason: str = "", connection: Link | None = None) -> str:
+    async def send_envelope(
+        self,
+        type: str,
+        payload: dict,
+        *,
+        accepts_response_payload: bool = False,
+        retry_attempt: int = 0,
+        retry_reason: str = "",
+        connection: Link | None = None,
+    ) -> str:
         """Send any envelope (`events_api`, `slash_commands`, `interactive`); returns its envelope_id."""
         link = self._pick(connection)
         self._ids += 1
         envelope_id = str(uuid.UUID(int=self._ids))
-        envelope = {"envelope_id": envelope_id, "type": type, "accepts_response_payload": accepts_response_payload,
-                    "retry_attempt": retry_attempt, "retry_reason": retry_reason, "payload": payload}
-        self.deliveries[envelope_id] = Delivery(envelope_id, payload.get("event_id"), envelope, link,
-                                                anyio.current_time(), retry_attempt)
+        envelope = {
+            "envelope_id": envelope_id,
+            "type": type,
+            "accepts_response_payload": accepts_response_payload,
+            "retry_attempt": retry_attempt,
+            "retry_reason": retry_reason,
+            "payload": payload,
+        }
+        self.deliveries[envelope_id] = Delivery(
+            envelope_id, payload.get("event_id"), envelope, link, anyio.current_time(), retry_attempt
+        )
         await link.send(json.dumps(envelope))
         return envelope_id
 
-    async def send_event(self, event: dict, *, event_id: str | None = None, retry_attempt: int = 0,
-                         connection: Link | None = None) -> str:
+    async def send_event(
+        self, event: dict, *, event_id: str | None = None, retry_attempt: int = 0, connection: Link | None = None
+    ) -> str:
         """Wrap `event` in an event_callback + `events_api` envelope and deliver it on a live
         connection (round-robin, preferring ones not told to disconnect). Returns envelope_id."""
         if event_id is None:
@@ -1266,15 +1477,34 @@ class FakeSlack:
             event_id = f"Ev{self._ids:010d}"
         event_time = int(float(event.get("event_ts") or event.get("ts") or FIRST_TS))
         payload = {
-            "token": "fake-verification-token", "team_id": self.team_id, "context_team_id": self.team_id,
-            "context_enterprise_id": None, "api_app_id": self.app_id, "event": event, "type": "event_callback",
-            "event_id": event_id, "event_time": event_time,
-            "authorizations": [{"enterprise_id": None, "team_id": self.team_id, "user_id": self.bot_user_id,
-                                "is_bot": True, "is_enterprise_install": False}],
-            "is_ext_shared_channel": False, "event_context": f"4-fake-{event_id}",
+            "token": "fake-verification-token",
+            "team_id": self.team_id,
+            "context_team_id": self.team_id,
+            "context_enterprise_id": None,
+            "api_app_id": self.app_id,
+            "event": event,
+            "type": "event_callback",
+            "event_id": event_id,
+            "event_time": event_time,
+            "authorizations": [
+                {
+                    "enterprise_id": None,
+                    "team_id": self.team_id,
+                    "user_id": self.bot_user_id,
+                    "is_bot": True,
+                    "is_enterprise_install": False,
+                }
+            ],
+            "is_ext_shared_channel": False,
+            "event_context": f"4-fake-{event_id}",
         }
-        return await self.send_envelope("events_api", payload, retry_attempt=retry_attempt,
-                                        retry_reason="timeout" if retry_attempt else "", connection=connection)
+        return await self.send_envelope(
+            "events_api",
+            payload,
+            retry_attempt=retry_attempt,
+            retry_reason="timeout" if retry_attempt else "",
+            connection=connection,
+        )
 
     async def redeliver_unacked(self, after: float = 3.0) -> list[str]:
         """Resend events not acked `after` seconds after delivery (same event_id,
@@ -1285,8 +1515,11 @@ class FakeSlack:
             if due and not delivery.redelivered and delivery.envelope["type"] == "events_api" and self._candidates():
                 delivery.redelivered = True
                 payload = delivery.envelope["payload"]
-                new.append(await self.send_event(payload["event"], event_id=payload["event_id"],
-                                                 retry_attempt=delivery.retry_attempt + 1))
+                new.append(
+                    await self.send_event(
+                        payload["event"], event_id=payload["event_id"], retry_attempt=delivery.retry_attempt + 1
+                    )
+                )
         return new
 
     async def send_raw(self, text: str, connection: Link | None = None) -> None:
@@ -1301,8 +1534,9 @@ class FakeSlack:
             raise NoConnection("no live Socket Mode connection")
         return live[0]
 
-    async def disconnect(self, reason: str = "refresh_requested", connection: Link | None = None, *,
-                         grace: float = 5.0) -> Link:
+    async def disconnect(
+        self, reason: str = "refresh_requested", connection: Link | None = None, *, grace: float = 5.0
+    ) -> Link:
         """Send a `disconnect` frame (default: to the oldest live connection). For `warning`
         and `refresh_requested` the socket stays open until the client closes it or `grace`
         seconds pass; for other reasons it is closed right after the frame."""
@@ -1340,9 +1574,12 @@ def _text_of(obj: object) -> str:
 
 
 def _check_button(element: object, where: str) -> None:
-    if isinstance(element, dict) and element.get("type") == "button":
-        if len(_text_of(element.get("text"))) > BUTTON_TEXT_LIMIT:
-            raise SlackError("invalid_blocks", f"{where}: button text must be at most {BUTTON_TEXT_LIMIT} characters")
+    if (
+        isinstance(element, dict)
+        and element.get("type") == "button"
+        and len(_text_of(element.get("text"))) > BUTTON_TEXT_LIMIT
+    ):
+        raise SlackError("invalid_blocks", f"{where}: button text must be at most {BUTTON_TEXT_LIMIT} characters")
 
 
 def _check_blocks(blocks: object, limit: int, *, message: bool) -> list:
@@ -1372,8 +1609,9 @@ def _check_blocks(blocks: object, limit: int, *, message: bool) -> list:
                 raise SlackError("invalid_blocks", f"{where}: markdown blocks are for messages only")
             markdown_total += len(str(block.get("text") or ""))
             if markdown_total > MARKDOWN_BLOCKS_LIMIT:
-                raise SlackError("invalid_blocks",
-                                 f"{where}: markdown blocks may hold {MARKDOWN_BLOCKS_LIMIT} characters in all")
+                raise SlackError(
+                    "invalid_blocks", f"{where}: markdown blocks may hold {MARKDOWN_BLOCKS_LIMIT} characters in all"
+                )
         elif kind == "context":
             if len(block.get("elements") or []) > CONTEXT_ELEMENTS_LIMIT:
                 raise SlackError("invalid_blocks", f"{where}: at most {CONTEXT_ELEMENTS_LIMIT} context elements")
@@ -1401,14 +1639,23 @@ def _blocks_text(blocks: list) -> str:
         elif kind == "context":
             parts.append(" ".join(_text_of(e) for e in block.get("elements") or [] if _text_of(e)))
         elif kind == "rich_text":
-            parts.append("".join(str(leaf.get("text") or "") for section in block.get("elements") or []
-                                 for leaf in section.get("elements") or [] if isinstance(leaf, dict)))
+            parts.append(
+                "".join(
+                    str(leaf.get("text") or "")
+                    for section in block.get("elements") or []
+                    for leaf in section.get("elements") or []
+                    if isinstance(leaf, dict)
+                )
+            )
     return "\n".join(part for part in parts if part)
 
 
 def _json(body: dict, status: int = 200, headers: dict | None = None) -> httpx2.Response:
-    return httpx2.Response(status, content=json.dumps(body).encode(),
-                           headers={"Content-Type": "application/json; charset=utf-8", **(headers or {})})
+    return httpx2.Response(
+        status,
+        content=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json; charset=utf-8", **(headers or {})},
+    )
 
 
 def _parse_args(request: httpx2.Request) -> dict:
@@ -1428,17 +1675,20 @@ def _parse_args(request: httpx2.Request) -> dict:
     elif body:
         for key, value in parse_qsl(body.decode(), keep_blank_values=True):
             if key in _JSON_ARGS:
-                try:
+                with contextlib.suppress(ValueError):
                     value = json.loads(value)
-                except ValueError:
-                    pass
             args[key] = value
     return args
 
 
 def _rich_text(text: str) -> list[dict]:
-    return [{"type": "rich_text", "block_id": "fake",
-             "elements": [{"type": "rich_text_section", "elements": [{"type": "text", "text": text}]}]}]
+    return [
+        {
+            "type": "rich_text",
+            "block_id": "fake",
+            "elements": [{"type": "rich_text_section", "elements": [{"type": "text", "text": text}]}],
+        }
+    ]
 
 
 _METHODS: dict[str, Callable[[FakeSlack, dict], dict]] = {

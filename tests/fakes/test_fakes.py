@@ -28,18 +28,25 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 async def openai_client(fake: FakeOpenAI, base_url: str | None = None):
     """The real SDK, in-process through MockTransport or over a real server at base_url."""
     transport = httpx2.MockTransport(fake.handle) if base_url is None else None
-    async with httpx2.AsyncClient(transport=transport) as http:
-        async with openai.AsyncOpenAI(api_key=fake.api_key, base_url=base_url or "https://api.openai.test/v1/",
-                                      http_client=http, max_retries=0) as client:
-            yield client
+    async with (
+        httpx2.AsyncClient(transport=transport) as http,
+        openai.AsyncOpenAI(
+            api_key=fake.api_key, base_url=base_url or "https://api.openai.test/v1/", http_client=http, max_retries=0
+        ) as client,
+    ):
+        yield client
 
 
 @asynccontextmanager
 async def slack_api(fake: FakeSlack, base_url: str | None = None, **kwargs):
     transport = httpx2.MockTransport(fake.handle) if base_url is None else None
     async with httpx2.AsyncClient(transport=transport) as http:
-        yield SlackWebAPI(bot_token=kwargs.get("bot_token", fake.bot_token), app_token=fake.app_token,
-                          base_url=base_url or "https://slack.test/api/", client=http)
+        yield SlackWebAPI(
+            bot_token=kwargs.get("bot_token", fake.bot_token),
+            app_token=fake.app_token,
+            base_url=base_url or "https://slack.test/api/",
+            client=http,
+        )
 
 
 async def stream_text(client: openai.AsyncOpenAI, **kwargs) -> tuple[str, list]:
@@ -86,20 +93,31 @@ def _maybe_server(fake: FakeOpenAI, over_socket: bool):
 
 async def test_openai_list_content_parts_are_echoed():
     fake = FakeOpenAI()
-    parts = [{"type": "text", "text": "look "}, {"type": "image_url", "image_url": {"url": "data:,"}},
-             {"type": "text", "text": "here"}]
+    parts = [
+        {"type": "text", "text": "look "},
+        {"type": "image_url", "image_url": {"url": "data:,"}},
+        {"type": "text", "text": "here"},
+    ]
     async with openai_client(fake) as client:
         completion = await client.chat.completions.create(
-            model="gpt-5-mini", messages=[{"role": "user", "content": parts}])
+            model="gpt-5-mini", messages=[{"role": "user", "content": parts}]
+        )
     assert completion.choices[0].message.content == "Echo: look here"
 
 
-@pytest.mark.parametrize(("behaviour", "error", "code"), [
-    (Behaviour(status=429, retry_after=1), openai.RateLimitError, "rate_limit_exceeded"),
-    (Behaviour(status=400, error_code="context_length_exceeded"), openai.BadRequestError, "context_length_exceeded"),
-    (Behaviour(status=500), openai.InternalServerError, None),
-    (Behaviour(status=429, error_code="insufficient_quota"), openai.RateLimitError, "insufficient_quota"),
-])
+@pytest.mark.parametrize(
+    ("behaviour", "error", "code"),
+    [
+        (Behaviour(status=429, retry_after=1), openai.RateLimitError, "rate_limit_exceeded"),
+        (
+            Behaviour(status=400, error_code="context_length_exceeded"),
+            openai.BadRequestError,
+            "context_length_exceeded",
+        ),
+        (Behaviour(status=500), openai.InternalServerError, None),
+        (Behaviour(status=429, error_code="insufficient_quota"), openai.RateLimitError, "insufficient_quota"),
+    ],
+)
 async def test_openai_error_statuses_raise_sdk_exceptions(behaviour, error, code):
     fake = FakeOpenAI()
     fake.enqueue(behaviour)
@@ -114,8 +132,9 @@ async def test_openai_error_statuses_raise_sdk_exceptions(behaviour, error, code
 async def test_openai_wrong_key_is_authentication_error():
     fake = FakeOpenAI(api_key="sk-right")
     async with httpx2.AsyncClient(transport=httpx2.MockTransport(fake.handle)) as http:
-        client = openai.AsyncOpenAI(api_key="sk-wrong", base_url="https://api.openai.test/v1/",
-                                    http_client=http, max_retries=0)
+        client = openai.AsyncOpenAI(
+            api_key="sk-wrong", base_url="https://api.openai.test/v1/", http_client=http, max_retries=0
+        )
         with pytest.raises(openai.AuthenticationError) as info:
             await client.chat.completions.create(model="gpt-5-mini", messages=MESSAGES)
     assert info.value.code == "invalid_api_key"
@@ -184,8 +203,10 @@ async def test_http_server_chunked_requests_and_keep_alive():
         async with http_server(handler) as url, httpx2.AsyncClient() as http:
             assert (await http.post(url + "/a", content=body())).json() == {"got": "chunked body"}
             assert (await http.post(url + "/b", content=b"plain")).json() == {"got": "plain"}
-            ports = {r.extensions["network_stream"].get_extra_info("client_addr")[1]
-                     for r in [await http.get(url + "/c"), await http.get(url + "/d")]}
+            ports = {
+                r.extensions["network_stream"].get_extra_info("client_addr")[1]
+                for r in [await http.get(url + "/c"), await http.get(url + "/d")]
+            }
     assert seen[:2] == [("POST", "/a", b"chunked body"), ("POST", "/b", b"plain")]
     assert len(ports) == 1  # one kept-alive connection
 

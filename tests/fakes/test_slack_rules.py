@@ -47,8 +47,11 @@ virtual_time = pytest.mark.parametrize("anyio_backend", [_mock_clock()], ids=["t
 @asynccontextmanager
 async def slack_client(fake: FakeSlack):
     """One caller of the Web API (a process, a worker): its own HTTP client."""
-    async with httpx2.AsyncClient(transport=httpx2.MockTransport(fake.handle), base_url="http://slack.test/api/",
-                                  headers={"Authorization": "Bearer xoxb-test-token"}) as http:
+    async with httpx2.AsyncClient(
+        transport=httpx2.MockTransport(fake.handle),
+        base_url="http://slack.test/api/",
+        headers={"Authorization": "Bearer xoxb-test-token"},
+    ) as http:
         yield http
 
 
@@ -76,12 +79,28 @@ def test_tier_figures_are_slacks():
     assert TIER_PER_MINUTE == {2: 20, 3: 50, 4: 100}
     assert [burst_for(TIER_PER_MINUTE[t]) for t in (2, 3, 4)] == [4, 10, 20]
     assert {m for m, t in METHOD_TIERS.items() if t == 2} == {"chat.startStream", "chat.stopStream"}
-    assert {"chat.update", "chat.delete", "conversations.replies", "conversations.history",
-            "apps.connections.open"} <= {m for m, t in METHOD_TIERS.items() if t == 3}
-    assert {"chat.appendStream", "chat.postEphemeral", "views.open", "views.update", "views.push", "views.publish",
-            "assistant.threads.setTitle", "assistant.threads.setSuggestedPrompts", "assistant.threads.setStatus",
-            "users.info", "files.info", "files.getUploadURLExternal",
-            "files.completeUploadExternal"} <= {m for m, t in METHOD_TIERS.items() if t == 4}
+    assert {
+        "chat.update",
+        "chat.delete",
+        "conversations.replies",
+        "conversations.history",
+        "apps.connections.open",
+    } <= {m for m, t in METHOD_TIERS.items() if t == 3}
+    assert {
+        "chat.appendStream",
+        "chat.postEphemeral",
+        "views.open",
+        "views.update",
+        "views.push",
+        "views.publish",
+        "assistant.threads.setTitle",
+        "assistant.threads.setSuggestedPrompts",
+        "assistant.threads.setStatus",
+        "users.info",
+        "files.info",
+        "files.getUploadURLExternal",
+        "files.completeUploadExternal",
+    } <= {m for m, t in METHOD_TIERS.items() if t == 4}
     assert default_limit("auth.test") is None and "chat.postMessage" not in METHOD_TIERS
     assert default_limit("chat.postMessage") == (POST_MESSAGE_PER_SECOND * 60, POST_MESSAGE_BURST) == (60, 5)
 
@@ -275,8 +294,10 @@ async def test_streaming_message_cannot_be_updated_or_deleted_until_stopped():
         assert await error(http, "chat.delete", channel="D1", ts=ts) == "streaming_state_conflict"
         await ok(http, "chat.stopStream", channel="D1", ts=ts, markdown_text="!")
         assert not fake.is_streaming("D1", ts)
-        assert await error(http, "chat.appendStream", channel="D1", ts=ts,
-                           markdown_text="late") == "message_not_in_streaming_state"
+        assert (
+            await error(http, "chat.appendStream", channel="D1", ts=ts, markdown_text="late")
+            == "message_not_in_streaming_state"
+        )
         assert await error(http, "chat.stopStream", channel="D1", ts=ts) == "message_not_in_streaming_state"
         await ok(http, "chat.update", channel="D1", ts=ts, markdown_text="Hello, edited")
         assert fake.visible_text("D1", ts) == "Hello, edited"
@@ -297,8 +318,13 @@ async def test_visible_text_shows_blocks_and_stop_stream_blocks():
     async with slack_client(fake) as http:
         posted = (await ok(http, "chat.postMessage", channel="D1", text="fallback", blocks=blocks))["ts"]
         ts = (await ok(http, "chat.startStream", channel="D1", thread_ts=parent, markdown_text="answer"))["ts"]
-        await ok(http, "chat.stopStream", channel="D1", ts=ts,
-                 blocks=[{"type": "context", "elements": [{"type": "mrkdwn", "text": "sources"}]}])
+        await ok(
+            http,
+            "chat.stopStream",
+            channel="D1",
+            ts=ts,
+            blocks=[{"type": "context", "elements": [{"type": "mrkdwn", "text": "sources"}]}],
+        )
     assert fake.visible_text("D1", posted) == "in the block"
     assert fake.visible_text("D1", ts) == "answer\nsources"
 
@@ -306,15 +332,18 @@ async def test_visible_text_shows_blocks_and_stop_stream_blocks():
 # ---------------------------------------------------------------- text caps
 
 
-@pytest.mark.parametrize(("method", "field", "limit"), [
-    ("chat.update", "text", 4_000),
-    ("chat.update", "markdown_text", 12_000),
-    ("chat.postMessage", "text", 40_000),
-    ("chat.postMessage", "markdown_text", 12_000),
-    ("chat.startStream", "markdown_text", 12_000),
-    ("chat.appendStream", "markdown_text", 12_000),
-    ("chat.stopStream", "markdown_text", 12_000),
-])
+@pytest.mark.parametrize(
+    ("method", "field", "limit"),
+    [
+        ("chat.update", "text", 4_000),
+        ("chat.update", "markdown_text", 12_000),
+        ("chat.postMessage", "text", 40_000),
+        ("chat.postMessage", "markdown_text", 12_000),
+        ("chat.startStream", "markdown_text", 12_000),
+        ("chat.appendStream", "markdown_text", 12_000),
+        ("chat.stopStream", "markdown_text", 12_000),
+    ],
+)
 async def test_text_caps_per_method_and_field(method, field, limit):
     fake = FakeSlack()
     parent = fake.add_user_message("D1", "U1", "question")
@@ -340,21 +369,44 @@ def _button(text: str, n: int = 0) -> dict:
     return {"type": "button", "action_id": f"a{n}", "text": {"type": "plain_text", "text": text}}
 
 
-@pytest.mark.parametrize(("ok_blocks", "bad_blocks"), [
-    ([_section("x")] * 50, [_section("x")] * 51),
-    ([_section("a" * 3_000)], [_section("a" * 3_001)]),
-    ([{"type": "markdown", "text": "a" * 6_000}] * 2,
-     [{"type": "markdown", "text": "a" * 6_000}, {"type": "markdown", "text": "a" * 6_001}]),
-    ([{"type": "context", "elements": [{"type": "mrkdwn", "text": "c"}] * 10}],
-     [{"type": "context", "elements": [{"type": "mrkdwn", "text": "c"}] * 11}]),
-    ([{"type": "actions", "elements": [_button("b", n) for n in range(25)]}],
-     [{"type": "actions", "elements": [_button("b", n) for n in range(26)]}]),
-    ([{"type": "actions", "elements": [_button("b" * 75)]}], [{"type": "actions", "elements": [_button("b" * 76)]}]),
-    ([{**_section("s"), "accessory": _button("b" * 75)}], [{**_section("s"), "accessory": _button("b" * 76)}]),
-    ([{"type": "header", "text": {"type": "plain_text", "text": "h" * 150}}],
-     [{"type": "header", "text": {"type": "plain_text", "text": "h" * 151}}]),
-], ids=["50-blocks", "section-text", "markdown-cumulative", "context-elements", "actions-elements",
-        "button-text", "accessory-button", "header-text"])
+@pytest.mark.parametrize(
+    ("ok_blocks", "bad_blocks"),
+    [
+        ([_section("x")] * 50, [_section("x")] * 51),
+        ([_section("a" * 3_000)], [_section("a" * 3_001)]),
+        (
+            [{"type": "markdown", "text": "a" * 6_000}] * 2,
+            [{"type": "markdown", "text": "a" * 6_000}, {"type": "markdown", "text": "a" * 6_001}],
+        ),
+        (
+            [{"type": "context", "elements": [{"type": "mrkdwn", "text": "c"}] * 10}],
+            [{"type": "context", "elements": [{"type": "mrkdwn", "text": "c"}] * 11}],
+        ),
+        (
+            [{"type": "actions", "elements": [_button("b", n) for n in range(25)]}],
+            [{"type": "actions", "elements": [_button("b", n) for n in range(26)]}],
+        ),
+        (
+            [{"type": "actions", "elements": [_button("b" * 75)]}],
+            [{"type": "actions", "elements": [_button("b" * 76)]}],
+        ),
+        ([{**_section("s"), "accessory": _button("b" * 75)}], [{**_section("s"), "accessory": _button("b" * 76)}]),
+        (
+            [{"type": "header", "text": {"type": "plain_text", "text": "h" * 150}}],
+            [{"type": "header", "text": {"type": "plain_text", "text": "h" * 151}}],
+        ),
+    ],
+    ids=[
+        "50-blocks",
+        "section-text",
+        "markdown-cumulative",
+        "context-elements",
+        "actions-elements",
+        "button-text",
+        "accessory-button",
+        "header-text",
+    ],
+)
 @pytest.mark.parametrize("method", ["chat.postMessage", "chat.update", "chat.postEphemeral", "chat.stopStream"])
 async def test_block_limits(method, ok_blocks, bad_blocks):
     fake = FakeSlack()
@@ -366,8 +418,16 @@ async def test_block_limits(method, ok_blocks, bad_blocks):
             if method == "chat.update":
                 args["ts"] = (await ok(http, "chat.postMessage", channel="C1", text="x"))["ts"]
             elif method == "chat.stopStream":
-                args["ts"] = (await ok(http, "chat.startStream", channel="C1", thread_ts=parent,
-                                       recipient_user_id="U1", recipient_team_id="T1"))["ts"]
+                args["ts"] = (
+                    await ok(
+                        http,
+                        "chat.startStream",
+                        channel="C1",
+                        thread_ts=parent,
+                        recipient_user_id="U1",
+                        recipient_team_id="T1",
+                    )
+                )["ts"]
             elif method == "chat.postEphemeral":
                 args["user"] = "U1"
             if method != "chat.stopStream":
@@ -386,10 +446,14 @@ async def test_views_keep_their_limits():
     async with slack_client(fake) as http:
         home = {"type": "home", "blocks": [_section("x")] * 100}
         await ok(http, "views.publish", user_id="U1", view=home)
-        assert await error(http, "views.publish", user_id="U1",
-                           view={**home, "blocks": [_section("x")] * 101}) == "invalid_arguments"
-        assert await error(http, "views.publish", user_id="U1",
-                           view={"type": "home", "blocks": [_section("a" * 3_001)]}) == "invalid_blocks"
+        assert (
+            await error(http, "views.publish", user_id="U1", view={**home, "blocks": [_section("x")] * 101})
+            == "invalid_arguments"
+        )
+        assert (
+            await error(http, "views.publish", user_id="U1", view={"type": "home", "blocks": [_section("a" * 3_001)]})
+            == "invalid_blocks"
+        )
 
 
 # ---------------------------------------------------------------- assistant status
@@ -411,8 +475,12 @@ async def test_set_status_works_in_channel_threads_and_clears_on_reply():
         assert fake.visible_status("D1", "1.000002") == ""
         await ok(http, "assistant.threads.setStatus", channel_id="D1", thread_ts="1.000003", status="")
         assert fake.visible_status("D1", "1.000003") == ""
-    assert fake.statuses == [("C1", "1.000001", "is thinking…"), ("D1", "1.000002", "is reading…"),
-                             ("D1", "1.000003", "is writing…"), ("D1", "1.000003", "")]
+    assert fake.statuses == [
+        ("C1", "1.000001", "is thinking…"),
+        ("D1", "1.000002", "is reading…"),
+        ("D1", "1.000003", "is writing…"),
+        ("D1", "1.000003", ""),
+    ]
     assert [entry[:3] for entry in fake.status_log] == fake.statuses
     assert fake.visible_status("C9", "1.000000") == ""
 

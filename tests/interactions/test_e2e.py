@@ -9,8 +9,8 @@ import pytest
 
 from tests.fakes import Behaviour
 from tests.harness import send_dm, wait_reply
-from tests.test_e2e import running
 from tests.interactions.test_settings import form
+from tests.test_e2e import running
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -31,8 +31,9 @@ async def test_settings_modal_round_trip_and_native_streaming_over_real_sockets(
         await slack.wait_acked(bad)
         assert slack.ack_payloads[bad]["response_action"] == "errors"
         assert set(slack.ack_payloads[bad]["errors"]) == {"temperature"}
-        good = await slack.submit_view(view_id, form(model="gpt-4o-mini", temperature="0.4",
-                                                    instructions="Sign off with -- bot"))
+        good = await slack.submit_view(
+            view_id, form(model="gpt-4o-mini", temperature="0.4", instructions="Sign off with -- bot")
+        )
         await slack.wait_acked(good)
         assert slack.ack_payloads[good] is None
         await slack.wait_until(lambda: "U1" in slack.home_views, timeout=10)

@@ -29,10 +29,22 @@ DEFAULT_SIZE = baseline(test_settings()).image_size
 DEFAULT_QUALITY = baseline(test_settings()).image_quality
 
 
-def form(*, scope="user", model="gpt-4o-mini", temperature: str | None = "", effort: str | None = None,
-         instructions="", stream="on", history="", image_size=DEFAULT_SIZE, image_quality=DEFAULT_QUALITY,
-         language="", reset=False) -> dict:
+def form(
+    *,
+    scope="user",
+    model="gpt-4o-mini",
+    temperature: str | None = "",
+    effort: str | None = None,
+    instructions="",
+    stream="on",
+    history="",
+    image_size=DEFAULT_SIZE,
+    image_quality=DEFAULT_QUALITY,
+    language="",
+    reset=False,
+) -> dict:
     """A submitted modal's `state.values`, shaped as Slack sends them."""
+
     def text(value):
         return {"type": "plain_text_input", "value": value or None}
 
@@ -48,8 +60,7 @@ def form(*, scope="user", model="gpt-4o-mini", temperature: str | None = "", eff
         "image_size": {"image_size": select(image_size)},
         "image_quality": {"image_quality": select(image_quality)},
         "language": {"language": text(language)},
-        "reset": {"reset": {"type": "checkboxes",
-                            "selected_options": [{"value": "reset"}] if reset else []}},
+        "reset": {"reset": {"type": "checkboxes", "selected_options": [{"value": "reset"}] if reset else []}},
     }
     if temperature is not None:
         values["temperature"] = {"temperature": text(temperature)}
@@ -74,7 +85,7 @@ def block_ids(view: dict) -> list[str]:
 
 async def test_slash_command_opens_the_modal_with_the_endpoints_models(slack, ai):
     async with running_bot(slack, ai):
-        view_id, view = await open_modal(slack)
+        _view_id, view = await open_modal(slack)
     assert view["type"] == "modal" and view["callback_id"] == "settings_modal"
     model_block = next(b for b in view["blocks"] if b.get("block_id") == "model")
     offered = [o["value"] for o in model_block["element"]["options"]]
@@ -97,8 +108,9 @@ async def test_models_list_is_cached_between_openings(slack, ai):
 async def test_submission_changes_the_next_request(slack, ai):
     async with running_bot(slack, ai):
         view_id, _ = await open_modal(slack)
-        eid = await slack.submit_view(view_id, form(model="gpt-4o-mini", temperature="0.3",
-                                                   instructions="Always answer in French."))
+        eid = await slack.submit_view(
+            view_id, form(model="gpt-4o-mini", temperature="0.3", instructions="Always answer in French.")
+        )
         await slack.wait_acked(eid)
         assert slack.ack_payloads[eid] is None  # valid: a plain ack closes the modal
         await slack.wait_until(lambda: "U1" in slack.home_views)  # saved, then the Home tab refreshed
@@ -145,9 +157,16 @@ async def test_changing_the_model_rebuilds_the_modal(slack, ai):
     async with running_bot(slack, ai):
         view_id, view = await open_modal(slack)
         old_hash = view["hash"]
-        await slack.click({"action_id": "model", "block_id": "model", "type": "static_select",
-                           "selected_option": {"value": "gpt-4o-mini"}},
-                          view_id=view_id, values=form(model="gpt-4o-mini", temperature=None, effort="low"))
+        await slack.click(
+            {
+                "action_id": "model",
+                "block_id": "model",
+                "type": "static_select",
+                "selected_option": {"value": "gpt-4o-mini"},
+            },
+            view_id=view_id,
+            values=form(model="gpt-4o-mini", temperature=None, effort="low"),
+        )
         await slack.wait_until(lambda: slack.views[view_id]["hash"] != old_hash)
     rebuilt = slack.views[view_id]
     assert "temperature" in block_ids(rebuilt) and "reasoning_effort" not in block_ids(rebuilt)
@@ -169,7 +188,7 @@ async def test_thread_override_wins_in_its_thread_only(slack, ai):
         await slack.wait_acked(eid)
         assert slack.ack_payloads[eid] is None
         await slack.wait_until(lambda: "U1" in slack.home_views)
-        _, again = await send_dm(slack, "in the thread", thread_ts=first["ts"])
+        _, _again = await send_dm(slack, "in the thread", thread_ts=first["ts"])
         await wait_reply(slack, "D1", first["ts"], "Echo: in the thread")
         in_thread = ai.requests[-1]
         _, other = await send_dm(slack, "elsewhere")
@@ -183,8 +202,11 @@ async def test_workspace_defaults_apply_to_everyone_and_users_override_them(slac
     async with running_bot(slack, ai, admin_users=frozenset({"UADMIN"})):
         view_id, view = await open_modal(slack, user="UADMIN")
         assert [o["value"] for o in view["blocks"][0]["element"]["options"]] == ["user", "workspace"]
-        eid = await slack.submit_view(view_id, form(scope="workspace", model="gpt-4o-mini", temperature="0.2",
-                                                   instructions="Be brief."), user="UADMIN")
+        eid = await slack.submit_view(
+            view_id,
+            form(scope="workspace", model="gpt-4o-mini", temperature="0.2", instructions="Be brief."),
+            user="UADMIN",
+        )
         await slack.wait_acked(eid)
         assert slack.ack_payloads[eid] is None
         await slack.wait_until(lambda: "UADMIN" in slack.home_views)
@@ -195,8 +217,9 @@ async def test_workspace_defaults_apply_to_everyone_and_users_override_them(slac
         view_id, view = await open_modal(slack, user="U3")
         temperature = next(b for b in view["blocks"] if b.get("block_id") == "temperature")
         assert temperature["element"]["initial_value"] == "0.2"  # the modal shows the defaults
-        eid = await slack.submit_view(view_id, form(model="gpt-4o-mini", temperature="0.9",
-                                                   instructions="Be brief."), user="U3")
+        eid = await slack.submit_view(
+            view_id, form(model="gpt-4o-mini", temperature="0.9", instructions="Be brief."), user="U3"
+        )
         await slack.wait_acked(eid)
         await slack.wait_until(lambda: "U3" in slack.home_views)
         _, ev = await send_dm(slack, "from U3", user="U3", channel="D3")
@@ -210,13 +233,15 @@ async def test_workspace_defaults_apply_to_everyone_and_users_override_them(slac
 async def test_users_store_only_what_differs_from_the_defaults(slack, ai):
     async with running_bot(slack, ai, admin_users=frozenset({"UADMIN"})) as nursery:
         view_id, _ = await open_modal(slack, user="UADMIN")
-        eid = await slack.submit_view(view_id, form(scope="workspace", model="gpt-4o-mini", temperature="0.2"),
-                                      user="UADMIN")
+        eid = await slack.submit_view(
+            view_id, form(scope="workspace", model="gpt-4o-mini", temperature="0.2"), user="UADMIN"
+        )
         await slack.wait_acked(eid)
         await slack.wait_until(lambda: "UADMIN" in slack.home_views)
         view_id, _ = await open_modal(slack, user="U3")
-        eid = await slack.submit_view(view_id, form(model="gpt-4o-mini", temperature="0.2", language="German"),
-                                      user="U3")
+        eid = await slack.submit_view(
+            view_id, form(model="gpt-4o-mini", temperature="0.2", language="German"), user="U3"
+        )
         await slack.wait_acked(eid)
         await slack.wait_until(lambda: "U3" in slack.home_views)
         layers = await nursery.services.store.load_preferences("U3", None)
@@ -308,8 +333,9 @@ async def test_a_storage_failure_on_save_is_told_not_lost(slack, ai):
             view_id, _ = await open_modal(slack)
             eid = await slack.submit_view(view_id, form(model="gpt-4o-mini"))
             await slack.wait_acked(eid)
-            await slack.wait_until(lambda: any("could not save your settings" in m.get("text", "")
-                                               for m in slack.messages.get("U1", [])))
+            await slack.wait_until(
+                lambda: any("could not save your settings" in m.get("text", "") for m in slack.messages.get("U1", []))
+            )
     finally:
         await store.aclose()
 

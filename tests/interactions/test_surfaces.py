@@ -11,8 +11,8 @@ import pytest
 
 from bot.config import load_settings
 from bot.interactions.access import REFUSAL_CHANNEL, REFUSAL_USER, refusal
-from bot.slack.web_api import SlackWebAPI
 from bot.slack.socket_mode import SocketModeReader
+from bot.slack.web_api import SlackWebAPI
 from tests.fakes.openai import Behaviour
 from tests.harness import running_bot, send_dm, test_settings, wait_reply
 
@@ -24,10 +24,17 @@ pytestmark = pytest.mark.anyio
 
 async def test_assistant_thread_started_sets_suggested_prompts(slack, ai):
     async with running_bot(slack, ai):
-        eid = await slack.send_app_event({
-            "type": "assistant_thread_started",
-            "assistant_thread": {"user_id": "U1", "channel_id": "D1", "thread_ts": "1700000001.000100",
-                                 "context": {"channel_id": "C9", "team_id": "T1"}}})
+        eid = await slack.send_app_event(
+            {
+                "type": "assistant_thread_started",
+                "assistant_thread": {
+                    "user_id": "U1",
+                    "channel_id": "D1",
+                    "thread_ts": "1700000001.000100",
+                    "context": {"channel_id": "C9", "team_id": "T1"},
+                },
+            }
+        )
         await slack.wait_acked(eid)
         await slack.wait_until(lambda: slack.suggested_prompts)
     prompts = slack.suggested_prompts[0]
@@ -39,10 +46,17 @@ async def test_assistant_thread_started_sets_suggested_prompts(slack, ai):
 async def test_assistant_thread_context_changed_and_malformed_events(slack, ai):
     async with running_bot(slack, ai):
         await slack.send_app_event({"type": "assistant_thread_started"})  # no assistant_thread: logged, ignored
-        await slack.send_app_event({
-            "type": "assistant_thread_context_changed",
-            "assistant_thread": {"user_id": "U1", "channel_id": "D1", "thread_ts": "1700000001.000100",
-                                 "context": {"channel_id": "C2"}}})
+        await slack.send_app_event(
+            {
+                "type": "assistant_thread_context_changed",
+                "assistant_thread": {
+                    "user_id": "U1",
+                    "channel_id": "D1",
+                    "thread_ts": "1700000001.000100",
+                    "context": {"channel_id": "C2"},
+                },
+            }
+        )
         await slack.wait_until(lambda: slack.suggested_prompts)
         # The bot is still fine afterwards.
         _, ev = await send_dm(slack, "still here?")
@@ -54,8 +68,14 @@ async def test_agent_view_messages_tab_and_context_change(slack, ai):
     async with running_bot(slack, ai):
         await slack.send_app_event({"type": "app_home_opened", "user": "U1", "channel": "D1", "tab": "messages"})
         await slack.wait_until(lambda: len(slack.suggested_prompts) == 1)
-        await slack.send_app_event({"type": "app_context_changed", "user": "U1", "channel": "D1", "context": {
-            "entities": [{"type": "slack#/types/channel_id", "value": "C0123", "team_id": "T1"}]}})
+        await slack.send_app_event(
+            {
+                "type": "app_context_changed",
+                "user": "U1",
+                "channel": "D1",
+                "context": {"entities": [{"type": "slack#/types/channel_id", "value": "C0123", "team_id": "T1"}]},
+            }
+        )
         await slack.wait_until(lambda: len(slack.suggested_prompts) == 2)
     assert all(p["channel_id"] == "D1" and "thread_ts" not in p for p in slack.suggested_prompts)
     assert "U1" not in slack.home_views  # the Messages tab is not the Home tab
@@ -84,8 +104,9 @@ async def test_first_dm_gets_a_welcome_once(tmp_path, slack, ai):
 
 
 def test_access_rules():
-    s = test_settings(allowed_users=frozenset({"U1"}), allowed_channels=frozenset({"C1"}),
-                      admin_users=frozenset({"UADMIN"}))
+    s = test_settings(
+        allowed_users=frozenset({"U1"}), allowed_channels=frozenset({"C1"}), admin_users=frozenset({"UADMIN"})
+    )
     assert refusal(s, "U1", "D1") == ""  # DMs follow ALLOWED_USERS only
     assert refusal(s, "U1", "C1") == ""
     assert refusal(s, "U1", "C2") == REFUSAL_CHANNEL
@@ -96,12 +117,25 @@ def test_access_rules():
 
 def test_access_settings_are_parsed_and_checked():
     base = {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1", "OPENAI_API_KEY": "k"}
-    s = load_settings({**base, "ALLOWED_USERS": "U1, U2 W3", "ALLOWED_CHANNELS": "C1,G2", "ADMIN_USERS": "UA",
-                       "NATIVE_STREAMING": "off", "SETTINGS_COMMAND": "ai"}, dotenv_path=None)
+    s = load_settings(
+        {
+            **base,
+            "ALLOWED_USERS": "U1, U2 W3",
+            "ALLOWED_CHANNELS": "C1,G2",
+            "ADMIN_USERS": "UA",
+            "NATIVE_STREAMING": "off",
+            "SETTINGS_COMMAND": "ai",
+        },
+        dotenv_path=None,
+    )
     assert s.allowed_users == {"U1", "U2", "W3"} and s.allowed_channels == {"C1", "G2"}
     assert s.admin_users == {"UA"} and s.native_streaming is False and s.settings_command == "/ai"
-    for bad in ({"ALLOWED_USERS": "bob"}, {"ALLOWED_CHANNELS": "U1"}, {"NATIVE_STREAMING": "maybe"},
-                {"SETTINGS_COMMAND": "/has space"}):
+    for bad in (
+        {"ALLOWED_USERS": "bob"},
+        {"ALLOWED_CHANNELS": "U1"},
+        {"NATIVE_STREAMING": "maybe"},
+        {"SETTINGS_COMMAND": "/has space"},
+    ):
         with pytest.raises(Exception) as info:
             load_settings({**base, **bad}, dotenv_path=None)
         assert next(iter(bad)) in str(info.value)
@@ -194,8 +228,9 @@ async def test_shortcuts_respect_access_control(slack, ai):
     async with running_bot(slack, ai, allowed_channels=frozenset({"C1"})):
         ts = slack.add_user_message("C2", "U2", "Bonjour")
         await slack.message_shortcut("translate_message", "C2", ts)
-        await slack.wait_until(lambda: any("not enabled in this channel" in str(v["blocks"])
-                                           for v in slack.views.values()))
+        await slack.wait_until(
+            lambda: any("not enabled in this channel" in str(v["blocks"]) for v in slack.views.values())
+        )
     assert ai.requests == []
 
 
@@ -208,8 +243,9 @@ async def test_a_failing_ack_hook_still_acks(slack):
 
     seen = []
     async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as http:
-        api = SlackWebAPI(bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/",
-                          client=http)
+        api = SlackWebAPI(
+            bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/", client=http
+        )
         reader = SocketModeReader(api, slack.connector, seen.append, ack_payload=broken)
         async with anyio.create_task_group() as tg:
             tg.start_soon(reader.run)

@@ -16,7 +16,7 @@ from PIL import Image
 from bot.processing.image_tools import DRAWING_STATUS, EDITING_STATUS
 from bot.storage import ThreadKey
 from tests import media_samples as samples
-from tests.fakes.openai import Behaviour, FakeOpenAI, image_parts, last_user_text
+from tests.fakes.openai import Behaviour, image_parts, last_user_text
 from tests.fakes.servers import http_server
 from tests.fakes.slack import FakeSlack
 from tests.harness import eventually, running_bot, wait_reply
@@ -26,17 +26,26 @@ pytestmark = pytest.mark.anyio
 MB = 1024 * 1024
 
 
-async def send_files(slack: FakeSlack, text: str, files: list[dict], *, thread_ts: str | None = None,
-                     channel: str = "D1") -> dict:
+async def send_files(
+    slack: FakeSlack, text: str, files: list[dict], *, thread_ts: str | None = None, channel: str = "D1"
+) -> dict:
     """A user's DM with files attached (subtype file_share), delivered over Socket Mode."""
-    event = slack.message_event(channel, "U1", text, thread_ts=thread_ts, channel_type="im",
-                                subtype="file_share" if files else None, files=files or None)
+    event = slack.message_event(
+        channel,
+        "U1",
+        text,
+        thread_ts=thread_ts,
+        channel_type="im",
+        subtype="file_share" if files else None,
+        files=files or None,
+    )
     await slack.send_event(event)
     return event
 
 
-async def done(nursery, slack: FakeSlack, channel: str, thread_ts: str, contains: str, *,
-               timeout: float = 10.0) -> list[str]:
+async def done(
+    nursery, slack: FakeSlack, channel: str, thread_ts: str, contains: str, *, timeout: float = 10.0
+) -> list[str]:
     """Wait for a reply containing `contains`, then for the request to end (the thread
     takes one message at a time: a follow-up sent earlier would get the busy reply)."""
     replies = await wait_reply(slack, channel, thread_ts, contains, timeout=timeout)
@@ -183,8 +192,10 @@ async def test_only_unreadable_files_get_the_notes_without_a_model_call(slack, a
     async with running_bot(slack, ai) as nursery:
         ev = await send_files(slack, "", [slack.add_file("secret.pdf", samples.encrypted_pdf())])
         replies = await done(nursery, slack, "D1", ev["ts"], "is password-protected")
-    assert replies == [":warning: **secret.pdf** is password-protected (encrypted), so I can't read it; send a copy "
-                       "without a password."]
+    assert replies == [
+        ":warning: **secret.pdf** is password-protected (encrypted), so I can't read it; send a copy "
+        "without a password."
+    ]
     assert ai.requests == []
 
 
@@ -219,8 +230,11 @@ async def test_the_bot_token_goes_only_to_slack_file_hosts(slack, ai):
         return await original(request)
 
     slack.handle = handle
-    foreign = {**slack.add_file("foreign.png", samples.png_bytes()), "url_private": "https://evil.example/a.png",
-               "url_private_download": "https://evil.example/a.png"}
+    foreign = {
+        **slack.add_file("foreign.png", samples.png_bytes()),
+        "url_private": "https://evil.example/a.png",
+        "url_private_download": "https://evil.example/a.png",
+    }
     redirecting = slack.add_file("redirecting.png", samples.png_bytes())
     redirecting["url_private_download"] = redirecting["url_private_download"].rsplit("/", 1)[0] + "/redirecting.png"
     async with running_bot(slack, ai) as nursery:
@@ -277,8 +291,11 @@ async def test_generate_image_tool_uploads_into_the_thread(slack, ai):
 
 
 async def test_edit_image_tool_edits_the_last_image_of_the_thread(slack, ai):
-    ai.enqueue(Behaviour(tool_calls=[("generate_image", {"prompt": "a lighthouse"})]), "Here it is.",
-               Behaviour(tool_calls=[("edit_image", {"prompt": "make it darker"})]))
+    ai.enqueue(
+        Behaviour(tool_calls=[("generate_image", {"prompt": "a lighthouse"})]),
+        "Here it is.",
+        Behaviour(tool_calls=[("edit_image", {"prompt": "make it darker"})]),
+    )
     ai.image_queue.extend([Behaviour(), Behaviour(latency=0.3)])
     async with running_bot(slack, ai) as nursery:
         ev = await send_files(slack, "draw a lighthouse", [])
@@ -287,7 +304,7 @@ async def test_edit_image_tool_edits_the_last_image_of_the_thread(slack, ai):
         await done(nursery, slack, "D1", ev["ts"], "Echo: make it darker")
         await eventually(lambda: len(slack.uploads) == 2)
         stored = await nursery.services.store.thread_images(ThreadKey("D1", ev["ts"]), limit=5)
-    generated, edit = ai.image_requests
+    _generated, edit = ai.image_requests
     assert edit["endpoint"] == "edits" and edit["prompt"] == "make it darker"
     assert edit["image"] and edit["image_content_type"] in ("image/png", "image/jpeg")
     assert Image.open(io.BytesIO(edit["image"])).size == (96, 64)  # the generated picture, from storage
@@ -328,8 +345,9 @@ async def test_fallback_rule_when_the_endpoint_refuses_tools(slack, ai):
 
 async def test_images_api_refusal_is_told_to_the_user(slack, ai):
     ai.enqueue(Behaviour(tool_calls=[("generate_image", {"prompt": "something forbidden"})]))
-    ai.image_queue.append(Behaviour(status=400, error_code="moderation_blocked",
-                                    text="Your request was rejected by the safety system."))
+    ai.image_queue.append(
+        Behaviour(status=400, error_code="moderation_blocked", text="Your request was rejected by the safety system.")
+    )
     async with running_bot(slack, ai) as nursery:
         ev = await send_files(slack, "draw something forbidden", [])
         replies = await done(nursery, slack, "D1", ev["ts"], "Echo: draw something forbidden")

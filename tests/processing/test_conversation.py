@@ -14,13 +14,12 @@ def test_everything_fits():
 
 
 def test_oldest_history_is_dropped_first_and_budget_holds():
-    history = [HistoryMessage("user" if i % 2 == 0 else "assistant", f"message {i} " + "x" * 300)
-               for i in range(40)]
+    history = [HistoryMessage("user" if i % 2 == 0 else "assistant", f"message {i} " + "x" * 300) for i in range(40)]
     prompt = build_prompt("sys", history, "latest", budget_tokens=2_000, reserve_for_answer=500)
     assert prompt.dropped_history > 0
     assert sum(message_tokens(m) for m in prompt.messages) <= 1_500
     kept = [m["content"] for m in prompt.messages[1:-1]]
-    assert kept == [h.content for h in history[-len(kept):]]  # a contiguous, newest suffix
+    assert kept == [h.content for h in history[-len(kept) :]]  # a contiguous, newest suffix
 
 
 def test_huge_user_message_is_truncated_with_a_note():

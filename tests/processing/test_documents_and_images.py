@@ -15,6 +15,7 @@ from PIL import Image
 from bot.config import ConfigError, load_settings
 from bot.file_problem import FileProblem
 from bot.processing.attachments import fit_documents, image_urls
+from bot.processing.conversation import build_prompt
 from bot.processing.documents import (
     CSV,
     DOCX,
@@ -28,7 +29,6 @@ from bot.processing.documents import (
 )
 from bot.processing.image_tools import EDIT, GENERATE, decide_without_tools
 from bot.processing.images import image_tokens, prepare_image, target_size
-from bot.processing.conversation import build_prompt
 from bot.processing.tokens import count_tokens
 from tests import media_samples as samples
 
@@ -47,8 +47,14 @@ def problem(fn, *args, **kwargs) -> FileProblem:
 def test_multi_page_pdf_text_is_extracted_per_page():
     doc = extract_document("r.pdf", samples.pdf_with_pages(["First (page)", "Second", "Third"]), PDF, LIMITS)
     assert doc.label == "PDF, 3 pages"
-    assert doc.text.splitlines() == ["--- page 1 ---", "First (page)", "--- page 2 ---", "Second",
-                                     "--- page 3 ---", "Third"]
+    assert doc.text.splitlines() == [
+        "--- page 1 ---",
+        "First (page)",
+        "--- page 2 ---",
+        "Second",
+        "--- page 3 ---",
+        "Third",
+    ]
 
 
 def test_pdf_page_cap_reads_the_first_pages_with_a_note():
@@ -86,16 +92,31 @@ def test_corrupt_and_textless_pdfs():
 
 def test_docx_with_a_table_keeps_order_headings_and_cells():
     doc = extract_document("n.docx", samples.docx_with_table(), DOCX, LIMITS)
-    assert doc.text.splitlines() == ["# Quarterly report", "Revenue grew in every region.", "[table 1]",
-                                     "Region | Revenue", "North | 120", "South | 95", "[end of table 1]",
-                                     "Outlook: steady."]
+    assert doc.text.splitlines() == [
+        "# Quarterly report",
+        "Revenue grew in every region.",
+        "[table 1]",
+        "Region | Revenue",
+        "North | 120",
+        "South | 95",
+        "[end of table 1]",
+        "Outlook: steady.",
+    ]
 
 
 def test_xlsx_with_two_sheets():
     doc = extract_document("b.xlsx", samples.xlsx_two_sheets(), XLSX, LIMITS)
     assert doc.summary == "2 sheets, 6 rows"
-    assert doc.text.splitlines() == ["## Sheet: Sales", "Month,Units", "Jan,10", "Feb,12",
-                                     "## Sheet: Costs", "Item,EUR", "Rent,1500.5", "Power,210"]
+    assert doc.text.splitlines() == [
+        "## Sheet: Sales",
+        "Month,Units",
+        "Jan,10",
+        "Feb,12",
+        "## Sheet: Costs",
+        "Item,EUR",
+        "Rent,1500.5",
+        "Power,210",
+    ]
 
 
 def test_xlsm_is_read_like_xlsx():
@@ -119,16 +140,19 @@ def test_zip_bombs_are_refused_before_parsing():
     assert many.kind == "zip_bomb" and "50 parts" in many.reason
 
 
-@pytest.mark.parametrize("name,data,kind,reason", [
-    ("e.txt", b"", TEXT, "is empty"),
-    ("x.pdf", samples.png_bytes(), PDF, "is named like a PDF but contains a PNG image"),
-    ("x.docx", b"just some words", DOCX, "is named like a Word document but contains plain text"),
-    ("x.docx", samples.xlsx_two_sheets(), DOCX, "is not a readable Word document"),
-    ("x.xlsx", samples.docx_with_table(), XLSX, "is not a readable Excel workbook"),
-    ("x.txt", samples.pdf_with_pages(["a"]), TEXT, "contains PDF data"),
-    ("x.txt", b"caf\xe9", TEXT, "is not UTF-8 text"),
-    ("x.txt", b"\x00\x01\x02binary", TEXT, "binary data"),
-])
+@pytest.mark.parametrize(
+    "name,data,kind,reason",
+    [
+        ("e.txt", b"", TEXT, "is empty"),
+        ("x.pdf", samples.png_bytes(), PDF, "is named like a PDF but contains a PNG image"),
+        ("x.docx", b"just some words", DOCX, "is named like a Word document but contains plain text"),
+        ("x.docx", samples.xlsx_two_sheets(), DOCX, "is not a readable Word document"),
+        ("x.xlsx", samples.docx_with_table(), XLSX, "is not a readable Excel workbook"),
+        ("x.txt", samples.pdf_with_pages(["a"]), TEXT, "contains PDF data"),
+        ("x.txt", b"caf\xe9", TEXT, "is not UTF-8 text"),
+        ("x.txt", b"\x00\x01\x02binary", TEXT, "binary data"),
+    ],
+)
 def test_bad_documents_say_why(name, data, kind, reason):
     assert reason in problem(extract_document, name, data, kind, LIMITS).reason
 
@@ -158,8 +182,11 @@ async def test_a_cancelled_parse_stops_within_a_page():
     data = samples.pdf_with_pages([f"page {i} " * 20 for i in range(2000)])
     started = anyio.current_time()
     with anyio.move_on_after(0.05) as scope:
-        await anyio.to_thread.run_sync(lambda: extract_document(
-            "big.pdf", data, PDF, DocumentLimits(max_pdf_pages=5000), checkpoint=anyio.from_thread.check_cancelled))
+        await anyio.to_thread.run_sync(
+            lambda: extract_document(
+                "big.pdf", data, PDF, DocumentLimits(max_pdf_pages=5000), checkpoint=anyio.from_thread.check_cancelled
+            )
+        )
     assert scope.cancelled_caught
     assert anyio.current_time() - started < 1.0
 
@@ -204,11 +231,13 @@ def test_sizes_and_token_costs_follow_the_models_rules():
 
 def test_image_parts_go_into_the_user_message_and_count_in_the_budget():
     part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "auto"}}
-    prompt = build_prompt("sys", [], "look", budget_tokens=2000, reserve_for_answer=100,
-                          user_parts=[part], parts_tokens=765)
+    prompt = build_prompt(
+        "sys", [], "look", budget_tokens=2000, reserve_for_answer=100, user_parts=[part], parts_tokens=765
+    )
     assert prompt.messages[-1]["content"] == [{"type": "text", "text": "look"}, part]
-    squeezed = build_prompt("sys", [], "word " * 2000, budget_tokens=2000, reserve_for_answer=100,
-                            user_parts=[part], parts_tokens=1500)
+    squeezed = build_prompt(
+        "sys", [], "word " * 2000, budget_tokens=2000, reserve_for_answer=100, user_parts=[part], parts_tokens=1500
+    )
     assert squeezed.truncated_user_message
 
 
@@ -216,10 +245,16 @@ def test_image_parts_go_into_the_user_message_and_count_in_the_budget():
 
 
 def test_image_urls_in_slack_text():
-    text = ("see <https://example.com/a/cat.PNG> and <https://example.com/page|a page> "
-            "and <http://x.test/p.jpg?x=1&amp;y=2|pic> and <ftp://files.test/z.gif> and https://bare.test/y.webp")
-    assert image_urls(text) == ["https://example.com/a/cat.PNG", "http://x.test/p.jpg?x=1&y=2",
-                                "ftp://files.test/z.gif", "https://bare.test/y.webp"]
+    text = (
+        "see <https://example.com/a/cat.PNG> and <https://example.com/page|a page> "
+        "and <http://x.test/p.jpg?x=1&amp;y=2|pic> and <ftp://files.test/z.gif> and https://bare.test/y.webp"
+    )
+    assert image_urls(text) == [
+        "https://example.com/a/cat.PNG",
+        "http://x.test/p.jpg?x=1&y=2",
+        "ftp://files.test/z.gif",
+        "https://bare.test/y.webp",
+    ]
 
 
 def test_documents_share_the_budget_and_long_ones_are_trimmed_with_a_note():
@@ -232,19 +267,22 @@ def test_documents_share_the_budget_and_long_ones_are_trimmed_with_a_note():
     assert len(notes) == 1 and "**big.txt** is long: I could read only the first" in notes[0]
 
 
-@pytest.mark.parametrize("text,has_image,expected", [
-    ("draw a cat on a skateboard", False, GENERATE),
-    ("Please paint the sunset", False, GENERATE),
-    ("can you generate an image of a robot", False, GENERATE),
-    ("make me a logo for my bakery", False, GENERATE),
-    ("create a detailed diagram of the water cycle", False, GENERATE),
-    ("make it darker", True, EDIT),
-    ("remove the background", True, EDIT),
-    ("make it darker", False, None),
-    ("what is in this image?", True, None),
-    ("how do I draw attention to my post?", False, None),
-    ("explain photosynthesis", False, None),
-])
+@pytest.mark.parametrize(
+    "text,has_image,expected",
+    [
+        ("draw a cat on a skateboard", False, GENERATE),
+        ("Please paint the sunset", False, GENERATE),
+        ("can you generate an image of a robot", False, GENERATE),
+        ("make me a logo for my bakery", False, GENERATE),
+        ("create a detailed diagram of the water cycle", False, GENERATE),
+        ("make it darker", True, EDIT),
+        ("remove the background", True, EDIT),
+        ("make it darker", False, None),
+        ("what is in this image?", True, None),
+        ("how do I draw attention to my post?", False, None),
+        ("explain photosynthesis", False, None),
+    ],
+)
 def test_fallback_rule(text, has_image, expected):
     assert decide_without_tools(text, has_image) == expected
 
@@ -253,16 +291,36 @@ def test_media_settings():
     env = {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1", "OPENAI_API_KEY": "sk"}
     defaults = load_settings(env, dotenv_path=None)
     assert (defaults.max_file_mb, defaults.image_model, defaults.max_context_images) == (
-        20.0, "gpt-image-2.5-sunburst", 4)
+        20.0,
+        "gpt-image-2.5-sunburst",
+        4,
+    )
     assert defaults.allow_loopback_urls is False
-    custom = load_settings({**env, "MAX_FILE_MB": "5", "IMAGE_MODEL": "gpt-image-2", "IMAGE_SIZE": "1536x1024",
-                            "IMAGE_QUALITY": "high", "MAX_CONTEXT_IMAGES": "0", "ALLOW_LOOPBACK_URLS": "true"},
-                           dotenv_path=None)
+    custom = load_settings(
+        {
+            **env,
+            "MAX_FILE_MB": "5",
+            "IMAGE_MODEL": "gpt-image-2",
+            "IMAGE_SIZE": "1536x1024",
+            "IMAGE_QUALITY": "high",
+            "MAX_CONTEXT_IMAGES": "0",
+            "ALLOW_LOOPBACK_URLS": "true",
+        },
+        dotenv_path=None,
+    )
     assert (custom.max_file_mb, custom.image_model, custom.image_size, custom.image_quality) == (
-        5.0, "gpt-image-2", "1536x1024", "high")
+        5.0,
+        "gpt-image-2",
+        "1536x1024",
+        "high",
+    )
     assert custom.max_context_images == 0 and custom.allow_loopback_urls is True
-    for bad in ({"IMAGE_SIZE": "huge"}, {"IMAGE_QUALITY": "hd"}, {"MAX_FILE_MB": "0"},
-                {"ALLOW_LOOPBACK_URLS": "maybe"}):
+    for bad in (
+        {"IMAGE_SIZE": "huge"},
+        {"IMAGE_QUALITY": "hd"},
+        {"MAX_FILE_MB": "0"},
+        {"ALLOW_LOOPBACK_URLS": "maybe"},
+    ):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             load_settings({**env, **bad}, dotenv_path=None)
 

@@ -108,8 +108,12 @@ async def test_feedback_click_is_recorded(slack, ai):
         answer_ts = slack.messages["D1"][-1]["ts"]
         await slack.wait_until(lambda: slack.messages["D1"][-1].get("blocks"))
         block = slack.messages["D1"][-1]["blocks"][-1]
-        action = {"action_id": "answer_feedback", "type": "feedback_buttons", "block_id": block.get("block_id", "f"),
-                  "value": "bad"}
+        action = {
+            "action_id": "answer_feedback",
+            "type": "feedback_buttons",
+            "block_id": block.get("block_id", "f"),
+            "value": "bad",
+        }
         eid = await slack.click(action, user="U1", message=("D1", answer_ts))
         await slack.wait_acked(eid)
         store = nursery.services.store
@@ -128,8 +132,9 @@ async def _wait_feedback(store, channel, ts, expected):
 async def test_appends_are_paced_and_coalesced():
     slack = FakeSlack()
     async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as http:
-        api = SlackWebAPI(bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/",
-                          client=http)
+        api = SlackWebAPI(
+            bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/", client=http
+        )
         ts = slack.add_user_message("D1", "U1", "hi")
         writer = SlackAnswerWriter(api, "D1", ts, mode="native", interval=0.2)
         await writer.start()

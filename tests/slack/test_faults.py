@@ -16,8 +16,9 @@ pytestmark = pytest.mark.anyio
 
 
 def _bot_messages(slack, channel: str, thread_ts: str) -> list[dict]:
-    return [m for m in slack.thread_messages(channel, thread_ts) if m.get("bot_id") == slack.bot_id
-            and m["ts"] != thread_ts]
+    return [
+        m for m in slack.thread_messages(channel, thread_ts) if m.get("bot_id") == slack.bot_id and m["ts"] != thread_ts
+    ]
 
 
 async def test_a_post_that_slack_made_before_answering_5xx_is_shown_once(slack, ai):
@@ -78,7 +79,7 @@ async def test_a_slow_web_api_delays_answers_but_loses_none(slack, ai):
             await wait_reply(slack, channel, ts, f"Echo: slow {i}", timeout=20)
         await eventually(lambda: sum(nursery.outcomes.values()) == 4, timeout=20)
         assert nursery.outcomes == {"answered": 4}
-    for channel, ts, i in events:
+    for channel, ts, _ in events:
         assert not any(slack.is_streaming(channel, m["ts"]) for m in _bot_messages(slack, channel, ts))
 
 

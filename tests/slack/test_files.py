@@ -7,12 +7,13 @@ from __future__ import annotations
 import math
 
 import anyio
+import anyio.lowlevel
 import httpx2
 import pytest
 
 from bot.file_problem import FileProblem
-from bot.slack.web_api import SlackAPIError, SlackWebAPI
 from bot.slack.files import download_file, resolve_file, upload_to_thread
+from bot.slack.web_api import SlackAPIError, SlackWebAPI
 from tests import media_samples as samples
 from tests.fakes.slack import FakeSlack
 
@@ -24,16 +25,25 @@ MB = 1024 * 1024
 @pytest.fixture
 async def api(slack):
     async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as client:
-        yield SlackWebAPI(bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/",
-                          client=client)
+        yield SlackWebAPI(
+            bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/", client=client
+        )
 
 
 async def test_token_hosts(api):
     assert api.is_slack_file_url("https://files.slack.com/files-pri/T1-F1/x.png")
     assert api.is_slack_file_url("https://files.slack.com:443/files-pri/T1-F1/x.png")
     assert api.is_slack_file_url("http://slack.test/files-pri/T1-F1/x.png")  # SLACK_API_URL's origin
-    for url in ("http://files.slack.com/x", "https://files.slack.com.evil.example/x", "https://evil.example/x",
-                "https://slack.com/x", "http://slack.test:8080/x", "https://slack.test/x", "not a url", ""):
+    for url in (
+        "http://files.slack.com/x",
+        "https://files.slack.com.evil.example/x",
+        "https://evil.example/x",
+        "https://slack.com/x",
+        "http://slack.test:8080/x",
+        "https://slack.test/x",
+        "not a url",
+        "",
+    ):
         assert not api.is_slack_file_url(url), url
 
 
@@ -47,8 +57,14 @@ async def test_download_carries_the_token_and_returns_the_bytes(slack, api):
     data = samples.pdf_with_pages(["x"])
     file = slack.add_file("a.pdf", data)
     assert await download_file(api, await resolve_file(api, file), max_bytes=MB) == data
-    assert slack.downloads == [{"file_id": file["id"], "url": file["url_private_download"],
-                                "authorization": "Bearer xoxb-test-token", "served": "file"}]
+    assert slack.downloads == [
+        {
+            "file_id": file["id"],
+            "url": file["url_private_download"],
+            "authorization": "Bearer xoxb-test-token",
+            "served": "file",
+        }
+    ]
 
 
 async def test_a_file_bigger_than_it_declared_is_cut_off(slack, api):
@@ -90,8 +106,16 @@ async def test_stubs_deleted_and_external_files(slack, api):
 
 async def test_upload_posts_the_file_in_the_thread_without_the_token(slack, api):
     parent = slack.add_user_message("C1", "U1", "draw please")
-    file_id = await upload_to_thread(api, channel="C1", thread_ts=parent, filename="fox.png",
-                                     data=samples.png_bytes(), title="A fox", comment="_a fox_", alt_text="a fox")
+    file_id = await upload_to_thread(
+        api,
+        channel="C1",
+        thread_ts=parent,
+        filename="fox.png",
+        data=samples.png_bytes(),
+        title="A fox",
+        comment="_a fox_",
+        alt_text="a fox",
+    )
     [upload] = slack.uploads
     assert upload["file"]["id"] == file_id and upload["channel"] == "C1" and upload["thread_ts"] == parent
     assert upload["bytes"] == samples.png_bytes() and upload["alt_txt"] == "a fox"
@@ -116,10 +140,11 @@ async def test_the_last_step_is_not_cut_by_a_cancellation(slack, api):
     slack.latency["files.completeUploadExternal"] = 0.3
     parent = slack.add_user_message("C1", "U1", "draw")
     with anyio.move_on_after(0.1) as scope:  # fires while Slack is completing
-        file_id = await upload_to_thread(api, channel="C1", thread_ts=parent, filename="x.png", data=b"12345",
-                                         title="x")
+        file_id = await upload_to_thread(
+            api, channel="C1", thread_ts=parent, filename="x.png", data=b"12345", title="x"
+        )
         assert file_id  # it returns: the file was posted, so the caller can record it
-        await anyio.sleep(0)  # the caller's next checkpoint is where the cancellation lands
+        await anyio.lowlevel.checkpoint()  # the caller's next checkpoint is where the cancellation lands
         pytest.fail("the cancellation should land at the next checkpoint")
     assert scope.cancelled_caught
     assert len(slack.uploads) == 1  # posted, and we waited to know it

@@ -69,9 +69,14 @@ async def _send_load(slack: FakeSlack) -> list[tuple[str, str, str]]:
 async def test_a_minute_of_dms_and_mentions_under_slacks_tiers_loses_no_answer(no_threads, caplog):
     caplog.set_level(logging.WARNING)
     slack = FakeSlack()  # Slack's tiers are on by default
-    ai = FakeOpenAI(script=lambda request: Behaviour(
-        text=answer_for(re.search(r"question \d+", last_user_text(request)).group()),
-        latency=MODEL_LATENCY, chunks=8, chunk_delay=0.1))
+    ai = FakeOpenAI(
+        script=lambda request: Behaviour(
+            text=answer_for(re.search(r"question \d+", last_user_text(request)).group()),
+            latency=MODEL_LATENCY,
+            chunks=8,
+            chunk_delay=0.1,
+        )
+    )
     async with sim_bot(slack, ai, native_streaming=True) as nursery:
         t0 = anyio.current_time()
         sent = await _send_load(slack)
@@ -85,20 +90,26 @@ async def test_a_minute_of_dms_and_mentions_under_slacks_tiers_loses_no_answer(n
             history_ok.append(any(answer_for(question) in h.content for h in history if h.role == "assistant"))
 
     methods = [m for m, _ in slack.accepted_calls]
-    print(f"\n{DMS} DMs + {MENTIONS} mentions in 60 s: {methods.count('chat.startStream')} native streams, "
-          f"{methods.count('chat.postMessage')} posts, {methods.count('chat.update')} edits, "
-          f"{methods.count('chat.appendStream')} appends, {methods.count('assistant.threads.setStatus')} statuses; "
-          f"429s: {sum(slack.rate_limited.values())}; all settled at t={anyio.current_time() - t0:.1f}s")
+    print(
+        f"\n{DMS} DMs + {MENTIONS} mentions in 60 s: {methods.count('chat.startStream')} native streams, "
+        f"{methods.count('chat.postMessage')} posts, {methods.count('chat.update')} edits, "
+        f"{methods.count('chat.appendStream')} appends, {methods.count('assistant.threads.setStatus')} statuses; "
+        f"429s: {sum(slack.rate_limited.values())}; all settled at t={anyio.current_time() - t0:.1f}s"
+    )
     assert outcomes.get("answered") == DMS + MENTIONS, outcomes
     missing = []
     for channel, thread_ts, question in sent:
         expected = answer_for(question)
-        if not any(expected in slack.visible_text(channel, m["ts"]) for m in slack.thread_messages(channel, thread_ts)
-                   if m.get("bot_id") == slack.bot_id):
+        if not any(
+            expected in slack.visible_text(channel, m["ts"])
+            for m in slack.thread_messages(channel, thread_ts)
+            if m.get("bot_id") == slack.bot_id
+        ):
             missing.append((channel, thread_ts, question))
         assert not any(slack.is_streaming(channel, m["ts"]) for m in slack.thread_messages(channel, thread_ts))
-        assert "Thinking" not in " ".join(slack.visible_text(channel, m["ts"])
-                                         for m in slack.thread_messages(channel, thread_ts))
+        assert "Thinking" not in " ".join(
+            slack.visible_text(channel, m["ts"]) for m in slack.thread_messages(channel, thread_ts)
+        )
     assert missing == [], f"{len(missing)} answers never became visible, e.g. {missing[:3]}"
     assert slack.calls_in_retry_after == [], "calls went inside a Retry-After window Slack had given"
     assert slack.rate_limited == {}, "the bot's own budgets should keep a lone process under Slack's"

@@ -9,8 +9,8 @@ import anyio
 import httpx2
 import pytest
 
+from bot.slack.rate_limits import METHOD_TIERS, TIER_PER_MINUTE, SlackRateLimits
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
-from bot.slack.rate_limits import METHOD_TIERS, SlackRateLimits, TIER_PER_MINUTE
 
 
 class Clock:
@@ -90,8 +90,7 @@ class Recorder:
 
 def _api(recorder: Recorder) -> tuple[httpx2.AsyncClient, SlackWebAPI]:
     client = httpx2.AsyncClient(transport=httpx2.MockTransport(recorder.handle))
-    return client, SlackWebAPI(bot_token="xoxb-1", app_token="xapp-1", base_url="http://slack.test/api/",
-                               client=client)
+    return client, SlackWebAPI(bot_token="xoxb-1", app_token="xapp-1", base_url="http://slack.test/api/", client=client)
 
 
 def _ok(**body) -> httpx2.Response:
@@ -133,8 +132,11 @@ async def test_interim_call_is_skipped_without_a_request_while_the_budget_is_low
 
 @pytest.mark.anyio
 async def test_interim_call_is_not_retried_after_a_429():
-    rec = Recorder(lambda rec, method, args: httpx2.Response(
-        429, json={"ok": False, "error": "ratelimited"}, headers={"Retry-After": "30"}))
+    rec = Recorder(
+        lambda rec, method, args: httpx2.Response(
+            429, json={"ok": False, "error": "ratelimited"}, headers={"Retry-After": "30"}
+        )
+    )
     client, slack = _api(rec)
     async with client:
         with anyio.fail_after(2):
@@ -152,8 +154,9 @@ def _thread_with(rec: Recorder) -> httpx2.Response:
 async def test_post_message_5xx_after_slack_posted_is_not_posted_twice():
     def script(rec, method, args):
         if method == "chat.postMessage":
-            rec.posted.append({"ts": f"2.{len(rec.posted)}", "text": args.get("markdown_text"),
-                               "metadata": args.get("metadata")})
+            rec.posted.append(
+                {"ts": f"2.{len(rec.posted)}", "text": args.get("markdown_text"), "metadata": args.get("metadata")}
+            )
             return httpx2.Response(503, text="<html>Service Unavailable</html>")  # posted, then failed
         assert method == "conversations.replies" and args.get("include_all_metadata") == "true"
         return _thread_with(rec)

@@ -31,7 +31,6 @@ import trio.testing
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from bot.slack.web_api import SlackWebAPI
 from bot.slack.socket_mode import (
     BACKOFF_CAP_SECONDS,
     BACKOFF_MIN_SECONDS,
@@ -39,6 +38,7 @@ from bot.slack.socket_mode import (
     Backoff,
     SocketModeReader,
 )
+from bot.slack.web_api import SlackWebAPI
 from bot.slack.websocket import WebSocketClosed, connect_websocket
 from tests.fakes import FakeOpenAI, FakeSlack, slack_server
 from tests.fakes.servers import WsprotoLink
@@ -58,10 +58,24 @@ def virtual_time(test):
     return pytest.mark.anyio(pytest.mark.parametrize("anyio_backend", [_mock_clock()], ids=["trio-mockclock"])(test))
 
 
-HELLO = json.dumps({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A1"},
-                    "debug_info": {"host": "raw", "approximate_connection_time": 18060}})
-ENVELOPE = json.dumps({"envelope_id": "e-1", "type": "events_api", "accepts_response_payload": False,
-                       "retry_attempt": 0, "retry_reason": "", "payload": {"event": {"type": "message"}}})
+HELLO = json.dumps(
+    {
+        "type": "hello",
+        "num_connections": 1,
+        "connection_info": {"app_id": "A1"},
+        "debug_info": {"host": "raw", "approximate_connection_time": 18060},
+    }
+)
+ENVELOPE = json.dumps(
+    {
+        "envelope_id": "e-1",
+        "type": "events_api",
+        "accepts_response_payload": False,
+        "retry_attempt": 0,
+        "retry_reason": "",
+        "payload": {"event": {"type": "message"}},
+    }
+)
 DISCONNECT = json.dumps({"type": "disconnect", "reason": "too_many_websockets"})
 
 
@@ -133,8 +147,10 @@ async def _raw_server(reply: bytes, received: list[str]):
 
 def _frames(*texts: str, close: bool = False) -> bytes:
     server = WSConnection(ConnectionType.SERVER)  # only for framing: server frames are unmasked
-    server.receive_data(b"GET /link HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    server.receive_data(
+        b"GET /link HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
     list(server.events())
     server.send(AcceptConnection())
     data = b"".join(server.send(TextMessage(data=t)) for t in texts)
@@ -191,8 +207,10 @@ async def test_a_garbled_upgrade_response_is_a_closed_socket_not_a_crash():
     async def serve(stream: anyio.abc.SocketStream) -> None:
         async with stream:
             await stream.receive()
-            await stream.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                              b"Connection: Upgrade\r\nSec-WebSocket-Accept: wrong\r\n\r\n")
+            await stream.send(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: wrong\r\n\r\n"
+            )
             await anyio.sleep(5)
 
     async with listener, anyio.create_task_group() as tg:
@@ -212,19 +230,25 @@ async def test_hello_and_envelopes_in_one_write_are_acked_at_once():
     queued: dict[int, tuple[list[str], float]] = {}
 
     async def queue_envelopes(link: WsprotoLink) -> None:
-        ids = [await fake.send_event(fake.message_event(f"D{link.id}", "U1", f"queued {i}"), connection=link)
-               for i in range(2)]
+        ids = [
+            await fake.send_event(fake.message_event(f"D{link.id}", "U1", f"queued {i}"), connection=link)
+            for i in range(2)
+        ]
         queued[link.id] = ids, anyio.current_time()
 
     seen = []
     with anyio.fail_after(10):
-        async with (slack_server(fake, after_hello=queue_envelopes) as api_url,
-                    httpx2.AsyncClient() as http, anyio.create_task_group() as tg):
+        async with (
+            slack_server(fake, after_hello=queue_envelopes) as api_url,
+            httpx2.AsyncClient() as http,
+            anyio.create_task_group() as tg,
+        ):
             reader = SocketModeReader(_api(fake, http, api_url), connect_websocket, seen.append, ping_interval=30)
             tg.start_soon(reader.run)
             for number in (1, 2):
-                await fake.wait_until(lambda: number in queued and all(e in fake.acks for e in queued[number][0]),
-                                      timeout=3)
+                await fake.wait_until(
+                    lambda number=number: number in queued and all(e in fake.acks for e in queued[number][0]), timeout=3
+                )
                 ids, sent_at = queued[number]
                 assert max(fake.acks[e] for e in ids) - sent_at < 0.1
                 if number == 1:
@@ -276,7 +300,7 @@ async def test_after_a_short_outage_the_reader_is_back_within_the_backoff(kind):
                 tg.cancel_scope.cancel()
     assert back <= 2.1  # the pause, then attempts 0.25–0.5, 0.5–1, 1–2 s apart
     assert len(fake.refused) >= 2
-    gaps = [b - a for a, b in zip(fake.refused, fake.refused[1:])]
+    gaps = [b - a for a, b in zip(fake.refused, fake.refused[1:], strict=False)]
     assert min(gaps) >= BACKOFF_MIN_SECONDS * 0.9
     assert [e.envelope_id for e in seen] == [envelope_id]
     assert reader.reconnects == {"dropped": 1}
@@ -305,7 +329,7 @@ async def test_after_a_15s_outage_the_bot_is_back_within_5s_of_slack(kind, monke
             await wait_reply(slack, "D1", event["ts"], f"Echo: back {round_}", timeout=60)
         reconnects = dict(nursery.reader.reconnects)
     print(f"\nreconnected after Slack was back: max {max(delays):.2f}s, {sorted(round(d, 2) for d in delays)}")
-    assert 0 <= min(delays) and max(delays) <= BACKOFF_CAP_SECONDS + 0.01
+    assert min(delays) >= 0 and max(delays) <= BACKOFF_CAP_SECONDS + 0.01
     assert reconnects == {"dropped": 20}
     assert offenders == []
 
@@ -367,11 +391,13 @@ async def test_a_rate_limited_connections_open_waits_its_retry_after(caplog):
             await fake.drop()
             await fake.wait_until(lambda: fake.live_connections, 600)
             tg.cancel_scope.cancel()
-    gaps = [round(b - a, 3) for a, b in zip(fake.opens, fake.opens[1:])]
+    gaps = [round(b - a, 3) for a, b in zip(fake.opens, fake.opens[1:], strict=False)]
     assert len(gaps) == 11 and min(gaps[1:]) >= 20  # every attempt waited the Retry-After
     assert fake.connections_opened == 2
-    assert any("cannot open Socket Mode connection" in r.getMessage() and "retrying in 20.0s" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "cannot open Socket Mode connection" in r.getMessage() and "retrying in 20.0s" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 # ---------------------------------------------------------------- 3. half-open sockets
@@ -412,8 +438,7 @@ async def test_a_half_open_real_socket_is_replaced_quickly():
     fake = FakeSlack()
     with anyio.fail_after(10):
         async with slack_server(fake) as api_url, httpx2.AsyncClient() as http, anyio.create_task_group() as tg:
-            reader = SocketModeReader(_api(fake, http, api_url), connect_websocket, lambda env: None,
-                                      ping_interval=0.2)
+            reader = SocketModeReader(_api(fake, http, api_url), connect_websocket, lambda env: None, ping_interval=0.2)
             tg.start_soon(reader.run)
             await reader.connected.wait()
             await anyio.sleep(0.5)

@@ -11,8 +11,16 @@ pytestmark = pytest.mark.anyio
 
 
 def image(name: str, source: str = "user", data: bytes = b"\xff\xd8\xff jpeg") -> ThreadImage:
-    return ThreadImage(name=name, mime="image/jpeg", data=data, width=10, height=20, source=source,
-                       label=f"label of {name}", ts="1.000100")
+    return ThreadImage(
+        name=name,
+        mime="image/jpeg",
+        data=data,
+        width=10,
+        height=20,
+        source=source,
+        label=f"label of {name}",
+        ts="1.000100",
+    )
 
 
 async def test_images_come_back_newest_last_and_are_trimmed_per_thread(tmp_path):
