@@ -9,6 +9,7 @@ ALLOWED_USERS alone. Refusals are polite and said once per thread (storage remem
 from __future__ import annotations
 
 from bot.config import Settings
+from bot.slack.events import is_dm_channel
 
 REFUSAL_USER = (
     "Sorry, I'm only available to some people in this workspace. "
@@ -20,10 +21,6 @@ REFUSAL_CHANNEL = (
 )
 
 
-def is_dm(channel: str) -> bool:
-    return channel.startswith("D")
-
-
 def refusal(settings: Settings, user: str, channel: str | None) -> str:
     """ "" when `user` may use the bot in `channel` (None: no channel involved, e.g. the
     settings modal); otherwise the polite line to show them."""
@@ -31,6 +28,11 @@ def refusal(settings: Settings, user: str, channel: str | None) -> str:
         return ""
     if settings.allowed_users and user not in settings.allowed_users:
         return REFUSAL_USER
-    if channel and settings.allowed_channels and not is_dm(channel) and channel not in settings.allowed_channels:
+    if (
+        channel
+        and settings.allowed_channels
+        and not is_dm_channel(channel)
+        and channel not in settings.allowed_channels
+    ):
         return REFUSAL_CHANNEL
     return ""

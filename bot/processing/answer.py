@@ -27,7 +27,7 @@ from bot.processing.failures import INTERRUPTED_NOTICE, STOPPED_NOTICE, describe
 from bot.processing.image_tools import ImageTools
 from bot.processing.message import IncomingMessage
 from bot.processing.options import RequestOptions, resolve_options
-from bot.processing.surface import ReplySurface, SurfaceError
+from bot.processing.surface import PLACEHOLDER, ReplySurface, SurfaceError
 from bot.processing.tool_chat import chat_with_tools
 from bot.storage import StorageError
 from bot.storage.base import HistoryMessage, Outcome
@@ -177,7 +177,7 @@ async def _stream_answer(
                 writer.set_status(WAITING_STATUS)
             async with services.model_slots:
                 state.stage = "streaming"
-                writer.set_status("_Thinking…_")
+                writer.set_status(PLACEHOLDER)
                 result = await chat_with_tools(
                     image_tools,
                     services.openai,

@@ -48,7 +48,7 @@ from bot.processing.documents import (
     unsupported_reason,
 )
 from bot.processing.images import PreparedImage, image_tokens, is_image_file, prepare_image
-from bot.processing.surface import ReplySurface
+from bot.processing.surface import PLACEHOLDER, ReplySurface
 from bot.processing.tokens import count_tokens, cut_to_tokens
 from bot.storage.base import ThreadImage
 from bot.url_fetch import fetch_image
@@ -192,7 +192,7 @@ async def read_attachments(
             ThreadImage(i.name, i.mime, i.data, i.width, i.height, i.source, i.label, msg.ts) for i in collected.images
         ]
         await services.store.add_thread_images(msg.thread, stamped, keep=max(settings.max_context_images, 1))
-    writer.set_status("_Thinking…_")
+    writer.set_status(PLACEHOLDER)
     return _turn(msg.text, collected, earlier)
 
 

@@ -38,7 +38,7 @@ from bot.processing.attachments import in_worker
 from bot.processing.context import RequestState, Services
 from bot.processing.images import prepare_image
 from bot.processing.openai_chat import ToolCall
-from bot.processing.surface import ReplySurface, SurfaceError
+from bot.processing.surface import PLACEHOLDER, ReplySurface, SurfaceError
 from bot.storage import StorageError
 from bot.storage.base import ThreadImage
 
@@ -309,7 +309,7 @@ class ImageTools:
                 log.warning("request %s: could not store the posted image: %s", self.state.request_id, exc)
         self.images.append(image)
         self.made += 1
-        self.writer.set_status("_Thinking…_")
+        self.writer.set_status(PLACEHOLDER)
         return (
             f"Done: the image was posted in the thread as {filename} (it is image number {len(self.images)} "
             "now). Reply with one short sentence; do not repeat the prompt or describe the tool."

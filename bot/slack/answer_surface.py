@@ -35,7 +35,7 @@ from bot.config import Settings
 from bot.processing.message import IncomingMessage
 from bot.processing.options import RequestOptions
 from bot.processing.surface import AttachedFile, SurfaceError
-from bot.slack.events import BotIdentity
+from bot.slack.events import BotIdentity, is_dm_channel
 from bot.slack.feedback_blocks import feedback_block
 from bot.slack.files import SlackFile, download_file, resolve_file, upload_to_thread
 from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, stable_length
@@ -404,7 +404,7 @@ async def slack_surface(
     slack: SlackWebAPI, me: BotIdentity, settings: Settings, store: Store, msg: IncomingMessage, options: RequestOptions
 ) -> SlackAnswerWriter:
     """The Slack surface for one request (the nursery binds all but `options`). Never raises."""
-    in_dm = msg.channel.startswith("D")
+    in_dm = is_dm_channel(msg.channel)
     if not options.stream:
         mode = "final"
     elif settings.native_streaming and in_dm:

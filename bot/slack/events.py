@@ -88,6 +88,11 @@ def parse_stop(payload: object) -> StopRequest | None:
     return StopRequest(channel, thread, tuple(message_ts), user if isinstance(user, str) else "")
 
 
+def is_dm_channel(channel: str) -> bool:
+    """Slack's direct-message channel ids start with "D" (the one DM rule of the bot)."""
+    return channel.startswith("D")
+
+
 def strip_mention(text: str, bot_user_id: str) -> str:
     """Remove `<@UBOT>` (and `<@UBOT|name>`) from the text the model sees."""
     return re.sub(rf"<@{re.escape(bot_user_id)}(\|[^>]*)?>", "", text).strip()
@@ -128,7 +133,7 @@ def parse_event(payload: object, me: BotIdentity) -> IncomingMessage | Skip:
     in_thread = bool(thread_ts) and thread_ts != ts
     reply_thread = thread_ts if in_thread else ts
 
-    is_dm = event.get("channel_type") == "im" or (event_type == "message" and channel.startswith("D"))
+    is_dm = event.get("channel_type") == "im" or (event_type == "message" and is_dm_channel(channel))
     if event_type == "app_mention":
         kind = "dm" if is_dm else "mention"
     elif is_dm:
