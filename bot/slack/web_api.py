@@ -102,6 +102,9 @@ class SlackSkipped(SlackAPIError):
 RETRY_SERVER_ERRORS = frozenset(
     {
         "chat.update",
+        # Stopping twice is harmless: the second answers message_not_in_streaming_state,
+        # which callers take as "stopped". A stream left open can never be edited again.
+        "chat.stopStream",
         "conversations.replies",
         "conversations.history",
         "auth.test",
