@@ -88,7 +88,7 @@ async def test_a_stream_that_slack_cannot_stop_is_never_stored_as_answered(slack
     final text cannot be written (Slack refuses edits while streaming): the request must
     not be recorded as answered."""
     ai.enqueue(Behaviour(text="A streamed answer.", chunks=3, chunk_delay=0.05))
-    slack.fail_next("chat.stopStream", status=500, times=50)
+    slack.fail_next("chat.stopStream", error="internal_error", times=50)  # refused, not a 5xx: no retries
     store = await open_store(f"sqlite:///{tmp_path}/bot.db")
     try:
         async with running_bot(slack, ai, store=store, native_streaming=True) as nursery:
