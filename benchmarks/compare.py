@@ -90,8 +90,10 @@ class Row:
         return percentile(self.result.fake_lag, 99) if self.result else math.nan
 
 
-def run_one(bot: str, *, conversations: int, hangs: int, cap: float, request_timeout: float, backend: str) -> Row:
-    args = build_parser().parse_args([])
+def run_one(
+    bot: str, *, conversations: int, hangs: int, cap: float, request_timeout: float, backend: str, tiers: bool = True
+) -> Row:
+    args = build_parser().parse_args([] if tiers else ["--no-slack-tiers"])
     args.bot, args.conversations, args.latency, args.timeout = bot, conversations, LATENCY, cap
     args.hangs, args.request_timeout, args.backend = hangs, request_timeout, backend
     scenario = f"{hangs} hanging + 1" if hangs else f"burst {conversations}"
@@ -247,6 +249,9 @@ def main() -> int:
     parser.add_argument("--backend", choices=("trio", "asyncio"), default="trio", help="this bot's backend")
     parser.add_argument("--no-hang", action="store_true", help="skip the hanging-requests scenario")
     parser.add_argument(
+        "--no-slack-tiers", action="store_true", help="the fake Slack without its rate limits (earlier figures)"
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="run each scenario this many times and report the median run (default 1)"
     )
     args = parser.parse_args()
@@ -262,7 +267,13 @@ def main() -> int:
                 median_run(
                     [
                         run_one(
-                            bot, conversations=size, hangs=0, cap=args.cap, request_timeout=60.0, backend=args.backend
+                            bot,
+                            conversations=size,
+                            hangs=0,
+                            cap=args.cap,
+                            request_timeout=60.0,
+                            backend=args.backend,
+                            tiers=not args.no_slack_tiers,
                         )
                         for _ in range(args.repeat)
                     ]
@@ -279,6 +290,7 @@ def main() -> int:
                             cap=3 * HANG_TIMEOUT,
                             request_timeout=HANG_TIMEOUT,
                             backend=args.backend,
+                            tiers=not args.no_slack_tiers,
                         )
                         for _ in range(args.repeat)
                     ]
