@@ -26,6 +26,7 @@ from bot.processing.context import MediaServices
 from bot.processing.failures import INTERRUPTED_NOTICE
 from bot.services import SlackServices
 from bot.slack.events import BotIdentity
+from bot.slack.reply import fallback_text
 from bot.slack.web_api import SlackAPIError, SlackWebAPI
 from bot.slack.websocket import Connector, connect_websocket
 from bot.storage import Store, open_store
@@ -92,9 +93,11 @@ async def recover_interrupted(slack: SlackWebAPI, store: Store) -> int:
 
 async def _mark_interrupted(slack: SlackWebAPI, channel: str, ts: str) -> None:
     """Edit the message into the notice; a message still streaming is stopped first
-    (only then: chat.stopStream's budget is small)."""
+    (only then: chat.stopStream's budget is small). The notice goes in a markdown block,
+    so it replaces blocks a final write may already have left there (an edit without
+    blocks keeps a message's blocks, and they are what Slack shows)."""
     try:
-        await slack.update_message(channel, ts, markdown_text=INTERRUPTED_NOTICE)
+        await _edit_to_notice(slack, channel, ts)
         return
     except SlackAPIError as exc:
         if exc.error != "streaming_state_conflict":
@@ -103,7 +106,13 @@ async def _mark_interrupted(slack: SlackWebAPI, channel: str, ts: str) -> None:
         await slack.call("chat.stopStream", channel=channel, ts=ts)
     except SlackAPIError as exc:
         log.debug("chat.stopStream on %s before marking it interrupted: %s", ts, exc.error)
-    await slack.update_message(channel, ts, markdown_text=INTERRUPTED_NOTICE)
+    await _edit_to_notice(slack, channel, ts)
+
+
+async def _edit_to_notice(slack: SlackWebAPI, channel: str, ts: str) -> None:
+    await slack.update_message(
+        channel, ts, blocks=[{"type": "markdown", "text": INTERRUPTED_NOTICE}], text=fallback_text(INTERRUPTED_NOTICE)
+    )
 
 
 async def run_bot(

@@ -1,8 +1,9 @@
 """Deterministic simulation at scale (issue 6), in CI.
 
 `test_random_worlds_hold_every_invariant` runs seeds SIM_SEED_START … +SIM_SEEDS (default
-0 … 999: about 3 minutes at the ~310 seeds/min measured on this 2-core machine while it
-was shared, 5 at ~200/min under heavier load), each a fresh `trio.run` on a fresh
+0 … 999: about 3.5 minutes at the ~280 seeds/min measured on this 2-core machine with
+Slack's rate limits, outages, lost post replies and ended streams in the worlds, ~4.5 at
+~230/min while it was shared), each a fresh `trio.run` on a fresh
 `MockClock(autojump_threshold=0)`; any failure is shrunk and reported with its replay
 command (`python -m tests.simulation --seed N`). The other tests check the simulator
 itself: a seed replays bit for bit (in this process and in a fresh one), a planted bug
@@ -48,16 +49,21 @@ def test_random_worlds_hold_every_invariant(request):
     elapsed = time.perf_counter() - started
     rate = ran / elapsed * 60 if elapsed else 0.0
     request.node.user_properties += [("seeds", ran), ("seeds_per_minute", round(rate))]
-    print(f"\nsimulation: {ran} seeds ({SIM_SEED_START}..{SIM_SEED_START + ran - 1}) in {elapsed:.0f}s "
-          f"= {rate:.0f} seeds/min, {len(failures)} failing")
+    print(
+        f"\nsimulation: {ran} seeds ({SIM_SEED_START}..{SIM_SEED_START + ran - 1}) in {elapsed:.0f}s "
+        f"= {rate:.0f} seeds/min, {len(failures)} failing"
+    )
     if failures:
         small = shrink(failures[0], max_seconds=90)
-        pytest.fail("\n\n".join(report(f) for f in failures)
-                    + f"\n\nminimal failing scenario (from seed {failures[0].scenario.seed}):\n"
-                    + small.scenario.describe()
-                    + "\nits violations:\n" + "\n".join(f"  - {v.splitlines()[0]}" for v in small.violations[:5])
-                    + f"\nas JSON (python -m tests.simulation --scenario FILE):\n{small.scenario.to_json()}",
-                    pytrace=False)
+        pytest.fail(
+            "\n\n".join(report(f) for f in failures)
+            + f"\n\nminimal failing scenario (from seed {failures[0].scenario.seed}):\n"
+            + small.scenario.describe()
+            + "\nits violations:\n"
+            + "\n".join(f"  - {v.splitlines()[0]}" for v in small.violations[:5])
+            + f"\nas JSON (python -m tests.simulation --scenario FILE):\n{small.scenario.to_json()}",
+            pytrace=False,
+        )
 
 
 def _seed_with(predicate, start: int = 0) -> int:
@@ -89,9 +95,14 @@ def test_replay_in_a_fresh_process_is_identical():
     seed = _seed_with(lambda s: any(f.kind == "crash" for f in s.faults) and len(s.messages) >= 5)
     outputs = []
     for hashseed in ("1", "2"):
-        proc = subprocess.run([sys.executable, "-m", "tests.simulation", "--seed", str(seed)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONHASHSEED": hashseed})
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.simulation", "--seed", str(seed)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONHASHSEED": hashseed},
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert f"OK: all invariants hold ({replay_command(seed)})" in proc.stdout
         outputs.append([line for line in proc.stdout.splitlines() if "s real;" not in line])
@@ -110,11 +121,20 @@ def test_a_planted_bug_is_found_and_shrunk(monkeypatch):
         yield True
 
     monkeypatch.setattr(ThreadGates, "try_enter", always_enter)
-    noisy = generate(_seed_with(lambda s: len(s.messages) >= 8 and len(s.faults) >= 4
-                                and not any(f.kind in ("crash", "sigterm") for f in s.faults)))
+    noisy = generate(
+        _seed_with(
+            lambda s: (
+                len(s.messages) >= 8
+                and len(s.faults) >= 4
+                and not any(f.kind in ("crash", "sigterm") for f in s.faults)
+            )
+        )
+    )
     n = max(m.id for m in noisy.messages) + 1
-    pair = (Msg(n, 40.0, 0, "dm", ai=(("ok", 20.0, 2, 0.25),)),
-            Msg(n + 1, 45.0, 0, "dm", root=n, ai=(("ok", 1.0, 1, 0.0),)))
+    pair = (
+        Msg(n, 40.0, 0, "dm", ai=(("ok", 20.0, 2, 0.25),)),
+        Msg(n + 1, 45.0, 0, "dm", root=n, ai=(("ok", 1.0, 1, 0.0),)),
+    )
     scenario = replace(noisy, messages=noisy.messages + pair)
     result = run_scenario(scenario)
     assert result.failed
@@ -128,26 +148,190 @@ def test_a_planted_bug_is_found_and_shrunk(monkeypatch):
 
 
 OK = (("ok", 3.0, 2, 0.25),)
+
+
+def _scenario(text: str) -> Scenario:
+    return Scenario.from_json(text)
+
+
 REGRESSIONS = {  # bugs the simulator found, as the smallest scenarios that showed them
     # Slack answering 503 to the crash recovery's chat.update left the placeholder saying
     # "Thinking…" while storage said interrupted (fixed: idempotent Web API methods retry 5xx).
-    "slack 5xx during crash recovery": [Scenario(2, 1, 0, 100, 0.0, (
-        Msg(0, 1.0, 0, "dm", ai=(("ok", 30.0, 2, 0.25),)),), (
-        Fault(5.0, "crash", restart_after=5.0), Fault(9.0, "slack", "chat.update", 503, times=2)), native=False)],
+    "slack 5xx during crash recovery": [
+        Scenario(
+            2,
+            1,
+            0,
+            100,
+            0.0,
+            (Msg(0, 1.0, 0, "dm", ai=(("ok", 30.0, 2, 0.25),)),),
+            (Fault(5.0, "crash", restart_after=5.0), Fault(9.0, "slack", "chat.update", 503, times=2)),
+            native=False,
+        )
+    ],
     # A locked database at finish_request left the answered request in flight forever (and
     # the next start would overwrite the answer with "interrupted") (fixed: retried).
-    "storage locked at finish": [Scenario(1, 1, 0, 100, 0.0, (Msg(0, 1.0, 0, "dm", ai=OK),), (
-        Fault(0.5, "storage", "finish_request", error="database is locked", times=2),))],
+    "storage locked at finish": [
+        Scenario(
+            1,
+            1,
+            0,
+            100,
+            0.0,
+            (Msg(0, 1.0, 0, "dm", ai=OK),),
+            (Fault(0.5, "storage", "finish_request", error="database is locked", times=2),),
+        )
+    ],
     # After a crash, a late redelivery met a momentarily locked claim_event; the new process
     # fell back to its (empty) in-memory dedupe and answered the event a second time.
-    "storage locked at claim after a crash": [Scenario(3, 1, 0, 100, 0.0, (Msg(0, 1.0, 0, "dm", dup=60.0, ai=OK),), (
-        Fault(20.0, "crash", restart_after=5.0),
-        Fault(59.0, "storage", "claim_event", error="database is locked", times=2)))],
+    "storage locked at claim after a crash": [
+        Scenario(
+            3,
+            1,
+            0,
+            100,
+            0.0,
+            (Msg(0, 1.0, 0, "dm", dup=60.0, ai=OK),),
+            (
+                Fault(20.0, "crash", restart_after=5.0),
+                Fault(59.0, "storage", "claim_event", error="database is locked", times=2),
+            ),
+        )
+    ],
+    # A 5 s outage mid-stream: the append and three stopStreams failed, the stream was given
+    # up for chat.update, which then met streaming_state_conflict forever: the answer stayed
+    # an empty stream (fixed: chat.stopStream is retried on 5xx).
+    "an outage mid-stream": [
+        Scenario(
+            63,
+            1,
+            1,
+            100,
+            0.0,
+            (Msg(1, 0.0, 0, "dm", ai=(("ok", 15.25, 6, 0.5),)),),
+            (Fault(15.25, "outage", status=503, seconds=seconds),),
+        )
+        for seconds in (5.0, 20.0)
+    ],
+    # The crash recovery's one chat.stopStream met a 503; its chat.update then conflicted and
+    # the request was stored interrupted while its message streamed forever (fixed: as above).
+    "recovery meets a failed stopStream": [
+        Scenario(
+            538,
+            1,
+            0,
+            100,
+            0.0,
+            (Msg(0, 0.0, 0, "dm", ai=(("ok", 2.0, 4, 1.0),)),),
+            (Fault(0.0, "slack", "chat.stopStream", 503), Fault(3.5, "crash", restart_after=0.25)),
+        )
+    ],
     # SIGTERM in the instant an envelope was acked: shutdown saw no active request and
     # cancelled the new task before it started — acked, so never redelivered, never answered.
-    "sigterm in the instant of an ack": [Scenario(seed, 1, 0, 100, 0.0, (Msg(0, 10.0, 0, "dm"),), (
-        Fault(10.0, "sigterm", restart_after=5.0),)) for seed in range(40)],
+    "sigterm in the instant of an ack": [
+        Scenario(seed, 1, 0, 100, 0.0, (Msg(0, 10.0, 0, "dm"),), (Fault(10.0, "sigterm", restart_after=5.0),))
+        for seed in range(40)
+    ],
+    # The 429 of a method without a budget (auth.test) does not close it: the six retries
+    # go out in the same instant, inside the announced Retry-After window.
+    "auth.test retried inside its Retry-After window": [
+        Scenario(
+            95,
+            1,
+            0,
+            100,
+            0.0,
+            (),
+            (Fault(0.0, "slack", "auth.test", 429, 0.5), Fault(1.0, "crash", restart_after=0.25)),
+            native=False,
+        ),
+    ],
+    # ReplyWriter.start's 15 s POST_TIMEOUT cuts post_message's marker look-ups while Slack
+    # is down: the placeholder Slack did make (answered 503) is never found, and stays
+    # "Thinking…" beside the error notice posted next.
+    "a placeholder made during an outage is orphaned": [
+        _scenario(
+            '{"seed":125,"users":1,"channels":1,"slots":100,"slack_latency":0.0,"messages":[{"id":1,"at":108.5,'
+            '"user":0,"place":"channel","channel":0,"root":null,"mention":true,"twin":true,"delay":0.0,"dup":null,'
+            '"ai":[["ok",1.0,2,0.25]]}],"faults":[{"at":76.5,"kind":"slack","target":"chat.postMessage","status":503,'
+            '"after":true},{"at":108.5,"kind":"outage","status":503,"seconds":6.5},{"at":116.5,"kind":"outage",'
+            '"status":500,"seconds":8.5}],"native":false}'
+        ),
+    ],
+    # The same shielded 15 s placeholder post is not shortened by a SIGTERM: the request
+    # outlives the grace + the shutdown's finalize bound.
+    "a placeholder post during an outage outlives the shutdown bound": [
+        _scenario(
+            '{"seed":322,"users":1,"channels":1,"slots":100,"slack_latency":0.1,"messages":[{"id":0,"at":21.75,'
+            '"user":0,"place":"dm","channel":0,"root":null,"mention":true,"twin":false,"delay":0.0,"dup":null,'
+            '"ai":[["ok",1.0,2,0.25]]}],"faults":[{"at":20.0,"kind":"storage","target":"prune_events",'
+            '"error":"database is locked"},{"at":21.75,"kind":"slack","target":"chat.update","status":500},'
+            '{"at":21.75,"kind":"slack","target":"chat.stopStream","status":500},{"at":21.75,"kind":"sigterm",'
+            '"restart_after":0.25},{"at":21.75,"kind":"outage","status":503,"seconds":6.75}],"native":false}'
+        ),
+    ],
+    # A call that had reserved its slot before a 429 extended the window sleeps to its old
+    # slot and goes out inside the new window.
+    "a reserved slot goes out inside a later Retry-After window": [
+        _scenario(
+            '{"seed":334,"users":1,"channels":1,"slots":100,"slack_latency":0.0,"messages":[{"id":3,"at":2.75,'
+            '"user":0,"place":"dm","channel":0,"root":null,"mention":true,"twin":false,"delay":0.0,"dup":10.0,'
+            '"ai":[["cut",15.0,2]]},{"id":5,"at":1.0,"user":0,"place":"dm","channel":0,"root":null,"mention":true,'
+            '"twin":false,"delay":0.0,"dup":null,"ai":[["ok",1.0,2,0.25]]}],"faults":[{"at":0.25,"kind":"slack",'
+            '"target":"assistant.threads.setStatus","status":429,"retry_after":0.75,"times":3},{"at":0.25,'
+            '"kind":"socket","target":"too_many_websockets"}],"native":false}'
+        ),
+    ],
+    # Killed while its final chat.update (blocks: answer + feedback buttons) was on the wire:
+    # the recovery's markdown_text edit leaves those blocks, which is what Slack shows.
+    "the recovery's notice is hidden by the answer's blocks": [
+        _scenario(
+            '{"seed":698,"users":1,"channels":1,"slots":100,"slack_latency":0.5,"messages":[{"id":20,"at":253.0,'
+            '"user":0,"place":"dm","channel":0,"root":null,"mention":true,"twin":false,"delay":0.0,"dup":null,'
+            '"ai":[["cut",10.75,2]]},{"id":22,"at":0.0,"user":0,"place":"dm","channel":0,"root":null,"mention":true,'
+            '"twin":false,"delay":0.0,"dup":null,"ai":[["ok",1.0,2,0.25]]}],"faults":[{"at":265.25,"kind":"crash",'
+            '"restart_after":0.25}],"native":false}'
+        ),
+    ],
 }
+
+
+# Bot bugs the simulator found and that are not fixed yet: (the text of the violation, the
+# smallest scenario that shows it — some as the shrinker's JSON, which
+# `python -m tests.simulation --scenario FILE` replays). They xfail while the bug shows and
+# fail once it is fixed, asking to move the scenario to REGRESSIONS. The seed run fails on
+# them too until then.
+KNOWN_BOT_BUGS = {
+    # Slack rate-limits one stream's chat.stopStream (429 x3); its retries take the Tier-2
+    # budget's slots (one per 3 s), so the other stream, interrupted by the SIGTERM, gets no
+    # slot within the 3 s shutdown write: left streaming (empty) and stored interrupted — a
+    # finished request, so no later start's recovery fixes it either.
+    "shutdown leaves a stream open when stopStream's budget is spent": (
+        "forever",
+        Scenario(
+            1468,
+            1,
+            1,
+            100,
+            0.0,
+            (Msg(1, 153.5, 0, "dm", ai=(("ok", 43.5, 5, 0.25),)), Msg(3, 171.5, 0, "dm", ai=(("ok", 1.0, 2, 0.25),))),
+            (Fault(0.0, "slack", "chat.stopStream", 429, 0.25, 3), Fault(173.75, "sigterm")),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(KNOWN_BOT_BUGS))
+def test_known_bot_bugs(name):
+    """xfail while the bug shows (its violation, and only it); a failure for any other
+    reason fails; once fixed, this fails too, asking for it to move to REGRESSIONS."""
+    marker, scenario = KNOWN_BOT_BUGS[name]
+    result = run_scenario(scenario)
+    others = [v for v in result.violations if marker not in v]
+    assert not others, report(result)
+    if result.failed:
+        pytest.xfail(f"bot bug still present: {result.violations[0].splitlines()[0]}")
+    pytest.fail(f"fixed: move {name!r} from KNOWN_BOT_BUGS to REGRESSIONS")
 
 
 @pytest.mark.parametrize("name", list(REGRESSIONS))

@@ -34,6 +34,7 @@ from bot.storage.base import HistoryMessage, Outcome
 
 log = logging.getLogger(__name__)
 
+START_SECONDS = 60.0  # bound on opening the answer (a placeholder post retried through an outage)
 FINAL_WRITE_SECONDS = 90.0  # bound on the final Slack write (it may wait out Retry-After windows)
 SHUTDOWN_WRITE_SECONDS = 3.0  # the same at shutdown (interrupted requests; `hurry`): exit under 10 s
 STORE_RESERVE_SECONDS = 1.0  # closing the request in storage, after the Slack write
@@ -69,7 +70,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
     try:
         with anyio.move_on_after(settings.async_timeout_seconds) as deadline:
             state.stage = "posting placeholder"
-            state.placeholder_ts = await writer.start()
+            state.placeholder_ts = await _start(state, writer)
             rebuild = msg.in_existing_thread and not await services.store.thread_known(msg.thread)
             recorded = True  # before the call: finishing a request never started is a no-op
             await services.store.start_request(
@@ -155,6 +156,20 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
     return outcome
 
 
+async def _start(state: RequestState, writer: ReplySurface) -> str:
+    """Open the answer. Shielded: a cancellation while Slack creates the message would
+    leave one whose id we never learnt (so never finalized). Bounded by START_SECONDS —
+    long enough for a post retried through a short outage — and shortened by a shutdown
+    (`RequestState.hurry`); cancellation takes effect right after."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(START_SECONDS) as posting:
+        state.watch(posting)
+        try:
+            return await writer.start()
+        finally:
+            state.final_write = None
+    raise SurfaceError("posting the answer", "timeout")
+
+
 async def _stream_answer(
     services: Services,
     state: RequestState,
@@ -224,7 +239,7 @@ async def _finalize(
     bound = SHUTDOWN_WRITE_SECONDS if outcome == "interrupted" else FINAL_WRITE_SECONDS
     delivered = False
     with anyio.move_on_after(bound) as slack_bound:
-        state.final_write = slack_bound
+        state.watch(slack_bound)
         try:
             delivered = await writer.finish(notice)
         except Exception as exc:

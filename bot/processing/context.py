@@ -7,6 +7,7 @@ reads `stage` and `started_at`; nothing else touches it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import anyio
@@ -55,10 +56,18 @@ class RequestState:
     # Why the user stopped this request ("" while they have not). The nursery sets it
     # just before `scope.cancel()`, so the cancellation ends as "stopped", not "interrupted".
     stop_reason: str = ""
-    # The bound on the final Slack write while it runs; shutdown shortens it (`hurry`).
+    # The bound on the Slack call that opens or closes the answer while it runs; a shutdown
+    # shortens it (`hurry`), and the same shortened deadline holds for the next one.
     final_write: anyio.CancelScope | None = None
+    hurry_deadline: float = math.inf
 
     def hurry(self, seconds: float) -> None:
-        """Shutdown: leave the final write at most `seconds` more."""
+        """Shutdown: leave the request's Slack writes at most `seconds` more, in all."""
+        self.hurry_deadline = min(self.hurry_deadline, anyio.current_time() + seconds)
         if self.final_write is not None:
-            self.final_write.deadline = min(self.final_write.deadline, anyio.current_time() + seconds)
+            self.final_write.deadline = min(self.final_write.deadline, self.hurry_deadline)
+
+    def watch(self, scope: anyio.CancelScope) -> None:
+        """`scope` bounds the Slack write now running (None: none is)."""
+        self.final_write = scope
+        scope.deadline = min(scope.deadline, self.hurry_deadline)

@@ -101,6 +101,7 @@ class SlackAnswerWriter:
         self._status_shown = ""
         self._status_at = -STATUS_REFRESH_SECONDS  # when the status was last sent
         self._stop_committed = False
+        self._stream_stopped = False  # the stream's message is out of streaming state
         self._dirty = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self.fell_back = ""  # why native streaming was given up ("" while it was not)
@@ -151,8 +152,9 @@ class SlackAnswerWriter:
         self._stop_committed = True
         ts = ""
         try:
-            # Shielded like ReplyWriter.start: a ts Slack created must never be lost.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(POST_TIMEOUT):
+            # The caller shields start() (a ts Slack created must never be lost); bounded here
+            # so a silent startStream still leaves time to post instead.
+            with anyio.move_on_after(POST_TIMEOUT):
                 body = await self._slack.call(
                     "chat.startStream",
                     channel=self.channel,
@@ -234,9 +236,13 @@ class SlackAnswerWriter:
                     return True
                 except SlackAPIError as exc:
                     # Did the stream stop? Slack refuses edits to a message still streaming.
-                    if exc.error != "message_not_in_streaming_state":
+                    if exc.error == "message_not_in_streaming_state":
+                        self._stream_stopped = True
+                    else:
                         await self._stop_stream()
                     self._give_up_stream(f"chat.stopStream failed: {exc.error}")
+        if self._stream_ts and not self._stream_stopped and self.mode != "native":
+            await self._stop_stream()  # given up mid-answer and not stopped yet: Slack refuses edits till then
         if self.mode == "final":
             self._fallback.append(text)
         ok = await self._fallback.finish(notice)
@@ -291,6 +297,7 @@ class SlackAnswerWriter:
         # Shielded (and bounded): unlike chat.update, an append is not idempotent. If this
         # task were cancelled after Slack took the chunk but before `_sent` moved on,
         # finish() would send the chunk again and the answer would show it twice.
+        failed = ""
         with anyio.CancelScope(shield=True), anyio.move_on_after(POST_TIMEOUT) as bound:
             try:
                 await self._slack.call(
@@ -301,14 +308,16 @@ class SlackAnswerWriter:
             except (SlackSkipped, SlackRateLimited):
                 self._dirty.set()  # Slack took nothing: the next tick sends the text so far
             except SlackAPIError as exc:
-                if exc.error != "message_not_in_streaming_state":
-                    await self._stop_stream()
-                self._give_up_stream(f"chat.appendStream failed: {exc.error}")
+                failed = exc.error
         if bound.cancelled_caught:
-            # Unknown whether Slack took it: chat.update rewrites the whole text, so it is safe
-            # once the stream is stopped.
-            await self._stop_stream()
-            self._give_up_stream("chat.appendStream did not answer")
+            failed = "no answer"  # unknown whether Slack took it: chat.update rewrites it all
+        if failed:
+            # Outside the shield: a shutdown may cut the stop short; finish() tries again.
+            self._give_up_stream(f"chat.appendStream failed: {failed}")
+            if failed == "message_not_in_streaming_state":
+                self._stream_stopped = True
+            else:
+                await self._stop_stream()
 
     async def _stop_stream(self) -> bool:
         """Take the message out of streaming state (before anything edits it); True once
@@ -318,9 +327,11 @@ class SlackAnswerWriter:
                 with anyio.move_on_after(POST_TIMEOUT):
                     try:
                         await self._slack.call("chat.stopStream", channel=self.channel, ts=self._stream_ts)
+                        self._stream_stopped = True
                         return True
                     except SlackAPIError as exc:
                         if exc.error in ("message_not_in_streaming_state", "message_not_found"):
+                            self._stream_stopped = True
                             return True
                         log.warning("chat.stopStream in %s (attempt %d): %s", self.channel, attempt, exc.error)
             return False

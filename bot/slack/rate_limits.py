@@ -59,6 +59,7 @@ METHOD_TIERS: dict[str, int] = {
 POST_MESSAGE_PER_SECOND = 1.0  # chat.postMessage: about one a second per channel
 OUR_BURST_SECONDS = 6.0  # our bursts: the calls of this many seconds (Slack tolerates more)
 POST_MESSAGE_BURST = 3
+UNLIMITED_PER_SECOND, UNLIMITED_BURST = 1000.0, 1000  # methods without a tier (auth.test, …)
 MAX_CHANNEL_BUCKETS = 2000  # per-channel postMessage budgets kept; full ones are dropped first
 
 
@@ -71,6 +72,7 @@ class Bucket:
         self._clock = clock
         self._tat = -math.inf
         self.committed = 0  # final writes promised to answers in flight (see module doc)
+        self.blocks = 0  # Retry-After windows seen: a slot reserved before one is void
 
     def available(self) -> int:
         """How many calls could go out right now."""
@@ -97,6 +99,7 @@ class Bucket:
     def block(self, seconds: float) -> None:
         """Slack said `Retry-After: seconds`: no slot before then, and the bucket is empty."""
         self._tat = max(self._tat, self._clock() + seconds + self.tolerance)
+        self.blocks += 1
 
     def full(self) -> bool:
         return self._tat <= self._clock() and not self.committed
@@ -120,14 +123,16 @@ class SlackRateLimits:
                     self._channels = {k: b for k, b in self._channels.items() if not b.full()}
                 found = self._channels[key] = Bucket(POST_MESSAGE_PER_SECOND, POST_MESSAGE_BURST, self._clock)
             return found
-        tier = METHOD_TIERS.get(method)
-        if tier is None:
-            return None
         found = self._methods.get(method)
         if found is None:
-            per_minute = TIER_PER_MINUTE[tier]
-            burst = max(2, int(per_minute * OUR_BURST_SECONDS / 60))
-            found = self._methods[method] = Bucket(per_minute / 60.0, burst, self._clock)
+            tier = METHOD_TIERS.get(method)
+            if tier is None:  # not budgeted, but a Retry-After still closes it to every caller
+                found = Bucket(UNLIMITED_PER_SECOND, UNLIMITED_BURST, self._clock)
+            else:
+                per_minute = TIER_PER_MINUTE[tier]
+                burst = max(2, int(per_minute * OUR_BURST_SECONDS / 60))
+                found = Bucket(per_minute / 60.0, burst, self._clock)
+            self._methods[method] = found
         return found
 
     async def acquire(self, method: str, channel: str | None = None) -> None:
@@ -135,14 +140,20 @@ class SlackRateLimits:
         bucket = self.bucket(method, channel)
         if bucket is None:
             return
-        wait = bucket.reserve()
-        if wait <= 0:
-            return
-        try:
-            await anyio.sleep(wait)
-        except anyio.get_cancelled_exc_class():
-            bucket.refund()
-            raise
+        while True:
+            blocks = bucket.blocks
+            wait = bucket.reserve()
+            if wait <= 0:
+                return
+            try:
+                await anyio.sleep(wait)
+            except anyio.get_cancelled_exc_class():
+                bucket.refund()
+                raise
+            if bucket.blocks == blocks:
+                return
+            # A Retry-After arrived while we slept: our slot may be inside its window. Take a
+            # new one, behind the window (the old one is void: the window emptied the bucket).
 
     def try_acquire(self, method: str, channel: str | None = None) -> bool:
         """Take a slot now if the budget is at least half full after the promised final

@@ -94,9 +94,9 @@ class ReplyWriter:
         chat.update budget has no room for one more final edit (the answer is then posted
         when it is done). Raises SlackAPIError.
 
-        Shielded (and bounded): a cancellation that lands while Slack is creating the
-        message would otherwise leave a "Thinking…" message whose ts we never learnt
-        and so could never finalize. Cancellation takes effect right after."""
+        Call it shielded and bounded (processing's `answer._start` does): a cancellation
+        that lands while Slack is creating the message would otherwise leave a "Thinking…"
+        message whose ts we never learnt and so could never finalize."""
         self._status = status
         limits = self._slack.limits
         if not limits.has_room_for("chat.update", calls=2):
@@ -104,15 +104,12 @@ class ReplyWriter:
             return ""
         limits.commit("chat.update")
         self._committed = True
-        ts = None
+        ts = ""
         try:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(POST_TIMEOUT):
-                ts = await self._slack.post_message(self.channel, self.thread_ts, markdown_text=status)
+            ts = await self._slack.post_message(self.channel, self.thread_ts, markdown_text=status)
         finally:
             if not ts:
                 self._release()
-        if ts is None:
-            raise SlackAPIError("chat.postMessage", "timeout")
         self.message_ts.append(ts)
         self._shown.append(status)
         return ts

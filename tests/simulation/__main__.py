@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from tests.simulation.runner import format_trace, replay_command, report, run_scenario, run_seed, shrink
 from tests.simulation.scenario import Scenario, generate
@@ -35,8 +36,9 @@ def _shrink_and_print(result, out) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.simulation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.simulation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--seed", type=int, help="replay one seed with its trace")
     what.add_argument("--seeds", type=int, help="run this many seeds")
@@ -63,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             now = time.perf_counter()
             if now - last >= 10 or i == args.seeds:
                 rate = i / (now - started) * 60
-                print(f"{i} seeds in {now - started:.0f}s ({rate:.0f} seeds/min), {len(failures)} failing",
-                      file=out, flush=True)
+                print(
+                    f"{i} seeds in {now - started:.0f}s ({rate:.0f} seeds/min), {len(failures)} failing",
+                    file=out,
+                    flush=True,
+                )
                 last = now
         if failures:
             print("failing seeds: " + ", ".join(str(r.scenario.seed) for r in failures), file=out)
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.scenario is not None:
-        text = sys.stdin.read() if args.scenario == "-" else open(args.scenario).read()
+        text = sys.stdin.read() if args.scenario == "-" else Path(args.scenario).read_text()
         scenario = Scenario.from_json(text)
     else:
         scenario = generate(args.seed)
@@ -83,14 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         print("\ntrace (virtual seconds after the first socket's hello):", file=out)
         print(format_trace(result.trace), file=out)
-    print(f"\n{len(result.trace)} trace lines, {result.virtual_seconds:.1f}s virtual in "
-          f"{result.wall_seconds:.2f}s real; stats {result.stats}", file=out)
+    print(
+        f"\n{len(result.trace)} trace lines, {result.virtual_seconds:.1f}s virtual in "
+        f"{result.wall_seconds:.2f}s real; stats {result.stats}",
+        file=out,
+    )
     if args.twice:
         again = run_scenario(scenario)
         same = again.trace == result.trace and again.violations == result.violations
         print(f"second run: {'identical trace' if same else 'TRACE DIFFERS'} ({len(again.trace)} lines)", file=out)
         if not same:
-            for i, (a, b) in enumerate(zip(result.trace, again.trace)):
+            for i, (a, b) in enumerate(zip(result.trace, again.trace, strict=False)):
                 if a != b:
                     print(f"first difference at line {i}:\n  {a}\n  {b}", file=out)
                     break

@@ -8,20 +8,43 @@ Each check appends a readable line to `world.violations`. What is checked:
    crashed may be lost (ack-first plus durable dedupe is at-most-once across a kill -9);
    it may never be handled twice. Messages never acked (the bot was down) are handled at
    most once too.
-2. One visible outcome. Each handling created exactly one bot message (its placeholder,
-   its busy note, or the notice that the placeholder could not be posted) and that
-   message ends terminal — an answer, busy, timeout, error or interrupted — and agrees
-   with the request's outcome in storage. Excused, and counted: Slack refusing (with an
-   injected fault) every post a handling tried, and a crash orphan (a placeholder
-   Slack created for a crashed process that never got to record it).
-3. Every bot message belongs to a handling; none is left "Thinking…"/streaming.
+2. One visible outcome. Each handling created one bot message (its placeholder or
+   stream, its busy note, the notice that the placeholder could not be posted, or —
+   when it started without a placeholder because chat.update's budget was low — the
+   answer posted when done; an answer longer than one Slack message continues in more,
+   each but the last full) and what it shows (FakeSlack.visible_text) ends terminal — an
+   answer, busy, timeout, error or interrupted — and agrees with the request's outcome in
+   storage. Messages are attributed to the call during which Slack stored them, so a
+   post Slack made but answered 5xx for still counts. Excused, and counted: Slack
+   refusing (injected faults, outages) every post a handling tried; a crash orphan (a
+   placeholder Slack created for a crashed process that never got to record it); an
+   answer shown although Slack answered its post with a 5xx and the thread could not be
+   read to find it (stored as an error: never the other way round); an answer posted
+   without a placeholder by a process killed before it recorded it (the recovery's
+   notice follows it); a final write, or the crash recovery's fix-up, cut by its bound
+   while Slack refused every call of it.
+   Answered means shown: every request stored as answered has its stored text visible in
+   its messages, joined (broadcast mentions inert: "@" + WORD JOINER; split over
+   messages), and none of them still streaming. No bot message shows a live broadcast
+   mention (<!here>, <!channel>, <!everyone>, a bare @here …).
+3. Every bot message belongs to a handling or to a crash recovery — the interrupted
+   notice posted as a new message in the thread of a request the start-up found in
+   flight without a placeholder, one per such request (and every such request gets
+   one, unless Slack refused the recovery's calls or the recovering process died too);
+   none is left "Thinking…"/streaming.
 4. Deadlines. No request outlives ASYNC_TIMEOUT_SECONDS + FINALIZE_SECONDS, no OpenAI call
    outlives its request's deadline (exact in virtual time: EPS), nothing of a request
-   talks to Slack after it ended; after SIGTERM requests end within the grace period
-   plus the finalize bound.
+   talks to Slack after it ended, the timeout notice goes out at the deadline (later
+   only by time spent waiting for Slack: the bot's budget for the method, or its own
+   calls); after SIGTERM requests end within the grace period plus the shutdown's
+   finalize bound.
 5. Storage agrees with Slack: nothing in flight at the end; every stored request was
    run; only answered exchanges are in the model's context, with the text Slack shows;
    every prompt's history is made of stored answers and user messages of that thread.
+6. Slack's rate limits (`check_retry_after`): no call went inside a Retry-After window
+   Slack had announced to the process that made it before it made it (a 429 it had
+   received). Calls already on their way when the 429 came back, and calls of another
+   process (a restarted one cannot know its predecessor's windows), are counted only.
 (Per-thread exclusion and "limiters back to zero" are checked live, in `world.py`.)
 """
 
@@ -31,11 +54,11 @@ import math
 import re
 import sqlite3
 from collections import defaultdict
+from itertools import pairwise
 
 from bot.processing.answer import FINALIZE_SECONDS, SHUTDOWN_FINALIZE_SECONDS
 from bot.processing.failures import BUSY_NOTICE
 from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, WORD_JOINER
-from tests.fakes.slack import MARKDOWN_TEXT_LIMIT as SLACK_MARKDOWN_LIMIT
 from tests.simulation.world import CREATING_METHODS, World
 from tests.simulation_support import PRODUCTION, TIMEOUT_TEXT, classify
 
@@ -43,9 +66,12 @@ EPS = 1e-6  # "one scheduling step": virtual time does not advance within a step
 TIMEOUT = PRODUCTION["async_timeout_seconds"]
 GRACE = PRODUCTION["shutdown_grace_seconds"]
 EXTRA_NOTICE_MARKERS = (":floppy_disk:",)  # notices classify() does not know yet
-WORD_JOINER = "\u2060"  # what the bot puts after the "@" of a broadcast mention to make it inert
-SHOWS = {"answered": {"answered"}, "timeout": {"timeout"}, "error": {"error", "stalled"},
-         "interrupted": {"interrupted"}}
+SHOWS = {
+    "answered": {"answered"},
+    "timeout": {"timeout"},
+    "error": {"error", "stalled"},
+    "interrupted": {"interrupted"},
+}
 
 
 def final_kind(message: dict | None, *, expired: bool = False) -> str:
@@ -81,8 +107,11 @@ def check(world: World) -> None:
     for channel, messages in slack.messages.items():
         for message in messages:
             if message.get("bot_id") == slack.bot_id:
-                bot_messages[message["ts"]] = {**message, "channel": channel,
-                                               "shown": slack.visible_text(channel, message["ts"])}
+                bot_messages[message["ts"]] = {
+                    **message,
+                    "channel": channel,
+                    "shown": slack.visible_text(channel, message["ts"]),
+                }
 
     creations: dict[tuple, list] = defaultdict(list)  # (inc, kind, rid or msg) -> creating calls
     created_by: dict[str, object] = {}
@@ -150,21 +179,37 @@ def check(world: World) -> None:
             if calls and all(c.faulted for c in calls):
                 world.count("outcome_refused_by_slack")
                 continue
-            v(f"{who} ended {rec.outcome} with nothing visible in Slack "
-              f"(posts tried: {[(c.method, c.error) for c in calls]})")
+            # A shutdown cut the notice's post short (bounded, by design) after Slack had
+            # refused everything else: nothing could be shown in time.
+            cut = [c for c in calls if not c.faulted]
+            if (
+                calls
+                and all(c.error == "cancelled" for c in cut)
+                and any(c.faulted for c in calls)
+                and (incs[rec.inc].stopped_at is not None)
+            ):
+                world.count("notice_cut_by_shutdown_during_outage")
+                continue
+            v(
+                f"{who} ended {rec.outcome} with nothing visible in Slack "
+                f"(posts tried: {[(c.method, c.error) for c in calls]})"
+            )
             continue
         messages = [bot_messages.get(ts) for ts in made]
         # An answer longer than one Slack message goes on in more messages; every one but
         # the last is then full (split_markdown cuts in the second half of the limit).
-        for ts, message in zip(made[:-1], messages[:-1]):
+        for ts, message in zip(made[:-1], messages[:-1], strict=True):
             if message is None or len(message["shown"]) < SLACK_MARKDOWN_LIMIT // 2:
                 v(f"{who} created {len(made)} bot messages: {made} ({ts} shows {_show(message)})")
                 break
         # A native stream that failed (Slack refused an append or the stop), or one of a
         # crashed process, or one Slack ended itself, may be left for Slack to end: what
         # counts is the text it shows.
-        fell_back = any("Stream" in c.method and not c.ok for c in world.slack_calls
-                        if c.tag and c.tag.rid == rec.rid)
+        fell_back = any(
+            "Stream" in c.method and not c.ok and c.status != 429
+            for c in world.slack_calls
+            if c.tag and c.tag.rid == rec.rid
+        )  # (a 429: Slack took nothing, the stream goes on)
         expired = rec.inc in crashed or fell_back
         kind = final_kind_of(messages, expired=expired)
         if any(m is not None and m.get("streaming") for m in messages) and kind != "pending":
@@ -181,8 +226,10 @@ def check(world: World) -> None:
             if row is not None and row["status"] == "interrupted" and _recovery_refused(world, rec, recovered):
                 world.count("recovery_cut_by_slack_faults")
                 continue
-            v(f"{who} left its message {made[-1]} showing {shown} forever (outcome {rec.outcome}, "
-              f"stored {row['status'] if row else 'nothing'})")
+            v(
+                f"{who} left its message {made[-1]} showing {shown} forever (outcome {rec.outcome}, "
+                f"stored {row['status'] if row else 'nothing'})"
+            )
             continue
         expected = row["status"] if row is not None else rec.outcome
         if expected == "in_flight":
@@ -194,8 +241,12 @@ def check(world: World) -> None:
                 # Slack posted the answer but answered 5xx, and the thread could not be read
                 # to find out: the bot cannot know it is shown (never the other way round).
                 world.count("answer_shown_though_slack_said_it_failed")
-            elif (kind == "answered" and expected == "interrupted" and rec.inc in crashed
-                  and any(rec.rid in found and not found[rec.rid].placeholder_ts for found in recovered.values())):
+            elif (
+                kind == "answered"
+                and expected == "interrupted"
+                and rec.inc in crashed
+                and any(rec.rid in found and not found[rec.rid].placeholder_ts for found in recovered.values())
+            ):
                 # Killed between posting the answer (it had no placeholder) and recording it:
                 # the recovery's notice follows the answer in the thread.
                 world.count("answer_posted_then_crash")
@@ -203,8 +254,12 @@ def check(world: World) -> None:
                 world.count("recovery_cut_by_slack_faults")
             else:
                 v(f"{who}: Slack shows {kind} ({shown}) but the outcome is {expected}")
-        if row is not None and rec.inc not in crashed and row["status"] != rec.outcome \
-                and not (rec.outcome == "stopped" and row["status"] == "interrupted"):
+        if (
+            row is not None
+            and rec.inc not in crashed
+            and row["status"] != rec.outcome
+            and not (rec.outcome == "stopped" and row["status"] == "interrupted")
+        ):
             v(f"{who}: the bot says {rec.outcome}, storage says {row['status']}")
 
     # No request stored as answered whose answer Slack does not show: its messages, joined,
@@ -216,8 +271,9 @@ def check(world: World) -> None:
         rec = by_rid.get(row["request_id"])
         if rec is None:
             continue  # reported below
-        made = sorted({c.created_ts for c in creations.get((rec.inc, "request", rec.rid), []) if c.created_ts},
-                      key=_ts_order)
+        made = sorted(
+            {c.created_ts for c in creations.get((rec.inc, "request", rec.rid), []) if c.created_ts}, key=_ts_order
+        )
         messages = [bot_messages.get(ts) for ts in made]
         who = f"m{rec.msg} (request {rec.rid}, process #{rec.inc})"
         if not messages or any(m is None for m in messages):
@@ -228,6 +284,11 @@ def check(world: World) -> None:
         joined = _plain("".join(m["shown"] for m in messages))
         if row["reply"] is None or _plain(_inert(row["reply"])) not in joined:
             v(f"{who} is stored as answered with {row['reply']!r:.80}, but Slack shows {_show_all(messages)}")
+            continue
+        if len(messages) > 1:
+            world.count("answers_in_several_messages")
+        if _live_broadcast(row["reply"]):
+            world.count("answers_with_broadcasts_made_inert")
 
     for h in world.handlings:
         if h.kind != "busy":
@@ -240,10 +301,16 @@ def check(world: World) -> None:
         elif made:
             if bot_messages.get(made[0], {}).get("shown") != BUSY_NOTICE:
                 v(f"m{h.msg}: the busy reply reads {_show(bot_messages.get(made[0]))}")
-        elif not (h.inc in crashed or (calls and all(c.faulted for c in calls))):
+        elif h.inc in crashed or (calls and all(c.faulted for c in calls)):
+            pass
+        elif calls and any(c.faulted for c in calls) and all(c.faulted or c.error == "cancelled" for c in calls):
+            # Its bound (10 s: a best-effort note) ran out while Slack was down.
+            world.count("busy_reply_cut_by_slack_faults")
+        else:
             v(f"m{h.msg}: told busy, but no busy reply reached Slack (posts: {[(c.method, c.error) for c in calls]})")
 
     # 3. every bot message belongs to a handling (or to a crash recovery) and is terminal
+    extras: dict[tuple, list[str]] = defaultdict(list)
     for ts, message in bot_messages.items():
         if _live_broadcast(message["shown"]):
             v(f"bot message {ts} in {message['channel']} shows a live broadcast mention: {_show(message)}")
@@ -254,6 +321,9 @@ def check(world: World) -> None:
             # Posted while taking the event in, before any request (a first DM's welcome).
             if final_kind(message) == "pending":
                 v(f"bot message {ts} posted for m{call.tag.msg} ({_show(message)}) is left pending")
+            extras[(call.inc, call.tag.msg)].append(ts)
+            if len(extras[(call.inc, call.tag.msg)]) == 2:  # a retried post shown twice
+                v(f"m{call.tag.msg}: process #{call.inc} posted {extras[(call.inc, call.tag.msg)]} while taking it in")
             world.count("extra_messages")
             continue
         if call is not None and call.tag is not None and call.tag.kind == "startup":
@@ -261,10 +331,13 @@ def check(world: World) -> None:
             # thread of a request this start-up found in flight without a placeholder.
             thread = (message["channel"], str(message.get("thread_ts") or ""))
             found = recovered.get(call.inc, {})
-            if not any(not r.placeholder_ts and (r.thread.channel, r.thread.thread_ts) == thread
-                       for r in found.values()):
-                v(f"bot message {ts} in {thread} ({_show(message)}) was posted by the start-up of process "
-                  f"#{call.inc}, for no request it found interrupted")
+            if not any(
+                not r.placeholder_ts and (r.thread.channel, r.thread.thread_ts) == thread for r in found.values()
+            ):
+                v(
+                    f"bot message {ts} in {thread} ({_show(message)}) was posted by the start-up of process "
+                    f"#{call.inc}, for no request it found interrupted"
+                )
             elif final_kind(message) != "interrupted":
                 v(f"the crash recovery's message {ts} in {thread} shows {_show(message)}")
             recovery_posts[(call.inc, *thread)].append(ts)
@@ -278,21 +351,35 @@ def check(world: World) -> None:
             if r.placeholder_ts:
                 continue  # its placeholder is edited (checked with its request, above)
             key = (n, r.thread.channel, r.thread.thread_ts)
-            wanted = sum(1 for x in found.values() if not x.placeholder_ts
-                         and (x.thread.channel, x.thread.thread_ts) == key[1:])
+            wanted = sum(
+                1 for x in found.values() if not x.placeholder_ts and (x.thread.channel, x.thread.thread_ts) == key[1:]
+            )
             posts = recovery_posts.get(key, [])
             if len(posts) > wanted:
-                v(f"the start-up of process #{n} posted {len(posts)} interrupted notices in {key[1:]} "
-                  f"for {wanted} request(s)")
+                v(
+                    f"the start-up of process #{n} posted {len(posts)} interrupted notices in {key[1:]} "
+                    f"for {wanted} request(s)"
+                )
             elif not posts:
-                tried = [c for c in world.slack_calls if c.inc == n and c.tag and c.tag.kind == "startup"
-                         and (c.args.get("channel") == r.thread.channel)]
-                if n in crashed or any(c.faulted for c in tried):
+                tried = [
+                    c
+                    for c in world.slack_calls
+                    if c.inc == n
+                    and c.tag
+                    and c.tag.kind == "startup"
+                    and c.args.get("channel") == r.thread.channel
+                    and r.thread.thread_ts in (c.args.get("thread_ts"), c.args.get("ts"))
+                ]
+                if n in crashed or (
+                    any(c.faulted for c in tried) and all(c.faulted or c.error == "cancelled" for c in tried)
+                ):
                     world.count("recovery_notice_lost_to_slack_or_crash")
                 else:
-                    v(f"request {r.request_id} in {key[1:]} was interrupted before posting anything, and the "
-                      f"start-up of process #{n} left its thread without a notice (calls: "
-                      f"{[(c.method, c.error or 'ok') for c in tried]})")
+                    v(
+                        f"request {r.request_id} in {key[1:]} was interrupted before posting anything, and the "
+                        f"start-up of process #{n} left its thread without a notice (calls: "
+                        f"{[(c.method, c.error or 'ok') for c in tried]})"
+                    )
             else:
                 world.count("recovery_posts")
 
@@ -319,27 +406,40 @@ def check(world: World) -> None:
         if call.inc in crashed:
             continue
         if call.t_end > rec.start + TIMEOUT + EPS:
-            v(f"OpenAI call for m{call.msg} ended at {call.t_end:.3f}, {call.t_end - rec.start - TIMEOUT:.3f}s "
-              f"past its request's deadline")
+            v(
+                f"OpenAI call for m{call.msg} ended at {call.t_end:.3f}, {call.t_end - rec.start - TIMEOUT:.3f}s "
+                f"past its request's deadline"
+            )
         if call.t_end > rec.end + EPS:
             v(f"OpenAI call for m{call.msg} outlived its request ({call.t_end:.3f} > {rec.end:.3f})")
     for rec in world.requests:  # the timeout notice goes out at the deadline, not a step later
         if rec.outcome != "timeout" or rec.inc in crashed:
             continue
-        notices = [c.t for c in world.slack_calls if c.tag and c.tag.rid == rec.rid
-                   and TIMEOUT_TEXT in str(c.args.get("markdown_text") or c.args.get("text") or "")
-                   + str(c.args.get("blocks") or "")]
+        notices = [
+            c.t
+            for c in world.slack_calls
+            if c.tag
+            and c.tag.rid == rec.rid
+            and TIMEOUT_TEXT
+            in str(c.args.get("markdown_text") or c.args.get("text") or "") + str(c.args.get("blocks") or "")
+        ]
         deadline = rec.start + TIMEOUT
         if notices and abs(notices[0] - deadline) > EPS:
             # ... unless it waited for Slack in between: its turn in a method's budget (the
-            # final write waits for it), or its own calls (a stream stopped first).
+            # final write waits for it), its own calls (a stream stopped first), or the
+            # back-off after Slack refused one of them.
+            mine = [c for c in world.slack_calls if c.tag and c.tag.rid == rec.rid and c.t < notices[0]]
             busy = [(w.t0, w.t1) for w in world.budget_waits if w.tag and w.tag.rid == rec.rid]
-            busy += [(c.t, c.t_end) for c in world.slack_calls if c.tag and c.tag.rid == rec.rid and c.t < notices[0]]
+            busy += [(c.t, c.t_end) for c in mine]
+            # ... and the back-off after a call Slack refused (5xx, 429), until the next call
+            busy += [(c.t_end, nxt.t) for c, nxt in pairwise(mine) if not c.ok and (c.faulted or c.status >= 429)]
             if notices[0] > deadline and _covered(busy, deadline, notices[0]) >= notices[0] - deadline - EPS:
                 world.count("timeout_notices_waiting_for_slack")
             else:
-                v(f"request {rec.rid} (m{rec.msg}) sent its timeout notice at {notices[0]:.6f}, "
-                  f"{notices[0] - deadline:+.6f}s from its deadline")
+                v(
+                    f"request {rec.rid} (m{rec.msg}) sent its timeout notice at {notices[0]:.6f}, "
+                    f"{notices[0] - deadline:+.6f}s from its deadline"
+                )
     for call in world.slack_calls:
         if call.tag and call.tag.kind == "request" and call.inc not in crashed:
             rec = by_rid.get(call.tag.rid)
@@ -349,8 +449,10 @@ def check(world: World) -> None:
     # 5. storage agrees with Slack
     for row in rows:
         if row["status"] == "in_flight":
-            v(f"storage still has request {row['request_id']} in flight at the end "
-              f"(placeholder {row['placeholder_ts']}, shows {_show(bot_messages.get(row['placeholder_ts']))})")
+            v(
+                f"storage still has request {row['request_id']} in flight at the end "
+                f"(placeholder {row['placeholder_ts']}, shows {_show(bot_messages.get(row['placeholder_ts']))})"
+            )
         if row["request_id"] not in by_rid:
             v(f"storage has request {row['request_id']}, which no process ran")
         in_context = row["in_context"]
@@ -376,10 +478,15 @@ def check(world: World) -> None:
             content = message.get("content")
             if message.get("role") == "assistant":
                 if content not in answers[call.thread] and content not in imported[call.thread]:
-                    v(f"the prompt for m{call.msg} carries an assistant message that is no stored answer: "
-                      f"{content!r:.80}")
-            elif message.get("role") == "user" and content not in user_texts[call.thread] \
-                    and content not in imported[call.thread]:
+                    v(
+                        f"the prompt for m{call.msg} carries an assistant message that is no stored answer: "
+                        f"{content!r:.80}"
+                    )
+            elif (
+                message.get("role") == "user"
+                and content not in user_texts[call.thread]
+                and content not in imported[call.thread]
+            ):
                 v(f"the prompt for m{call.msg} carries a user message from elsewhere: {content!r:.80}")
 
 
@@ -395,14 +502,19 @@ def check_retry_after(world: World) -> None:
     for c in world.slack_calls:
         if c.in_window_at is None:
             continue
-        told = [w for w in windows.get((c.inc, c.key), [])
-                if w.seq1 < c.seq0 and w.t_end - EPS <= c.in_window_at < w.t_end + w.retry_after - EPS]
+        told = [
+            w
+            for w in windows.get((c.inc, c.key), [])
+            if w.seq1 < c.seq0 and w.t_end - EPS <= c.in_window_at < w.t_end + w.retry_after - EPS
+        ]
         if told:
             w = told[-1]
-            v_text = (f"{c.method}{' in ' + str(c.key[1]) if c.key[1] else ''} by process #{c.inc} "
-                      f"({_whose(c)}) went out at {c.t:.3f}, "
-                      f"inside the Retry-After window of {w.retry_after:g}s Slack had announced to it at "
-                      f"{w.t_end:.3f}")
+            v_text = (
+                f"{c.method}{' in ' + str(c.key[1]) if c.key[1] else ''} by process #{c.inc} "
+                f"({_whose(c)}) went out at {c.t:.3f}, "
+                f"inside the Retry-After window of {w.retry_after:g}s Slack had announced to it at "
+                f"{w.t_end:.3f}"
+            )
             world.violate(v_text)
         else:
             world.count("calls_in_retry_after_unknown_to_their_process")
@@ -436,8 +548,11 @@ def _recovery_refused(world: World, rec, recovered: dict) -> bool:
         r = found.get(rec.rid)
         if r is None or not r.placeholder_ts:
             continue
-        tried = [c for c in world.slack_calls if c.inc == n and c.tag and c.tag.kind == "startup"
-                 and c.args.get("ts") == r.placeholder_ts]
+        tried = [
+            c
+            for c in world.slack_calls
+            if c.inc == n and c.tag and c.tag.kind == "startup" and c.args.get("ts") == r.placeholder_ts
+        ]
         if tried and all(c.faulted for c in tried):
             return True
     return False
@@ -497,13 +612,23 @@ def _rows(world: World) -> list[dict]:
     try:
         rows = []
         for rid, channel, thread_ts, placeholder_ts, status in conn.execute(
-                "SELECT request_id, channel, thread_ts, placeholder_ts, status FROM requests ORDER BY rowid"):
-            messages = conn.execute("SELECT role, content, in_context FROM messages WHERE request_id = ? ORDER BY id",
-                                    (rid,)).fetchall()
+            "SELECT request_id, channel, thread_ts, placeholder_ts, status FROM requests ORDER BY rowid"
+        ):
+            messages = conn.execute(
+                "SELECT role, content, in_context FROM messages WHERE request_id = ? ORDER BY id", (rid,)
+            ).fetchall()
             reply = next((c for role, c, _ in messages if role == "assistant"), None)
-            rows.append({"request_id": rid, "channel": channel, "thread_ts": thread_ts,
-                         "placeholder_ts": placeholder_ts, "status": status, "reply": reply,
-                         "in_context": [flag for _, _, flag in messages]})
+            rows.append(
+                {
+                    "request_id": rid,
+                    "channel": channel,
+                    "thread_ts": thread_ts,
+                    "placeholder_ts": placeholder_ts,
+                    "status": status,
+                    "reply": reply,
+                    "in_context": [flag for _, _, flag in messages],
+                }
+            )
         return rows
     finally:
         conn.close()

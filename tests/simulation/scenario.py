@@ -2,7 +2,9 @@
 
 `generate(seed)` draws a whole `Scenario` from `random.Random(seed)`: the users and
 channels, every message (when it is posted, in which thread, how Slack delivers it, and
-what OpenAI does with it), the Slack / socket / storage faults with their moments, and
+what OpenAI does with it — a few answers carry broadcast mentions or are longer than one
+Slack message), the Slack / socket / storage faults with their moments (Web API outages
+of 0.5–20 s, posts Slack makes but answers 5xx for, streams Slack ends by itself), and
 the SIGTERMs and crashes. Nothing else in a run is random: the world only *executes* the
 scenario (the scheduler's own coin flips are seeded from `scenario.seed` too), so a
 scenario is the complete, replayable description of a run, and the shrinker can edit it
@@ -114,9 +116,11 @@ class Scenario:
 
     def describe(self) -> str:
         """The scenario, one line per message and fault, in time order."""
-        lines = [f"seed {self.seed}: {self.users} user(s), {self.channels} channel(s), {self.slots} model slot(s), "
-                 f"Slack latency {self.slack_latency:g}s, native streaming {'on' if self.native else 'off'}, "
-                 f"{len(self.messages)} message(s), {len(self.faults)} fault(s)"]
+        lines = [
+            f"seed {self.seed}: {self.users} user(s), {self.channels} channel(s), {self.slots} model slot(s), "
+            f"Slack latency {self.slack_latency:g}s, native streaming {'on' if self.native else 'off'}, "
+            f"{len(self.messages)} message(s), {len(self.faults)} fault(s)"
+        ]
         rows: list[tuple[float, int, str]] = []
         for m in self.messages:
             where = f"DM of u{m.user}" if m.place == "dm" else f"#c{m.channel} by u{m.user}"
@@ -131,8 +135,9 @@ class Scenario:
             if m.dup is not None:
                 extra.append(f"redelivered +{m.dup:g}s")
             steps = " then ".join(_step_text(s) for s in m.ai)
-            rows.append((m.at, 0, f"m{m.id}: {where}, {thread}{', ' + ', '.join(extra) if extra else ''}; "
-                                  f"OpenAI: {steps}"))
+            rows.append(
+                (m.at, 0, f"m{m.id}: {where}, {thread}{', ' + ', '.join(extra) if extra else ''}; OpenAI: {steps}")
+            )
         for f in self.faults:
             rows.append((f.at, 1, f"fault: {_fault_text(f)}"))
         lines += [f"  t={at:8.2f}  {text}" for at, _, text in sorted(rows, key=lambda r: (r[0], r[1]))]
@@ -185,10 +190,26 @@ def _fault_text(f: Fault) -> str:
 
 # ---- generation -----------------------------------------------------------------------
 
-SLACK_METHODS = ("chat.postMessage", "chat.update", "chat.startStream", "chat.appendStream", "chat.stopStream",
-                 "assistant.threads.setStatus", "conversations.replies", "apps.connections.open", "auth.test")
-STORE_METHODS = ("claim_event", "thread_known", "load_history", "import_history", "start_request",
-                 "finish_request", "prune_events")
+SLACK_METHODS = (
+    "chat.postMessage",
+    "chat.update",
+    "chat.startStream",
+    "chat.appendStream",
+    "chat.stopStream",
+    "assistant.threads.setStatus",
+    "conversations.replies",
+    "apps.connections.open",
+    "auth.test",
+)
+STORE_METHODS = (
+    "claim_event",
+    "thread_known",
+    "load_history",
+    "import_history",
+    "start_request",
+    "finish_request",
+    "prune_events",
+)
 DISCONNECT_REASONS = ("warning", "refresh_requested", "link_disabled", "too_many_websockets")
 
 
@@ -211,10 +232,28 @@ def _ai_plan(rng: random.Random, profile: str) -> tuple[tuple, ...]:
     weights = {  # kind: weight, by profile
         "calm": {"ok": 95, "slow": 5},
         "busy": {"ok": 80, "slow": 8, "noresp": 2, "trickle": 1, "silent": 2, "stall": 2, "cut": 2, "status": 3},
-        "faulty": {"ok": 50, "slow": 8, "noresp": 6, "trickle": 3, "silent": 6, "stall": 6, "cut": 6,
-                   "status": 10, "connect": 5},
-        "chaos": {"ok": 40, "slow": 8, "noresp": 8, "trickle": 4, "silent": 8, "stall": 8, "cut": 8,
-                  "status": 10, "connect": 6},
+        "faulty": {
+            "ok": 50,
+            "slow": 8,
+            "noresp": 6,
+            "trickle": 3,
+            "silent": 6,
+            "stall": 6,
+            "cut": 6,
+            "status": 10,
+            "connect": 5,
+        },
+        "chaos": {
+            "ok": 40,
+            "slow": 8,
+            "noresp": 8,
+            "trickle": 4,
+            "silent": 8,
+            "stall": 8,
+            "cut": 8,
+            "status": 10,
+            "connect": 6,
+        },
     }[profile]
     kind = rng.choices(list(weights), list(weights.values()))[0]
 
@@ -234,8 +273,9 @@ def _ai_plan(rng: random.Random, profile: str) -> tuple[tuple, ...]:
     elif kind == "cut":
         first = ("cut", _latency(rng, profile), rng.randint(0, 3))
     else:
-        code, error_code = rng.choice([(429, ""), (429, "insufficient_quota"), (500, ""), (503, ""),
-                                       (400, "context_length_exceeded")])
+        code, error_code = rng.choice(
+            [(429, ""), (429, "insufficient_quota"), (500, ""), (503, ""), (400, "context_length_exceeded")]
+        )
         first = ("status", code, _q(rng.uniform(0.0, 3.0)), error_code)
     if kind in ("status", "connect") and rng.random() < 0.5:  # transient: a retry succeeds (or fails again)
         return (first, rng.choice([ok(), first]), ok())
@@ -248,8 +288,12 @@ def generate(seed: int) -> Scenario:
     users = rng.randint(1, 6)
     channels = rng.choice([0, 1, 1, 2])
     size = rng.choices(["tiny", "small", "medium", "large"], [2, 4, 3, 1])[0]
-    count = {"tiny": rng.randint(1, 3), "small": rng.randint(3, 10), "medium": rng.randint(10, 25),
-             "large": rng.randint(25, 45)}[size]
+    count = {
+        "tiny": rng.randint(1, 3),
+        "small": rng.randint(3, 10),
+        "medium": rng.randint(10, 25),
+        "large": rng.randint(25, 45),
+    }[size]
     span = rng.choice([5.0, 30.0, 120.0, 400.0, 900.0])
     slots = rng.choice([1, 2, 3, 5, 100, 100])
     slack_latency = rng.choice([0.0, 0.0, 0.0, 0.01, 0.1, 0.5])
@@ -265,8 +309,16 @@ def generate(seed: int) -> Scenario:
                 msg = Msg(i, at, root.user, "dm", root=root.id)
             else:
                 mention = rng.random() < 0.5
-                msg = Msg(i, at, rng.randrange(users), "channel", root.channel, root.id, mention,
-                          twin=mention and rng.random() < 0.8)
+                msg = Msg(
+                    i,
+                    at,
+                    rng.randrange(users),
+                    "channel",
+                    root.channel,
+                    root.id,
+                    mention,
+                    twin=mention and rng.random() < 0.8,
+                )
         else:
             at = _q(rng.uniform(0, span))
             user = rng.randrange(users)
@@ -303,13 +355,21 @@ def generate(seed: int) -> Scenario:
             else:
                 faults.append(Fault(at, "slack", method, status, times=rng.randint(1, 2)))
         elif kind == "socket":
-            target = rng.choices(["warning", "refresh_requested", "link_disabled", "too_many_websockets",
-                                  "drop", "silence", "refuse"], [3, 4, 1, 1, 3, 2, 1])[0]
+            target = rng.choices(
+                ["warning", "refresh_requested", "link_disabled", "too_many_websockets", "drop", "silence", "refuse"],
+                [3, 4, 1, 1, 3, 2, 1],
+            )[0]
             faults.append(Fault(at, "socket", target, times=rng.randint(1, 3) if target == "refuse" else 1))
         else:
-            faults.append(Fault(at, "storage", rng.choice(STORE_METHODS),
-                                error=rng.choice(["database or disk is full", "database is locked"]),
-                                times=rng.randint(1, 2)))
+            faults.append(
+                Fault(
+                    at,
+                    "storage",
+                    rng.choice(STORE_METHODS),
+                    error=rng.choice(["database or disk is full", "database is locked"]),
+                    times=rng.randint(1, 2),
+                )
+            )
     r = rng.random()
     if profile != "calm" and r < 0.55:  # a SIGTERM or a crash at a random moment
         kind = "crash" if r < 0.3 else "sigterm"
@@ -320,8 +380,9 @@ def generate(seed: int) -> Scenario:
         faults.append(Fault(at, kind, restart_after=restart))
         if rng.random() < 0.2 and restart is not None:  # and a second one after the restart
             kind2 = rng.choice(["crash", "sigterm"])
-            faults.append(Fault(_q(at + restart + rng.uniform(0, 60)), kind2,
-                                restart_after=rng.choice([0.25, 5.0, 30.0])))
+            faults.append(
+                Fault(_q(at + restart + rng.uniform(0, 60)), kind2, restart_after=rng.choice([0.25, 5.0, 30.0]))
+            )
     native = rng.random() < 0.7
     # Slack's weather, drawn from a stream of its own (so the rest of a seed's world is what
     # it was before these existed): Web API outages, posts Slack made but answered 5xx for,
@@ -329,14 +390,28 @@ def generate(seed: int) -> Scenario:
     messages, weather = _weather(random.Random(f"{seed}:weather"), profile, messages, end, native)
     faults.extend(weather)
     faults.sort(key=lambda f: f.at)
-    return Scenario(seed, users, channels, slots, slack_latency, tuple(messages), tuple(faults), native,
-                    note=f"profile {profile}, size {size}")
+    return Scenario(
+        seed,
+        users,
+        channels,
+        slots,
+        slack_latency,
+        tuple(messages),
+        tuple(faults),
+        native,
+        note=f"profile {profile}, size {size}",
+    )
 
 
-def _weather(rng: random.Random, profile: str, messages: list[Msg], end: float,
-             native: bool) -> tuple[list[Msg], list[Fault]]:
+def _weather(
+    rng: random.Random, profile: str, messages: list[Msg], end: float, native: bool
+) -> tuple[list[Msg], list[Fault]]:
     counts = {  # (outages, posts made but answered 5xx, streams ended by Slack): upper bounds
-        "calm": (0, 0, 0), "busy": (1, 1, 2), "faulty": (2, 2, 2), "chaos": (3, 3, 3)}[profile]
+        "calm": (0, 0, 0),
+        "busy": (1, 1, 2),
+        "faulty": (2, 2, 2),
+        "chaos": (3, 3, 3),
+    }[profile]
     chance = {"calm": 0.0, "busy": 0.35, "faulty": 0.6, "chaos": 0.85}[profile]
     deliveries = sorted({m.at + m.delay for m in messages})
 
@@ -348,12 +423,26 @@ def _weather(rng: random.Random, profile: str, messages: list[Msg], end: float,
     faults: list[Fault] = []
     for _ in range(counts[0]):
         if rng.random() < chance:
-            faults.append(Fault(moment(end + 30), "outage", status=rng.choice([503, 503, 502, 500]),
-                                seconds=max(0.5, _q(rng.uniform(0.5, 20.0)))))
+            faults.append(
+                Fault(
+                    moment(end + 30),
+                    "outage",
+                    status=rng.choice([503, 503, 502, 500]),
+                    seconds=max(0.5, _q(rng.uniform(0.5, 20.0))),
+                )
+            )
     for _ in range(counts[1]):
         if rng.random() < chance:
-            faults.append(Fault(moment(end + 30), "slack", "chat.postMessage", rng.choice([500, 502, 503]),
-                                times=rng.choice([1, 1, 2]), after=True))
+            faults.append(
+                Fault(
+                    moment(end + 30),
+                    "slack",
+                    "chat.postMessage",
+                    rng.choice([500, 502, 503]),
+                    times=rng.choice([1, 1, 2]),
+                    after=True,
+                )
+            )
     dms = [m for m in messages if m.place == "dm"]
     for _ in range(counts[2]):
         if native and dms and rng.random() < chance:
@@ -366,7 +455,7 @@ def _weather(rng: random.Random, profile: str, messages: list[Msg], end: float,
         r = rng.random()
         variant = "broadcast" if r < 0.04 else "long" if r < 0.06 else ""
         if variant and m.ai[-1][0] == "ok":
-            m = replace(m, ai=m.ai[:-1] + (m.ai[-1][:4] + (variant,),))
+            m = replace(m, ai=(*m.ai[:-1], (*m.ai[-1][:4], variant)))
         out.append(m)
     return out, faults
 
@@ -392,7 +481,7 @@ def shrink_candidates(s: Scenario):
         yield without_messages(s, {m.id for m in s.messages[:half]})
     # 2. one fault at a time
     for i in range(len(s.faults)):
-        yield replace(s, faults=s.faults[:i] + s.faults[i + 1:])
+        yield replace(s, faults=s.faults[:i] + s.faults[i + 1 :])
     # 3. one message at a time (with its follow-ups if it starts a thread)
     for m in s.messages:
         yield without_messages(s, {m.id})
@@ -423,31 +512,48 @@ def shrink_candidates(s: Scenario):
         if m.twin:
             simpler.append(replace(m, twin=False))
         for new in simpler:
-            yield replace(s, messages=s.messages[:i] + (new,) + s.messages[i + 1:])
+            yield replace(s, messages=(*s.messages[:i], new, *s.messages[i + 1 :]))
     # 6. earlier: the whole scenario moved to start at 0
     first = min([m.at for m in s.messages] + [f.at for f in s.faults], default=0.0)
     if first > 0:
-        yield replace(s, messages=tuple(replace(m, at=_q(m.at - first)) for m in s.messages),
-                      faults=tuple(replace(f, at=_q(f.at - first)) for f in s.faults))
+        yield replace(
+            s,
+            messages=tuple(replace(m, at=_q(m.at - first)) for m in s.messages),
+            faults=tuple(replace(f, at=_q(f.at - first)) for f in s.faults),
+        )
     # 7. plainer faults
     for i, f in enumerate(s.faults):
         if f.times > 1:
-            yield replace(s, faults=s.faults[:i] + (replace(f, times=1),) + s.faults[i + 1:])
+            yield replace(s, faults=(*s.faults[:i], replace(f, times=1), *s.faults[i + 1 :]))
         if f.after:
-            yield replace(s, faults=s.faults[:i] + (replace(f, after=False),) + s.faults[i + 1:])
+            yield replace(s, faults=(*s.faults[:i], replace(f, after=False), *s.faults[i + 1 :]))
         if f.kind == "outage" and f.seconds > 0.5:
-            yield replace(s, faults=s.faults[:i] + (replace(f, seconds=max(0.5, _q(f.seconds / 2))),)
-                          + s.faults[i + 1:])
+            yield replace(
+                s, faults=(*s.faults[:i], replace(f, seconds=max(0.5, _q(f.seconds / 2))), *s.faults[i + 1 :])
+            )
         if f.kind in ("sigterm", "crash") and f.restart_after not in (None, 0.25):
-            yield replace(s, faults=s.faults[:i] + (replace(f, restart_after=0.25),) + s.faults[i + 1:])
+            yield replace(s, faults=(*s.faults[:i], replace(f, restart_after=0.25), *s.faults[i + 1 :]))
 
 
 def size(s: Scenario) -> tuple:
     """How big a scenario is (the shrinker only accepts strictly smaller ones)."""
-    plain = (sum(m.ai != (OK_PLAIN,) for m in s.messages) + sum(len(m.ai) for m in s.messages)
-             + sum(len(step) > 4 for m in s.messages for step in m.ai))
+    plain = (
+        sum(m.ai != (OK_PLAIN,) for m in s.messages)
+        + sum(len(m.ai) for m in s.messages)
+        + sum(len(step) > 4 for m in s.messages for step in m.ai)
+    )
     extras = sum((m.dup is not None) + bool(m.delay) + m.twin for m in s.messages)
-    return (len(s.messages) + len(s.faults), plain + extras + sum(f.times for f in s.faults)
-            + s.users + s.channels + (s.slack_latency > 0) + (s.slots != 100) + s.native
-            + sum(f.restart_after not in (None, 0.25) for f in s.faults) + sum(f.after for f in s.faults),
-            sum(m.at for m in s.messages) + sum(f.at + f.seconds for f in s.faults))
+    return (
+        len(s.messages) + len(s.faults),
+        plain
+        + extras
+        + sum(f.times for f in s.faults)
+        + s.users
+        + s.channels
+        + (s.slack_latency > 0)
+        + (s.slots != 100)
+        + s.native
+        + sum(f.restart_after not in (None, 0.25) for f in s.faults)
+        + sum(f.after for f in s.faults),
+        sum(m.at for m in s.messages) + sum(f.at + f.seconds for f in s.faults),
+    )

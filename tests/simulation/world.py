@@ -10,9 +10,17 @@ and OpenAI calls, its socket frames and its database transactions stop having an
 shielded clean-up then tries is lost, as it would be under `kill -9`.
 
 Every Slack/OpenAI call is attributed (through a context variable set by the
-instrumentation around the nursery) to the user message whose handling made it, which
-is what lets the invariants (`invariants.py`) say "this message got exactly this one
-visible outcome".
+instrumentation around the nursery) to the user message whose handling made it — or to
+a process's start-up (identify, and the crash recovery's fix-ups) — which is what lets
+the invariants (`invariants.py`) say "this message got exactly this one visible
+outcome". Every message Slack stores is attributed to the call being answered at that
+moment, so a post Slack made but answered 5xx for (`Fault.after`) is known too; so is
+every call Slack logs inside a Retry-After window it had announced, and every wait of
+the bot's own budget for a method (observed, not changed).
+
+Slack's weather besides injected faults: its rate limits (FakeSlack's tiers, on by
+default), outages of the whole Web API, posts made then answered 5xx, and native streams
+it ends by itself mid-answer.
 """
 
 from __future__ import annotations
@@ -42,7 +50,12 @@ from tests.fakes.openai import Behaviour, FakeOpenAI, last_user_text
 from tests.fakes.slack import FakeSlack, NoConnection, _parse_args
 from tests.harness import test_settings
 from tests.simulation.scenario import Fault, Msg, Scenario
-from tests.simulation_support import PRODUCTION, _prewarm_openai, endless_trickle, no_response
+from tests.simulation_support import (
+    PRODUCTION,
+    _prewarm_openai,
+    endless_trickle,
+    no_response,
+)
 
 SETTINGS = {f.name: f.default for f in dataclasses.fields(Settings)}
 # What ships, where the test harness turns a feature off for the narrower tests.
@@ -154,8 +167,12 @@ class EventState:
     sends: list[tuple[float, str | None, int]] = field(default_factory=list)  # (time, envelope id, attempt)
     next_try: float = math.inf
 
+    done: bool = False  # acked (an ack is never taken back)
+
     def acked(self, slack: FakeSlack) -> bool:
-        return any(env in slack.acks for _, env, _ in self.sends if env is not None)
+        if not self.done:
+            self.done = any(env in slack.acks for _, env, _ in self.sends if env is not None)
+        return self.done
 
 
 @dataclass
@@ -277,6 +294,11 @@ class _TrackedStream(httpx2.AsyncByteStream):
         await self._inner.aclose()
 
 
+def _no_web(request: httpx2.Request) -> httpx2.Response:
+    """Pasted image URLs: the simulated world has no web (its messages carry none)."""
+    raise httpx2.ConnectError("the simulated world has no web")
+
+
 def _behaviour(step: tuple) -> Behaviour:
     kind = step[0]
     if kind == "ok":
@@ -288,11 +310,13 @@ def _behaviour(step: tuple) -> Behaviour:
     if kind == "silent":
         return Behaviour(hang=True)
     if kind == "stall":
-        return Behaviour(text="a partial answer that stops", latency=step[1], chunks=4, chunk_delay=0.5,
-                         stall_after=step[2])
+        return Behaviour(
+            text="a partial answer that stops", latency=step[1], chunks=4, chunk_delay=0.5, stall_after=step[2]
+        )
     if kind == "cut":
-        return Behaviour(text="an answer that breaks off", latency=step[1], chunks=4, chunk_delay=0.5,
-                         cut_after=step[2])
+        return Behaviour(
+            text="an answer that breaks off", latency=step[1], chunks=4, chunk_delay=0.5, cut_after=step[2]
+        )
     if kind == "status":
         return Behaviour(status=step[1], latency=step[2], error_code=step[3] or None)
     raise ValueError(f"unknown OpenAI step {step!r}")
@@ -342,14 +366,13 @@ class World:
         self.handlings: list[Handling] = []
         self.storage_faults: dict[str, list[list]] = {}  # method -> [[error, times left], ...]
         self.recovered: list[tuple[int, list]] = []  # (process, the in-flight requests its start-up found)
-        self.outages: list[tuple[float, float]] = []  # (from, until)
-        self.ended_streams: set[tuple[str, str]] = set()  # streams Slack ended by itself
         self.seq = 0
         self.t0: float | None = None  # when the scenario starts: the first socket said hello
         self.clock0 = 0.0
         self.tmp = tempfile.mkdtemp(prefix="slackbot-sim-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.db_path = os.path.join(self.tmp, "bot.db")
         self.pending_restarts = 0
+        self._sent: anyio.Event | None = None  # set by a send (wakes the redelivery loop)
         self.drained = False
         self.finished = False
         self.end_time = 0.0
@@ -405,8 +428,8 @@ class World:
 
     def _script(self, body: dict) -> Behaviour:
         mid = message_id(last_user_text(body))
-        behaviour = _behaviour(self._step(mid, self.ai_attempts.get(mid, 1) - 1))
         step = self._step(mid, self.ai_attempts.get(mid, 1) - 1)
+        behaviour = _behaviour(step)
         if step[0] == "ok" and len(step) > 4:
             behaviour.text = answer_text(last_user_text(body), step[4])
         return behaviour
@@ -423,15 +446,27 @@ class World:
         self.ai_attempts[mid] = attempt + 1
         step = self._step(mid, attempt)
         tag = HANDLING.get()
-        call = AICall(self.now(), inc.n, tag, mid, attempt, step, thread=self.msg_thread.get(mid),
-                      body=body if isinstance(body, dict) else None)
+        call = AICall(
+            self.now(),
+            inc.n,
+            tag,
+            mid,
+            attempt,
+            step,
+            thread=self.msg_thread.get(mid),
+            body=body if isinstance(body, dict) else None,
+        )
         self.ai_calls.append(call)
         self.log_trace("openai", f"#{inc.n} m{mid} attempt {attempt}: {step[0]}")
         # No thread may have two model calls at once (among live processes).
         if call.thread is not None:
             for other in self.ai_calls:
-                if (other is not call and math.isnan(other.t_end) and other.thread == call.thread
-                        and not self.incs[other.inc - 1].dead):
+                if (
+                    other is not call
+                    and math.isnan(other.t_end)
+                    and other.thread == call.thread
+                    and not self.incs[other.inc - 1].dead
+                ):
                     self.violate(f"two OpenAI calls at once in thread {call.thread}: m{other.msg} and m{mid}")
 
         def end() -> None:
@@ -463,7 +498,7 @@ class World:
         method = request.url.path.rsplit("/", 1)[-1]
         try:
             args = _parse_args(request)
-        except Exception:  # noqa: BLE001 - the fake answers it; we only record
+        except Exception:
             args = {}
         tag = HANDLING.get()
         if tag is not None and tag.kind == "process" and inc.nursery is None:
@@ -486,8 +521,9 @@ class World:
         call.status = response.status_code
         # An outage answers before anything else, in the instant the call arrives (no time
         # passes between that and this line).
-        call.outage = (not call.injected and response.status_code >= 500
-                       and anyio.current_time() < self.slack.outage_until)
+        call.outage = (
+            not call.injected and response.status_code >= 500 and anyio.current_time() < self.slack.outage_until
+        )
         if response.status_code == 429:
             try:
                 call.retry_after = float(response.headers.get("Retry-After", "1"))
@@ -500,8 +536,9 @@ class World:
         call.ok = response.status_code == 200 and bool(body.get("ok"))
         call.error = "" if call.ok else str(body.get("error") or f"HTTP {response.status_code}")
         if call.ok and method in CREATING_METHODS and call.created_ts != str(body.get("ts", "")):
-            self.violate(f"world bookkeeping: {method} answered ts {body.get('ts')!r}, the fake stored "
-                         f"{call.created_ts!r}")
+            self.violate(
+                f"world bookkeeping: {method} answered ts {body.get('ts')!r}, the fake stored {call.created_ts!r}"
+            )
         if method not in ("apps.connections.open", "auth.test") or not call.ok:
             where = args.get("channel") or args.get("channel_id") or ""
             ts = args.get("ts") or args.get("thread_ts") or ""
@@ -603,9 +640,15 @@ class World:
         store = await SimStore.open(self.db_path, inline=True)
         store.world, store.inc = self, inc
         inc.store = store
-        settings = test_settings(**{**PRODUCTION, **PRODUCT_DEFAULTS, "async_max_concurrent_requests": self.s.slots,
-                                    "database_url": f"sqlite:///{self.db_path}",
-                                    **({"native_streaming": self.s.native} if "native_streaming" in SETTINGS else {})})
+        settings = test_settings(
+            **{
+                **PRODUCTION,
+                **PRODUCT_DEFAULTS,
+                "async_max_concurrent_requests": self.s.slots,
+                "database_url": f"sqlite:///{self.db_path}",
+                **({"native_streaming": self.s.native} if "native_streaming" in SETTINGS else {}),
+            }
+        )
         self.log_trace("process", f"#{inc.n} starting")
         HANDLING.set(Tag(inc.n, None, "process"))  # this task's context: start-up, reader, …
         try:
@@ -614,14 +657,19 @@ class World:
                     settings,
                     slack_transport=httpx2.MockTransport(partial(self._slack_api, inc)),
                     openai_transport=httpx2.MockTransport(partial(self._openai, inc)),
-                    connector=partial(self._connect, inc), store=store, handle_signals=False,
+                    url_transport=httpx2.MockTransport(_no_web),  # (no real transport: no TLS set-up)
+                    connector=partial(self._connect, inc),
+                    store=store,
+                    handle_signals=False,
                     on_ready=partial(self._on_ready, inc),
                 )
-        except Exception as exc:  # noqa: BLE001 - a bot process dying is a finding
+        except Exception as exc:
             import traceback
 
-            self.violate(f"process #{inc.n} died: {type(exc).__name__}: {exc}\n"
-                         + "".join(traceback.format_exception(exc))[-3000:])
+            self.violate(
+                f"process #{inc.n} died: {type(exc).__name__}: {exc}\n"
+                + "".join(traceback.format_exception(exc))[-3000:]
+            )
         finally:
             inc.ended = self.now()
             self.log_trace("process", f"#{inc.n} exited{' (crashed)' if inc.dead else ''}")
@@ -686,11 +734,28 @@ class World:
             self.log_trace("deliver", f"{name} ({why}) on socket #{delivery.connection.id}")
         ev.sends.append((self.now(), envelope_id, attempt))
         ev.next_try = self.now() + RETRY_SCHEDULE[min(attempt, len(RETRY_SCHEDULE) - 1)]
+        if self._sent is not None:
+            self._sent.set()
 
     async def _slack_redelivery(self) -> None:
-        """What Slack does with events nobody acked: try again, backing off."""
+        """What Slack does with events nobody acked: try again, backing off. Slack looks
+        once a second; the seconds in which nothing can be due are slept through (an event
+        only becomes due through a send, and a send wakes this task to look again)."""
+        last = anyio.current_time()  # the grid: last + 1, last + 2, … (clock time)
         while True:
-            await anyio.sleep(1.0)
+            due = min(
+                (ev.next_try for ev in self.events.values() if ev.sends and not ev.acked(self.slack)), default=math.inf
+            )
+            offset = anyio.current_time() - self.now()  # clock time - world time
+            tick = last + 1.0
+            while math.isfinite(due) and tick - offset < due - 1e-9:
+                tick += 1.0  # nothing is due at this look: skip it
+            self._sent = anyio.Event()
+            with anyio.CancelScope(deadline=tick if math.isfinite(due) else math.inf) as scope:
+                await self._sent.wait()
+            if not scope.cancelled_caught:  # a send: due times changed, look again
+                continue
+            last = tick
             now = self.now()
             for ev in list(self.events.values()):
                 if ev.sends and ev.next_try <= now and not ev.acked(self.slack):
@@ -716,8 +781,11 @@ class World:
                 mention = self.slack.app_mention_event(channel, user, text, thread_ts=root_ts)
                 events.append(mention)
                 if m.twin:
-                    events.append(self.slack.message_event(channel, user, mention["text"], ts=mention["ts"],
-                                                           thread_ts=root_ts, channel_type="channel"))
+                    events.append(
+                        self.slack.message_event(
+                            channel, user, mention["text"], ts=mention["ts"], thread_ts=root_ts, channel_type="channel"
+                        )
+                    )
             else:
                 events.append(self.slack.message_event(channel, user, text, thread_ts=root_ts, channel_type="channel"))
         ts = events[0]["ts"]
@@ -738,8 +806,13 @@ class World:
                 self.log_trace("fault", f"(skipped: a {f.target} fault is still pending)")
                 return
             if f.after:
-                self.slack.fail_next(f.target, status=f.status, times=f.times, after=True,
-                                     body=f"<html><body><h1>{f.status}</h1>upstream error</body></html>")
+                self.slack.fail_next(
+                    f.target,
+                    status=f.status,
+                    times=f.times,
+                    after=True,
+                    body=f"<html><body><h1>{f.status}</h1>upstream error</body></html>",
+                )
                 self.log_trace("fault", f"Slack will do {f.target} but answer HTTP {f.status} x{f.times}")
                 return
             if f.status == 429:
@@ -747,8 +820,12 @@ class World:
             elif f.status == 500:
                 self.slack.fail_next(f.target, status=500, error="internal_error", times=f.times)
             else:
-                self.slack.fail_next(f.target, status=f.status, times=f.times,
-                                     body=f"<html><body><h1>{f.status}</h1>upstream error</body></html>")
+                self.slack.fail_next(
+                    f.target,
+                    status=f.status,
+                    times=f.times,
+                    body=f"<html><body><h1>{f.status}</h1>upstream error</body></html>",
+                )
             self.log_trace("fault", f"Slack {f.target} will answer HTTP {f.status} x{f.times}")
         elif f.kind == "socket":
             if f.target == "refuse":
@@ -769,7 +846,6 @@ class World:
                 await self.slack.disconnect(f.target, link)
         elif f.kind == "outage":
             self.slack.outage(f.seconds, status=f.status)
-            self.outages.append((self.now(), self.now() + f.seconds))
             self.log_trace("fault", f"Slack Web API down (HTTP {f.status}) for {f.seconds:g}s")
         elif f.kind == "end_stream":
             mid = message_id(f.target)
@@ -778,13 +854,15 @@ class World:
                 self.log_trace("fault", f"(end of stream skipped: {f.target} was not posted)")
                 return
             channel, thread_ts = thread
-            streams = [m["ts"] for m in self.slack.messages.get(channel, [])
-                       if m.get("streaming") and m.get("thread_ts") == thread_ts and m.get("bot_id") == self.slack.bot_id]
+            streams = [
+                m["ts"]
+                for m in self.slack.messages.get(channel, [])
+                if m.get("streaming") and m.get("thread_ts") == thread_ts and m.get("bot_id") == self.slack.bot_id
+            ]
             if not streams:
                 self.log_trace("fault", f"(end of stream skipped: nothing streams in the thread of {f.target})")
                 return
             self.slack.end_stream(channel, streams[-1])
-            self.ended_streams.add((channel, streams[-1]))
             self.log_trace("fault", f"Slack ended the stream {streams[-1]} in {channel} by itself")
         elif f.kind == "storage":
             if self.storage_faults.get(f.target):  # like Slack faults: one burst at a time per method
@@ -935,8 +1013,10 @@ class World:
             await anyio.sleep(1.0)
         unacked = [ev.event_id for ev in self.events.values() if ev.sends and not ev.acked(self.slack)]
         inc = self.current
-        self.violate(f"the world did not settle within {DRAIN_LIMIT:g}s: unacked events {unacked[:10]}, "
-                     f"active requests {list(inc.nursery.active) if inc and inc.nursery else '-'}")
+        self.violate(
+            f"the world did not settle within {DRAIN_LIMIT:g}s: unacked events {unacked[:10]}, "
+            f"active requests {list(inc.nursery.active) if inc and inc.nursery else '-'}"
+        )
 
     def cleanup(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -54,7 +54,9 @@ def test_post_message_budget_is_per_channel_and_unlimited_methods_pass():
     for _ in range(a.burst):
         a.reserve()
     assert a.available() == 0 and b.available() == b.burst
-    assert limits.bucket("auth.test") is None and limits.try_acquire("auth.test")
+    assert all(limits.try_acquire("auth.test") for _ in range(100))  # no tier: not budgeted
+    limits.retry_after("auth.test", None, 5.0)  # ... but a Retry-After still closes it
+    assert not limits.try_acquire("auth.test") and limits.wait_time("auth.test") == pytest.approx(5.0)
 
 
 def test_interim_calls_leave_room_for_promised_final_writes():
