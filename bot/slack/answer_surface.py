@@ -102,6 +102,7 @@ class SlackAnswerWriter:
         self._status_at = -STATUS_REFRESH_SECONDS  # when the status was last sent
         self._stop_committed = False
         self._stream_stopped = False  # the stream's message is out of streaming state
+        self._stop_failed = False  # chat.stopStream was tried to the end and refused
         self._dirty = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self.fell_back = ""  # why native streaming was given up ("" while it was not)
@@ -241,7 +242,7 @@ class SlackAnswerWriter:
                     else:
                         await self._stop_stream()
                     self._give_up_stream(f"chat.stopStream failed: {exc.error}")
-        if self._stream_ts and not self._stream_stopped and self.mode != "native":
+        if self._stream_ts and not self._stream_stopped and not self._stop_failed and self.mode != "native":
             await self._stop_stream()  # given up mid-answer and not stopped yet: Slack refuses edits till then
         if self.mode == "final":
             self._fallback.append(text)
@@ -334,6 +335,7 @@ class SlackAnswerWriter:
                             self._stream_stopped = True
                             return True
                         log.warning("chat.stopStream in %s (attempt %d): %s", self.channel, attempt, exc.error)
+            self._stop_failed = True
             return False
         finally:
             self._release_stop()
