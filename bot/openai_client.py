@@ -1,9 +1,10 @@
-"""An `AsyncOpenAI` client for the tools beside the bot (`slackbot check`, `slackbot shell`).
+"""The `AsyncOpenAI` client, as every part of the bot builds it: the bot (`bot.startup`),
+`slackbot check` and `slackbot shell`. One place, so they all talk to the endpoint the
+same way (the SDK's own httpx2 client, OPENAI_BASE_URL, the retries each asks for).
 
-The bot builds its own in `bot.startup`; these need the same thing outside it, plus one
-rule: a local OpenAI-compatible server (OPENAI_BASE_URL) may need no key at all, but the
-SDK insists on one, so a placeholder is sent there — never to OpenAI itself, where
-`load_settings` requires a real key.
+One rule beyond the settings: a local OpenAI-compatible server (OPENAI_BASE_URL) may
+need no key at all, but the SDK insists on one, so a placeholder is sent there — never
+to OpenAI itself, where `load_settings` requires a real key (and always for the bot).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ NO_KEY = "no-key-needed"
 async def openai_client(
     settings: Settings, *, transport: httpx2.AsyncBaseTransport | None = None, max_retries: int = 2
 ) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The client and its HTTP client, both closed on exit. `transport` replaces the
+    network (tests, the simulation)."""
     http = (
         openai.DefaultAsyncHttpx2Client(transport=transport)
         if transport is not None

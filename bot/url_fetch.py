@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import anyio
 import httpx2
 
+from bot.downloads import read_capped
 from bot.file_problem import FileProblem
 
 log = logging.getLogger(__name__)
 
-MB = 1024 * 1024
 MAX_REDIRECTS = 3
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/jpg", "image/gif", "image/webp"})
@@ -141,19 +141,8 @@ async def fetch_image(
                             f"is not a PNG, JPEG, GIF or WebP image (the server says {content_type or 'nothing'})",
                             "not_an_image",
                         )
-                    declared = response.headers.get("content-length", "")
-                    if declared.isdigit() and int(declared) > max_bytes:
-                        raise FileProblem(
-                            f"is {int(declared) / MB:,.1f} MB, over the {max_bytes / MB:g} MB limit", "too_large"
-                        )
-                    buffer = bytearray()
-                    async for chunk in response.aiter_bytes():
-                        buffer += chunk
-                        if len(buffer) > max_bytes:
-                            raise FileProblem(
-                                f"is over the {max_bytes / MB:g} MB limit, so I stopped downloading it", "too_large"
-                            )
-                    return FetchedImage(bytes(buffer), content_type, str(current))
+                    data = await read_capped(response, max_bytes)
+                    return FetchedImage(data, content_type, str(current))
                 finally:
                     with anyio.CancelScope(shield=True):
                         await response.aclose()

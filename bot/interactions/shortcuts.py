@@ -23,8 +23,8 @@ from bot.processing.openai_chat import stream_chat
 from bot.processing.options import RequestOptions, options_for
 from bot.processing.surface import SurfaceError
 from bot.services import SlackServices
-from bot.slack.events import strip_mention
 from bot.slack.markdown import markdown_to_mrkdwn, split_markdown
+from bot.slack.transcripts import transcript
 from bot.slack.web_api import SlackAPIError
 
 log = logging.getLogger(__name__)
@@ -62,19 +62,6 @@ def result_view(kind: str, text: str, footer: str = "") -> dict[str, Any]:
     if footer:
         blocks.append(ContextBlock(elements=[MarkdownTextObject(text=footer)]))
     return View(type="modal", title=TITLES[kind], close="Close", blocks=blocks, callback_id=f"{kind}_result").to_dict()
-
-
-def transcript(replies: list[dict[str, Any]], bot_user_id: str) -> str:
-    """The thread as plain lines: who said what, oldest first."""
-    lines = []
-    for message in replies:
-        text = message.get("text")
-        if not isinstance(text, str) or not text.strip():
-            continue
-        author = message.get("user")
-        who = "the assistant" if author == bot_user_id or message.get("bot_id") else f"<@{author}>"
-        lines.append(f"{who}: {strip_mention(text, bot_user_id)}")
-    return "\n\n".join(lines)
 
 
 async def run(services: SlackServices, kind: str, payload: dict[str, Any]) -> None:
@@ -127,7 +114,7 @@ async def _summarize(services: SlackServices, options: RequestOptions, channel: 
     except SlackAPIError as exc:
         log.info("summarize: cannot read %s/%s: %s", channel, thread_ts, exc.error)
         return CANNOT_READ.format(error=exc.error)
-    text = transcript(replies, services.me.user_id)
+    text = transcript(replies, services.me)
     if not text:
         return "There is nothing to summarize in this thread yet."
     return await _ask(services, options, SUMMARY_PROMPT, f"Summarize this conversation:\n\n{text}")

@@ -23,12 +23,12 @@ import base64
 import binascii
 import json
 import logging
-import math
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
-import httpx2
 import openai
 from openai.types import ImagesResponse
 from openai.types.chat import ChatCompletionFunctionToolParam
@@ -37,7 +37,7 @@ from bot.file_problem import FileProblem
 from bot.processing.attachments import in_worker
 from bot.processing.context import RequestState, Services
 from bot.processing.images import prepare_image
-from bot.processing.openai_chat import ToolCall
+from bot.processing.openai_chat import ToolCall, sdk_timeout
 from bot.processing.surface import PLACEHOLDER, ReplySurface, SurfaceError
 from bot.storage import StorageError
 from bot.storage.base import ThreadImage
@@ -144,13 +144,6 @@ def api_message(exc: Exception) -> str:
     return text[:300]
 
 
-def _sdk_timeout() -> httpx2.Timeout:
-    deadline = anyio.current_effective_deadline()
-    left = deadline - anyio.current_time() if math.isfinite(deadline) else 600.0
-    left = max(0.5, left)
-    return httpx2.Timeout(left, connect=min(10.0, left))
-
-
 def _slug(prompt: str) -> str:
     words = re.findall(r"[a-z0-9]+", prompt.lower())[:6]
     return "-".join(words)[:60] or "image"
@@ -194,20 +187,10 @@ class ImageTools:
     async def generate(self, prompt: str) -> str:
         self.state.stage = "generating an image"
         self.writer.set_status(DRAWING_STATUS)
-        settings = self.services.settings
-        try:
-            response = await self.services.openai.images.generate(
-                prompt=prompt[:32000],
-                model=settings.image_model,
-                size=settings.image_size,
-                quality=settings.image_quality,
-                n=1,
-                timeout=_sdk_timeout(),
-            )
-        except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-            return self._refused("draw", exc)
-        except (openai.NotFoundError, openai.PermissionDeniedError) as exc:
-            return self._unavailable(exc)
+        images = self.services.openai.images
+        response = await self._ask("draw", lambda: images.generate(prompt=prompt[:32000], **self._options()))
+        if isinstance(response, str):
+            return response
         return await self._post(response, prompt, f'you drew it for: "{prompt[:200]}"')
 
     async def edit(self, prompt: str, number: int | None) -> str:
@@ -219,23 +202,36 @@ class ImageTools:
         source = self.images[index]
         self.state.stage = "editing an image"
         self.writer.set_status(EDITING_STATUS)
-        settings = self.services.settings
         extension = "png" if source.mime == "image/png" else "jpg"
+        image = (f"image.{extension}", source.data, source.mime)
+        images = self.services.openai.images
+        response = await self._ask("edit", lambda: images.edit(image=image, prompt=prompt[:32000], **self._options()))
+        if isinstance(response, str):
+            return response
+        return await self._post(response, prompt, f'you edited {source.name} for: "{prompt[:200]}"')
+
+    def _options(self) -> dict[str, Any]:
+        """What drawing and editing both send besides the prompt: the configured model,
+        size and quality, one image, and the time left as the SDK's timeout (so it is
+        taken at the call). (Any: spread into the SDK's keyword arguments.)"""
+        settings = self.services.settings
+        return {
+            "model": settings.image_model,
+            "size": settings.image_size,
+            "quality": settings.image_quality,
+            "n": 1,
+            "timeout": sdk_timeout(),
+        }
+
+    async def _ask(self, verb: str, call: Callable[[], Awaitable[ImagesResponse]]) -> ImagesResponse | str:
+        """The images API's answer to `call()`; or, when it refused to `verb` this or the
+        model is not available, the tool result for the model (the user gets a note)."""
         try:
-            response = await self.services.openai.images.edit(
-                image=(f"image.{extension}", source.data, source.mime),
-                prompt=prompt[:32000],
-                model=settings.image_model,
-                size=settings.image_size,
-                quality=settings.image_quality,
-                n=1,
-                timeout=_sdk_timeout(),
-            )
+            return await call()
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-            return self._refused("edit", exc)
+            return self._refused(verb, exc)
         except (openai.NotFoundError, openai.PermissionDeniedError) as exc:
             return self._unavailable(exc)
-        return await self._post(response, prompt, f'you edited {source.name} for: "{prompt[:200]}"')
 
     def _refused(self, verb: str, exc: openai.APIStatusError) -> str:
         message = api_message(exc)

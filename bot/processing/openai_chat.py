@@ -70,8 +70,14 @@ def _optional(**params: object) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def _sdk_timeout(seconds_left: float) -> httpx2.Timeout:
-    left = max(0.5, seconds_left)
+def sdk_timeout() -> httpx2.Timeout:
+    """The SDK's HTTP timeout for a call made now: what is left of the caller's deadline
+    (600 s without one; half a second at least), of which 10 s at most to connect. The
+    deadline itself is the caller's cancel scope: this keeps the SDK's own timer inside
+    it, for every OpenAI call (the chat stream here, the image tools' calls)."""
+    deadline = anyio.current_effective_deadline()
+    left = deadline - anyio.current_time() if math.isfinite(deadline) else 600.0
+    left = max(0.5, left)
     return httpx2.Timeout(left, connect=min(10.0, left))
 
 
@@ -95,8 +101,6 @@ async def stream_chat(
 
     Raises openai errors as the SDK raises them, or StreamStalled.
     """
-    deadline = anyio.current_effective_deadline()
-    left = deadline - anyio.current_time() if math.isfinite(deadline) else 600.0
     # Annotated: with the optional parameters spread in, the SDK's overloads cannot tell
     # that `stream=True` picked the streaming one.
     stream: openai.AsyncStream[ChatCompletionChunk] = await client.chat.completions.create(
@@ -105,7 +109,7 @@ async def stream_chat(
         stream=True,
         stream_options={"include_usage": True},
         max_completion_tokens=max_tokens,
-        timeout=_sdk_timeout(left),
+        timeout=sdk_timeout(),
         **_optional(temperature=temperature, reasoning_effort=reasoning_effort, tools=tools or None),
     )
     result = ChatResult(text="", finish_reason=None)

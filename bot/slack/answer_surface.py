@@ -35,6 +35,7 @@ from bot.config import Settings
 from bot.processing.message import IncomingMessage
 from bot.processing.options import RequestOptions
 from bot.processing.surface import AttachedFile, SurfaceError
+from bot.retrying import retry
 from bot.slack.events import BotIdentity, is_dm_channel
 from bot.slack.feedback_blocks import feedback_block
 from bot.slack.files import SlackFile, download_file, resolve_file, upload_to_thread
@@ -322,23 +323,34 @@ class SlackAnswerWriter:
 
     async def _stop_stream(self) -> bool:
         """Take the message out of streaming state (before anything edits it); True once
-        Slack says it is no longer streaming."""
+        Slack says it is no longer streaming. STOP_ATTEMPTS tries, back to back."""
+
+        def logged(n: int, exc: Exception) -> float:
+            if isinstance(exc, SlackAPIError):  # a try that got no answer in time is not logged
+                log.warning("chat.stopStream in %s (attempt %d): %s", self.channel, n, exc.error)
+            return 0.0
+
         try:
-            for attempt in range(1, STOP_ATTEMPTS + 1):
-                with anyio.move_on_after(POST_TIMEOUT):
-                    try:
-                        await self._slack.call("chat.stopStream", channel=self.channel, ts=self._stream_ts)
-                        self._stream_stopped = True
-                        return True
-                    except SlackAPIError as exc:
-                        if exc.error in ("message_not_in_streaming_state", "message_not_found"):
-                            self._stream_stopped = True
-                            return True
-                        log.warning("chat.stopStream in %s (attempt %d): %s", self.channel, attempt, exc.error)
+            await retry(self._stop_once, errors=(SlackAPIError, TimeoutError), attempts=STOP_ATTEMPTS, pause=logged)
+        except (SlackAPIError, TimeoutError) as exc:
+            logged(STOP_ATTEMPTS, exc)
             self._stop_failed = True
             return False
+        else:
+            self._stream_stopped = True
+            return True
         finally:
             self._release_stop()
+
+    async def _stop_once(self) -> None:
+        """One chat.stopStream, bounded by POST_TIMEOUT (TimeoutError). A message that is
+        no longer streaming, or gone, counts as stopped."""
+        with anyio.fail_after(POST_TIMEOUT):
+            try:
+                await self._slack.call("chat.stopStream", channel=self.channel, ts=self._stream_ts)
+            except SlackAPIError as exc:
+                if exc.error not in ("message_not_in_streaming_state", "message_not_found"):
+                    raise
 
     def _release_stop(self) -> None:
         if self._stop_committed:

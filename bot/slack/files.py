@@ -29,13 +29,13 @@ from typing import Any
 import anyio
 import httpx2
 
+from bot.downloads import MB, read_capped
 from bot.file_problem import FileProblem
 from bot.processing.documents import sniff
 from bot.slack.web_api import NotSlackFileHost, SlackAPIError, SlackWebAPI
 
 log = logging.getLogger(__name__)
 
-MB = 1024 * 1024
 MAX_REDIRECTS = 3
 COMPLETE_TIMEOUT = 15.0
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -149,7 +149,7 @@ async def download_file(slack: SlackWebAPI, file: SlackFile, *, max_bytes: int) 
                         f"could not be downloaded from Slack (HTTP {response.status_code})", "download_failed"
                     )
                 content_type = response.headers.get("content-type", "").lower()
-                data = await _read_capped(response, max_bytes)
+                data = await read_capped(response, max_bytes)
         except NotSlackFileHost:
             log.warning("file %s has a URL outside Slack's file host; not downloaded with the token", file.id)
             raise FileProblem(
@@ -167,18 +167,6 @@ async def download_file(slack: SlackWebAPI, file: SlackFile, *, max_bytes: int) 
             raise FileProblem("is empty", "empty")
         return data
     raise FileProblem("could not be downloaded: Slack redirected too many times", "download_failed")
-
-
-async def _read_capped(response: httpx2.Response, max_bytes: int) -> bytes:
-    declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise FileProblem(f"is {int(declared) / MB:,.1f} MB, over the {max_bytes / MB:g} MB limit", "too_large")
-    buffer = bytearray()
-    async for chunk in response.aiter_bytes():
-        buffer += chunk
-        if len(buffer) > max_bytes:
-            raise FileProblem(f"is over the {max_bytes / MB:g} MB limit, so I stopped downloading it", "too_large")
-    return bytes(buffer)
 
 
 async def upload_to_thread(

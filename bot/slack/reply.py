@@ -21,10 +21,12 @@ made inert before anything is shown.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import anyio
 
 from bot.processing.surface import PLACEHOLDER
+from bot.retrying import retry
 from bot.slack.feedback_blocks import answer_blocks
 from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, split_markdown
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
@@ -161,19 +163,24 @@ class ReplyWriter:
         refused; the error is logged."""
         parts = self._render(notice)
         try:
-            for attempt in range(1, FINAL_ATTEMPTS + 1):
-                try:
-                    await self._show(parts, interim=False, final=True)  # parts already shown are skipped
-                    return True
-                except SlackAPIError as exc:
-                    if exc.error in PERMANENT_ERRORS or attempt == FINAL_ATTEMPTS:
-                        log.error("final update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
-                        return False
-                    log.warning("final update failed in %s/%s (%s); retrying", self.channel, self.thread_ts, exc.error)
-                    await anyio.sleep(0.2 * attempt)
+            await retry(
+                partial(self._show, parts, interim=False, final=True),  # parts already shown are skipped
+                errors=SlackAPIError,
+                attempts=FINAL_ATTEMPTS,
+                pause=self._final_retry_pause,
+                retry_if=lambda exc: exc.error not in PERMANENT_ERRORS,
+            )
+            return True
+        except SlackAPIError as exc:
+            log.error("final update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
             return False
         finally:
             self._release()
+
+    def _final_retry_pause(self, n: int, exc: SlackAPIError) -> float:
+        """0.2 s, then 0.4 s: short, since the final write already waits for its budget."""
+        log.warning("final update failed in %s/%s (%s); retrying", self.channel, self.thread_ts, exc.error)
+        return 0.2 * n
 
     def _release(self) -> None:
         if self._committed:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,7 +284,7 @@ class SocketModeReader:
         if acks:
             # Ack first, whatever the envelopes hold: Slack redelivers anything un-acked.
             try:
-                await _send_all(conn.ws, acks)
+                await conn.ws.send_texts(acks)
                 self.envelopes_acked += len(acks)
                 self._observe_acks(len(acks), received_at)
             except WebSocketClosed:
@@ -390,19 +390,7 @@ def _envelope_id(frame: dict[str, Any]) -> str:
 async def _receive_burst(ws: WebSocket) -> list[str]:
     """The next message, plus any already received behind it (taken without waiting)."""
     first = await ws.receive_text()
-    # Optional methods (see `WebSocket`): the in-memory test socket has neither.
-    take_buffered: Callable[[], list[str]] | None = getattr(ws, "take_buffered", None)
-    return [first, *take_buffered()] if take_buffered is not None else [first]
-
-
-async def _send_all(ws: WebSocket, texts: list[str]) -> None:
-    """Send `texts` in order; in one write when the socket can."""
-    send_texts: Callable[[list[str]], Awaitable[None]] | None = getattr(ws, "send_texts", None)
-    if send_texts is not None and len(texts) > 1:
-        await send_texts(texts)
-        return
-    for text in texts:
-        await ws.send_text(text)
+    return [first, *ws.take_buffered()]
 
 
 async def _first_of(*events: anyio.Event) -> None:

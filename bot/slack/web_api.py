@@ -23,14 +23,17 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx2
 
 from bot.metrics import Metrics
+from bot.retrying import no_pause, retry
 from bot.slack.rate_limits import SlackRateLimits
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,25 @@ class SlackAPIError(Exception):
         self.error = error
         self.response = response or {}
         self.transient = transient
+
+
+class _ServerError(SlackAPIError):
+    """A 5xx (`http_response`) or a broken connection (None) from a method that may be
+    tried again. It never leaves this module: once the tries are spent, `_call` turns it
+    into what a method that is not retried would have raised."""
+
+    def __init__(self, method: str, what: str, http_response: httpx2.Response | None) -> None:
+        super().__init__(method, what, transient=True)
+        self.http_response = http_response
+
+
+class _Unconfirmed(Exception):
+    """A post failed, and the thread cannot be searched for it: posting again might show
+    the answer twice, so `failure` is what the caller gets."""
+
+    def __init__(self, failure: SlackAPIError) -> None:
+        super().__init__(failure.error)
+        self.failure = failure
 
 
 SLACK_FILE_HOST = "files.slack.com"
@@ -119,10 +141,11 @@ POST_LOOKUPS = 8  # look-ups for a post's marker while Slack keeps failing (paus
 POST_MARKER = "slackbot_post"  # metadata event_type of our posts; event_payload.post_id is unique
 
 
-async def _pause_after_server_error(method: str, what: str, attempt: int) -> None:
-    delay = SERVER_ERROR_BACKOFF * 2 ** (attempt - 1)
+def _server_error_pause(method: str, what: str, attempt: int) -> float:
+    """The pause before the `attempt`th retry after a 5xx or a broken connection (logged)."""
+    delay = SERVER_ERROR_BACKOFF * 2.0 ** (attempt - 1)
     log.warning("slack %s failed (%s); retrying in %.2fs (attempt %d)", method, what, delay, attempt)
-    await anyio.sleep(delay)
+    return delay
 
 
 def _retry_after(response: httpx2.Response) -> float:
@@ -181,64 +204,93 @@ class SlackWebAPI:
             self._metrics.slack_calls.labels(method=method, result=result).inc()
 
     async def _call(self, method: str, app_token: bool, args: dict[str, Any], interim: bool) -> dict[str, Any]:
+        """One call, tried again — `max_rate_limit_retries` times at most, whatever the
+        reasons — after a 429 (the budget's wait is the Retry-After; never for an interim
+        call) and, for RETRY_SERVER_ERRORS, after a 5xx or a broken connection (doubling
+        pauses). Once the tries are spent, a 5xx is read like any other answer."""
+        channel = args.get("channel") or args.get("channel_id")
+        channel = channel if isinstance(channel, str) else None
+
+        def again(exc: SlackAPIError) -> bool:
+            return isinstance(exc, _ServerError) or (isinstance(exc, SlackRateLimited) and not interim)
+
+        def pause(n: int, exc: SlackAPIError) -> float:
+            if isinstance(exc, SlackRateLimited):
+                log.warning("slack %s rate limited; retrying in %.1fs (attempt %d)", method, exc.retry_after, n)
+                return 0.0  # the budget's wait (in `_send`) is the Retry-After
+            return _server_error_pause(method, exc.error, n)
+
+        try:
+            return await retry(
+                partial(self._send, method, app_token, args, channel, interim),
+                errors=SlackAPIError,
+                attempts=self._max_retries + 1,
+                pause=pause,
+                retry_if=again,
+            )
+        except _ServerError as exc:
+            last = exc
+        if last.http_response is None:
+            raise SlackAPIError(method, f"http_error: {last.error}", transient=True)
+        return self._read(method, last.http_response, channel)
+
+    async def _send(
+        self, method: str, app_token: bool, args: dict[str, Any], channel: str | None, interim: bool
+    ) -> dict[str, Any]:
+        """One try: the budget, the request, the answer. Raises _ServerError for what a
+        method of RETRY_SERVER_ERRORS may try again."""
+        if interim:
+            if not self.limits.try_acquire(method, channel):
+                raise SlackSkipped(method)
+        else:
+            await self.limits.acquire(method, channel)
+        # A cancelled caller sends nothing more (a request that lost its thread's lease,
+        # say). Costs no scheduling step when not cancelled; a shielded write still goes.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         token = self._app_token if app_token else self._bot_token
         headers = {"Authorization": f"Bearer {token}"}
         url = self._base_url + method
-        channel = args.get("channel") or args.get("channel_id")
-        channel = channel if isinstance(channel, str) else None
-        attempt = 0
-        while True:
-            if interim:
-                if not self.limits.try_acquire(method, channel):
-                    raise SlackSkipped(method)
-            else:
-                await self.limits.acquire(method, channel)
-            if method in JSON_METHODS:
-                request = self._client.build_request(
-                    "POST",
-                    url,
-                    headers={**headers, "Content-Type": "application/json; charset=utf-8"},
-                    content=json.dumps(args).encode(),
-                )
-            else:
-                form = {k: _form_value(v) for k, v in args.items()}
-                request = self._client.build_request("POST", url, headers=headers, data=form)
-            try:
-                response = await self._client.send(request)
-            except httpx2.HTTPError as exc:
-                if method in RETRY_SERVER_ERRORS and attempt < self._max_retries:
-                    attempt += 1
-                    await _pause_after_server_error(method, type(exc).__name__, attempt)
-                    continue
-                raise SlackAPIError(method, f"http_error: {type(exc).__name__}", transient=True) from None
-            server_error = response.status_code >= 500
-            if server_error and method in RETRY_SERVER_ERRORS and attempt < self._max_retries:
-                attempt += 1
-                await _pause_after_server_error(method, f"HTTP {response.status_code}", attempt)
-                continue
-            try:
-                body = response.json()
-            except ValueError:
-                body = None
-            limited = response.status_code == 429 or (isinstance(body, dict) and body.get("error") == "ratelimited")
-            if limited:
-                self._metrics.slack_rate_limited.labels(method=method).inc()
-                delay = _retry_after(response)
-                self.limits.retry_after(method, channel, delay)  # for every caller of this method
-                if interim or attempt >= self._max_retries:
-                    raise SlackRateLimited(method, delay)
-                attempt += 1
-                log.warning("slack %s rate limited; retrying in %.1fs (attempt %d)", method, delay, attempt)
-                continue  # the budget's wait is the Retry-After
-            if not isinstance(body, dict):
-                what = "not JSON" if body is None else "not a JSON object"
-                raise SlackAPIError(
-                    method, f"bad_response: HTTP {response.status_code}, {what}", transient=server_error
-                )
-            if not body.get("ok"):
-                error = str(body.get("error") or f"http_{response.status_code}")
-                raise SlackAPIError(method, error, body, transient=server_error)
-            return body
+        if method in JSON_METHODS:
+            request = self._client.build_request(
+                "POST",
+                url,
+                headers={**headers, "Content-Type": "application/json; charset=utf-8"},
+                content=json.dumps(args).encode(),
+            )
+        else:
+            form = {k: _form_value(v) for k, v in args.items()}
+            request = self._client.build_request("POST", url, headers=headers, data=form)
+        try:
+            response = await self._client.send(request)
+        except httpx2.HTTPError as exc:
+            if method in RETRY_SERVER_ERRORS:
+                raise _ServerError(method, type(exc).__name__, None) from None
+            raise SlackAPIError(method, f"http_error: {type(exc).__name__}", transient=True) from None
+        if response.status_code >= 500 and method in RETRY_SERVER_ERRORS:
+            raise _ServerError(method, f"HTTP {response.status_code}", response)
+        return self._read(method, response, channel)
+
+    def _read(self, method: str, response: httpx2.Response, channel: str | None) -> dict[str, Any]:
+        """The JSON body of an `ok` answer; raises SlackRateLimited (having closed the
+        method for every caller until its Retry-After) or SlackAPIError."""
+        server_error = response.status_code >= 500
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        limited = response.status_code == 429 or (isinstance(body, dict) and body.get("error") == "ratelimited")
+        if limited:
+            self._metrics.slack_rate_limited.labels(method=method).inc()
+            delay = _retry_after(response)
+            self.limits.retry_after(method, channel, delay)  # for every caller of this method
+            raise SlackRateLimited(method, delay)
+        if not isinstance(body, dict):
+            what = "not JSON" if body is None else "not a JSON object"
+            raise SlackAPIError(method, f"bad_response: HTTP {response.status_code}, {what}", transient=server_error)
+        if not body.get("ok"):
+            error = str(body.get("error") or f"http_{response.status_code}")
+            raise SlackAPIError(method, error, body, transient=server_error)
+        return body
 
     # Thin helpers for the calls the bot makes; they keep argument names in one place.
 
@@ -259,41 +311,70 @@ class SlackWebAPI:
         fails too (a short outage). The post is repeated only once the search has
         answered that it is not there, so an answer is never shown twice."""
         marker = uuid.uuid4().hex
-        metadata = {"event_type": POST_MARKER, "event_payload": {"post_id": marker}}
-        pause = 0
-        for attempt in range(1, POST_ATTEMPTS + 1):
-            try:
-                body = await self.call(
-                    "chat.postMessage",
-                    channel=channel,
-                    thread_ts=thread_ts,
-                    text=text,
-                    markdown_text=markdown_text,
-                    blocks=blocks,
-                    metadata=metadata,
-                )
-                return str(body.get("ts", ""))
-            except SlackAPIError as exc:
-                if not exc.transient or not thread_ts or attempt == POST_ATTEMPTS:
-                    raise
-                failure = exc
-            while True:  # until the thread says whether the post went through
-                pause += 1
-                await _pause_after_server_error("chat.postMessage", failure.error, min(pause, 5))
+        post = partial(
+            self.call,
+            "chat.postMessage",
+            channel=channel,
+            thread_ts=thread_ts,
+            text=text,
+            markdown_text=markdown_text,
+            blocks=blocks,
+            metadata={"event_type": POST_MARKER, "event_payload": {"post_id": marker}},
+        )
+        if not thread_ts:  # no thread to search for the marker: one try
+            return str((await post()).get("ts", ""))
+        return await self._post_exactly_once(post, channel, thread_ts, marker)
+
+    async def _post_exactly_once(
+        self, post: Callable[[], Awaitable[dict[str, Any]]], channel: str, thread_ts: str, marker: str
+    ) -> str:
+        """`post()` up to POST_ATTEMPTS times; before each repeat, the thread is searched
+        for `marker` (POST_LOOKUPS searches at most for the whole post, one at least
+        after each failed try; the pauses before them grow)."""
+        failure: SlackAPIError | None = None  # the last try's: Slack may have posted
+        lookups = 0
+
+        async def search(what: str) -> str:
+            nonlocal lookups
+            lookups += 1
+            await anyio.sleep(_server_error_pause("chat.postMessage", what, min(lookups, 5)))
+            return await self.find_post(channel, thread_ts, marker)
+
+        async def attempt() -> str:
+            nonlocal failure
+            if failure is not None:  # until the thread says whether the last try went through
                 try:
-                    found = await self.find_post(channel, thread_ts, marker)
+                    found = await retry(
+                        partial(search, failure.error),
+                        errors=SlackAPIError,
+                        attempts=max(1, POST_LOOKUPS - lookups),
+                        pause=no_pause,
+                        retry_if=lambda exc: exc.transient,
+                    )
                 except SlackAPIError as lookup:
-                    if not lookup.transient or pause >= POST_LOOKUPS:
-                        log.warning(
-                            "cannot tell whether chat.postMessage went through (%s); not posting again", lookup.error
-                        )
-                        raise failure from None
-                    continue
+                    log.warning(
+                        "cannot tell whether chat.postMessage went through (%s); not posting again", lookup.error
+                    )
+                    raise _Unconfirmed(failure) from None
                 if found:
                     log.info("chat.postMessage had gone through despite %s; not posting again", failure.error)
                     return found
-                break
-        raise AssertionError("unreachable")
+            try:
+                return str((await post()).get("ts", ""))
+            except SlackAPIError as exc:
+                failure = exc
+                raise
+
+        try:
+            return await retry(
+                attempt,
+                errors=SlackAPIError,
+                attempts=POST_ATTEMPTS,
+                pause=no_pause,
+                retry_if=lambda exc: exc.transient,
+            )
+        except _Unconfirmed as exc:
+            raise exc.failure from None
 
     async def find_post(self, channel: str, thread_ts: str, marker: str) -> str:
         """The ts of our message in the thread that carries `marker`, or ""."""

@@ -49,17 +49,21 @@ class WebSocket(Protocol):
 
     async def send_text(self, text: str) -> None: ...
 
+    async def send_texts(self, texts: list[str]) -> None:
+        """Several text messages, in order (in one write where the transport allows:
+        the reader acks a burst of envelopes this way)."""
+
     async def receive_text(self) -> str:
         """The next complete text message. Raises WebSocketClosed when the socket ends."""
+
+    def take_buffered(self) -> list[str]:
+        """The complete messages already received behind the last one `receive_text`
+        returned, without waiting and without a checkpoint ([] when nothing is)."""
 
     async def ping(self) -> None: ...
 
     async def aclose(self) -> None:
         """Close politely, bounded in time (Slack may never finish the TCP close)."""
-
-    # Optional (the reader falls back to the methods above without them):
-    #   def take_buffered(self) -> list[str]           messages already received, no waiting
-    #   async def send_texts(self, texts: list[str])    several messages in one write
 
 
 class Connector(Protocol):

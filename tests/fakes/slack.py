@@ -295,6 +295,11 @@ class MemoryWebSocket:
         if not self._link.silenced:
             self._link.fake._on_client_frame(self._link, text)
 
+    async def send_texts(self, texts: list[str]) -> None:
+        """One frame after another, each as `send_text` sends it (there is no write to share)."""
+        for text in texts:
+            await self.send_text(text)
+
     async def receive_text(self) -> str:
         await anyio.lowlevel.checkpoint()
         link = self._link
@@ -316,6 +321,11 @@ class MemoryWebSocket:
             raise WebSocketClosed("closed by peer: 1000")
         self.last_activity = anyio.current_time()
         return text
+
+    def take_buffered(self) -> list[str]:
+        """Nothing: `receive_text` takes one frame at a time from the link and reads none
+        ahead, so none is ever waiting behind it."""
+        return []
 
     async def ping(self) -> None:
         await anyio.lowlevel.checkpoint()

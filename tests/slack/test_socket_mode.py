@@ -466,12 +466,18 @@ class _StuckSocket:
     async def send_text(self, text: str) -> None:
         await anyio.sleep_forever()
 
+    async def send_texts(self, texts: list[str]) -> None:
+        await anyio.sleep_forever()
+
     async def receive_text(self) -> str:
         if self._hello:
             self._hello = False
             self.last_activity = anyio.current_time()
             return HELLO
         await anyio.sleep_forever()
+
+    def take_buffered(self) -> list[str]:
+        return []
 
     async def ping(self) -> None:
         await anyio.sleep_forever()
