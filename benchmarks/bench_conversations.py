@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,12 +123,13 @@ class RunResult:
     stages: dict[str, list[float]] = field(default_factory=dict)  # per-conversation stage durations
     phases: dict[str, float] = field(default_factory=dict)  # start-up, shutdown (seconds)
     fake_lag: list[float] = field(default_factory=list)  # the fakes' event-loop lag during the burst
+    duplicates: int = 0  # conversations whose answer appears more than once
 
     @property
     def errors(self) -> int:
         not_answered = self.conversations - self.answered
         bad_outcomes = sum(n for k, n in self.outcomes.items() if k != "answered")
-        return not_answered + self.slack_errors + bad_outcomes + self.unacked
+        return not_answered + self.slack_errors + bad_outcomes + self.unacked + self.duplicates
 
 
 def read_status_kb(pid: int, field_name: str) -> int:
@@ -161,6 +162,8 @@ def bot_env(
     max_concurrent: int,
     log_level: str,
     request_timeout: float = 60.0,
+    replica_id: str = "bench",
+    database_url: str = "",
 ) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -171,7 +174,8 @@ def bot_env(
         "OPENAI_API_KEY": API_KEY,
         "SLACK_API_URL": slack_url,
         "OPENAI_BASE_URL": openai_url,
-        "DATABASE_URL": f"sqlite:///{workdir}/bot.db",
+        "DATABASE_URL": database_url or f"sqlite:///{workdir}/bot.db",
+        "REPLICA_ID": replica_id,
         "LOG_LEVEL": log_level,
         "BOT_ASYNC_BACKEND": backend,
         "ASYNC_MAX_CONCURRENT_REQUESTS": str(max_concurrent),
@@ -199,6 +203,7 @@ async def bot_process(
 ) -> AsyncIterator[BotProcess]:
     """Start a bot, keep reading its log (so the pipe never fills), wait until its socket
     is open on `slack`; on exit SIGTERM it (then kill after 15 s) and collect the log."""
+    connected_before = len(slack.live_connections)
     process = await anyio.open_process(
         command, cwd=str(workdir), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
     )
@@ -217,7 +222,7 @@ async def bot_process(
 
             tg.start_soon(drain)
             with anyio.fail_after(30):
-                while not slack.live_connections:
+                while len(slack.live_connections) <= connected_before:
                     if process.returncode is not None:
                         raise RuntimeError(f"bot exited early:\n{bot.stderr.decode(errors='replace')}")
                     await anyio.sleep(0.02)
@@ -306,18 +311,24 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
                 max_concurrent=args.max_concurrent or max(100, n),
                 log_level=args.log_level,
                 request_timeout=args.request_timeout,
+                database_url=args.database_url,
             )
             phases: dict[str, float] = {}
             t0 = anyio.current_time()
             command = list(BOTS[args.bot])
             if args.profile:
                 command[1:1] = ["-m", "cProfile", "-o", str(Path(args.profile).resolve())]
-            async with bot_process(command, env, workdir, slack) as bot, anyio.create_task_group() as tg:
+            async with AsyncExitStack() as replicas:
+                bots = []
+                for i in range(args.replicas):  # replicas share the database and the workspace
+                    replica_env = dict(env, REPLICA_ID=f"replica-{i}")
+                    bots.append(await replicas.enter_async_context(bot_process(command, replica_env, workdir, slack)))
+                tg = await replicas.enter_async_context(anyio.create_task_group())  # exited before the bots
                 phases["start-up"] = anyio.current_time() - t0
-                if phases["start-up"] > 3:
-                    print("slow start:\n" + bot.stderr.decode(errors="replace"))
+                if phases["start-up"] > 3 * args.replicas:
+                    print("slow start:\n" + bots[0].stderr.decode(errors="replace"))
                 await anyio.sleep(0.5)  # let the bot settle (first-use imports, idle loop)
-                idle_rss = read_status_kb(bot.pid, "VmHWM")
+                idle_rss = max(read_status_kb(bot.pid, "VmHWM") for bot in bots)
 
                 envelope_of: dict[str, str] = {}
                 lags: list[float] = []
@@ -338,7 +349,7 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
                     await slack.send_event(event)
                 if args.hangs:
                     await anyio.sleep(args.hang_lead)
-                bot_cpu0, fake_cpu0 = cpu_seconds(bot.pid), time.process_time()
+                bot_cpu0, fake_cpu0 = sum(cpu_seconds(bot.pid) for bot in bots), time.process_time()
                 burst_start = anyio.current_time()
                 for i in range(n):
                     channel = f"D{i}"
@@ -350,23 +361,24 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
                     await all_answered.wait()
                 replies_done = anyio.current_time()
                 probe_scope.cancel()
-                bot_cpu = cpu_seconds(bot.pid) - bot_cpu0
+                bot_cpu = sum(cpu_seconds(bot.pid) for bot in bots) - bot_cpu0
                 fake_cpu = time.process_time() - fake_cpu0
                 phases["burst window"] = replies_done - burst_start
                 phases["bot CPU in window"] = bot_cpu
                 phases["fakes CPU in window"] = fake_cpu
                 await anyio.sleep(0.2)  # late acks
-                peak_rss = read_status_kb(bot.pid, "VmHWM")
-            exit_code, phases["shutdown"] = bot.exit_code, bot.shutdown_seconds
+                peak_rss = max(read_status_kb(bot.pid, "VmHWM") for bot in bots)
+            exit_codes = {bot.exit_code for bot in bots}
+            exit_code = exit_codes.pop() if len(exit_codes) == 1 else None
+            phases["shutdown"] = max(bot.shutdown_seconds for bot in bots)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    log = bot.stderr.decode(errors="replace")
+    log = "\n".join(bot.stderr.decode(errors="replace") for bot in bots)
     outcomes: dict[str, int] = {}
-    match = re.search(r"stopped; outcomes: (\{[^}]*\})", log)
-    if match:
+    for match in re.finditer(r"stopped; outcomes: (\{[^}]*\})", log):
         for key, value in re.findall(r"'(\w+)': (\d+)", match.group(1)):
-            outcomes[key] = int(value)
+            outcomes[key] = outcomes.get(key, 0) + int(value)
     acks = []
     unacked = 0
     for eid in envelope_of.values():
@@ -401,6 +413,12 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
     }
     result.phases = phases
     result.fake_lag = lags
+    # Answered twice (by two replicas, or a redelivery)? Count the bot's messages that
+    # carry each expected answer.
+    result.duplicates = sum(
+        max(0, sum(1 for m in slack.messages.get(c, []) if text in (m.get("text") or "")) - 1)
+        for c, text in expected.items()
+    )
     if ai.max_open_streams < n:
         result.notes.append(f"at most {ai.max_open_streams} model streams were open at once")
     return result
@@ -409,6 +427,8 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
 def report(args: argparse.Namespace, run_no: int, r: RunResult) -> None:
     bot = f"slackbot on {args.backend}" if args.bot == "slackbot" else args.bot
     hangs = f", {args.hangs} hanging" if args.hangs else ""
+    if args.replicas > 1:
+        bot += f", {args.replicas} replicas"
     print(f"--- run {run_no}: {r.conversations} conversations{hangs}, model latency {args.latency:g}s, {bot} ---")
     print(f"  burst sent in        {ms(r.burst_send)}")
     print(
@@ -430,7 +450,8 @@ def report(args: argparse.Namespace, run_no: int, r: RunResult) -> None:
     )
     print(
         f"  errors               {r.errors}  (not answered {r.conversations - r.answered}, slack errors "
-        f"{r.slack_errors}, unacked {r.unacked}; outcomes {r.outcomes or 'unknown'}; exit code {r.exit_code})"
+        f"{r.slack_errors}, unacked {r.unacked}, duplicates {r.duplicates}; outcomes {r.outcomes or 'unknown'}; "
+        f"exit code {r.exit_code})"
     )
     for name, values in r.stages.items():
         print(f"  {name:<30} p50 {ms(percentile(values, 50))}   p99 {ms(percentile(values, 99))}")
@@ -493,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--request-timeout", type=float, default=60.0, help="the bots' ASYNC_TIMEOUT_SECONDS (default 60)"
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="bot processes sharing one database and workspace (default 1)"
+    )
+    parser.add_argument(
+        "--database-url", default="", help="DATABASE_URL for the bot(s) (default: an SQLite file in a temp dir)"
     )
     return parser
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict, TypeGuard, overload
 from urllib.parse import urlsplit
 
-from bot.storage.location import sqlite_file
+from bot.storage.location import locate
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant in a Slack workspace. Answer clearly and concisely. Use Markdown for formatting."
@@ -81,6 +82,9 @@ class Settings:
     metrics_port: int | None = None  # None: no HTTP listener; 0: any free port (tests)
     metrics_host: str = "127.0.0.1"
     log_format: str = "text"  # "text" | "json"
+    # --- replicas ---------------------------------------------------------------------
+    replica_id: str = "local"  # this process among those sharing the database (REPLICA_ID, default: host name)
+    replica_timeout_seconds: float = 30.0  # a heartbeat older than this, or a lease left unrenewed, is taken over
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -159,7 +163,7 @@ def load_settings(
 
     database_url = env.get("DATABASE_URL", "").strip() or Settings.database_url
     try:
-        sqlite_file(database_url)
+        locate(database_url)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     backend = env.get("BOT_ASYNC_BACKEND", "").strip().lower() or "trio"
@@ -196,7 +200,18 @@ def load_settings(
         **_media_settings(env),
         **_ux_settings(env),
         **_observability_settings(env),
+        replica_id=_replica_id(env),
+        replica_timeout_seconds=_number(env, "REPLICA_TIMEOUT_SECONDS", Settings.replica_timeout_seconds, minimum=1),
     )
+
+
+def _replica_id(env: Mapping[str, str]) -> str:
+    """REPLICA_ID, or the host name: one replica per machine needs no setting; several
+    on one machine (sharing an SQLite file, say) need one each."""
+    value = env.get("REPLICA_ID", "").strip() or socket.gethostname() or Settings.replica_id
+    if len(value) > 200 or not value.isprintable():
+        raise ConfigError(f"REPLICA_ID must be a short printable name, got {value[:40]!r}")
+    return value
 
 
 class _MediaSettings(TypedDict):

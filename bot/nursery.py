@@ -34,14 +34,16 @@ from bot.interactions.dispatch import SlackUX
 from bot.metrics_server import check_ready, serve_endpoints
 from bot.processing.answer import SHUTDOWN_WRITE_SECONDS, answer_message
 from bot.processing.context import RequestState
-from bot.processing.failures import BUSY_NOTICE
+from bot.processing.failures import BUSY_NOTICE, STORAGE_DOWN_NOTICE
+from bot.replica import keep_alive, stop_replica
+from bot.retrying import doubling, retry
 from bot.services import SlackServices
 from bot.slack.answer_surface import slack_surface
 from bot.slack.events import IncomingMessage, Skip, StopRequest, parse_event, parse_stop
 from bot.slack.socket_mode import Envelope, SocketModeReader
 from bot.slack.websocket import Connector
 from bot.storage import StorageError
-from bot.thread_gates import ThreadGates
+from bot.thread_gates import Hold, ThreadGates
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,10 @@ class Nursery:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.services = services
-        self.gates = ThreadGates()
+        settings = services.settings
+        self.gates = ThreadGates(
+            services.store, owner=settings.replica_id, lease_seconds=settings.replica_timeout_seconds
+        )
         self.recent = RecentKeys()
         self.active: dict[str, RequestState] = {}
         self.outcomes: dict[str, int] = {}
@@ -100,8 +105,19 @@ class Nursery:
             tg.start_soon(self._run_reader)
             tg.start_soon(self._watchdog, settings.watchdog_interval_seconds, settings.watchdog_threshold_seconds)
             tg.start_soon(self._cleanup)
+            tg.start_soon(self.gates.renew_forever)
+            tg.start_soon(
+                partial(
+                    keep_alive,
+                    self.services.slack,
+                    self.services.store,
+                    self.gates,
+                    replica_timeout=settings.replica_timeout_seconds,
+                )
+            )
             await self._stop.wait()
             await self._shutdown(settings.shutdown_grace_seconds)
+            await stop_replica(self.services.store, self.gates)
             tg.cancel_scope.cancel()
         log.info("stopped; outcomes: %s", self.outcomes or "none")
 
@@ -218,51 +234,64 @@ class Nursery:
             return
         if not await self.ux.admit(msg):  # access control (polite refusal once per thread); welcome
             return
-        async with self.gates.try_enter(msg.thread) as entered:
-            if not entered:
-                await self._busy_reply(msg)
-                return
-            state = RequestState(request_id=uuid.uuid4().hex[:12], message=msg, started_at=anyio.current_time())
-            self.active[state.request_id] = state
-            log.info(
-                "request %s: %s in %s",
-                state.request_id,
-                msg.kind,
-                msg.thread,
-                extra={"request_id": state.request_id, "slack_thread": str(msg.thread), "kind": msg.kind},
-            )
-            try:
-                with state.scope:
-                    await answer_message(
-                        self.services,
-                        state,
-                        partial(
-                            slack_surface,
-                            self.services.slack,
-                            self.services.me,
-                            self.services.settings,
-                            self.services.store,
-                            msg,
-                        ),
-                    )
-            finally:
-                del self.active[state.request_id]
-                # No outcome: cancelled before answer_message reached its own try block.
-                outcome = state.outcome or ("stopped" if state.stop_reason else "interrupted")
-                self._count(outcome)
-                duration = anyio.current_time() - state.started_at
-                log.info(
-                    "request %s: %s after %.2fs",
-                    state.request_id,
-                    outcome,
-                    duration,
-                    extra={
-                        "request_id": state.request_id,
-                        "slack_thread": str(msg.thread),
-                        "outcome": outcome,
-                        "duration_s": round(duration, 3),
-                    },
+        try:
+            async with self.gates.try_enter(msg.thread) as hold:
+                if hold is None:
+                    await self._busy_reply(msg)
+                    return
+                await self._answer(msg, hold)
+        except StorageError as exc:  # taking the thread's lease: who holds it is unknown
+            await self._storage_down_reply(msg, exc)
+
+    async def _answer(self, msg: IncomingMessage, hold: Hold) -> None:
+        state = RequestState(
+            request_id=uuid.uuid4().hex[:12],
+            message=msg,
+            started_at=anyio.current_time(),
+            owner=hold.owner,
+            fence=hold.fence,
+        )
+        hold.on_lost = state.lose_lease  # another replica has the thread now: stop writing
+        self.active[state.request_id] = state
+        log.info(
+            "request %s: %s in %s",
+            state.request_id,
+            msg.kind,
+            msg.thread,
+            extra={"request_id": state.request_id, "slack_thread": str(msg.thread), "kind": msg.kind},
+        )
+        try:
+            with state.scope:
+                await answer_message(
+                    self.services,
+                    state,
+                    partial(
+                        slack_surface,
+                        self.services.slack,
+                        self.services.me,
+                        self.services.settings,
+                        self.services.store,
+                        msg,
+                    ),
                 )
+        finally:
+            del self.active[state.request_id]
+            # No outcome: cancelled before answer_message reached its own try block.
+            outcome = state.outcome or ("stopped" if state.stop_reason else "interrupted")
+            self._count(outcome)
+            duration = anyio.current_time() - state.started_at
+            log.info(
+                "request %s: %s after %.2fs",
+                state.request_id,
+                outcome,
+                duration,
+                extra={
+                    "request_id": state.request_id,
+                    "slack_thread": str(msg.thread),
+                    "outcome": outcome,
+                    "duration_s": round(duration, 3),
+                },
+            )
 
     def stop_request(self, stop: StopRequest) -> RequestState | None:
         """The user pressed Stop: cancel the request answering in that thread through its
@@ -303,18 +332,18 @@ class Nursery:
         # A momentary storage error must not make a restarted process forget that an
         # earlier one already handled this event: retry a little before falling back.
         for key in msg.dedupe_keys:
-            for attempt in range(1, CLAIM_ATTEMPTS + 1):
-                try:
-                    if not await self.services.store.claim_event(key):
-                        return False
-                    break
-                except StorageError as exc:
-                    if attempt == CLAIM_ATTEMPTS:
-                        log.warning(
-                            "storage cannot record event %s (%s); relying on in-memory dedupe", msg.event_id, exc
-                        )
-                        return True
-                    await anyio.sleep(0.1 * 2 ** (attempt - 1))
+            try:
+                claimed = await retry(
+                    partial(self.services.store.claim_event, key),
+                    errors=StorageError,
+                    attempts=CLAIM_ATTEMPTS,
+                    pause=doubling(0.1),
+                )
+            except StorageError as exc:
+                log.warning("storage cannot record event %s (%s); relying on in-memory dedupe", msg.event_id, exc)
+                return True
+            if not claimed:
+                return False
         return True
 
     async def _thread_known(self, msg: IncomingMessage) -> bool:
@@ -323,6 +352,15 @@ class Nursery:
         except StorageError as exc:
             log.warning("storage cannot tell whether thread %s is known (%s); skipping", msg.thread, exc)
             return False
+
+    async def _storage_down_reply(self, msg: IncomingMessage, exc: StorageError) -> None:
+        self._count("error")
+        log.error("thread %s: cannot take its lease (%s); message %s not answered", msg.thread, exc, msg.ts)
+        with anyio.move_on_after(10):
+            try:
+                await self.services.slack.post_message(msg.channel, msg.thread_ts, markdown_text=STORAGE_DOWN_NOTICE)
+            except Exception as exc2:
+                log.warning("could not post the storage notice in %s: %s", msg.thread, exc2)
 
     async def _busy_reply(self, msg: IncomingMessage) -> None:
         self._count("busy")

@@ -40,6 +40,7 @@ from bot.processing.images import is_image_file
 from bot.processing.message import IncomingMessage
 from bot.storage import open_store
 from bot.terminal_reply import TerminalWriter
+from bot.thread_gates import ThreadGates
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ async def run_shell(
         await anyio.to_thread.run_sync(functools.partial(_say, err, text), limiter=output)
 
     store = await open_store("sqlite:///:memory:")
+    gates = ThreadGates(store, owner="shell")  # the same gate as the bot's: its lease fences the writes
     try:
         async with openai_client(settings, transport=openai_transport) as ai:
             services = Services(settings=settings, openai=ai, store=store, model_slots=anyio.CapacityLimiter(1))
@@ -195,9 +197,17 @@ async def run_shell(
                     await say(f"Unknown command {command}. {HELP}")
                 else:
                     msg = conversation.next_message(line)
-                    state = RequestState(request_id=uuid.uuid4().hex[:12], message=msg, started_at=anyio.current_time())
-                    writer = TerminalWriter(out, status_out=err, limiter=output)
-                    await answer_message(services, state, functools.partial(_same, writer))
+                    async with gates.try_enter(msg.thread) as hold:
+                        assert hold is not None  # one question at a time, in a store of its own
+                        state = RequestState(
+                            request_id=uuid.uuid4().hex[:12],
+                            message=msg,
+                            started_at=anyio.current_time(),
+                            owner=hold.owner,
+                            fence=hold.fence,
+                        )
+                        writer = TerminalWriter(out, status_out=err, limiter=output)
+                        await answer_message(services, state, functools.partial(_same, writer))
     finally:
         with anyio.CancelScope(shield=True):
             await store.aclose()

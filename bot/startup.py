@@ -1,8 +1,9 @@
 """Bring the bot up and take it down: clients, storage, identity, crash recovery.
 
 `run_bot` opens everything with `async with` (so everything is closed however the run
-ends), learns who the bot is (`auth.test`), marks requests a killed process left in
-flight as interrupted, then hands over to the nursery.
+ends), learns who the bot is (`auth.test`), joins the replicas (`bot.replica`: a
+heartbeat, and requests a killed run left in flight marked interrupted), then hands
+over to the nursery.
 
 The transports and the socket connector are parameters: production uses real
 sockets; the simulation passes httpx2 mock transports and an in-memory socket.
@@ -11,22 +12,22 @@ sockets; the simulation passes httpx2 mock transports and an in-memory socket.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from functools import partial
 
 import anyio
 import httpx2
-import openai
 
 from bot.config import Settings
 from bot.metrics import Metrics
 from bot.nursery import Nursery
+from bot.openai_client import openai_client
 from bot.processing.context import MediaServices
-from bot.processing.failures import INTERRUPTED_NOTICE
+from bot.replica import start_replica
+from bot.retrying import doubling, retry
 from bot.services import SlackServices
 from bot.slack.events import BotIdentity
-from bot.slack.reply import fallback_text
 from bot.slack.web_api import SlackAPIError, SlackWebAPI
 from bot.slack.websocket import Connector, connect_websocket
 from bot.storage import Store, open_store
@@ -35,6 +36,7 @@ from bot.timed_store import TimedStore
 log = logging.getLogger(__name__)
 
 AUTH_ERRORS = frozenset({"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"})
+IDENTIFY_PAUSES = doubling(1.0, cap=30.0)  # between auth.test tries while Slack is unreachable
 
 
 class StartupError(Exception):
@@ -42,76 +44,28 @@ class StartupError(Exception):
 
 
 async def identify(slack: SlackWebAPI) -> BotIdentity:
-    """`auth.test` with retries for transient failures; auth failures are fatal."""
-    delay = 1.0
-    while True:
-        try:
-            body = await slack.call("auth.test")
-            return BotIdentity(
-                user_id=str(body.get("user_id", "")),
-                bot_id=str(body.get("bot_id", "")),
-                team_id=str(body.get("team_id", "")),
-            )
-        except SlackAPIError as exc:
-            if exc.error in AUTH_ERRORS:
-                raise StartupError(f"Slack rejected SLACK_BOT_TOKEN ({exc.error}); check the token") from None
-            log.warning("auth.test failed (%s); retrying in %.0fs", exc.error, delay)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+    """`auth.test` with retries for transient failures (1 s, 2 s, 4 s … at most 30 s
+    apart, until it answers or the caller gives up); auth failures are fatal."""
 
+    def pause(n: int, exc: SlackAPIError) -> float:
+        delay = IDENTIFY_PAUSES(n, exc)
+        log.warning("auth.test failed (%s); retrying in %.0fs", exc.error, delay)
+        return delay
 
-async def recover_interrupted(slack: SlackWebAPI, store: Store) -> int:
-    """Fix up answers that a killed process left saying "Thinking…" (or half-streamed).
-
-    The message may still be in native streaming state, and Slack refuses to edit such
-    a message (`streaming_state_conflict`): it is stopped first. A request that had not
-    posted anything yet gets the notice as a new message in its thread."""
-    stale = await store.in_flight()
-    for req in stale:
-        channel = req.thread.channel
-        with anyio.move_on_after(10):
-            try:
-                if req.placeholder_ts:
-                    await _mark_interrupted(slack, channel, req.placeholder_ts)
-                else:
-                    await slack.post_message(channel, req.thread.thread_ts, markdown_text=INTERRUPTED_NOTICE)
-            except SlackAPIError as exc:
-                log.warning("could not mark request %s in %s interrupted: %s", req.request_id, req.thread, exc.error)
-        await store.finish_request(
-            req.request_id,
-            outcome="interrupted",
-            user_text="",
-            user_ts="",
-            reply_text="",
-            finished_at=time.time(),
-            detail="process stopped",
+    try:
+        body = await retry(
+            partial(slack.call, "auth.test"),
+            errors=SlackAPIError,
+            attempts=None,
+            pause=pause,
+            retry_if=lambda exc: exc.error not in AUTH_ERRORS,
         )
-    if stale:
-        log.info("marked %d request(s) from a previous run as interrupted", len(stale))
-    return len(stale)
-
-
-async def _mark_interrupted(slack: SlackWebAPI, channel: str, ts: str) -> None:
-    """Edit the message into the notice; a message still streaming is stopped first
-    (only then: chat.stopStream's budget is small). The notice goes in a markdown block,
-    so it replaces blocks a final write may already have left there (an edit without
-    blocks keeps a message's blocks, and they are what Slack shows)."""
-    try:
-        await _edit_to_notice(slack, channel, ts)
-        return
-    except SlackAPIError as exc:
-        if exc.error != "streaming_state_conflict":
-            raise
-    try:
-        await slack.call("chat.stopStream", channel=channel, ts=ts)
-    except SlackAPIError as exc:
-        log.debug("chat.stopStream on %s before marking it interrupted: %s", ts, exc.error)
-    await _edit_to_notice(slack, channel, ts)
-
-
-async def _edit_to_notice(slack: SlackWebAPI, channel: str, ts: str) -> None:
-    await slack.update_message(
-        channel, ts, blocks=[{"type": "markdown", "text": INTERRUPTED_NOTICE}], text=fallback_text(INTERRUPTED_NOTICE)
+    except SlackAPIError as exc:  # only an auth failure ends the retries
+        raise StartupError(f"Slack rejected SLACK_BOT_TOKEN ({exc.error}); check the token") from None
+    return BotIdentity(
+        user_id=str(body.get("user_id", "")),
+        bot_id=str(body.get("bot_id", "")),
+        team_id=str(body.get("team_id", "")),
     )
 
 
@@ -136,11 +90,6 @@ async def run_bot(
                 limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50),
             )
         )
-        openai_http = await stack.enter_async_context(
-            openai.DefaultAsyncHttpx2Client(transport=openai_transport)
-            if openai_transport is not None
-            else openai.DefaultAsyncHttpx2Client()
-        )
         # Pasted image URLs: a client of its own that carries no token, ignores proxy
         # variables and never follows redirects by itself (url_fetch checks each hop).
         url_http = await stack.enter_async_context(
@@ -152,14 +101,7 @@ async def run_bot(
                 limits=httpx2.Limits(max_connections=20, max_keepalive_connections=0),
             )
         )
-        ai = await stack.enter_async_context(
-            openai.AsyncOpenAI(
-                api_key=settings.openai_api_key,
-                base_url=settings.openai_base_url,
-                http_client=openai_http,
-                max_retries=2,
-            )
-        )
+        ai = await stack.enter_async_context(openai_client(settings, transport=openai_transport, max_retries=2))
         if store is None:
             store = await open_store(settings.database_url)
             stack.push_async_callback(_close_store, store)
@@ -173,7 +115,6 @@ async def run_bot(
         )
         me = await identify(slack)
         log.info("connected to Slack as bot user %s", me.user_id)
-        await recover_interrupted(slack, store)
         services = SlackServices(
             settings=settings,
             slack=slack,
@@ -185,6 +126,7 @@ async def run_bot(
             media=MediaServices(url_client=url_http, workers=anyio.CapacityLimiter(settings.media_workers)),
         )
         nursery = Nursery(services, connector, handle_signals=handle_signals)
+        await start_replica(slack, store, nursery.gates, replica_timeout=settings.replica_timeout_seconds)
         if on_ready is not None:
             on_ready(nursery)
         await nursery.run()

@@ -1,33 +1,67 @@
-"""One message per Slack thread at a time.
+"""One message per Slack thread at a time — in this process and across replicas.
 
-Each thread gets an `anyio.CapacityLimiter(1)`, taken without waiting: a message that
-finds it taken is told "busy" at once instead of queueing behind a request that may run
-for minutes. The token is released only by leaving `try_enter`'s `async with` — by the
-task that took it, as its stack unwinds — so nothing can ever release it twice or
-release a lock it does not hold (the watchdog of the design we replace did both).
+Two gates, both taken without waiting, so a message that finds its thread busy is
+told so at once instead of queueing behind a request that may run for minutes:
+
+1. An `anyio.CapacityLimiter(1)` per thread: the cheap in-process gate.
+2. A lease in storage (`Store.acquire_lease`): one owner per thread across every
+   replica sharing the database. Its fencing token goes with the request, so that
+   storage refuses the writes of a replica that lost the lease. One task for the whole
+   process (`renew_forever`, run by the nursery) renews every held lease each third of
+   its time to live; requests themselves never wait on it.
+
+Both are released only by leaving `try_enter`'s `async with` — by the task that took
+them, as its stack unwinds — so nothing can ever release a gate twice or release one
+it does not hold (the watchdog of the design we replace did both). A lease that cannot
+be renewed is never taken back by force: it expires, and storage fences its holder off.
+If the lease passes to someone else (this process was paused or cut off from the
+database past its time to live), the request is told through `Hold.lost` and its
+`on_lost` callback, so it can stop writing.
 
 `prune()` drops limiters nobody holds, so memory stays flat however many threads the
-bot has seen. With several replicas this becomes a lease in the database; callers only
-see `try_enter`.
+bot has seen.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import anyio
 
-from bot.storage.base import ThreadKey
+from bot.storage.base import StorageError, Store, ThreadKey
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 30.0  # a lease's time to live; renewed every third of it
+
+
+@dataclass
+class Hold:
+    """A thread held by one request: the lease's fencing token, and whether it was lost."""
+
+    thread: ThreadKey
+    fence: int
+    owner: str
+    lost: bool = False
+    on_lost: Callable[[], None] | None = None
 
 
 class ThreadGates:
-    def __init__(self) -> None:
+    def __init__(self, store: Store, *, owner: str, lease_seconds: float = LEASE_SECONDS) -> None:
+        self._store = store
+        self.owner = owner  # this replica's id
+        self.lease_seconds = lease_seconds
         self._limiters: dict[ThreadKey, anyio.CapacityLimiter] = {}
+        self._holds: dict[ThreadKey, Hold] = {}
 
     @asynccontextmanager
-    async def try_enter(self, thread: ThreadKey) -> AsyncIterator[bool]:
-        """Yields True holding the thread, or False (immediately) if it is busy."""
+    async def try_enter(self, thread: ThreadKey) -> AsyncIterator[Hold | None]:
+        """Yields a `Hold` on the thread, or None (immediately) if it is busy here or on
+        another replica. A storage failure taking the lease raises `StorageError`: the
+        bot cannot know who holds the thread, so it does not answer."""
         limiter = self._limiters.get(thread)
         if limiter is None:
             limiter = self._limiters[thread] = anyio.CapacityLimiter(1)
@@ -35,12 +69,58 @@ class ThreadGates:
         try:
             limiter.acquire_on_behalf_of_nowait(holder)
         except anyio.WouldBlock:
-            yield False
+            yield None
             return
         try:
-            yield True
+            token = await self._store.acquire_lease(thread, self.owner, ttl=self.lease_seconds)
+            if token is None:
+                log.info("thread %s is held by another replica", thread)
+                yield None
+                return
+            hold = self._holds[thread] = Hold(thread, token, self.owner)
+            try:
+                yield hold
+            finally:
+                del self._holds[thread]
+                await self._release(hold)
         finally:
             limiter.release_on_behalf_of(holder)
+
+    async def renew_forever(self) -> None:
+        """Renew every held lease each third of its time to live, until cancelled. A
+        failed renewal is tried again at the next tick (a lease lasts three of them); a
+        refused one means the lease passed to someone else."""
+        while True:
+            await anyio.sleep(self.lease_seconds / 3)
+            await self.renew_all()
+
+    async def renew_all(self) -> None:
+        for hold in list(self._holds.values()):
+            if hold.lost:
+                continue
+            try:
+                renewed = await self._store.renew_lease(hold.thread, hold.fence, ttl=self.lease_seconds)
+            except StorageError as exc:
+                log.warning("could not renew the lease on thread %s: %s", hold.thread, exc)
+                continue
+            if not renewed:
+                if self._holds.get(hold.thread) is not hold:
+                    continue  # released while the renewal ran: refused because it was given back
+                log.warning("lost the lease on thread %s to another replica; stopping its request", hold.thread)
+                hold.lost = True
+                if hold.on_lost is not None:
+                    hold.on_lost()
+
+    async def _release(self, hold: Hold) -> None:
+        """Shielded and bounded: a cancelled request still gives its thread back, and a
+        database that does not answer only delays the thread by the lease's expiry."""
+        if hold.lost:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                await self._store.release_lease(hold.thread, hold.fence)
+            except StorageError as exc:
+                log.warning("could not release the lease on thread %s (it expires by itself): %s", hold.thread, exc)
 
     def busy(self, thread: ThreadKey) -> bool:
         limiter = self._limiters.get(thread)

@@ -57,6 +57,7 @@ async def running_bot(
     store: Store | None = None,
     inline_store: bool = False,
     ready_timeout: float = 10.0,
+    slack_handler=None,  # instead of slack.handle (to delay or freeze one replica's calls)
     **overrides,
 ) -> AsyncIterator[Nursery]:
     settings = test_settings(**overrides)
@@ -76,7 +77,7 @@ async def running_bot(
                 partial(
                     run_bot,
                     settings,
-                    slack_transport=httpx2.MockTransport(slack.handle),
+                    slack_transport=httpx2.MockTransport(slack_handler or slack.handle),
                     openai_transport=httpx2.MockTransport(ai.handle),
                     connector=slack.connector,
                     store=store,

@@ -206,8 +206,11 @@ async def test_restart_marks_requests_left_in_flight_interrupted(slack, ai, tmp_
     url = f"sqlite:///{tmp_path}/bot.db"
     store = await open_store(url)
     placeholder = slack.add_user_message("D1", "UBOT", "_Thinking…_")  # what the dead process left
-    await store.start_request(
-        "dead1", ThreadKey("D1", "1.0"), user_ts="1.0", placeholder_ts=placeholder, started_at=0.0
+    thread = ThreadKey("D1", "1.0")
+    fence = await store.acquire_lease(thread, "local", ttl=600)  # "local": the test settings' REPLICA_ID
+    assert fence is not None
+    assert await store.start_request(
+        "dead1", thread, user_ts="1.0", placeholder_ts=placeholder, started_at=0.0, owner="local", fence=fence
     )
     await store.aclose()
     store = await open_store(url)

@@ -170,7 +170,7 @@ async def test_a_damaged_preferences_row_reads_as_defaults(tmp_path):
     store = await open_store(f"sqlite:///{path}")
     await store.aclose()
     conn = sqlite3.connect(path)
-    conn.execute("INSERT INTO ux_preferences (scope, scope_key, prefs, updated_at) VALUES ('user', 'U1', 'nope', 0)")
+    conn.execute("INSERT INTO preferences (scope, scope_key, prefs, updated_at) VALUES ('user', 'U1', 'nope', 0)")
     conn.commit()
     conn.close()
     store = await open_store(f"sqlite:///{path}")

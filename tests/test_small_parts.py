@@ -1,50 +1,16 @@
-"""Thread gates, in-memory dedupe, settings and log redaction."""
+"""In-memory dedupe, settings and log redaction."""
 
 import logging
 
-import anyio
 import pytest
 
 from bot.config import ConfigError, load_settings
 from bot.dedupe import RecentKeys
 from bot.logs import RedactSecrets
-from bot.storage.base import ThreadKey
-from bot.thread_gates import ThreadGates
 
 pytestmark = pytest.mark.anyio
 
 BASE_ENV = {"SLACK_BOT_TOKEN": "xoxb-1-abc", "SLACK_APP_TOKEN": "xapp-1-abc", "OPENAI_API_KEY": "sk-abcdef123"}
-
-
-async def test_gate_admits_one_and_refuses_the_second_at_once():
-    gates = ThreadGates()
-    t = ThreadKey("C1", "1.0")
-    async with gates.try_enter(t) as first:
-        assert first and gates.busy(t)
-        async with gates.try_enter(t) as second:
-            assert second is False
-        async with gates.try_enter(ThreadKey("C1", "2.0")) as other:
-            assert other  # another thread is independent
-    assert not gates.busy(t)
-    assert gates.prune() == 2 and len(gates) == 0
-
-
-async def test_gate_is_released_when_the_holder_is_cancelled():
-    gates = ThreadGates()
-    t = ThreadKey("C1", "1.0")
-    with anyio.move_on_after(0.01):
-        async with gates.try_enter(t) as entered:
-            assert entered
-            await anyio.sleep(10)
-    async with gates.try_enter(t) as again:
-        assert again
-
-
-async def test_prune_keeps_held_gates():
-    gates = ThreadGates()
-    async with gates.try_enter(ThreadKey("C", "1")):
-        assert gates.prune() == 0
-        assert gates.held == 1
 
 
 def test_recent_keys_dedupe_and_bounds():

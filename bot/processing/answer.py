@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 import anyio
+import anyio.lowlevel
 from openai.types.chat import ChatCompletionMessageParam
 
 from bot.metrics import first_call_timer
@@ -29,6 +30,7 @@ from bot.processing.message import IncomingMessage
 from bot.processing.options import RequestOptions, resolve_options
 from bot.processing.surface import PLACEHOLDER, ReplySurface, SurfaceError
 from bot.processing.tool_chat import chat_with_tools
+from bot.retrying import retry
 from bot.storage import StorageError
 from bot.storage.base import HistoryMessage, Outcome
 
@@ -73,13 +75,24 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
             state.placeholder_ts = await _start(state, writer)
             rebuild = msg.in_existing_thread and not await services.store.thread_known(msg.thread)
             recorded = True  # before the call: finishing a request never started is a no-op
-            await services.store.start_request(
+            if not await services.store.start_request(
                 state.request_id,
                 msg.thread,
                 user_ts=msg.ts,
                 placeholder_ts=state.placeholder_ts,
                 started_at=time.time(),
-            )
+                owner=state.owner,
+                fence=state.fence,
+            ):
+                # The thread's lease passed to another replica before the request was
+                # even recorded: it is theirs now. End here, as a shutdown would.
+                # Its own placeholder is still its to fix (nobody else knows of it), so
+                # the notice is written; nothing is stored.
+                log.warning("request %s: the lease on %s was lost before it started", state.request_id, msg.thread)
+                recorded = False
+                state.lease_lost = True
+                state.scope.cancel()
+                await anyio.lowlevel.checkpoint()  # the cancellation lands here
             state.stage = "loading history"
             history = await load_history(services, msg, writer, rebuild=rebuild, exclude_ts={state.placeholder_ts})
             if options.history_messages is not None:
@@ -122,6 +135,8 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
     except anyio.get_cancelled_exc_class():
         if state.stop_reason:  # the user pressed Stop (the nursery set it before cancelling)
             outcome, notice, detail = "stopped", STOPPED_NOTICE, state.stop_reason
+        elif state.lease_lost:
+            outcome, notice, detail = "interrupted", INTERRUPTED_NOTICE, "the thread's lease passed to another replica"
         else:
             outcome, notice, detail = "interrupted", INTERRUPTED_NOTICE, "cancelled"
         raise
@@ -233,6 +248,11 @@ async def _finalize(
     user_text: str | None = None,
 ) -> None:
     msg = state.message
+    if state.lease_lost and recorded:
+        # Another replica owns the thread and takes this request over (its notice, its
+        # stored outcome): a write from here could only overwrite what it shows.
+        log.warning("request %s: lease lost; leaving the answer to the replica that took it over", state.request_id)
+        return
     # The final write waits its turn in the workspace's budget for as long as Slack's
     # Retry-After asks (up to FINAL_WRITE_SECONDS); a shutdown shortens that (`hurry`).
     # Storage gets its own bound after it, so a slow Slack never leaves the request open.
@@ -246,6 +266,9 @@ async def _finalize(
             log.error("request %s: could not write the final text: %s", state.request_id, exc)
         finally:
             state.final_write = None
+    if state.lease_lost and recorded:  # lost while writing: the write was cut short
+        log.warning("request %s: lease lost; leaving the answer to the replica that took it over", state.request_id)
+        return
     if slack_bound.cancelled_caught:
         log.warning("request %s: Slack did not take the final text within %gs", state.request_id, bound)
     if not delivered and outcome == "answered":
@@ -271,28 +294,32 @@ async def _record_outcome(
     # A transient storage error here (locked, briefly full) would leave the request
     # "in flight" forever, and the next start would then overwrite a delivered answer
     # with the interrupted notice: retry within STORE_RESERVE_SECONDS.
-    for attempt in range(1, FINISH_ATTEMPTS + 1):
-        try:
-            await services.store.finish_request(
-                # Storage keeps a user's Stop as "interrupted" (its detail says who stopped it).
-                state.request_id,
-                outcome="interrupted" if outcome == "stopped" else outcome,
-                user_text=user_text,
-                user_ts=state.message.ts,
-                reply_text=writer.text,
-                finished_at=time.time(),
-                detail=detail,
+    async def record() -> None:
+        closed = await services.store.finish_request(
+            # Storage keeps a user's Stop as "interrupted" (its detail says who stopped it).
+            state.request_id,
+            fence=state.fence,
+            outcome="interrupted" if outcome == "stopped" else outcome,
+            user_text=user_text,
+            user_ts=state.message.ts,
+            reply_text=writer.text,
+            finished_at=time.time(),
+            detail=detail,
+        )
+        if not closed:
+            # Fenced off: another replica took the thread over (and stored its own outcome).
+            log.warning(
+                "request %s: outcome not stored; the thread's lease passed to another replica", state.request_id
             )
-            return
-        except StorageError as exc:
-            if attempt == FINISH_ATTEMPTS:
-                log.exception("request %s: could not record its outcome", state.request_id)
-                return
-            log.warning("request %s: could not record its outcome (%s); retrying", state.request_id, exc)
-            await anyio.sleep(0.1 * 2 ** (attempt - 1))
-        except Exception:
-            log.exception("request %s: could not record its outcome", state.request_id)
-            return
+
+    def pause(n: int, exc: StorageError) -> float:
+        log.warning("request %s: could not record its outcome (%s); retrying", state.request_id, exc)
+        return 0.1 * 2.0 ** (n - 1)
+
+    try:
+        await retry(record, errors=StorageError, attempts=FINISH_ATTEMPTS, pause=pause)
+    except Exception:  # the last StorageError, or anything else at once
+        log.exception("request %s: could not record its outcome", state.request_id)
 
 
 async def load_history(

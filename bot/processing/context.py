@@ -60,6 +60,21 @@ class RequestState:
     # shortens it (`hurry`), and the same shortened deadline holds for the next one.
     final_write: anyio.CancelScope | None = None
     hurry_deadline: float = math.inf
+    # Who holds the thread for this request: this replica's id and the lease's fencing
+    # token (storage takes the request's writes only under that token).
+    owner: str = ""
+    fence: int = 0
+    # The lease passed to another replica: from then on this request writes nothing,
+    # to Slack or to storage (the new owner takes the request over).
+    lease_lost: bool = False
+
+    def lose_lease(self) -> None:
+        """Stop: the request, and the shielded Slack write it may be in (its final text
+        would land on what the new owner shows)."""
+        self.lease_lost = True
+        self.scope.cancel()
+        if self.final_write is not None:
+            self.final_write.cancel()
 
     def hurry(self, seconds: float) -> None:
         """Shutdown: leave the request's Slack writes at most `seconds` more, in all."""

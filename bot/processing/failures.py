@@ -35,6 +35,10 @@ def timeout_notice(seconds: float) -> str:
 
 INTERRUPTED_NOTICE = ":warning: Interrupted: the bot was restarted before this answer finished. Please ask again."
 STOPPED_NOTICE = "_Stopped._"  # the user pressed Stop in the agent view (`agent_session_stopped`)
+STORAGE_DOWN_NOTICE = (
+    ":floppy_disk: I cannot reach my database right now, so I cannot answer safely. "
+    "Please try again in a minute; an admin should check the bot's log."
+)
 BUSY_NOTICE = (
     ":hourglass_flowing_sand: I'm still working on the previous message in this thread. "
     "Please wait for that answer, then send this again."

@@ -1,18 +1,20 @@
-"""Storage: the `Store` interface, and `open_store`, the one place DATABASE_URL picks
-the implementation (SQLite today). Nothing here imports the rest of the bot: the bot
-depends on storage, never the other way round (timing lives in `bot.timed_store`)."""
+"""Storage: the `Store` interface, one SQL implementation of it (`SQLStore`) on two
+engines, and `open_store`, the one place DATABASE_URL picks the engine. Nothing here
+imports the rest of the bot: the bot depends on storage, never the other way round
+(timing lives in `bot.timed_store`)."""
 
 from __future__ import annotations
 
 from bot.storage.base import HistoryMessage, InFlightRequest, Outcome, StorageError, Store, StoreClosed, ThreadKey
-from bot.storage.location import sqlite_file
-from bot.storage.sqlite import SQLiteStore
+from bot.storage.location import locate
+from bot.storage.sql_store import SQLStore
+from bot.storage.sqlite import open_sqlite
 
 __all__ = [
     "HistoryMessage",
     "InFlightRequest",
     "Outcome",
-    "SQLiteStore",
+    "SQLStore",
     "StorageError",
     "Store",
     "StoreClosed",
@@ -26,9 +28,17 @@ async def open_store(database_url: str, *, inline: bool = False) -> Store:
 
     * `sqlite:///relative/path.db` (relative to the working directory),
     * `sqlite:////absolute/path.db`,
-    * `sqlite:///:memory:` (gone when closed; for tests).
+    * `sqlite:///:memory:` (gone when closed; for tests),
+    * `postgresql://user:password@host:port/database` (several replicas may share it).
 
-    Anything else raises `ValueError`. `inline=True` runs database calls in the event
+    Anything else raises `ValueError`. `inline=True` runs SQLite calls in the event
     loop thread (for deterministic simulations under a mock clock).
     """
-    return await SQLiteStore.open(sqlite_file(database_url), inline=inline)
+    location = locate(database_url)
+    if location.engine == "postgresql":
+        if inline:
+            raise ValueError("inline storage is SQLite only")
+        from bot.storage.postgres import open_postgres  # psycopg loads only when PostgreSQL is used
+
+        return await open_postgres(location.target)
+    return await open_sqlite(location.target, inline=inline)

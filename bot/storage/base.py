@@ -1,12 +1,22 @@
 """The storage interface: the one narrow door between the bot and its database.
 
 Processing and the nursery only ever see `Store`. `open_store(DATABASE_URL)` picks the
-implementation (SQLite today). Every method is one transaction: it either happens
-whole or not at all, so a cancelled request can never leave half an exchange behind.
+engine (SQLite or PostgreSQL); the queries are the same for both (`sql_store.py`). Every
+method is one transaction: it either happens whole or not at all, so a cancelled
+request can never leave half an exchange behind.
 
-`claim_event` is the durable half of "every event is handled exactly once": when several
-replicas share a database later, it becomes the cross-process dedupe (an INSERT that
-only one replica wins), without processing noticing.
+Several replicas may share one database. Three things make that safe:
+
+* `claim_event` is one atomic INSERT that only one replica wins: an event redelivered
+  to another replica is recognised.
+* A thread lease (`acquire_lease`) gives one request per Slack thread across replicas.
+  Each grant carries a fencing token, larger than any earlier grant for that thread;
+  `start_request` and `finish_request` take effect only while the token is the
+  thread's current one, so a replica that lost its lease (paused, partitioned) cannot
+  overwrite what the new owner wrote. Expiry is read from the database's clock, and a
+  lease ends only by its owner's release or by expiry, never by force.
+* Each replica writes a heartbeat. A request whose owner stopped beating, or whose
+  lease lapsed, is `abandoned`: a live replica takes it over (the interrupted notice).
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ class InFlightRequest:
     thread: ThreadKey
     placeholder_ts: str
     started_at: float
+    owner: str = ""  # the replica that started it ("" for requests stored before replicas)
 
 
 PreferenceScope = Literal["workspace", "user", "thread"]
@@ -107,27 +118,67 @@ class Store(Protocol):
         already has history."""
 
     async def start_request(
-        self, request_id: str, thread: ThreadKey, *, user_ts: str, placeholder_ts: str, started_at: float
-    ) -> None:
-        """Record a request as in flight (its placeholder is on screen); marks the thread known."""
+        self,
+        request_id: str,
+        thread: ThreadKey,
+        *,
+        user_ts: str,
+        placeholder_ts: str,
+        started_at: float,
+        owner: str,
+        fence: int,
+    ) -> bool:
+        """Record a request of replica `owner` as in flight (its placeholder is on
+        screen) and mark the thread known. False, and nothing written, unless `fence`
+        is the thread's current lease token."""
 
     async def finish_request(
         self,
         request_id: str,
         *,
+        fence: int,
         outcome: Outcome,
         user_text: str,
         user_ts: str,
         reply_text: str,
         finished_at: float,
         detail: str = "",
-    ) -> None:
+    ) -> bool:
         """Close a request and, in the same transaction, append the exchange to the
         thread's history. Only answered exchanges enter the history the model sees;
-        the others are kept with their outcome for the record."""
+        the others are kept with their outcome for the record. True if this call closed
+        it; False, and nothing written, if it was not in flight or `fence` is not the
+        current lease token of its thread (the lease was lost to another replica)."""
 
     async def in_flight(self) -> list[InFlightRequest]:
-        """Requests started and never finished (a killed process leaves these)."""
+        """Requests started and never finished, on every replica, oldest first."""
+
+    async def abandoned_requests(self, *, replica_timeout: float) -> list[InFlightRequest]:
+        """Requests in flight that nobody will finish: their owner's heartbeat is older
+        than `replica_timeout` seconds (or missing), or their lease lapsed or passed to
+        another request. Oldest first."""
+
+    # -- replicas: thread leases and heartbeats --
+
+    async def acquire_lease(self, thread: ThreadKey, owner: str, *, ttl: float) -> int | None:
+        """Take `thread` for `ttl` seconds: its new fencing token, or None if another
+        holder's lease has not expired. A lease `owner` already holds is taken anew (a
+        replica restarted under the same id). Never waits."""
+
+    async def renew_lease(self, thread: ThreadKey, token: int, *, ttl: float) -> bool:
+        """Extend the lease to `ttl` seconds from now; False if it passed to someone else."""
+
+    async def release_lease(self, thread: ThreadKey, token: int) -> None:
+        """End the lease (a no-op if it already passed to someone else)."""
+
+    async def heartbeat(self, replica: str) -> None:
+        """Record that `replica` is alive now (by the database's clock)."""
+
+    async def forget_replica(self, replica: str) -> None:
+        """Remove `replica`'s heartbeat (it shut down cleanly)."""
+
+    async def replicas(self) -> dict[str, float]:
+        """Each replica with a heartbeat, and the seconds since its last one."""
 
     async def prune_events(self, older_than: float) -> int:
         """Forget claimed event keys claimed before `older_than` (epoch seconds)."""

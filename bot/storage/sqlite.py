@@ -1,4 +1,4 @@
-"""SQLite behind the `Store` interface.
+"""SQLite as a `Database` for `SQLStore`: one file, one connection, one writer at a time.
 
 Why it looks the way it does:
 
@@ -20,13 +20,15 @@ Why it looks the way it does:
 * Errors from `sqlite3` are re-raised as `StorageError` naming the operation (for
   example "finish_request failed: database is locked"), so callers need not know the
   driver. Using the store after `aclose()` raises `StoreClosed`.
+* Several processes may share the file (replicas on one machine): `BEGIN IMMEDIATE`
+  serialises their writers, `busy_timeout` makes one wait for another, and the
+  clock that leases and heartbeats read (`bot_now()`, registered on the connection)
+  is the machine's, the same for all of them. `clock` replaces it in simulations.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import os
 import sqlite3
 import time
@@ -36,22 +38,10 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
-from bot.storage.base import (
-    HistoryMessage,
-    InFlightRequest,
-    Outcome,
-    PreferenceLayers,
-    PreferenceScope,
-    Rating,
-    StorageError,
-    StoreClosed,
-    ThreadImage,
-    ThreadKey,
-)
+from bot.storage.base import StorageError, StoreClosed
+from bot.storage.sql_store import Connection, SQLStore
 
 T = TypeVar("T")
-
-OUTCOMES = ("answered", "timeout", "error", "interrupted")
 
 # Each entry is one SQL script; entry i upgrades the schema from user_version i to i+1.
 # Never edit an entry that has shipped: append a new one.
@@ -147,6 +137,34 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX media_thread_images_thread ON media_thread_images (channel, thread_ts, id);
     """,
+    # Replicas: names that say what the tables hold, thread leases with fencing tokens,
+    # heartbeats, and the owner and fence of each request.
+    """
+    ALTER TABLE ux_preferences RENAME TO preferences;
+    ALTER TABLE ux_feedback RENAME TO feedback;
+    ALTER TABLE ux_once RENAME TO said_once;
+    ALTER TABLE media_thread_images RENAME TO thread_images;
+    DROP INDEX media_thread_images_thread;
+    CREATE INDEX thread_images_thread ON thread_images (channel, thread_ts, id);
+
+    ALTER TABLE requests ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE requests ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
+
+    CREATE TABLE thread_leases (
+        channel    TEXT NOT NULL,
+        thread_ts  TEXT NOT NULL,
+        owner      TEXT NOT NULL,  -- '' once released
+        token      INTEGER NOT NULL,  -- grows with every grant; the row is never deleted
+        expires_at REAL NOT NULL,  -- by bot_now()
+        PRIMARY KEY (channel, thread_ts)
+    );
+
+    CREATE TABLE replicas (
+        replica_id   TEXT PRIMARY KEY,
+        started_at   REAL NOT NULL,
+        heartbeat_at REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -164,7 +182,7 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
-def _connect(path: str) -> sqlite3.Connection:
+def _connect(path: str, clock: Callable[[], float] = time.time) -> sqlite3.Connection:
     """Open the connection, set it up and bring the schema up to date (blocking)."""
     if path != ":memory:":
         directory = os.path.dirname(path)
@@ -180,6 +198,7 @@ def _connect(path: str) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout=5000")
         conn.execute("PRAGMA foreign_keys=ON")
         conn.execute("PRAGMA synchronous=NORMAL")
+        conn.create_function("bot_now", 0, clock)
         _migrate(conn)
     except BaseException as exc:
         conn.close()
@@ -212,27 +231,15 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
-class SQLiteStore:
-    """`Store` on one SQLite connection. Create it with `await SQLiteStore.open(path)`."""
+class SQLiteDatabase:
+    """One SQLite connection behind a `CapacityLimiter(1)`: the engine of an `SQLStore`."""
 
     def __init__(self, conn: sqlite3.Connection, *, inline: bool = False) -> None:
         self._conn: sqlite3.Connection | None = conn
         self._inline = inline
         self._limiter = anyio.CapacityLimiter(1)
 
-    @classmethod
-    async def open(cls, path: str, *, inline: bool = False) -> SQLiteStore:
-        """Open (creating parent directories) the database at `path` (or ":memory:")
-        and apply pending migrations — in a worker thread unless `inline`."""
-        if inline:
-            conn = _connect(path)
-        else:
-            conn = await anyio.to_thread.run_sync(_connect, path)
-        return cls(conn, inline=inline)
-
-    # -- the one way in: one call, one transaction ---------------------------------
-
-    async def _transaction(self, operation: str, body: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+    async def transaction(self, operation: str, body: Callable[[Connection], T], *, write: bool = True) -> T:
         """Run `body` inside one transaction, as one worker call (or inline)."""
         if self._conn is None:
             raise StoreClosed(f"{operation}: the store is closed")
@@ -262,286 +269,6 @@ class SQLiteStore:
                 return run()
         return await anyio.to_thread.run_sync(run, limiter=self._limiter)
 
-    # -- Store ---------------------------------------------------------------------
-
-    async def claim_event(self, key: str) -> bool:
-        """True the first time `key` is claimed, False ever after (survives restarts;
-        across processes sharing the file only one INSERT wins)."""
-
-        def body(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute("INSERT OR IGNORE INTO events (key, claimed_at) VALUES (?, ?)", (key, time.time()))
-            return cursor.rowcount == 1
-
-        return await self._transaction("claim_event", body)
-
-    async def thread_known(self, thread: ThreadKey) -> bool:
-        def body(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT 1 FROM threads WHERE channel = ? AND thread_ts = ?",
-                (thread.channel, thread.thread_ts),
-            ).fetchone()
-            return row is not None
-
-        return await self._transaction("thread_known", body, write=False)
-
-    async def load_history(self, thread: ThreadKey) -> list[HistoryMessage]:
-        """The in-context messages (answered exchanges and imported history), oldest first."""
-
-        def body(conn: sqlite3.Connection) -> list[HistoryMessage]:
-            rows = conn.execute(
-                "SELECT role, content, ts FROM messages"
-                " WHERE channel = ? AND thread_ts = ? AND in_context = 1 ORDER BY id",
-                (thread.channel, thread.thread_ts),
-            ).fetchall()
-            return [HistoryMessage(role=role, content=content, ts=ts) for role, content, ts in rows]
-
-        return await self._transaction("load_history", body, write=False)
-
-    async def import_history(self, thread: ThreadKey, messages: list[HistoryMessage]) -> None:
-        """Mark the thread known and seed its history, unless it already has some
-        (so a rebuild from Slack can never duplicate what is stored)."""
-
-        def body(conn: sqlite3.Connection) -> None:
-            _ensure_thread(conn, thread)
-            existing = conn.execute(
-                "SELECT 1 FROM messages WHERE channel = ? AND thread_ts = ? LIMIT 1",
-                (thread.channel, thread.thread_ts),
-            ).fetchone()
-            if existing is not None:
-                return
-            conn.executemany(
-                "INSERT INTO messages (channel, thread_ts, role, content, ts, in_context) VALUES (?, ?, ?, ?, ?, 1)",
-                [(thread.channel, thread.thread_ts, m.role, m.content, m.ts) for m in messages],
-            )
-
-        await self._transaction("import_history", body)
-
-    async def start_request(
-        self, request_id: str, thread: ThreadKey, *, user_ts: str, placeholder_ts: str, started_at: float
-    ) -> None:
-        """Record the request as in flight and the thread as known. A repeated
-        `request_id` is a bug in the caller and raises `StorageError`."""
-
-        def body(conn: sqlite3.Connection) -> None:
-            _ensure_thread(conn, thread, created_at=started_at)
-            conn.execute(
-                "INSERT INTO requests"
-                " (request_id, channel, thread_ts, user_ts, placeholder_ts, status, started_at)"
-                " VALUES (?, ?, ?, ?, ?, 'in_flight', ?)",
-                (request_id, thread.channel, thread.thread_ts, user_ts, placeholder_ts, started_at),
-            )
-
-        await self._transaction("start_request", body)
-
-    async def finish_request(
-        self,
-        request_id: str,
-        *,
-        outcome: Outcome,
-        user_text: str,
-        user_ts: str,
-        reply_text: str,
-        finished_at: float,
-        detail: str = "",
-    ) -> None:
-        """Close the request and append the exchange, in one transaction. Only a request
-        still in flight is finished: a second call (or an unknown id) changes nothing,
-        so the history can never get the exchange twice. Each of the user message and
-        the reply is stored only if non-empty (recovery after a crash knows neither); both
-        enter the model's context only when the outcome is 'answered'."""
-        if outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
-
-        def body(conn: sqlite3.Connection) -> None:
-            row = conn.execute(
-                "SELECT channel, thread_ts, placeholder_ts FROM requests WHERE request_id = ? AND status = 'in_flight'",
-                (request_id,),
-            ).fetchone()
-            if row is None:
-                return
-            channel, thread_ts, placeholder_ts = row
-            conn.execute(
-                "UPDATE requests SET status = ?, finished_at = ?, detail = ? WHERE request_id = ?",
-                (outcome, finished_at, detail, request_id),
-            )
-            in_context = 1 if outcome == "answered" else 0
-            exchange = [("user", user_text, user_ts)] if user_text else []
-            if reply_text:
-                # The placeholder message is edited into the reply, so it carries its ts.
-                exchange.append(("assistant", reply_text, placeholder_ts))
-            conn.executemany(
-                "INSERT INTO messages (channel, thread_ts, role, content, ts, request_id, in_context)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(channel, thread_ts, role, text, ts, request_id, in_context) for role, text, ts in exchange],
-            )
-
-        await self._transaction("finish_request", body)
-
-    async def in_flight(self) -> list[InFlightRequest]:
-        """Requests started and never finished, oldest first."""
-
-        def body(conn: sqlite3.Connection) -> list[InFlightRequest]:
-            rows = conn.execute(
-                "SELECT request_id, channel, thread_ts, placeholder_ts, started_at FROM requests"
-                " WHERE status = 'in_flight' ORDER BY started_at, rowid"
-            ).fetchall()
-            return [
-                InFlightRequest(
-                    request_id=request_id,
-                    thread=ThreadKey(channel, thread_ts),
-                    placeholder_ts=placeholder_ts,
-                    started_at=started_at,
-                )
-                for request_id, channel, thread_ts, placeholder_ts, started_at in rows
-            ]
-
-        return await self._transaction("in_flight", body, write=False)
-
-    async def prune_events(self, older_than: float) -> int:
-        """Delete event keys claimed before `older_than`; returns how many."""
-
-        def body(conn: sqlite3.Connection) -> int:
-            return conn.execute("DELETE FROM events WHERE claimed_at < ?", (older_than,)).rowcount
-
-        return await self._transaction("prune_events", body)
-
-    # -- user settings, feedback, one-time notices ---------------------------------
-
-    async def load_preferences(self, user: str, thread: ThreadKey | None) -> PreferenceLayers:
-        """All three layers in one read transaction, so they are mutually consistent."""
-        wanted = [("workspace", ""), ("user", user)]
-        if thread is not None:
-            wanted.append(("thread", str(thread)))
-
-        def body(conn: sqlite3.Connection) -> PreferenceLayers:
-            found: dict[str, dict[str, object]] = {"workspace": {}, "user": {}, "thread": {}}
-            for scope, key in wanted:
-                row = conn.execute(
-                    "SELECT prefs FROM ux_preferences WHERE scope = ? AND scope_key = ?", (scope, key)
-                ).fetchone()
-                if row is not None:
-                    found[scope] = _json_object(row[0])
-            return PreferenceLayers(**found)
-
-        return await self._transaction("load_preferences", body, write=False)
-
-    async def save_preferences(
-        self, scope: PreferenceScope, key: str, prefs: dict[str, object], *, updated_by: str
-    ) -> None:
-        if scope not in ("workspace", "user", "thread"):
-            raise ValueError(f"scope must be workspace, user or thread, got {scope!r}")
-        encoded = json.dumps(prefs, sort_keys=True)  # before the transaction: a bad value raises here
-
-        def body(conn: sqlite3.Connection) -> None:
-            if not prefs:
-                conn.execute("DELETE FROM ux_preferences WHERE scope = ? AND scope_key = ?", (scope, key))
-                return
-            conn.execute(
-                "INSERT INTO ux_preferences (scope, scope_key, prefs, updated_by, updated_at)"
-                " VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (scope, scope_key) DO UPDATE SET"
-                " prefs = excluded.prefs, updated_by = excluded.updated_by, updated_at = excluded.updated_at",
-                (scope, key, encoded, updated_by, time.time()),
-            )
-
-        await self._transaction("save_preferences", body)
-
-    async def record_feedback(self, channel: str, message_ts: str, user: str, rating: Rating) -> None:
-        if rating not in ("good", "bad"):
-            raise ValueError(f"rating must be good or bad, got {rating!r}")
-
-        def body(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO ux_feedback (channel, message_ts, user_id, rating, recorded_at) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (channel, message_ts, user_id) DO UPDATE SET"
-                " rating = excluded.rating, recorded_at = excluded.recorded_at",
-                (channel, message_ts, user, rating, time.time()),
-            )
-
-        await self._transaction("record_feedback", body)
-
-    async def feedback_for(self, channel: str, message_ts: str) -> dict[str, Rating]:
-        def body(conn: sqlite3.Connection) -> dict[str, Rating]:
-            rows = conn.execute(
-                "SELECT user_id, rating FROM ux_feedback WHERE channel = ? AND message_ts = ?", (channel, message_ts)
-            ).fetchall()
-            return {user: rating for user, rating in rows}
-
-        return await self._transaction("feedback_for", body, write=False)
-
-    async def claim_once(self, kind: str, key: str) -> bool:
-        def body(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
-                "INSERT OR IGNORE INTO ux_once (kind, once_key, claimed_at) VALUES (?, ?, ?)", (kind, key, time.time())
-            )
-            return cursor.rowcount == 1
-
-        return await self._transaction("claim_once", body)
-
-    # -- images in a thread's conversation ---------------------------------------
-
-    async def add_thread_images(self, thread: ThreadKey, images: list[ThreadImage], *, keep: int) -> None:
-        """Insert the images and trim the thread to its newest `keep`, in one transaction."""
-        if not images:
-            return
-
-        def body(conn: sqlite3.Connection) -> None:
-            now = time.time()
-            conn.executemany(
-                "INSERT INTO media_thread_images"
-                " (channel, thread_ts, ts, name, mime, width, height, source, label, data, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        thread.channel,
-                        thread.thread_ts,
-                        i.ts,
-                        i.name,
-                        i.mime,
-                        i.width,
-                        i.height,
-                        i.source,
-                        i.label,
-                        sqlite3.Binary(i.data),
-                        now,
-                    )
-                    for i in images
-                ],
-            )
-            conn.execute(
-                "DELETE FROM media_thread_images WHERE channel = ? AND thread_ts = ? AND id NOT IN"
-                " (SELECT id FROM media_thread_images WHERE channel = ? AND thread_ts = ? ORDER BY id DESC LIMIT ?)",
-                (thread.channel, thread.thread_ts, thread.channel, thread.thread_ts, max(keep, 0)),
-            )
-
-        await self._transaction("add_thread_images", body)
-
-    async def thread_images(self, thread: ThreadKey, *, limit: int) -> list[ThreadImage]:
-        if limit <= 0:
-            return []
-
-        def body(conn: sqlite3.Connection) -> list[ThreadImage]:
-            rows = conn.execute(
-                "SELECT name, mime, data, width, height, source, label, ts FROM media_thread_images"
-                " WHERE channel = ? AND thread_ts = ? ORDER BY id DESC LIMIT ?",
-                (thread.channel, thread.thread_ts, limit),
-            ).fetchall()
-            return [
-                ThreadImage(
-                    name=name,
-                    mime=mime,
-                    data=bytes(data),
-                    width=width,
-                    height=height,
-                    source=source,
-                    label=label,
-                    ts=ts,
-                )
-                for name, mime, data, width, height, source, label, ts in reversed(rows)
-            ]
-
-        return await self._transaction("thread_images", body, write=False)
-
     async def aclose(self) -> None:
         """Close the connection once no transaction is running. Idempotent, and shielded
         so a cancelled shutdown still closes the file cleanly."""
@@ -559,20 +286,12 @@ class SQLiteStore:
                 await anyio.to_thread.run_sync(close, limiter=self._limiter)
 
 
-def _ensure_thread(conn: sqlite3.Connection, thread: ThreadKey, created_at: float | None = None) -> None:
-    conn.execute(
-        "INSERT OR IGNORE INTO threads (channel, thread_ts, created_at) VALUES (?, ?, ?)",
-        (thread.channel, thread.thread_ts, time.time() if created_at is None else created_at),
-    )
-
-
-def _json_object(text: str) -> dict[str, object]:
-    """A stored preferences blob; a damaged one reads as empty rather than failing every request."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        logging.getLogger(__name__).warning("stored preferences are not a JSON object; using the defaults")
-        return {}
-    return value
+async def open_sqlite(path: str, *, inline: bool = False, clock: Callable[[], float] = time.time) -> SQLStore:
+    """Open (creating parent directories) the database at `path` (or ":memory:") and
+    apply pending migrations — in a worker thread unless `inline`. `clock` is what
+    `bot_now()` reads (epoch seconds; a simulation passes its virtual clock)."""
+    if inline:
+        conn = _connect(path, clock)
+    else:
+        conn = await anyio.to_thread.run_sync(_connect, path, clock)
+    return SQLStore(SQLiteDatabase(conn, inline=inline))

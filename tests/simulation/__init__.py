@@ -1,8 +1,9 @@
 """Deterministic simulation at scale (issue 6): seeded random worlds, in virtual time.
 
 One seed determines everything — users, threads, message timing, what OpenAI does with
-each message, Slack / socket / storage faults, SIGTERMs and crashes, and the scheduler's
-interleavings — and the same seed replays the same run bit for bit.
+each message, Slack / socket / storage faults, SIGTERMs and crashes, how many replicas
+run at once and their kills, pauses and partitions, and the scheduler's interleavings —
+and the same seed replays the same run bit for bit.
 
 - `scenario.py`: `generate(seed)` → a `Scenario` (plain data, printable, JSON), and the
   shrinker's candidate reductions;

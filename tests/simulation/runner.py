@@ -158,6 +158,7 @@ def run_scenario(scenario: Scenario) -> Result:
             if not any(v.startswith("the run crashed") for v in world.violations):
                 invariants.check(world)
                 invariants.check_retry_after(world)
+                invariants.check_replicas(world)
     finally:
         world.cleanup()
     return Result(

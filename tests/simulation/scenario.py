@@ -76,6 +76,14 @@ class Fault:
                     HTTP `status` (the reply is lost: a post exists that the bot was told failed);
     kind "end_stream": Slack ends, by itself, the native stream answering message `target`
                     ("m12") if one is streaming at that instant (FakeSlack.end_stream).
+
+    Replicas (`Scenario.replicas` > 1): "sigterm" and "crash" stop the replica `target`
+    names ("r1"; "" is r0), and its restart runs under a new replica id if `new_id`;
+    kind "pause":     replica `target` freezes for `seconds` (SIGSTOP … SIGCONT): its Web
+                    API and OpenAI calls, socket frames and store transactions wait until
+                    it resumes (its timers still fire, and their calls wait too);
+    kind "partition": replica `target`'s store calls raise StorageError for `seconds`
+                    (cut off from the database; Slack and OpenAI still reachable).
     """
 
     at: float
@@ -88,6 +96,7 @@ class Fault:
     restart_after: float | None = None
     seconds: float = 0.0  # outage: how long
     after: bool = False  # slack: the call takes effect, then the 5xx
+    new_id: bool = False  # sigterm/crash of a replica: it restarts under a new replica id
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,8 @@ class Scenario:
     messages: tuple[Msg, ...] = ()
     faults: tuple[Fault, ...] = ()
     native: bool = True  # NATIVE_STREAMING (production: on); off, DMs stream by chat.update too
+    replicas: int = 1  # bot processes running at once on the one database and the one Slack
+    replica_timeout: float = 30.0  # REPLICA_TIMEOUT_SECONDS (also the thread leases' time to live)
     note: str = field(default="", compare=False)  # what the shrinker did, for the printout
 
     # ---- (de)serialisation: a shrunk scenario is replayed from its JSON ---------------
@@ -120,6 +131,7 @@ class Scenario:
             f"seed {self.seed}: {self.users} user(s), {self.channels} channel(s), {self.slots} model slot(s), "
             f"Slack latency {self.slack_latency:g}s, native streaming {'on' if self.native else 'off'}, "
             f"{len(self.messages)} message(s), {len(self.faults)} fault(s)"
+            + (f", {self.replicas} replicas (timeout {self.replica_timeout:g}s)" if self.replicas > 1 else "")
         ]
         rows: list[tuple[float, int, str]] = []
         for m in self.messages:
@@ -184,8 +196,15 @@ def _fault_text(f: Fault) -> str:
         return f"socket {f.target}" if f.target in ("drop", "silence") else f"socket disconnect ({f.target})"
     if f.kind == "storage":
         return f"storage {f.target} fails ({f.error}) x{f.times}"
+    who = f" of replica {f.target}" if f.target else ""
+    if f.kind == "pause":
+        return f"replica {f.target or 'r0'} paused for {f.seconds:g}s"
+    if f.kind == "partition":
+        return f"replica {f.target or 'r0'} cut off from storage for {f.seconds:g}s"
     restart = "stays down" if f.restart_after is None else f"restart after {f.restart_after:g}s"
-    return f"{f.kind.upper()}, {restart}"
+    if f.new_id and f.restart_after is not None:
+        restart += " under a new replica id"
+    return f"{f.kind.upper()}{who}, {restart}"
 
 
 # ---- generation -----------------------------------------------------------------------
@@ -389,6 +408,9 @@ def generate(seed: int) -> Scenario:
     # streams Slack ends by itself, and answers whose text the bot must transform.
     messages, weather = _weather(random.Random(f"{seed}:weather"), profile, messages, end, native)
     faults.extend(weather)
+    # Replicas, from a stream of their own too: most seeds stay the one process they were.
+    replicas, replica_timeout, replica_faults = _replicas(random.Random(f"{seed}:replicas"), profile, messages, end)
+    faults.extend(replica_faults)
     faults.sort(key=lambda f: f.at)
     return Scenario(
         seed,
@@ -399,8 +421,46 @@ def generate(seed: int) -> Scenario:
         tuple(messages),
         tuple(faults),
         native,
-        note=f"profile {profile}, size {size}",
+        replicas=replicas,
+        replica_timeout=replica_timeout,
+        note=f"profile {profile}, size {size}" + (f", {replicas} replicas" if replicas > 1 else ""),
     )
+
+
+REPLICA_SHARE = 0.2  # of the seeds run several replicas at once
+
+
+def _replicas(rng: random.Random, profile: str, messages: list[Msg], end: float) -> tuple[int, float, list[Fault]]:
+    """How many replicas a seed runs (2–3 in REPLICA_SHARE of the seeds, else 1), their
+    REPLICA_TIMEOUT_SECONDS (short, so that takeovers happen within a scenario), and the
+    replica faults: kills (restarting under the same id or a new one), pauses around a
+    lease's lifetime and partitions from storage, often while a request is answering."""
+    if rng.random() >= REPLICA_SHARE:
+        return 1, 30.0, []
+    replicas = rng.choice([2, 2, 3])
+    timeout = rng.choice([10.0, 15.0, 30.0])
+    starts = sorted({m.at + m.delay for m in messages})
+
+    def moment() -> float:
+        if starts and rng.random() < 0.6:  # while something answers
+            return _q(rng.choice(starts) + rng.uniform(0.0, 6.0))
+        return _q(rng.uniform(0, end + 30))
+
+    faults: list[Fault] = []
+    n_faults = {"calm": 0, "busy": rng.randint(1, 2), "faulty": rng.randint(1, 3), "chaos": rng.randint(2, 4)}[profile]
+    for _ in range(n_faults):
+        target = f"r{rng.randrange(replicas)}"
+        kind = rng.choices(["crash", "sigterm", "pause", "partition"], [3, 1, 3, 2])[0]
+        if kind in ("crash", "sigterm"):
+            restart = rng.choice([0.25, 5.0, 30.0, 120.0, None if kind == "sigterm" else 60.0])
+            faults.append(Fault(moment(), kind, target, restart_after=restart, new_id=rng.random() < 0.5))
+        elif kind == "pause":
+            seconds = rng.choice([1.0, timeout / 2, timeout * 1.5, timeout * 3, 150.0])
+            faults.append(Fault(moment(), "pause", target, seconds=_q(seconds)))
+        else:
+            seconds = rng.choice([1.0, timeout / 2, timeout * 2, 90.0])
+            faults.append(Fault(moment(), "partition", target, seconds=_q(seconds)))
+    return replicas, timeout, faults
 
 
 def _weather(
@@ -496,6 +556,8 @@ def shrink_candidates(s: Scenario):
         yield replace(s, slots=100)
     if s.native:
         yield replace(s, native=False)
+    if s.replicas > 1:
+        yield replace(s, replicas=s.replicas - 1)  # (a fault for a replica gone is skipped)
     # 5. plainer messages
     for i, m in enumerate(s.messages):
         simpler = []
@@ -533,6 +595,12 @@ def shrink_candidates(s: Scenario):
             )
         if f.kind in ("sigterm", "crash") and f.restart_after not in (None, 0.25):
             yield replace(s, faults=(*s.faults[:i], replace(f, restart_after=0.25), *s.faults[i + 1 :]))
+        if f.new_id:
+            yield replace(s, faults=(*s.faults[:i], replace(f, new_id=False), *s.faults[i + 1 :]))
+        if f.kind in ("pause", "partition") and f.seconds > 1.0:
+            yield replace(
+                s, faults=(*s.faults[:i], replace(f, seconds=max(1.0, _q(f.seconds / 2))), *s.faults[i + 1 :])
+            )
 
 
 def size(s: Scenario) -> tuple:
@@ -554,6 +622,8 @@ def size(s: Scenario) -> tuple:
         + (s.slots != 100)
         + s.native
         + sum(f.restart_after not in (None, 0.25) for f in s.faults)
-        + sum(f.after for f in s.faults),
+        + sum(f.after for f in s.faults)
+        + (s.replicas - 1)
+        + sum(f.new_id for f in s.faults),
         sum(m.at for m in s.messages) + sum(f.at + f.seconds for f in s.faults),
     )

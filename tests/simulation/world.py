@@ -21,6 +21,17 @@ the bot's own budget for a method (observed, not changed).
 Slack's weather besides injected faults: its rate limits (FakeSlack's tiers, on by
 default), outages of the whole Web API, posts made then answered 5xx, and native streams
 it ends by itself mid-answer.
+
+Replicas (`Scenario.replicas` > 1): that many incarnations run at once, each a replica
+with its own REPLICA_ID, its own store on the shared SQLite file and its own Socket Mode
+connections to the one Slack (which spreads envelopes over them round-robin). Each
+replica is a slot whose incarnations succeed one another (a crash, then its restart under
+the same id or a new one). A replica can be paused (every call, socket frame and store
+transaction of it waits until it resumes) or cut off from storage (its store calls raise
+StorageError). The store records the lease grants, renewals and releases and the fenced
+writes (start_request / finish_request) with their results, in commit order
+(`World.store_log`), and every takeover of another's request (`bot.replica._notify`,
+observed) is attributed to the process that did it: what the replica invariants read.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import math
 import os
 import random
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,11 +53,13 @@ from typing import Any
 import anyio
 import httpx2
 
+import bot.replica
 from bot.config import Settings
 from bot.processing.answer import FINALIZE_SECONDS
 from bot.startup import run_bot
 from bot.storage import StorageError
-from bot.storage.sqlite import SQLiteStore
+from bot.storage.sql_store import SQLStore
+from bot.storage.sqlite import open_sqlite
 from tests.fakes.openai import Behaviour, FakeOpenAI, last_user_text
 from tests.fakes.slack import FakeSlack, NoConnection, _parse_args
 from tests.harness import test_settings
@@ -68,12 +82,15 @@ CREATING_METHODS = ("chat.postMessage", "chat.startStream")
 @dataclass(frozen=True)
 class Tag:
     """Whose handling a call belongs to: `kind` is "envelope" (dedupe/gate), "request"
-    (answering: `rid`), or "busy" (the busy reply)."""
+    (answering: `rid`), "busy" (the busy reply), "storage_down" (the note that the lease
+    could not be taken), "startup" (identify, and taking over the requests of the previous
+    run) or "takeover" (a live replica taking over an abandoned request: `of`)."""
 
     inc: int
     msg: int | None
     kind: str
     rid: str = ""
+    of: str = ""  # startup / takeover: the request taken over
 
 
 HANDLING: contextvars.ContextVar[Tag | None] = contextvars.ContextVar("sim_handling", default=None)
@@ -96,6 +113,7 @@ class SlackCall:
     created_ts: str = ""  # the message Slack created while answering (also when it then answered 5xx)
     t_end: float = math.nan
     seq0: int = 0  # the world's event counter when the call was sent ...
+    issued: int = 0  # ... before a pause of its process held it back (== seq0 - 1 without one)
     seq1: int = 0  # ... and when its answer came back (orders calls within one instant)
     status: int = 0  # HTTP status
     retry_after: float = 0.0  # a 429's Retry-After
@@ -153,7 +171,7 @@ class Request:
 
 @dataclass
 class Handling:
-    kind: str  # request | busy | skip | duplicate
+    kind: str  # request | busy | skip | duplicate | storage_down
     inc: int
     msg: int | None
     t: float
@@ -176,9 +194,33 @@ class EventState:
 
 
 @dataclass
+class StoreOp:
+    """One lease operation or fenced write, as the shared database committed it."""
+
+    inc: int
+    op: str  # acquire | renew | release | start | finish
+    thread: tuple | None  # (channel, thread_ts); None for a finish (found by its request)
+    token: int | None  # the fence / token passed (None for acquire)
+    rid: str = ""
+    owner: str = ""
+    ttl: float = 0.0
+    outcome: str = ""
+    detail: str = ""
+    t: float = math.nan  # world time of the commit
+    clock: float = math.nan  # bot_now() at the commit (the store's clock)
+    result: Any = None
+    seq: int = 0  # the world's event counter at the commit (orders it among Slack calls)
+
+
+STORE_OP: contextvars.ContextVar[StoreOp | None] = contextvars.ContextVar("sim_store_op", default=None)
+
+
+@dataclass
 class Incarnation:
     n: int
     started: float
+    slot: int = 0  # which replica (0 … replicas-1)
+    replica_id: str = ""  # its REPLICA_ID ("" : the settings' default, the one-process worlds)
     dead: bool = False
     crashed_at: float | None = None
     stopped_at: float | None = None  # SIGTERM (nursery.stop())
@@ -190,6 +232,18 @@ class Incarnation:
     in_request: int = 0  # _request tasks running
     restarted: bool = False  # a replacement process was started
     store: Any = None
+    paused: anyio.Event | None = None  # set when it resumes; None while it runs
+    partitioned_until: float = -math.inf  # world time until which its store calls fail
+    impaired: list[tuple[str, float, float]] = field(default_factory=list)  # (pause | partition | crash, from, to)
+
+    async def hold(self) -> None:
+        """A paused process does nothing until it resumes (or is killed)."""
+        while self.paused is not None and not self.dead:
+            await self.paused.wait()
+
+    def paused_between(self, t0: float, t1: float) -> float:
+        """Seconds of [t0, t1] this process spent paused."""
+        return sum(max(0.0, min(t1, b) - max(t0, a)) for kind, a, b in self.impaired if kind == "pause")
 
     @property
     def up(self) -> bool:
@@ -200,37 +254,85 @@ class _Dead(Exception):
     """Raised inside a transaction of a crashed incarnation: it never commits."""
 
 
-class SimStore(SQLiteStore):
-    """The real SQLite store on the shared file, plus two things the world needs: storage
-    faults (the next N calls of a method raise StorageError, as a locked or full database
-    does) and death (a crashed incarnation's transactions never commit). Both hook the
-    store's one way in, `_transaction`, so every method (present and future) has them."""
+class SimStore(SQLStore):
+    """The real SQL store on the shared SQLite file, plus two things the world needs:
+    storage faults (the next N calls of a method raise StorageError, as a locked or full
+    database does) and death (a crashed incarnation's transactions never commit). Both
+    hook the store's one way in, `_run`, so every method (present and future) has them."""
 
     world: World
     inc: Incarnation
 
-    async def in_flight(self):
-        found = await super().in_flight()
-        if self.inc.nursery is None:  # what the start-up's crash recovery is about to fix up
-            self.world.recovered.append((self.inc.n, list(found)))
-        return found
+    async def _observed(self, op: StoreOp, call):
+        token = STORE_OP.set(op)
+        try:
+            return await call
+        finally:
+            STORE_OP.reset(token)
 
-    async def _transaction(self, operation: str, body: Callable, *, write: bool = True):
+    async def acquire_lease(self, thread, owner, *, ttl):
+        op = StoreOp(self.inc.n, "acquire", (thread.channel, thread.thread_ts), None, owner=owner, ttl=ttl)
+        return await self._observed(op, super().acquire_lease(thread, owner, ttl=ttl))
+
+    async def renew_lease(self, thread, token, *, ttl):
+        op = StoreOp(self.inc.n, "renew", (thread.channel, thread.thread_ts), token, ttl=ttl)
+        return await self._observed(op, super().renew_lease(thread, token, ttl=ttl))
+
+    async def release_lease(self, thread, token):
+        op = StoreOp(self.inc.n, "release", (thread.channel, thread.thread_ts), token)
+        return await self._observed(op, super().release_lease(thread, token))
+
+    async def start_request(self, request_id, thread, **kwargs):
+        op = StoreOp(
+            self.inc.n,
+            "start",
+            (thread.channel, thread.thread_ts),
+            kwargs.get("fence"),
+            rid=request_id,
+            owner=kwargs.get("owner", ""),
+        )
+        return await self._observed(op, super().start_request(request_id, thread, **kwargs))
+
+    async def finish_request(self, request_id, **kwargs):
+        op = StoreOp(
+            self.inc.n,
+            "finish",
+            None,
+            kwargs.get("fence"),
+            rid=request_id,
+            outcome=kwargs.get("outcome", ""),
+            detail=kwargs.get("detail", ""),
+        )
+        return await self._observed(op, super().finish_request(request_id, **kwargs))
+
+    async def _run(self, operation: str, body: Callable, *, write: bool = True):
         inc = self.inc
+        world = self.world
+        op = STORE_OP.get()
+        await inc.hold()
         if inc.dead:
             await anyio.sleep_forever()
         if inc.nursery is not None:  # startup (crash recovery) is not fault-injected
-            error = self.world.take_storage_fault(operation)
+            if world.now() < inc.partitioned_until:
+                world.count("partitioned_store_calls")
+                raise StorageError(f"{operation} failed: could not connect to the database (partitioned)")
+            error = world.take_storage_fault(operation)
             if error:
                 raise StorageError(f"{operation} failed: {error}")
 
         def guarded(conn):
             if inc.dead:
                 raise _Dead
-            return body(conn)
+            result = body(conn)
+            if op is not None:  # in commit order: nothing else runs between body and commit
+                op.result, op.t, op.clock, op.seq = result, world.now(), anyio.current_time(), world.next_seq()
+                world.store_log.append(op)
+                if op.op == "acquire" and result is not None:
+                    world.lease_tokens[op.thread] = result
+            return result
 
         try:
-            return await super()._transaction(operation, guarded, write=write)
+            return await super()._run(operation, guarded, write=write)
         except _Dead:
             await anyio.sleep_forever()
 
@@ -278,13 +380,16 @@ class SimSlack(FakeSlack):
 class _TrackedStream(httpx2.AsyncByteStream):
     """A response body that reports when it ends or is closed (an OpenAI call's end)."""
 
-    def __init__(self, inner, on_end: Callable[[], None]) -> None:
+    def __init__(self, inner, on_end: Callable[[], None], inc: Incarnation | None = None) -> None:
         self._inner = inner
         self._on_end = on_end
+        self._inc = inc
 
     async def __aiter__(self):
         try:
             async for chunk in self._inner:
+                if self._inc is not None:
+                    await self._inc.hold()  # a paused process reads nothing
                 yield chunk
         finally:
             self._on_end()
@@ -292,6 +397,28 @@ class _TrackedStream(httpx2.AsyncByteStream):
     async def aclose(self) -> None:
         self._on_end()
         await self._inner.aclose()
+
+
+def _pausable(ws, inc: Incarnation) -> None:
+    """The client end of a socket whose frames wait while its process is paused: nothing
+    is sent (acks, pings), and a frame that arrives is read when it resumes."""
+    send_text, receive_text, ping = ws.send_text, ws.receive_text, ws.ping
+
+    async def paused_send(text: str) -> None:
+        await inc.hold()
+        await send_text(text)
+
+    async def paused_receive() -> str:
+        await inc.hold()
+        text = await receive_text()
+        await inc.hold()
+        return text
+
+    async def paused_ping() -> None:
+        await inc.hold()
+        await ping()
+
+    ws.send_text, ws.receive_text, ws.ping = paused_send, paused_receive, paused_ping
 
 
 def _no_web(request: httpx2.Request) -> httpx2.Response:
@@ -365,7 +492,13 @@ class World:
         self.requests: list[Request] = []
         self.handlings: list[Handling] = []
         self.storage_faults: dict[str, list[list]] = {}  # method -> [[error, times left], ...]
-        self.recovered: list[tuple[int, list]] = []  # (process, the in-flight requests its start-up found)
+        # process -> the requests it took over (its start-up: its previous run's; a live
+        # replica: abandoned ones), each once its lease was taken, before the notice
+        self.recovered: dict[int, list] = {}
+        self.store_log: list[StoreOp] = []  # lease operations and fenced writes, in commit order
+        self.lease_tokens: dict[tuple, int] = {}  # thread -> its newest lease token
+        self.request_by_rid: dict[str, Request] = {}
+        self.pending_resumes = 0
         self.seq = 0
         self.t0: float | None = None  # when the scenario starts: the first socket said hello
         self.clock0 = 0.0
@@ -418,6 +551,15 @@ class World:
     def current(self) -> Incarnation | None:
         return self.incs[-1] if self.incs else None
 
+    def current_of(self, slot: int) -> Incarnation | None:
+        """The newest incarnation of replica `slot`."""
+        return next((inc for inc in reversed(self.incs) if inc.slot == slot), None)
+
+    def fenced_off(self, rid: str) -> bool:
+        """Whether the lease the request ran under has passed to a newer holder."""
+        rec = self.request_by_rid.get(rid)
+        return rec is not None and self.lease_tokens.get(rec.thread, 0) > getattr(rec.state, "fence", 0)
+
     # ---- OpenAI -------------------------------------------------------------------------
 
     def _step(self, mid: int | None, attempt: int) -> tuple:
@@ -435,6 +577,7 @@ class World:
         return behaviour
 
     async def _openai(self, inc: Incarnation, request: httpx2.Request) -> httpx2.Response:
+        await inc.hold()
         if inc.dead:
             await anyio.sleep_forever()
         try:
@@ -458,7 +601,8 @@ class World:
         )
         self.ai_calls.append(call)
         self.log_trace("openai", f"#{inc.n} m{mid} attempt {attempt}: {step[0]}")
-        # No thread may have two model calls at once (among live processes).
+        # No thread may have two model calls at once (among live processes, and among the
+        # requests still holding their thread's lease: one fenced off may not know yet).
         if call.thread is not None:
             for other in self.ai_calls:
                 if (
@@ -466,7 +610,13 @@ class World:
                     and math.isnan(other.t_end)
                     and other.thread == call.thread
                     and not self.incs[other.inc - 1].dead
+                    and not (other.tag and other.tag.rid and self.fenced_off(other.tag.rid))
                 ):
+                    if tag is not None and tag.rid and self.fenced_off(tag.rid):
+                        # This call's own request lost the thread (its process was paused or
+                        # cut off) and does not know yet: it learns at its next renewal.
+                        self.count("model_calls_of_fenced_off_requests")
+                        continue
                     self.violate(f"two OpenAI calls at once in thread {call.thread}: m{other.msg} and m{mid}")
 
         def end() -> None:
@@ -481,11 +631,16 @@ class World:
         except BaseException:
             end()
             raise
+        try:
+            await inc.hold()
+        except BaseException:
+            end()
+            raise
         if inc.dead:
             end()
             await anyio.sleep_forever()
         if response.headers.get("content-type", "").startswith("text/event-stream"):
-            response.stream = _TrackedStream(response.stream, end)
+            response.stream = _TrackedStream(response.stream, end, inc)
         else:
             end()
         return response
@@ -493,6 +648,11 @@ class World:
     # ---- Slack Web API ------------------------------------------------------------------
 
     async def _slack_api(self, inc: Incarnation, request: httpx2.Request) -> httpx2.Response:
+        # When the bot sent it, even if a pause holds it back: in the simulation a paused
+        # process's code still runs between its I/O, so what it sends meanwhile left it
+        # before anything it learns on resuming.
+        issued = self.next_seq()
+        await inc.hold()
         if inc.dead:
             await anyio.sleep_forever()
         method = request.url.path.rsplit("/", 1)[-1]
@@ -503,7 +663,7 @@ class World:
         tag = HANDLING.get()
         if tag is not None and tag.kind == "process" and inc.nursery is None:
             tag = Tag(inc.n, None, "startup")  # identify, and the crash recovery's fix-ups
-        call = SlackCall(self.now(), inc.n, tag, method, args, seq0=self.next_seq())
+        call = SlackCall(self.now(), inc.n, tag, method, args, seq0=self.next_seq(), issued=issued)
         self.slack_calls.append(call)
         current = CURRENT_CALL.set(call)
         try:
@@ -551,14 +711,17 @@ class World:
                 injected += " [inside an announced Retry-After window]"
             result = f"ok {call.created_ts}".rstrip() if call.ok else f"FAILED {call.error}{injected}"
             self.log_trace("slack", f"#{inc.n}{owner} {method} {where} {ts} {str(text)[:60]!r} -> {result}")
+        await inc.hold()  # the answer reaches a paused process when it resumes
         if inc.dead:
             await anyio.sleep_forever()
         return response
 
     async def _connect(self, inc: Incarnation, url: str):
+        await inc.hold()
         if inc.dead:
             await anyio.sleep_forever()
         ws = await self.slack.connector(url)
+        _pausable(ws, inc)
         link = ws._link
         inc.links.append(link)
         self.link_inc[link.id] = inc.n
@@ -573,7 +736,16 @@ class World:
     def _on_ready(self, inc: Incarnation, nursery) -> None:
         """Instrument a fresh nursery before it runs (observation only)."""
         inc.nursery = nursery
-        for name in ("_request", "_first_time", "_thread_known", "_busy_reply", "reader", "active", "gates"):
+        for name in (
+            "_request",
+            "_first_time",
+            "_thread_known",
+            "_busy_reply",
+            "_storage_down_reply",
+            "reader",
+            "active",
+            "gates",
+        ):
             if not hasattr(nursery, name):
                 raise AttributeError(f"the simulator's instrumentation needs Nursery.{name}; update tests/simulation")
         nursery.reader._backoff._rng = random.Random(f"{self.s.seed}:{inc.n}:backoff")
@@ -610,6 +782,14 @@ class World:
                 world.log_trace("bot", f"#{inc.n} m{world.by_ts.get(msg.ts)} ignored: thread not known")
             return known
 
+        original_storage_down = nursery._storage_down_reply
+
+        async def storage_down_reply(msg, exc):
+            mid = world.by_ts.get(msg.ts)
+            world.handlings.append(Handling("storage_down", inc.n, mid, world.now()))
+            HANDLING.set(Tag(inc.n, mid, "storage_down"))
+            await original_storage_down(msg, exc)
+
         original_busy = nursery._busy_reply
 
         async def busy_reply(msg):
@@ -634,10 +814,11 @@ class World:
         nursery._first_time = first_time
         nursery._thread_known = thread_known
         nursery._busy_reply = busy_reply
+        nursery._storage_down_reply = storage_down_reply
         self.log_trace("process", f"#{inc.n} ready")
 
     async def _run_incarnation(self, inc: Incarnation) -> None:
-        store = await SimStore.open(self.db_path, inline=True)
+        store = SimStore((await open_sqlite(self.db_path, inline=True, clock=anyio.current_time)).database)
         store.world, store.inc = self, inc
         inc.store = store
         settings = test_settings(
@@ -647,9 +828,11 @@ class World:
                 "async_max_concurrent_requests": self.s.slots,
                 "database_url": f"sqlite:///{self.db_path}",
                 **({"native_streaming": self.s.native} if "native_streaming" in SETTINGS else {}),
+                **({"replica_id": inc.replica_id} if inc.replica_id else {}),
+                "replica_timeout_seconds": self.s.replica_timeout,
             }
         )
-        self.log_trace("process", f"#{inc.n} starting")
+        self.log_trace("process", f"#{inc.n} starting" + (f" as replica {inc.replica_id}" if inc.replica_id else ""))
         HANDLING.set(Tag(inc.n, None, "process"))  # this task's context: start-up, reader, …
         try:
             with inc.scope:
@@ -693,14 +876,20 @@ class World:
             self.violate(f"process #{inc.n} exited with {inc.in_request} event task(s) still running")
         if getattr(nursery.reader, "live_sockets", 0):
             self.violate(f"process #{inc.n} exited with {nursery.reader.live_sockets} socket(s) still served")
-        if inc.store is not None and inc.store._limiter.borrowed_tokens:
+        if inc.store is not None and inc.store.database._limiter.borrowed_tokens:
             self.violate(f"process #{inc.n} exited holding the store's transaction limiter")
         open_calls = [c for c in self.ai_calls if c.inc == inc.n and math.isnan(c.t_end)]
         if open_calls:
             self.violate(f"process #{inc.n} exited with {len(open_calls)} OpenAI call(s) open")
 
-    async def _start(self, tg) -> Incarnation:
-        inc = Incarnation(len(self.incs) + 1, self.now())
+    async def _start(self, tg, slot: int = 0, *, new_id: bool = False) -> Incarnation:
+        before = [i for i in self.incs if i.slot == slot]
+        replica_id = f"r{slot}" if self.s.replicas > 1 else ""
+        if before:
+            replica_id = before[-1].replica_id  # a restart: under the same id ...
+            if new_id:  # ... or the next one of this slot ("r1.2"; "local.2" in a one-process world)
+                replica_id = f"{replica_id.split('.')[0] or SETTINGS['replica_id']}.{len(before) + 1}"
+        inc = Incarnation(len(self.incs) + 1, self.now(), slot=slot, replica_id=replica_id)
         self.incs.append(inc)
         tg.start_soon(self._run_incarnation, inc, name=f"bot process #{inc.n}")
         return inc
@@ -709,6 +898,9 @@ class World:
         """kill -9: from this instant nothing the process does reaches the world."""
         inc.dead = True
         inc.crashed_at = self.now()
+        inc.impaired.append(("crash", self.now(), math.inf))
+        if inc.paused is not None:  # killed while paused: what waited meets its death
+            inc.paused.set()
         for link in inc.links:
             link.silenced = True
         inc.scope.cancel()
@@ -870,8 +1062,27 @@ class World:
                 return
             self.storage_faults.setdefault(f.target, []).append([f.error, f.times])
             self.log_trace("fault", f"storage {f.target} will fail x{f.times} ({f.error})")
+        elif f.kind in ("pause", "partition"):
+            inc = self._target(f)
+            if inc is None or inc.dead or inc.ended is not None:
+                self.log_trace("fault", f"({f.kind} skipped: no running process)")
+                return
+            until = self.now() + f.seconds
+            if f.kind == "partition":
+                inc.partitioned_until = max(inc.partitioned_until, until)
+                inc.impaired.append(("partition", self.now(), until))
+                self.log_trace("fault", f"#{inc.n} cut off from storage for {f.seconds:g}s")
+                return
+            if inc.paused is not None:
+                self.log_trace("fault", "(pause skipped: already paused)")
+                return
+            inc.paused = anyio.Event()
+            inc.impaired.append(("pause", self.now(), until))
+            self.log_trace("process", f"#{inc.n} PAUSED for {f.seconds:g}s")
+            self.pending_resumes += 1
+            tg.start_soon(self._resume, inc, until)
         elif f.kind in ("sigterm", "crash"):
-            inc = self.current
+            inc = self._target(f)
             if inc is None or inc.dead or inc.ended is not None or (f.kind == "sigterm" and inc.stopped_at is not None):
                 self.log_trace("fault", f"({f.kind} skipped: no running process)")
                 return
@@ -886,9 +1097,24 @@ class World:
                 await self.crash(inc)
             if f.restart_after is not None:
                 self.pending_restarts += 1
-                tg.start_soon(self._restart, inc, f.at + f.restart_after)
+                tg.start_soon(self._restart, inc, f.at + f.restart_after, f.new_id)
 
-    async def _restart(self, old: Incarnation, at: float) -> None:
+    def _target(self, f: Fault) -> Incarnation | None:
+        """The running incarnation of the replica a fault names ("r1"; "" is r0)."""
+        slot = int(f.target[1:]) if f.target.startswith("r") and f.target[1:].isdigit() else 0
+        if slot >= self.s.replicas:  # (the shrinker took that replica away)
+            return None
+        return self.current_of(slot)
+
+    async def _resume(self, inc: Incarnation, until: float) -> None:
+        await anyio.sleep_until(self.t0 + until)
+        event, inc.paused = inc.paused, None
+        self.pending_resumes -= 1
+        self.log_trace("process", f"#{inc.n} resumed")
+        if event is not None:
+            event.set()
+
+    async def _restart(self, old: Incarnation, at: float, new_id: bool = False) -> None:
         if not old.dead:  # a graceful stop: the new process starts once the old one exited
             await old.done.wait()
         await anyio.sleep_until(self.t0 + max(at, self.now()))
@@ -896,7 +1122,7 @@ class World:
         if old.restarted:  # crashed while stopping: one replacement process, not two
             return
         old.restarted = True
-        await self._start(self._tg)
+        await self._start(self._tg, old.slot, new_id=new_id)
 
     # ---- the run --------------------------------------------------------------------------
 
@@ -920,19 +1146,48 @@ class World:
         actions.sort(key=lambda a: (a[0], order[a[2]], a[1], a[3].id if a[2] != "fault" else -1))
         return actions
 
+    async def _notify(self, original, slack, req) -> None:
+        """`bot.replica._notify`, observed: a process taking over a request (its previous
+        run's, at start-up, or an abandoned one): recorded, and its calls attributed."""
+        tag = HANDLING.get()
+        inc = self.incs[tag.inc - 1] if tag is not None else None
+        if inc is None:
+            await original(slack, req)
+            return
+        self.recovered.setdefault(inc.n, []).append(req)
+        kind = "startup" if inc.nursery is None else "takeover"
+        if kind == "takeover" or self.s.replicas > 1:
+            self.log_trace("bot", f"#{inc.n} takes over request {req.request_id} of replica {req.owner!r}")
+        token = HANDLING.set(Tag(inc.n, None, kind, of=req.request_id))
+        try:
+            await original(slack, req)
+        finally:
+            HANDLING.reset(token)
+
     async def run(self) -> None:
+        original_notify = bot.replica._notify
+        bot.replica._notify = partial(self._notify, original_notify)
+        try:
+            await self._run()
+        finally:
+            bot.replica._notify = original_notify
+
+    async def _run(self) -> None:
         try:
             self.clock0 = anyio.current_time()
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 first = await self._start(tg)
+                everyone = [first] + [await self._start(tg, slot) for slot in range(1, self.s.replicas)]
                 with anyio.move_on_after(60) as startup:
-                    while first.nursery is None or not first.nursery.reader.connected.is_set():
+                    while any(i.nursery is None or not i.nursery.reader.connected.is_set() for i in everyone):
                         await anyio.sleep(0.05)
-                        if first.ended is not None:
+                        if any(i.ended is not None for i in everyone):
                             break
-                if startup.cancelled_caught or first.ended is not None:
-                    self.violate("the first process never connected")
+                if startup.cancelled_caught or any(i.ended is not None for i in everyone):
+                    self.violate(
+                        "the first process never connected" if len(everyone) == 1 else "a replica never connected"
+                    )
                     tg.cancel_scope.cancel()
                     return
                 t0 = anyio.current_time()
@@ -942,8 +1197,9 @@ class World:
                 tg.start_soon(self._slack_redelivery, name="slack redelivery")
                 await self._play(tg)
                 await self._drain()
-                inc = self.current
-                if inc is not None and inc.ended is None and not inc.dead:
+                last = [self.current_of(slot) for slot in range(self.s.replicas)]
+                running = [inc for inc in last if inc is not None and inc.ended is None and not inc.dead]
+                for inc in running:
                     if inc.stopped_at is None:
                         inc.stopped_at = self.now()
                         self.log_trace("process", f"#{inc.n} final SIGTERM")
@@ -951,6 +1207,7 @@ class World:
                             inc.nursery.stop()
                         else:
                             inc.scope.cancel()
+                for inc in running:
                     with anyio.move_on_after(60) as stopping:
                         await inc.done.wait()
                     if stopping.cancelled_caught:
@@ -986,6 +1243,8 @@ class World:
         self.log_trace("world", "scenario played; draining")
 
     def _quiet(self) -> bool:
+        if self.s.replicas > 1:
+            return self._replicas_quiet()
         if self.pending_restarts:
             return False
         inc = self.current
@@ -998,6 +1257,39 @@ class World:
         if any(math.isnan(c.t_end) for c in self.ai_calls if not self.incs[c.inc - 1].dead):
             return False
         return all(ev.acked(self.slack) for ev in self.events.values() if ev.sends)
+
+    def _replicas_quiet(self) -> bool:
+        """Every replica idle (or stopped for good), and nothing left in flight in storage
+        that a live replica has still to take over."""
+        if self.pending_restarts or self.pending_resumes:
+            return False
+        live = 0
+        for slot in range(self.s.replicas):
+            inc = self.current_of(slot)
+            if inc is None:
+                return False
+            if inc.dead:
+                continue  # killed for good (a restart would be pending): the others take over
+            if not inc.up:
+                if inc.ended is None:
+                    return False
+                continue
+            if inc.nursery is None or inc.nursery.active or inc.in_request:
+                return False
+            if self.now() < inc.partitioned_until:
+                return False  # (the end is judged once storage is back for everyone)
+            live += 1
+        if not live:
+            return True  # all stopped for good: nothing more will happen
+        if any(math.isnan(c.t_end) for c in self.ai_calls if not self.incs[c.inc - 1].dead):
+            return False
+        if not all(ev.acked(self.slack) for ev in self.events.values() if ev.sends):
+            return False
+        conn = sqlite3.connect(self.db_path)
+        try:
+            return conn.execute("SELECT COUNT(*) FROM requests WHERE status = 'in_flight'").fetchone()[0] == 0
+        finally:
+            conn.close()
 
     async def _drain(self) -> None:
         start = self.now()
@@ -1039,6 +1331,7 @@ class ActiveMonitor(dict):
         mid = world.by_ts.get(state.message.ts)
         record = Request(self.inc.n, rid, mid, thread, state.started_at - world.t0, state)
         world.requests.append(record)
+        world.request_by_rid[rid] = record
         world.handlings.append(Handling("request", self.inc.n, mid, world.now()))
         self.records[rid] = record
         HANDLING.set(Tag(self.inc.n, mid, "request", rid))

@@ -1,0 +1,487 @@
+"""`SQLStore`: the `Store` interface written once, in SQL that SQLite and PostgreSQL both run.
+
+Why one implementation for two engines:
+
+* The rules that matter (one transaction per method, exactly-once claims, leases with
+  fencing, history that can never get an exchange twice) live in the queries. Written
+  twice they would drift; written once, the same contract tests hold both engines to them.
+* The dialects are close enough: both have `INSERT … ON CONFLICT … RETURNING`, partial
+  upserts and correlated subqueries. The differences stay in the engine modules:
+  placeholders (`?` here, translated to `%s` for psycopg), column types, the migration
+  bookkeeping, and the clock (`bot_now()`: a Python function registered on each SQLite
+  connection, a SQL function on PostgreSQL that reads the server's clock).
+
+An engine (`sqlite.SQLiteDatabase`, `postgres.PostgresDatabase`) provides `transaction`:
+run one synchronous body inside one transaction, in a worker thread behind a limiter,
+never abandoned once started, with driver errors mapped to `StorageError`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from bot.storage.base import (
+    HistoryMessage,
+    InFlightRequest,
+    Outcome,
+    PreferenceLayers,
+    PreferenceScope,
+    Rating,
+    ThreadImage,
+    ThreadKey,
+)
+
+T = TypeVar("T")
+
+OUTCOMES = ("answered", "timeout", "error", "interrupted")
+
+log = logging.getLogger(__name__)
+
+
+class Cursor(Protocol):
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
+class Connection(Protocol):
+    """What the queries need of a driver connection (sqlite3's has it as is)."""
+
+    def execute(self, sql: str, parameters: Sequence[object] = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[object]], /) -> object: ...
+
+
+class Database(Protocol):
+    async def transaction(self, operation: str, body: Callable[[Connection], T], *, write: bool = True) -> T:
+        """Run `body` in one transaction; `operation` names it in errors."""
+
+    async def aclose(self) -> None: ...
+
+
+# A lease is valid while it has an owner and has not expired by the database's clock.
+VALID_LEASE = "l.owner <> '' AND l.expires_at > bot_now()"
+CURRENT_FENCE = (
+    "EXISTS (SELECT 1 FROM thread_leases l WHERE l.channel = ? AND l.thread_ts = ? AND l.token = ? AND "
+    + VALID_LEASE
+    + ")"
+)
+
+
+class SQLStore:
+    """`Store` over any `Database`. Open one with `bot.storage.open_store`."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def _run(self, operation: str, body: Callable[[Connection], T], *, write: bool = True) -> T:
+        return await self.database.transaction(operation, body, write=write)
+
+    # -- events ------------------------------------------------------------------------
+
+    async def claim_event(self, key: str) -> bool:
+        """True the first time `key` is claimed, False ever after: one INSERT that only
+        one caller wins, whichever process or replica it runs in."""
+
+        def body(conn: Connection) -> bool:
+            row = conn.execute(
+                "INSERT INTO events (key, claimed_at) VALUES (?, ?) ON CONFLICT DO NOTHING RETURNING key",
+                (key, time.time()),
+            ).fetchone()
+            return row is not None
+
+        return await self._run("claim_event", body)
+
+    async def prune_events(self, older_than: float) -> int:
+        def body(conn: Connection) -> int:
+            return conn.execute("DELETE FROM events WHERE claimed_at < ?", (older_than,)).rowcount
+
+        return await self._run("prune_events", body)
+
+    # -- threads and history -----------------------------------------------------------
+
+    async def thread_known(self, thread: ThreadKey) -> bool:
+        def body(conn: Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM threads WHERE channel = ? AND thread_ts = ?", (thread.channel, thread.thread_ts)
+            ).fetchone()
+            return row is not None
+
+        return await self._run("thread_known", body, write=False)
+
+    async def load_history(self, thread: ThreadKey) -> list[HistoryMessage]:
+        """The in-context messages (answered exchanges and imported history), oldest first."""
+
+        def body(conn: Connection) -> list[HistoryMessage]:
+            rows = conn.execute(
+                "SELECT role, content, ts FROM messages"
+                " WHERE channel = ? AND thread_ts = ? AND in_context = 1 ORDER BY id",
+                (thread.channel, thread.thread_ts),
+            ).fetchall()
+            return [HistoryMessage(role=role, content=content, ts=ts) for role, content, ts in rows]
+
+        return await self._run("load_history", body, write=False)
+
+    async def import_history(self, thread: ThreadKey, messages: list[HistoryMessage]) -> None:
+        """Mark the thread known and seed its history, unless it already has some
+        (so a rebuild from Slack can never duplicate what is stored)."""
+
+        def body(conn: Connection) -> None:
+            _ensure_thread(conn, thread, time.time())
+            existing = conn.execute(
+                "SELECT 1 FROM messages WHERE channel = ? AND thread_ts = ? LIMIT 1", (thread.channel, thread.thread_ts)
+            ).fetchone()
+            if existing is not None or not messages:
+                return
+            conn.executemany(
+                "INSERT INTO messages (channel, thread_ts, role, content, ts, in_context) VALUES (?, ?, ?, ?, ?, 1)",
+                [(thread.channel, thread.thread_ts, m.role, m.content, m.ts) for m in messages],
+            )
+
+        await self._run("import_history", body)
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def start_request(
+        self,
+        request_id: str,
+        thread: ThreadKey,
+        *,
+        user_ts: str,
+        placeholder_ts: str,
+        started_at: float,
+        owner: str,
+        fence: int,
+    ) -> bool:
+        """Record the request as in flight and the thread as known, if `fence` is the
+        thread's current lease. A repeated `request_id` is a bug in the caller and
+        raises `StorageError`."""
+
+        def body(conn: Connection) -> bool:
+            held = conn.execute("SELECT " + CURRENT_FENCE, (thread.channel, thread.thread_ts, fence)).fetchone()
+            if not held or not held[0]:
+                return False
+            _ensure_thread(conn, thread, started_at)
+            conn.execute(
+                "INSERT INTO requests"
+                " (request_id, channel, thread_ts, user_ts, placeholder_ts, status, started_at, owner, fence)"
+                " VALUES (?, ?, ?, ?, ?, 'in_flight', ?, ?, ?)",
+                (request_id, thread.channel, thread.thread_ts, user_ts, placeholder_ts, started_at, owner, fence),
+            )
+            return True
+
+        return await self._run("start_request", body)
+
+    async def finish_request(
+        self,
+        request_id: str,
+        *,
+        fence: int,
+        outcome: Outcome,
+        user_text: str,
+        user_ts: str,
+        reply_text: str,
+        finished_at: float,
+        detail: str = "",
+    ) -> bool:
+        """Close the request and append the exchange, in one transaction. Only a request
+        still in flight, under the thread's current lease, is finished: a second call, an
+        unknown id or a lost lease changes nothing, so the history can never get the
+        exchange twice. Each of the user message and the reply is stored only if
+        non-empty (recovery after a crash knows neither); both enter the model's context
+        only when the outcome is 'answered'."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+
+        def body(conn: Connection) -> bool:
+            # One statement checks and closes: two replicas finishing the same request
+            # (the owner, late, and the one taking it over) cannot both win.
+            row = conn.execute(
+                "UPDATE requests SET status = ?, finished_at = ?, detail = ?"
+                " WHERE request_id = ? AND status = 'in_flight' AND EXISTS (SELECT 1 FROM thread_leases l"
+                " WHERE l.channel = requests.channel AND l.thread_ts = requests.thread_ts AND l.token = ? AND "
+                + VALID_LEASE
+                + ") RETURNING channel, thread_ts, placeholder_ts",
+                (outcome, finished_at, detail, request_id, fence),
+            ).fetchone()
+            if row is None:
+                return False
+            channel, thread_ts, placeholder_ts = row
+            in_context = 1 if outcome == "answered" else 0
+            exchange = [("user", user_text, user_ts)] if user_text else []
+            if reply_text:
+                # The placeholder message is edited into the reply, so it carries its ts.
+                exchange.append(("assistant", reply_text, placeholder_ts))
+            if exchange:
+                conn.executemany(
+                    "INSERT INTO messages (channel, thread_ts, role, content, ts, request_id, in_context)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(channel, thread_ts, role, text, ts, request_id, in_context) for role, text, ts in exchange],
+                )
+            return True
+
+        return await self._run("finish_request", body)
+
+    async def in_flight(self) -> list[InFlightRequest]:
+        def body(conn: Connection) -> list[InFlightRequest]:
+            rows = conn.execute(
+                "SELECT request_id, channel, thread_ts, placeholder_ts, started_at, owner FROM requests"
+                " WHERE status = 'in_flight' ORDER BY started_at, request_id"
+            ).fetchall()
+            return [_in_flight(row) for row in rows]
+
+        return await self._run("in_flight", body, write=False)
+
+    async def abandoned_requests(self, *, replica_timeout: float) -> list[InFlightRequest]:
+        def body(conn: Connection) -> list[InFlightRequest]:
+            rows = conn.execute(
+                "SELECT r.request_id, r.channel, r.thread_ts, r.placeholder_ts, r.started_at, r.owner"
+                " FROM requests r WHERE r.status = 'in_flight' AND ("
+                " NOT EXISTS (SELECT 1 FROM replicas p WHERE p.replica_id = r.owner AND p.heartbeat_at > bot_now() - ?)"
+                " OR NOT EXISTS (SELECT 1 FROM thread_leases l WHERE l.channel = r.channel"
+                " AND l.thread_ts = r.thread_ts AND l.token = r.fence AND " + VALID_LEASE + "))"
+                " ORDER BY r.started_at, r.request_id",
+                (replica_timeout,),
+            ).fetchall()
+            return [_in_flight(row) for row in rows]
+
+        return await self._run("abandoned_requests", body, write=False)
+
+    # -- leases and heartbeats ---------------------------------------------------------
+
+    async def acquire_lease(self, thread: ThreadKey, owner: str, *, ttl: float) -> int | None:
+        """One upsert: a thread never leased gets token 1; a released or expired lease
+        passes to `owner` with the next token; a valid one is left alone (no row back),
+        unless `owner` holds it already: then it is a previous run of this replica that
+        died holding it (a live one never asks twice, its in-process gate comes first).
+        The row is kept after release so that tokens only ever grow."""
+
+        def body(conn: Connection) -> int | None:
+            row = conn.execute(
+                "INSERT INTO thread_leases (channel, thread_ts, owner, token, expires_at)"
+                " VALUES (?, ?, ?, 1, bot_now() + ?)"
+                " ON CONFLICT (channel, thread_ts) DO UPDATE SET"
+                " owner = excluded.owner, token = thread_leases.token + 1, expires_at = excluded.expires_at"
+                " WHERE thread_leases.owner IN ('', excluded.owner) OR thread_leases.expires_at <= bot_now()"
+                " RETURNING token",
+                (thread.channel, thread.thread_ts, owner, ttl),
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._run("acquire_lease", body)
+
+    async def renew_lease(self, thread: ThreadKey, token: int, *, ttl: float) -> bool:
+        """Renewing after expiry is allowed while nobody took the thread meanwhile (the
+        token would have changed): nobody else can have written under it."""
+
+        def body(conn: Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE thread_leases SET expires_at = bot_now() + ?"
+                " WHERE channel = ? AND thread_ts = ? AND token = ? AND owner <> ''",
+                (ttl, thread.channel, thread.thread_ts, token),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run("renew_lease", body)
+
+    async def release_lease(self, thread: ThreadKey, token: int) -> None:
+        def body(conn: Connection) -> None:
+            conn.execute(
+                "UPDATE thread_leases SET owner = '', expires_at = 0 WHERE channel = ? AND thread_ts = ? AND token = ?",
+                (thread.channel, thread.thread_ts, token),
+            )
+
+        await self._run("release_lease", body)
+
+    async def heartbeat(self, replica: str) -> None:
+        def body(conn: Connection) -> None:
+            conn.execute(
+                "INSERT INTO replicas (replica_id, started_at, heartbeat_at) VALUES (?, bot_now(), bot_now())"
+                " ON CONFLICT (replica_id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (replica,),
+            )
+
+        await self._run("heartbeat", body)
+
+    async def forget_replica(self, replica: str) -> None:
+        def body(conn: Connection) -> None:
+            conn.execute("DELETE FROM replicas WHERE replica_id = ?", (replica,))
+
+        await self._run("forget_replica", body)
+
+    async def replicas(self) -> dict[str, float]:
+        def body(conn: Connection) -> dict[str, float]:
+            rows = conn.execute(
+                "SELECT replica_id, bot_now() - heartbeat_at FROM replicas ORDER BY replica_id"
+            ).fetchall()
+            return {replica: float(age) for replica, age in rows}
+
+        return await self._run("replicas", body, write=False)
+
+    # -- user settings, feedback, one-time notices -------------------------------------
+
+    async def load_preferences(self, user: str, thread: ThreadKey | None) -> PreferenceLayers:
+        """All three layers in one read transaction, so they are mutually consistent."""
+        wanted = [("workspace", ""), ("user", user)]
+        if thread is not None:
+            wanted.append(("thread", str(thread)))
+
+        def body(conn: Connection) -> PreferenceLayers:
+            found: dict[str, dict[str, object]] = {"workspace": {}, "user": {}, "thread": {}}
+            for scope, key in wanted:
+                row = conn.execute(
+                    "SELECT prefs FROM preferences WHERE scope = ? AND scope_key = ?", (scope, key)
+                ).fetchone()
+                if row is not None:
+                    found[scope] = _json_object(row[0])
+            return PreferenceLayers(**found)
+
+        return await self._run("load_preferences", body, write=False)
+
+    async def save_preferences(
+        self, scope: PreferenceScope, key: str, prefs: dict[str, object], *, updated_by: str
+    ) -> None:
+        if scope not in ("workspace", "user", "thread"):
+            raise ValueError(f"scope must be workspace, user or thread, got {scope!r}")
+        encoded = json.dumps(prefs, sort_keys=True)  # before the transaction: a bad value raises here
+
+        def body(conn: Connection) -> None:
+            if not prefs:
+                conn.execute("DELETE FROM preferences WHERE scope = ? AND scope_key = ?", (scope, key))
+                return
+            conn.execute(
+                "INSERT INTO preferences (scope, scope_key, prefs, updated_by, updated_at)"
+                " VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (scope, scope_key) DO UPDATE SET"
+                " prefs = excluded.prefs, updated_by = excluded.updated_by, updated_at = excluded.updated_at",
+                (scope, key, encoded, updated_by, time.time()),
+            )
+
+        await self._run("save_preferences", body)
+
+    async def record_feedback(self, channel: str, message_ts: str, user: str, rating: Rating) -> None:
+        if rating not in ("good", "bad"):
+            raise ValueError(f"rating must be good or bad, got {rating!r}")
+
+        def body(conn: Connection) -> None:
+            conn.execute(
+                "INSERT INTO feedback (channel, message_ts, user_id, rating, recorded_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (channel, message_ts, user_id) DO UPDATE SET"
+                " rating = excluded.rating, recorded_at = excluded.recorded_at",
+                (channel, message_ts, user, rating, time.time()),
+            )
+
+        await self._run("record_feedback", body)
+
+    async def feedback_for(self, channel: str, message_ts: str) -> dict[str, Rating]:
+        def body(conn: Connection) -> dict[str, Rating]:
+            rows = conn.execute(
+                "SELECT user_id, rating FROM feedback WHERE channel = ? AND message_ts = ?", (channel, message_ts)
+            ).fetchall()
+            return {user: rating for user, rating in rows}
+
+        return await self._run("feedback_for", body, write=False)
+
+    async def claim_once(self, kind: str, key: str) -> bool:
+        def body(conn: Connection) -> bool:
+            row = conn.execute(
+                "INSERT INTO said_once (kind, once_key, claimed_at) VALUES (?, ?, ?)"
+                " ON CONFLICT DO NOTHING RETURNING kind",
+                (kind, key, time.time()),
+            ).fetchone()
+            return row is not None
+
+        return await self._run("claim_once", body)
+
+    # -- images in a thread's conversation ---------------------------------------------
+
+    async def add_thread_images(self, thread: ThreadKey, images: list[ThreadImage], *, keep: int) -> None:
+        """Insert the images and trim the thread to its newest `keep`, in one transaction."""
+        if not images:
+            return
+
+        def body(conn: Connection) -> None:
+            now = time.time()
+            conn.executemany(
+                "INSERT INTO thread_images"
+                " (channel, thread_ts, ts, name, mime, width, height, source, label, data, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_image_row(thread, i, now) for i in images],
+            )
+            conn.execute(
+                "DELETE FROM thread_images WHERE channel = ? AND thread_ts = ? AND id NOT IN"
+                " (SELECT id FROM thread_images WHERE channel = ? AND thread_ts = ? ORDER BY id DESC LIMIT ?)",
+                (thread.channel, thread.thread_ts, thread.channel, thread.thread_ts, max(keep, 0)),
+            )
+
+        await self._run("add_thread_images", body)
+
+    async def thread_images(self, thread: ThreadKey, *, limit: int) -> list[ThreadImage]:
+        if limit <= 0:
+            return []
+
+        def body(conn: Connection) -> list[ThreadImage]:
+            rows = conn.execute(
+                "SELECT name, mime, data, width, height, source, label, ts FROM thread_images"
+                " WHERE channel = ? AND thread_ts = ? ORDER BY id DESC LIMIT ?",
+                (thread.channel, thread.thread_ts, limit),
+            ).fetchall()
+            return [
+                ThreadImage(
+                    name=name,
+                    mime=mime,
+                    data=bytes(data),
+                    width=width,
+                    height=height,
+                    source=source,
+                    label=label,
+                    ts=ts,
+                )
+                for name, mime, data, width, height, source, label, ts in reversed(rows)
+            ]
+
+        return await self._run("thread_images", body, write=False)
+
+    async def aclose(self) -> None:
+        await self.database.aclose()
+
+
+def _ensure_thread(conn: Connection, thread: ThreadKey, created_at: float) -> None:
+    conn.execute(
+        "INSERT INTO threads (channel, thread_ts, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+        (thread.channel, thread.thread_ts, created_at),
+    )
+
+
+def _image_row(thread: ThreadKey, i: ThreadImage, now: float) -> tuple[object, ...]:
+    return (thread.channel, thread.thread_ts, i.ts, i.name, i.mime, i.width, i.height, i.source, i.label, i.data, now)
+
+
+def _in_flight(row: Sequence[Any]) -> InFlightRequest:
+    request_id, channel, thread_ts, placeholder_ts, started_at, owner = row
+    return InFlightRequest(
+        request_id=request_id,
+        thread=ThreadKey(channel, thread_ts),
+        placeholder_ts=placeholder_ts,
+        started_at=float(started_at),
+        owner=owner,
+    )
+
+
+def _json_object(text: str) -> dict[str, object]:
+    """A stored preferences blob; a damaged one reads as empty rather than failing every request."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        log.warning("stored preferences are not a JSON object; using the defaults")
+        return {}
+    return value

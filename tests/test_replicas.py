@@ -1,0 +1,189 @@
+"""Several replicas of the bot on one database, against one fake Slack that spreads
+envelopes across their Socket Mode connections (as Slack does): each event answered
+once, one request per thread across replicas, and a frozen replica's request taken
+over by a live one. On SQLite (one file, two processes' worth of stores) and on
+PostgreSQL, on both Trio and asyncio."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from bot.nursery import Nursery
+from bot.processing.failures import BUSY_NOTICE, INTERRUPTED_NOTICE
+from bot.storage import SQLStore, Store, ThreadKey, open_store
+from tests.fakes.openai import Behaviour, FakeOpenAI
+from tests.fakes.slack import FakeSlack
+from tests.harness import eventually, running_bot, send_dm
+from tests.postgres import fresh_database
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    if request.param == "postgres":
+        yield from fresh_database()
+    else:
+        yield f"sqlite:///{tmp_path}/bot.db"
+
+
+class Freezable:
+    """A replica's store and Slack calls that can be frozen: every call from then on
+    waits until thawed, as in a process paused (SIGSTOP) or cut off from the network."""
+
+    def __init__(self, store: Store, slack: FakeSlack) -> None:
+        self.inner = store
+        self.slack = slack
+        self.frozen = False
+        self._thawed = anyio.Event()
+
+    def thaw(self) -> None:
+        self.frozen = False
+        self._thawed.set()
+
+    async def _wait(self) -> None:
+        if self.frozen:
+            await self._thawed.wait()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name == "aclose" or not callable(attr):
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            await self._wait()
+            return await attr(*args, **kwargs)
+
+        return call
+
+    async def handle(self, request):
+        await self._wait()
+        return await self.slack.handle(request)
+
+
+@asynccontextmanager
+async def replicas(
+    slack: FakeSlack, ai: FakeOpenAI, url: str, names: list[str], **overrides: Any
+) -> AsyncIterator[tuple[list[Nursery], list[Freezable]]]:
+    async with AsyncExitStack() as stack:
+        nurseries, handles = [], []
+        for name in names:
+            store = await open_store(url)
+            stack.push_async_callback(store.aclose)
+            handle = Freezable(store, slack)
+            nursery = await stack.enter_async_context(
+                running_bot(slack, ai, store=handle, slack_handler=handle.handle, replica_id=name, **overrides)
+            )
+            nurseries.append(nursery)
+            handles.append(handle)
+        yield nurseries, handles
+
+
+def answers(slack: FakeSlack, channel: str, thread_ts: str) -> list[str]:
+    return [r for r in slack.bot_replies(channel, thread_ts) if r not in (BUSY_NOTICE,)]
+
+
+async def test_each_event_is_answered_once_across_replicas(slack, ai, database_url):
+    async with replicas(slack, ai, database_url, ["replica-a", "replica-b"]) as (nurseries, _):
+        sent = []
+        for n in range(6):
+            _, ev = await send_dm(slack, f"question {n}", channel=f"D{n}")
+            sent.append((f"D{n}", ev))
+        # Slack redelivers two of them (no ack seen in time): on the other replica's socket.
+        for _, ev in sent[:2]:
+            await slack.send_event(ev, retry_attempt=1)
+        for channel, ev in sent:
+            await slack.wait_until(lambda c=channel, e=ev: answers(slack, c, e["ts"]), timeout=10)
+        await anyio.sleep(0.3)  # time for a duplicate to show, if there were one
+        for channel, ev in sent:
+            assert len(answers(slack, channel, ev["ts"])) == 1, slack.bot_replies(channel, ev["ts"])
+        assert sum(n.outcomes.get("answered", 0) for n in nurseries) == 6
+        assert all(n.outcomes.get("answered", 0) > 0 for n in nurseries)  # both replicas did work
+
+
+async def test_one_request_per_thread_across_replicas(slack, ai, database_url):
+    ai.enqueue(Behaviour(text="the first answer", latency=1.0))
+    async with replicas(slack, ai, database_url, ["replica-a", "replica-b"]) as (nurseries, _):
+        _, first = await send_dm(slack, "first")
+        thread = first["ts"]
+        await slack.wait_until(lambda: sum(len(n.active) for n in nurseries) == 1)
+        # Two follow-ups: round-robin puts one on each replica. The holder's own gate
+        # says busy to one, the other replica's lease check to the other.
+        for text in ("second", "third"):
+            await slack.send_event(slack.message_event("D1", "U1", text, thread_ts=thread, channel_type="im"))
+        await slack.wait_until(lambda: slack.bot_replies("D1", thread).count(BUSY_NOTICE) == 2, timeout=10)
+        await slack.wait_until(lambda: "the first answer" in " ".join(slack.bot_replies("D1", thread)), timeout=10)
+        await eventually(lambda: sum(n.outcomes.get("answered", 0) for n in nurseries) == 1)
+        assert sum(n.outcomes.get("busy", 0) for n in nurseries) == 2
+        assert all(n.outcomes.get("busy", 0) == 1 for n in nurseries)  # one said by each gate
+
+
+async def test_a_frozen_replicas_request_is_taken_over_and_it_is_fenced_off_when_it_wakes(slack, ai, database_url):
+    ai.enqueue(Behaviour(hang=True))  # replica-a's model call never answers
+    fast = {"replica_timeout_seconds": 1.0}
+    async with replicas(slack, ai, database_url, ["replica-a"], **fast) as ([a], [a_handle]):
+        _, ev = await send_dm(slack, "will you answer?")
+        await eventually(lambda: bool(ai.requests), timeout=10)  # recorded, placeholder up, model asked
+        [state] = a.active.values()
+        a_handle.frozen = True  # replica-a stops: no heartbeat, no renewal, no writes
+        async with replicas(slack, ai, database_url, ["replica-b"], **fast) as ([b], _):
+            await slack.wait_until(
+                lambda: INTERRUPTED_NOTICE in (slack.visible_text("D1", state.placeholder_ts) or ""), timeout=10
+            )
+            assert b.outcomes == {}  # b only took over; it answered nothing
+            # replica-a wakes up: its renewal is refused, so it stops its request, and
+            # storage refuses what it tries to write under its old token.
+            a_handle.thaw()
+            await eventually(lambda: not a.active, timeout=10)
+            store = await open_store(database_url)
+            try:
+                assert await store.in_flight() == []
+                assert isinstance(store, SQLStore)
+                [(outcome, detail)] = await store.database.transaction(
+                    "look",
+                    lambda c: c.execute(
+                        "SELECT status, detail FROM requests WHERE request_id = ?", (state.request_id,)
+                    ).fetchall(),
+                )
+                assert outcome == "interrupted" and "taken over by replica-b" in detail  # b's write stands
+                assert await store.load_history(ThreadKey("D1", ev["ts"])) == []
+            finally:
+                await store.aclose()
+            assert INTERRUPTED_NOTICE in slack.visible_text("D1", state.placeholder_ts)
+
+
+async def test_a_rolling_restart_loses_and_doubles_nothing(slack, ai, database_url):
+    """The replica answering is told to stop (SIGTERM): it closes its socket first, so what
+    is sent meanwhile goes to the other one; it finishes its answer within the grace
+    period, gives its lease back and removes its heartbeat: nothing is left to recover."""
+    ai.enqueue(Behaviour(text="answered during the restart", latency=0.5))
+    grace = {"shutdown_grace_seconds": 5.0}
+    async with replicas(slack, ai, database_url, ["replica-b"], **grace) as ([b], _):
+        async with replicas(slack, ai, database_url, ["replica-a"], **grace) as ([a], _):
+            _, first = await send_dm(slack, "slow one", channel="D1")
+            await eventually(lambda: bool(a.active) or bool(b.active))
+            holder = a if a.active else b
+            holder.stop()  # SIGTERM
+            await eventually(lambda: holder.reader.ready_sockets == 0)
+            sent = []
+            for n in range(4):
+                _, ev = await send_dm(slack, f"meanwhile {n}", channel=f"D{n + 2}")
+                sent.append((f"D{n + 2}", ev))
+            for channel, ev in sent:
+                await slack.wait_until(lambda c=channel, e=ev: answers(slack, c, e["ts"]), timeout=10)
+            await slack.wait_until(
+                lambda: "answered during the restart" in " ".join(slack.bot_replies("D1", first["ts"])), timeout=10
+            )
+        for channel, ev in [("D1", first), *sent]:
+            assert len(answers(slack, channel, ev["ts"])) == 1
+    store = await open_store(database_url)
+    try:
+        assert await store.in_flight() == []
+        assert await store.replicas() == {}  # both left cleanly
+    finally:
+        await store.aclose()

@@ -1,0 +1,125 @@
+"""Thread gates: one request per thread in a process (the limiter) and across replicas
+(the lease in storage), on both Trio and asyncio."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from bot.storage import SQLStore, StorageError, ThreadKey
+from bot.storage.sqlite import open_sqlite
+from bot.thread_gates import ThreadGates
+
+pytestmark = pytest.mark.anyio
+
+T = ThreadKey("C1", "1.0")
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = await open_sqlite(str(tmp_path / "bot.db"))
+    yield s
+    await s.aclose()
+
+
+async def test_gate_admits_one_and_refuses_the_second_at_once(store: SQLStore):
+    gates = ThreadGates(store, owner="r1")
+    async with gates.try_enter(T) as first:
+        assert first is not None and first.fence == 1 and gates.busy(T)
+        async with gates.try_enter(T) as second:
+            assert second is None
+        async with gates.try_enter(ThreadKey("C1", "2.0")) as other:
+            assert other is not None  # another thread is independent
+    assert not gates.busy(T)
+    assert gates.prune() == 2 and len(gates) == 0
+
+
+async def test_gate_is_released_when_the_holder_is_cancelled(store: SQLStore):
+    gates = ThreadGates(store, owner="r1")
+    with anyio.move_on_after(0.05):
+        async with gates.try_enter(T) as entered:
+            assert entered is not None
+            await anyio.sleep(10)
+    async with gates.try_enter(T) as again:
+        assert again is not None and again.fence == 2  # the lease was given back, not left to expire
+
+
+async def test_prune_keeps_held_gates(store: SQLStore):
+    gates = ThreadGates(store, owner="r1")
+    async with gates.try_enter(ThreadKey("C", "1")):
+        assert gates.prune() == 0
+        assert gates.held == 1
+
+
+async def test_two_replicas_never_hold_one_thread_at_once(tmp_path):
+    a_store, b_store = await open_sqlite(str(tmp_path / "bot.db")), await open_sqlite(str(tmp_path / "bot.db"))
+    a, b = ThreadGates(a_store, owner="replica-a"), ThreadGates(b_store, owner="replica-b")
+    try:
+        async with a.try_enter(T) as held_by_a:
+            assert held_by_a is not None
+            async with b.try_enter(T) as refused:
+                assert refused is None  # busy on the other replica: told at once
+            assert not b.busy(T)  # and b's own limiter was given back
+        async with b.try_enter(T) as held_by_b:
+            assert held_by_b is not None and held_by_b.fence > held_by_a.fence
+    finally:
+        await a_store.aclose()
+        await b_store.aclose()
+
+
+async def test_renewal_keeps_a_lease_and_a_lost_one_is_reported(store: SQLStore):
+    gates = ThreadGates(store, owner="replica-a", lease_seconds=30)
+    other = ThreadGates(store, owner="replica-b")
+    lost: list[ThreadKey] = []
+    async with gates.try_enter(T) as hold:
+        assert hold is not None
+        hold.on_lost = lambda: lost.append(T)
+        await gates.renew_all()
+        assert not hold.lost and lost == []
+        async with other.try_enter(T) as refused:
+            assert refused is None
+        # This replica is cut off past its lease; the other one takes the thread.
+        await store.database.transaction("expire", lambda c: c.execute("UPDATE thread_leases SET expires_at = 0"))
+        async with other.try_enter(T) as taken:
+            assert taken is not None
+            await gates.renew_all()
+            assert hold.lost and lost == [T]
+    # The lost holder does not release what is no longer its own.
+    assert await store.acquire_lease(T, "replica-c", ttl=30) is not None
+
+
+async def test_a_storage_failure_taking_the_lease_raises_and_frees_the_limiter(store: SQLStore):
+    class Down:
+        async def acquire_lease(self, *args, **kwargs):
+            raise StorageError("acquire_lease failed: connection refused")
+
+    gates = ThreadGates(Down(), owner="r1")  # type: ignore[arg-type]
+    with pytest.raises(StorageError):
+        async with gates.try_enter(T):
+            pass
+    assert not gates.busy(T)
+
+
+async def test_a_renewal_racing_the_release_is_not_a_lost_lease(store: SQLStore):
+    """A request ends while its renewal is on the way: the refused renewal is about a
+    lease given back, not one taken by another replica."""
+    gates = ThreadGates(store, owner="replica-a")
+    lost: list[bool] = []
+    release_now = anyio.Event()
+    renewing = anyio.Event()
+    real_renew = store.renew_lease
+
+    async def slow_renew(thread, token, *, ttl):
+        renewing.set()
+        await release_now.wait()
+        await anyio.sleep(0.05)  # the release commits first
+        return await real_renew(thread, token, ttl=ttl)
+
+    store.renew_lease = slow_renew  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg, gates.try_enter(T) as hold:
+        assert hold is not None
+        hold.on_lost = lambda: lost.append(True)
+        tg.start_soon(gates.renew_all)
+        await renewing.wait()
+        release_now.set()
+    assert lost == [] and not hold.lost
