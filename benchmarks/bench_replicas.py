@@ -29,7 +29,11 @@ import math
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -41,6 +45,26 @@ from benchmarks.bench_conversations import RunResult, build_parser, ms, one_run,
 from bot.storage import ThreadKey, open_store  # noqa: E402
 
 TARGET_SPEEDUP = 1.7
+
+
+@contextmanager
+def fresh_database(url: str) -> Iterator[str]:
+    """A new empty database on the server of `url` (PostgreSQL), dropped afterwards;
+    for SQLite, "" (each run makes its own file). Every run starts from nothing: the fake
+    Slack numbers its messages the same way each time, so old event claims would match."""
+    if not url.startswith(("postgresql:", "postgres:")):
+        yield ""
+        return
+    import psycopg
+
+    name = "bench_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(url)._replace(path="/" + name))
+    finally:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def cpu_per_answer(r: RunResult) -> float:
@@ -97,7 +121,9 @@ def main() -> int:
             run_args = copy.copy(args)
             run_args.replicas = replicas
             try:
-                results[replicas] = anyio.run(one_run, run_args, run_no, backend="trio")
+                with fresh_database(args.database_url) as url:
+                    run_args.database_url = url
+                    results[replicas] = anyio.run(one_run, run_args, run_no, backend="trio")
             except Exception as exc:
                 print(f"--- run {run_no}, {replicas} replica(s): failed: {exc!r}")
                 failed = True
@@ -123,8 +149,8 @@ def main() -> int:
         ]
         print("  targets              " + "   ".join(f"{name}: {'met' if ok else 'MISSED'}" for name, ok in checks))
 
-    with tempfile.TemporaryDirectory(prefix="slackbot-lease-") as tmp:
-        url = args.database_url or f"sqlite:///{tmp}/bot.db"
+    with tempfile.TemporaryDirectory(prefix="slackbot-lease-") as tmp, fresh_database(args.database_url) as fresh:
+        url = fresh or f"sqlite:///{tmp}/bot.db"
         timings = anyio.run(lease_overhead, url, args.lease_rounds, backend="trio")
         engine = url.split(":", 1)[0]
         for name, values in timings.items():
