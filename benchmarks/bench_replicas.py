@@ -75,27 +75,22 @@ async def lease_overhead(database_url: str, rounds: int) -> dict[str, list[float
     """Seconds per acquire + release pair, sequentially and with 50 at once."""
     store = await open_store(database_url)
     timings: dict[str, list[float]] = {"one at a time": [], "50 at once": []}
+
+    async def pair(kind: str, i: int) -> None:
+        thread = ThreadKey(f"CLEASE{len(kind)}", f"{i}.000001")
+        started = time.perf_counter()
+        token = await store.acquire_lease(thread, "bench", ttl=30)
+        assert token is not None
+        await store.release_lease(thread, token)
+        timings[kind].append(time.perf_counter() - started)
+
     try:
         for i in range(rounds):
-            thread = ThreadKey("CLEASE", f"{i}.000001")
-            started = time.perf_counter()
-            token = await store.acquire_lease(thread, "bench", ttl=30)
-            assert token is not None
-            await store.release_lease(thread, token)
-            timings["one at a time"].append(time.perf_counter() - started)
-
-        async def pair(i: int) -> None:
-            thread = ThreadKey("CLEASE50", f"{i}.000001")
-            started = time.perf_counter()
-            token = await store.acquire_lease(thread, "bench", ttl=30)
-            assert token is not None
-            await store.release_lease(thread, token)
-            timings["50 at once"].append(time.perf_counter() - started)
-
+            await pair("one at a time", i)
         for batch in range(0, rounds, 50):
             async with anyio.create_task_group() as tg:
                 for i in range(batch, min(batch + 50, rounds)):
-                    tg.start_soon(pair, i)
+                    tg.start_soon(pair, "50 at once", i)
     finally:
         await store.aclose()
     return timings

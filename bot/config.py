@@ -198,7 +198,7 @@ def load_settings(
             env, "SOCKET_PING_INTERVAL_SECONDS", Settings.socket_ping_interval_seconds
         ),
         **_media_settings(env),
-        **_ux_settings(env),
+        **_slack_surface_settings(env),
         **_observability_settings(env),
         replica_id=_replica_id(env),
         replica_timeout_seconds=_number(env, "REPLICA_TIMEOUT_SECONDS", Settings.replica_timeout_seconds, minimum=1),
@@ -229,7 +229,7 @@ class _MediaSettings(TypedDict):
     allow_loopback_urls: bool
 
 
-class _UXSettings(TypedDict):
+class _SlackSurfaceSettings(TypedDict):
     settings_command: str
     admin_users: frozenset[str]
     allowed_users: frozenset[str]
@@ -274,7 +274,7 @@ def _media_settings(env: Mapping[str, str]) -> _MediaSettings:
     }
 
 
-def _ux_settings(env: Mapping[str, str]) -> _UXSettings:
+def _slack_surface_settings(env: Mapping[str, str]) -> _SlackSurfaceSettings:
     """Settings for user preferences, access control and Slack UX."""
     command = env.get("SETTINGS_COMMAND", "").strip() or Settings.settings_command
     if not command.startswith("/"):
@@ -286,15 +286,15 @@ def _ux_settings(env: Mapping[str, str]) -> _UXSettings:
         )
     return {
         "settings_command": command,
-        "admin_users": _ux_slack_ids(env, "ADMIN_USERS", "UW"),
-        "allowed_users": _ux_slack_ids(env, "ALLOWED_USERS", "UW"),
-        "allowed_channels": _ux_slack_ids(env, "ALLOWED_CHANNELS", "CGD"),
-        "native_streaming": _ux_flag(env, "NATIVE_STREAMING", Settings.native_streaming),
-        "welcome": _ux_flag(env, "WELCOME_MESSAGE", Settings.welcome),
+        "admin_users": _slack_ids(env, "ADMIN_USERS", "UW"),
+        "allowed_users": _slack_ids(env, "ALLOWED_USERS", "UW"),
+        "allowed_channels": _slack_ids(env, "ALLOWED_CHANNELS", "CGD"),
+        "native_streaming": _flag(env, "NATIVE_STREAMING", Settings.native_streaming),
+        "welcome": _flag(env, "WELCOME_MESSAGE", Settings.welcome),
     }
 
 
-def _ux_slack_ids(env: Mapping[str, str], name: str, prefixes: str) -> frozenset[str]:
+def _slack_ids(env: Mapping[str, str], name: str, prefixes: str) -> frozenset[str]:
     """A comma- or space-separated list of Slack ids (users `U…`/`W…`, channels `C…`/`G…`/`D…`)."""
     ids = [part for part in re.split(r"[\s,]+", env.get(name, "").strip()) if part]
     for slack_id in ids:
@@ -304,7 +304,7 @@ def _ux_slack_ids(env: Mapping[str, str], name: str, prefixes: str) -> frozenset
     return frozenset(ids)
 
 
-def _ux_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if not raw:
         return default

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import signal
 import time
-import uuid
 from collections.abc import Callable
 from functools import partial
 
@@ -244,13 +243,7 @@ class Nursery:
             await self._storage_down_reply(msg, exc)
 
     async def _answer(self, msg: IncomingMessage, hold: Hold) -> None:
-        state = RequestState(
-            request_id=uuid.uuid4().hex[:12],
-            message=msg,
-            started_at=anyio.current_time(),
-            owner=hold.owner,
-            fence=hold.fence,
-        )
+        state = RequestState.begin(msg, owner=hold.owner, fence=hold.fence)
         hold.on_lost = state.lose_lease  # another replica has the thread now: stop writing
         self.active[state.request_id] = state
         log.info(

@@ -199,13 +199,7 @@ async def run_shell(
                     msg = conversation.next_message(line)
                     async with gates.try_enter(msg.thread) as hold:
                         assert hold is not None  # one question at a time, in a store of its own
-                        state = RequestState(
-                            request_id=uuid.uuid4().hex[:12],
-                            message=msg,
-                            started_at=anyio.current_time(),
-                            owner=hold.owner,
-                            fence=hold.fence,
-                        )
+                        state = RequestState.begin(msg, owner=hold.owner, fence=hold.fence)
                         writer = TerminalWriter(out, status_out=err, limiter=output)
                         await answer_message(services, state, functools.partial(_same, writer))
     finally:

@@ -8,6 +8,7 @@ reads `stage` and `started_at`; nothing else touches it.
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass, field
 
 import anyio
@@ -75,6 +76,17 @@ class RequestState:
         self.scope.cancel()
         if self.final_write is not None:
             self.final_write.cancel()
+
+    @classmethod
+    def begin(cls, message: IncomingMessage, *, owner: str, fence: int) -> RequestState:
+        """A new request for `message`, under the thread lease (`owner`, `fence`) it holds."""
+        return cls(
+            request_id=uuid.uuid4().hex[:12],
+            message=message,
+            started_at=anyio.current_time(),
+            owner=owner,
+            fence=fence,
+        )
 
     def hurry(self, seconds: float) -> None:
         """Shutdown: leave the request's Slack writes at most `seconds` more, in all."""
