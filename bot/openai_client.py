@@ -26,10 +26,15 @@ async def openai_client(
 ) -> AsyncIterator[openai.AsyncOpenAI]:
     """The client and its HTTP client, both closed on exit. `transport` replaces the
     network (tests, the simulation)."""
+    # The SDK's default pool allows 1000 connections and keeps 100 idle; the pool's
+    # bookkeeping walks every pooled connection on each request and each response close,
+    # so a pool sized to what the bot runs at once (its model slots) costs less CPU.
+    slots = max(1, settings.async_max_concurrent_requests)
+    limits = httpx2.Limits(max_connections=slots + 10, max_keepalive_connections=min(slots, 20))
     http = (
-        openai.DefaultAsyncHttpx2Client(transport=transport)
+        openai.DefaultAsyncHttpx2Client(transport=transport, limits=limits)
         if transport is not None
-        else openai.DefaultAsyncHttpx2Client()
+        else openai.DefaultAsyncHttpx2Client(limits=limits)
     )
     async with (
         http,
