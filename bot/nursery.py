@@ -349,20 +349,20 @@ class Nursery:
     async def _storage_down_reply(self, msg: IncomingMessage, exc: StorageError) -> None:
         self._count("error")
         log.error("thread %s: cannot take its lease (%s); message %s not answered", msg.thread, exc, msg.ts)
-        with anyio.move_on_after(10):
-            try:
-                await self.services.slack.post_message(msg.channel, msg.thread_ts, markdown_text=STORAGE_DOWN_NOTICE)
-            except Exception as exc2:
-                log.warning("could not post the storage notice in %s: %s", msg.thread, exc2)
+        await self._notice(msg, STORAGE_DOWN_NOTICE, "storage notice")
 
     async def _busy_reply(self, msg: IncomingMessage) -> None:
         self._count("busy")
         log.info("thread %s busy; told the user (message %s)", msg.thread, msg.ts)
+        await self._notice(msg, BUSY_NOTICE, "busy reply")
+
+    async def _notice(self, msg: IncomingMessage, text: str, what: str) -> None:
+        """Post `text` in the message's thread, bounded (10 s) and never raising."""
         with anyio.move_on_after(10):
             try:
-                await self.services.slack.post_message(msg.channel, msg.thread_ts, markdown_text=BUSY_NOTICE)
+                await self.services.slack.post_message(msg.channel, msg.thread_ts, markdown_text=text)
             except Exception as exc:
-                log.warning("could not post the busy reply in %s: %s", msg.thread, exc)
+                log.warning("could not post the %s in %s: %s", what, msg.thread, exc)
 
     def _count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1

@@ -30,7 +30,7 @@ from bot.processing.message import IncomingMessage
 from bot.processing.options import RequestOptions, resolve_options
 from bot.processing.surface import PLACEHOLDER, ReplySurface, SurfaceError
 from bot.processing.tool_chat import chat_with_tools
-from bot.retrying import retry
+from bot.retrying import doubling, retry
 from bot.storage import StorageError
 from bot.storage.base import HistoryMessage, Outcome
 
@@ -42,6 +42,7 @@ SHUTDOWN_WRITE_SECONDS = 3.0  # the same at shutdown (interrupted requests; `hur
 STORE_RESERVE_SECONDS = 1.0  # closing the request in storage, after the Slack write
 FINALIZE_SECONDS = FINAL_WRITE_SECONDS + STORE_RESERVE_SECONDS  # the longest a request outlives its deadline
 SHUTDOWN_FINALIZE_SECONDS = SHUTDOWN_WRITE_SECONDS + STORE_RESERVE_SECONDS  # ... once shutdown interrupts it
+RECORD_PAUSES = doubling(0.1)  # 0.1 s, then 0.2 s
 FINISH_ATTEMPTS = 3  # finish_request tries (0.1 s, then 0.2 s apart) within the store reserve
 WAITING_STATUS = "_Waiting for a free slot: many conversations are running right now…_"
 LENGTH_NOTICE = "_(The answer was cut short: it reached the maximum length.)_"
@@ -90,8 +91,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
                 # the notice is written; nothing is stored.
                 log.warning("request %s: the lease on %s was lost before it started", state.request_id, msg.thread)
                 recorded = False
-                state.lease_lost = True
-                state.scope.cancel()
+                state.lose_lease()
                 await anyio.lowlevel.checkpoint()  # the cancellation lands here
             state.stage = "loading history"
             history = await load_history(services, msg, writer, rebuild=rebuild, exclude_ts={state.placeholder_ts})
@@ -248,10 +248,7 @@ async def _finalize(
     user_text: str | None = None,
 ) -> None:
     msg = state.message
-    if state.lease_lost and recorded:
-        # Another replica owns the thread and takes this request over (its notice, its
-        # stored outcome): a write from here could only overwrite what it shows.
-        log.warning("request %s: lease lost; leaving the answer to the replica that took it over", state.request_id)
+    if _taken_over(state, recorded):
         return
     # The final write waits its turn in the workspace's budget for as long as Slack's
     # Retry-After asks (up to FINAL_WRITE_SECONDS); a shutdown shortens that (`hurry`).
@@ -266,8 +263,7 @@ async def _finalize(
             log.error("request %s: could not write the final text: %s", state.request_id, exc)
         finally:
             state.final_write = None
-    if state.lease_lost and recorded:  # lost while writing: the write was cut short
-        log.warning("request %s: lease lost; leaving the answer to the replica that took it over", state.request_id)
+    if _taken_over(state, recorded):  # lost while writing: the write was cut short
         return
     if slack_bound.cancelled_caught:
         log.warning("request %s: Slack did not take the final text within %gs", state.request_id, bound)
@@ -280,6 +276,16 @@ async def _finalize(
             await _record_outcome(
                 services, state, writer, outcome, detail, user_text=msg.text if user_text is None else user_text
             )
+
+
+def _taken_over(state: RequestState, recorded: bool) -> bool:
+    """Another replica owns the thread and takes this recorded request over (its notice,
+    its stored outcome): a write from here could only overwrite what it shows. (A request
+    that was never recorded still fixes its own placeholder: nobody else knows of it.)"""
+    if state.lease_lost and recorded:
+        log.warning("request %s: lease lost; leaving the answer to the replica that took it over", state.request_id)
+        return True
+    return False
 
 
 async def _record_outcome(
@@ -314,7 +320,7 @@ async def _record_outcome(
 
     def pause(n: int, exc: StorageError) -> float:
         log.warning("request %s: could not record its outcome (%s); retrying", state.request_id, exc)
-        return 0.1 * 2.0 ** (n - 1)
+        return RECORD_PAUSES(n, exc)
 
     try:
         await retry(record, errors=StorageError, attempts=FINISH_ATTEMPTS, pause=pause)
