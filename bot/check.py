@@ -22,7 +22,8 @@ import openai
 from bot.config import Settings
 from bot.openai_client import openai_client
 from bot.slack.web_api import SlackAPIError, SlackWebAPI
-from bot.storage import open_store
+from bot.storage import StorageError, ThreadKey, open_store
+from bot.storage.location import locate, redact
 
 CHECK_TIMEOUT = 15.0
 BAD_TOKEN = frozenset(
@@ -161,32 +162,43 @@ def check_model(settings: Settings, models: list[str] | None) -> CheckResult:
 
 
 async def check_database(settings: Settings) -> CheckResult:
+    """For real: connect (which applies any pending migration, so the schema is current,
+    or says it is newer than this bot), write, and take and give back a thread lease."""
     name = "Database"
+    where = redact(settings.database_url)
+    postgres = locate(settings.database_url).engine == "postgresql"
     try:
         store = await open_store(settings.database_url)
     except Exception as exc:
-        return CheckResult(
-            name,
-            False,
-            f"cannot open {settings.database_url}: {exc}",
-            "Make sure the directory in DATABASE_URL exists or can be created, is writable by "
-            "this user, and the disk is not full.",
+        fix = (
+            "Check the host, port, database name, user and password in DATABASE_URL, and that the "
+            "server accepts connections from this machine (pg_hba.conf)."
+            if postgres
+            else "Make sure the directory in DATABASE_URL exists or can be created, is writable by "
+            "this user, and the disk is not full."
         )
+        return CheckResult(name, False, f"cannot open {where}: {exc}", fix)
     try:
         await store.claim_event(f"check:{uuid.uuid4().hex}")  # a real write, pruned like any event key
+        for attempt in ("taken", "taken again after its release"):
+            token = await store.acquire_lease(CHECK_THREAD, f"check-{uuid.uuid4().hex[:8]}", ttl=5.0)
+            if token is None:
+                raise StorageError(f"a thread lease could not be {attempt} (another check running?)")
+            await store.release_lease(CHECK_THREAD, token)
     except Exception as exc:
-        return CheckResult(
-            name,
-            False,
-            f"{settings.database_url} is not writable: {exc}",
-            "Check the file's permissions and free disk space; stop other programs locking it.",
+        fix = (
+            "Grant this user CREATE, SELECT, INSERT, UPDATE and DELETE on the database's tables."
+            if postgres
+            else "Check the file's permissions and free disk space; stop other programs locking it."
         )
+        return CheckResult(name, False, f"{where} is not usable: {exc}", fix)
     finally:
         with anyio.CancelScope(shield=True):
             await store.aclose()
-    return CheckResult(name, True, f"{settings.database_url} is writable")
+    return CheckResult(name, True, f"{where}: schema current, writable, thread leases work")
 
 
+CHECK_THREAD = ThreadKey("slackbot-check", "0")  # no Slack thread has this key
 T = TypeVar("T")
 
 

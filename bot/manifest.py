@@ -27,6 +27,7 @@ BOT_SCOPES = (
     "im:history",  # DMs
     "im:write",
     "mpim:history",  # group DMs
+    "users:read",  # the user's Slack locale, the settings modal's first language (users.info)
 )
 BOT_EVENTS = (
     "app_mention",

@@ -32,13 +32,14 @@ from bot.dedupe import RecentKeys
 from bot.interactions.dispatch import SlackUX
 from bot.metrics_server import check_ready, serve_endpoints
 from bot.processing.answer import SHUTDOWN_WRITE_SECONDS, answer_message
-from bot.processing.context import RequestState
+from bot.processing.context import RequestState, UnrecordedOutcome
 from bot.processing.failures import BUSY_NOTICE, STORAGE_DOWN_NOTICE
-from bot.replica import keep_alive, stop_replica
+from bot.replica import keep_alive, keep_unrecorded, stop_replica
 from bot.retrying import doubling, retry
 from bot.services import SlackServices
 from bot.slack.answer_surface import slack_surface
 from bot.slack.events import IncomingMessage, Skip, StopRequest, parse_event, parse_stop
+from bot.slack.receipts import answers_message, reply_payload
 from bot.slack.socket_mode import Envelope, SocketModeReader
 from bot.slack.websocket import Connector
 from bot.storage import StorageError
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 CLEANUP_INTERVAL = 60.0
 EVENT_KEY_RETENTION = 24 * 3600.0  # Slack redelivers for minutes; a day is plenty
 CLAIM_ATTEMPTS = 3  # claim_event tries, 0.1 s then 0.2 s apart, before in-memory dedupe alone
+# With storage out of reach, whether another replica answers a message (its twin event,
+# a redelivery) is unknown: its thread is looked at this long after, before saying so.
+STORAGE_NOTE_GRACE = 5.0
+STORAGE_NOTE_LOOK_SECONDS = 30.0  # for that look (its budget is Tier 3, and many may be waiting)
 
 
 class Nursery:
@@ -67,6 +72,8 @@ class Nursery:
         )
         self.recent = RecentKeys()
         self.active: dict[str, RequestState] = {}
+        # Outcomes Slack shows that storage could not take yet (keep_alive records them).
+        self.unrecorded: dict[str, UnrecordedOutcome] = {}
         self.outcomes: dict[str, int] = {}
         self.ux = SlackUX(services)
         self.reader = SocketModeReader(
@@ -112,11 +119,12 @@ class Nursery:
                     self.services.store,
                     self.gates,
                     replica_timeout=settings.replica_timeout_seconds,
+                    unrecorded=self.unrecorded,
                 )
             )
             await self._stop.wait()
             await self._shutdown(settings.shutdown_grace_seconds)
-            await stop_replica(self.services.store, self.gates)
+            await stop_replica(self.services.store, self.gates, self.unrecorded)
             tg.cancel_scope.cancel()
         log.info("stopped; outcomes: %s", self.outcomes or "none")
 
@@ -240,7 +248,7 @@ class Nursery:
                     return
                 await self._answer(msg, hold)
         except StorageError as exc:  # taking the thread's lease: who holds it is unknown
-            await self._storage_down_reply(msg, exc)
+            await self._cannot_lease(msg, exc)
 
     async def _answer(self, msg: IncomingMessage, hold: Hold) -> None:
         state = RequestState.begin(msg, owner=hold.owner, fence=hold.fence)
@@ -269,6 +277,8 @@ class Nursery:
                 )
         finally:
             del self.active[state.request_id]
+            if state.unrecorded is not None:
+                keep_unrecorded(self.unrecorded, state.unrecorded)
             # No outcome: cancelled before answer_message reached its own try block.
             outcome = state.outcome or ("stopped" if state.stop_reason else "interrupted")
             self._count(outcome)
@@ -346,10 +356,42 @@ class Nursery:
             log.warning("storage cannot tell whether thread %s is known (%s); skipping", msg.thread, exc)
             return False
 
+    async def _cannot_lease(self, msg: IncomingMessage, exc: StorageError) -> None:
+        """Storage failed taking the thread's lease. Tell the user the bot cannot answer —
+        unless, a moment later, the thread shows the bot answering there: another replica,
+        which can reach storage, has the same message (a twin event or a redelivery), and
+        the note would stand beside its answer."""
+        await anyio.sleep(STORAGE_NOTE_GRACE)
+        if await self._answered_elsewhere(msg):
+            self._count("duplicate")
+            log.warning(
+                "thread %s: cannot take its lease (%s), but the bot answers message %s there already",
+                msg.thread,
+                exc,
+                msg.ts,
+            )
+            return
+        await self._storage_down_reply(msg, exc)
+
     async def _storage_down_reply(self, msg: IncomingMessage, exc: StorageError) -> None:
         self._count("error")
         log.error("thread %s: cannot take its lease (%s); message %s not answered", msg.thread, exc, msg.ts)
         await self._notice(msg, STORAGE_DOWN_NOTICE, "storage notice")
+
+    async def _answered_elsewhere(self, msg: IncomingMessage) -> bool:
+        """Whether the thread holds the bot's answer to the message, finished or not, or
+        its busy reply (their metadata say which message they answer). Bounded; False
+        when the thread cannot be read. (A native stream says so only once finished.)"""
+        with anyio.move_on_after(STORAGE_NOTE_LOOK_SECONDS):
+            try:
+                replies = await self.services.slack.thread_replies(
+                    msg.channel, msg.thread_ts, include_all_metadata=True
+                )
+            except Exception as exc:
+                log.warning("could not read thread %s: %s", msg.thread, exc)
+                return False
+            return any(answers_message(m, msg.ts, self.services.me.bot_id) for m in replies)
+        return False
 
     async def _busy_reply(self, msg: IncomingMessage) -> None:
         self._count("busy")
@@ -360,7 +402,9 @@ class Nursery:
         """Post `text` in the message's thread, bounded (10 s) and never raising."""
         with anyio.move_on_after(10):
             try:
-                await self.services.slack.post_message(msg.channel, msg.thread_ts, markdown_text=text)
+                await self.services.slack.post_message(
+                    msg.channel, msg.thread_ts, markdown_text=text, payload=reply_payload(msg.ts)
+                )
             except Exception as exc:
                 log.warning("could not post the %s in %s: %s", what, msg.thread, exc)
 

@@ -12,6 +12,15 @@ At start, a replica also takes over the requests still recorded under its own id
 belong to its previous run, which is dead (it is this process). That is the crash
 recovery of a single bot, and it happens at once; other replicas' requests wait for
 their heartbeat to age.
+
+Two things keep a takeover from replacing an answer the user already reads:
+- A request of this process's own run whose outcome storage could not take (cut off
+  from it as the answer went out) is never taken over by this process: it knows the
+  outcome and records it late (`record_late`), under a new lease on the thread.
+- Every final write carries a receipt in the message's metadata (`bot.slack.receipts`).
+  A takeover first reads the thread: a delivered answer is left alone and recorded
+  from what Slack shows. If the thread cannot be read, the request waits for the next
+  heartbeat rather than risk overwriting it.
 """
 
 from __future__ import annotations
@@ -21,15 +30,19 @@ import time
 
 import anyio
 
+from bot.processing.context import UnrecordedOutcome
 from bot.processing.failures import INTERRUPTED_NOTICE
+from bot.processing.surface import Receipt
+from bot.slack.receipts import Delivered, find_delivered, receipt_metadata, receipt_payload
 from bot.slack.reply import fallback_text
-from bot.slack.web_api import SlackAPIError, SlackWebAPI
+from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackWebAPI
 from bot.storage import InFlightRequest, StorageError, Store
 from bot.thread_gates import ThreadGates
 
 log = logging.getLogger(__name__)
 
-NOTICE_SECONDS = 10.0  # for editing one abandoned answer into the notice
+NOTICE_SECONDS = 10.0  # for reading one abandoned answer's thread, and for editing it into the notice
+UNRECORDED_KEPT = 1000  # outcomes kept for late recording while storage is out of reach
 
 
 async def start_replica(slack: SlackWebAPI, store: Store, gates: ThreadGates, *, replica_timeout: float) -> int:
@@ -46,84 +59,205 @@ async def start_replica(slack: SlackWebAPI, store: Store, gates: ThreadGates, *,
         )
     own = [r for r in await store.in_flight() if r.owner == gates.owner]
     await store.heartbeat(gates.owner)
+    _share_limits(slack, gates.owner, ages, replica_timeout)
     return await take_over(slack, store, gates, own, replica_timeout=replica_timeout)
 
 
-async def keep_alive(slack: SlackWebAPI, store: Store, gates: ThreadGates, *, replica_timeout: float) -> None:
-    """Until cancelled: a heartbeat, then a look for abandoned requests, three times per
-    REPLICA_TIMEOUT_SECONDS. A storage error costs one beat, never the bot."""
+async def keep_alive(
+    slack: SlackWebAPI,
+    store: Store,
+    gates: ThreadGates,
+    *,
+    replica_timeout: float,
+    unrecorded: dict[str, UnrecordedOutcome] | None = None,
+) -> None:
+    """Until cancelled, three times per REPLICA_TIMEOUT_SECONDS: a heartbeat, this
+    replica's share of Slack's rate limits (from the live replicas' heartbeats), the
+    late recording of this run's outcomes storage could not take, then a look for
+    abandoned requests. A storage error costs one beat, never the bot."""
+    late = unrecorded if unrecorded is not None else {}
     while True:
         await anyio.sleep(replica_timeout / 3)
         try:
             await store.heartbeat(gates.owner)
-            await take_over(slack, store, gates, [], replica_timeout=replica_timeout)
+            _share_limits(slack, gates.owner, await store.replicas(), replica_timeout)
+            await record_late(store, gates, late)
+            await take_over(slack, store, gates, [], replica_timeout=replica_timeout, skip=set(late))
         except StorageError as exc:
             log.warning("replica %s: heartbeat or takeover failed: %s", gates.owner, exc)
 
 
-async def stop_replica(store: Store, gates: ThreadGates) -> None:
-    """A clean exit: the heartbeat row goes, so nobody waits for it to age."""
+def _share_limits(slack: SlackWebAPI, me: str, ages: dict[str, float], replica_timeout: float) -> None:
+    """Slack's budgets are the workspace's: split them between the live replicas."""
+    live = {rid for rid, age in ages.items() if age < replica_timeout} | {me}
+    if len(live) != slack.limits.shared_by:
+        log.info("%d replica(s) alive: this one takes 1/%d of Slack's rate limits", len(live), len(live))
+    slack.limits.share(len(live))
+
+
+def keep_unrecorded(unrecorded: dict[str, UnrecordedOutcome], outcome: UnrecordedOutcome) -> None:
+    """Keep `outcome` for `record_late`; the oldest goes when UNRECORDED_KEPT are kept
+    (storage down for long: another replica's takeover then finds its receipt)."""
+    log.warning("request %s: outcome %s kept until storage takes it", outcome.request_id, outcome.outcome)
+    unrecorded[outcome.request_id] = outcome
+    while len(unrecorded) > UNRECORDED_KEPT:
+        dropped = unrecorded.pop(next(iter(unrecorded)))
+        log.warning("request %s: too many outcomes waiting for storage; this one is dropped", dropped.request_id)
+
+
+async def record_late(store: Store, gates: ThreadGates, unrecorded: dict[str, UnrecordedOutcome]) -> int:
+    """Record this run's outcomes that storage could not take when they were delivered,
+    each under a new lease on its thread (a thread busy again waits for the next beat).
+    Raises StorageError while storage is still out of reach. Returns how many."""
+    done = 0
+    for late in list(unrecorded.values()):
+        async with gates.try_enter(late.thread) as hold:
+            if hold is None:
+                continue
+            closed = await store.finish_request(
+                late.request_id,
+                fence=hold.fence,
+                outcome=late.outcome,
+                user_text=late.user_text,
+                user_ts=late.user_ts,
+                reply_text=late.reply_text,
+                finished_at=late.finished_at,
+                detail=late.detail,
+            )
+            del unrecorded[late.request_id]
+            if closed:
+                done += 1
+                log.info("request %s in %s: outcome %s recorded late", late.request_id, late.thread, late.outcome)
+            else:  # another replica took it over meanwhile (from its receipt, if delivered)
+                log.info("request %s: already closed by another replica", late.request_id)
+    return done
+
+
+async def stop_replica(
+    store: Store, gates: ThreadGates, unrecorded: dict[str, UnrecordedOutcome] | None = None
+) -> None:
+    """A clean exit: outcomes still unrecorded get one more try, and the heartbeat row
+    goes, so nobody waits for it to age."""
     with anyio.CancelScope(shield=True), anyio.move_on_after(5):
         try:
+            if unrecorded:
+                await record_late(store, gates, unrecorded)
             await store.forget_replica(gates.owner)
         except StorageError as exc:
-            log.warning("replica %s: could not remove its heartbeat (it ages out): %s", gates.owner, exc)
+            log.warning("replica %s: could not record its last outcomes or remove its heartbeat: %s", gates.owner, exc)
+    for late in (unrecorded or {}).values():
+        log.warning("request %s: exiting with its outcome unrecorded (a takeover finds its receipt)", late.request_id)
 
 
 async def take_over(
-    slack: SlackWebAPI, store: Store, gates: ThreadGates, also: list[InFlightRequest], *, replica_timeout: float
+    slack: SlackWebAPI,
+    store: Store,
+    gates: ThreadGates,
+    also: list[InFlightRequest],
+    *,
+    replica_timeout: float,
+    skip: set[str] | None = None,
 ) -> int:
-    """Take over every abandoned request (and those in `also`) whose thread is free."""
+    """Take over every abandoned request (and those in `also`) whose thread is free,
+    but none in `skip` (this run's own, recorded late instead)."""
     found = {r.request_id: r for r in also}
     for req in await store.abandoned_requests(replica_timeout=replica_timeout):
         found.setdefault(req.request_id, req)
     done = 0
     for req in found.values():
+        if skip and req.request_id in skip:
+            continue
         async with gates.try_enter(req.thread) as hold:
             if hold is None:
                 log.debug("request %s: thread %s still leased; next time", req.request_id, req.thread)
                 continue
-            await _notify(slack, req)
-            closed = await store.finish_request(
-                req.request_id,
-                fence=hold.fence,
-                outcome="interrupted",
-                user_text="",
-                user_ts="",
-                reply_text="",
-                finished_at=time.time(),
-                detail=f"replica {req.owner or 'unknown'} stopped; taken over by {gates.owner}",
-            )
-            if closed:
-                done += 1
-                log.info(
-                    "request %s in %s: left by replica %r, marked interrupted",
+            try:
+                delivered = await _delivered(slack, req)
+            except (SlackAPIError, TimeoutError) as exc:
+                log.warning(
+                    "request %s: cannot read thread %s to see whether it was answered (%s); next time",
                     req.request_id,
                     req.thread,
-                    req.owner or "unknown",
+                    exc.error if isinstance(exc, SlackAPIError) else "no answer",
                 )
+                continue
+            left_by = f"replica {req.owner or 'unknown'}"
+            if delivered is not None:
+                answered = delivered.outcome == "answered"
+                closed = await store.finish_request(
+                    req.request_id,
+                    fence=hold.fence,
+                    outcome=delivered.outcome,
+                    user_text=delivered.asked if answered else "",
+                    user_ts=req.user_ts,
+                    reply_text=delivered.shown if answered else "",
+                    finished_at=time.time(),
+                    detail=(
+                        f"{left_by} stopped; taken over by {gates.owner} (its notice found in Slack)"
+                        if delivered.outcome == "interrupted"
+                        else f"{left_by} delivered it but could not record it; recorded by {gates.owner} from Slack"
+                    ),
+                )
+                what = f"found delivered ({delivered.outcome}), left as it is"
+            else:
+                await _notify(slack, req)
+                closed = await store.finish_request(
+                    req.request_id,
+                    fence=hold.fence,
+                    outcome="interrupted",
+                    user_text="",
+                    user_ts="",
+                    reply_text="",
+                    finished_at=time.time(),
+                    detail=f"{left_by} stopped; taken over by {gates.owner}",
+                )
+                what = "marked interrupted"
+            if closed:
+                done += 1
+                log.info("request %s in %s: left by %s, %s", req.request_id, req.thread, left_by, what)
     return done
 
 
+async def _delivered(slack: SlackWebAPI, req: InFlightRequest) -> Delivered | None:
+    """The request's final write if it reached Slack (its receipt is in the thread);
+    None also when the thread is gone (deleted, or the bot left the channel). Raises
+    SlackAPIError when Slack cannot say now (5xx, rate limited), or TimeoutError after
+    NOTICE_SECONDS."""
+    with anyio.fail_after(NOTICE_SECONDS):
+        try:
+            replies = await slack.thread_replies(req.thread.channel, req.thread.thread_ts, include_all_metadata=True)
+        except SlackAPIError as exc:
+            if exc.transient or isinstance(exc, SlackRateLimited):
+                raise
+            log.info("request %s: thread %s cannot be read (%s)", req.request_id, req.thread, exc.error)
+            return None
+    return find_delivered(replies, req.request_id, placeholder_ts=req.placeholder_ts, user_ts=req.user_ts)
+
+
 async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> None:
+    """The interrupted notice, itself a final write with its receipt: a takeover that
+    could not record it finds it at the next heartbeat instead of writing it again."""
     channel = req.thread.channel
+    receipt = Receipt(req.request_id, "interrupted", req.user_ts)
     with anyio.move_on_after(NOTICE_SECONDS):
         try:
             if req.placeholder_ts:
-                await _mark_interrupted(slack, channel, req.placeholder_ts)
+                await _mark_interrupted(slack, channel, req.placeholder_ts, receipt)
             else:
-                await slack.post_message(channel, req.thread.thread_ts, markdown_text=INTERRUPTED_NOTICE)
+                await slack.post_message(
+                    channel, req.thread.thread_ts, markdown_text=INTERRUPTED_NOTICE, payload=receipt_payload(receipt)
+                )
         except SlackAPIError as exc:
             log.warning("could not mark request %s in %s interrupted: %s", req.request_id, req.thread, exc.error)
 
 
-async def _mark_interrupted(slack: SlackWebAPI, channel: str, ts: str) -> None:
+async def _mark_interrupted(slack: SlackWebAPI, channel: str, ts: str, receipt: Receipt | None = None) -> None:
     """Edit the message into the notice; a message still streaming is stopped first
     (only then: chat.stopStream's budget is small). The notice goes in a markdown block,
     so it replaces blocks a final write may already have left there (an edit without
     blocks keeps a message's blocks, and they are what Slack shows)."""
     try:
-        await _edit_to_notice(slack, channel, ts)
+        await _edit_to_notice(slack, channel, ts, receipt)
         return
     except SlackAPIError as exc:
         if exc.error != "streaming_state_conflict":
@@ -132,10 +266,14 @@ async def _mark_interrupted(slack: SlackWebAPI, channel: str, ts: str) -> None:
         await slack.call("chat.stopStream", channel=channel, ts=ts)
     except SlackAPIError as exc:
         log.debug("chat.stopStream on %s before marking it interrupted: %s", ts, exc.error)
-    await _edit_to_notice(slack, channel, ts)
+    await _edit_to_notice(slack, channel, ts, receipt)
 
 
-async def _edit_to_notice(slack: SlackWebAPI, channel: str, ts: str) -> None:
+async def _edit_to_notice(slack: SlackWebAPI, channel: str, ts: str, receipt: Receipt | None = None) -> None:
     await slack.update_message(
-        channel, ts, blocks=[{"type": "markdown", "text": INTERRUPTED_NOTICE}], text=fallback_text(INTERRUPTED_NOTICE)
+        channel,
+        ts,
+        blocks=[{"type": "markdown", "text": INTERRUPTED_NOTICE}],
+        text=fallback_text(INTERRUPTED_NOTICE),
+        metadata=receipt_metadata(receipt) if receipt is not None else None,
     )

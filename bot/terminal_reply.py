@@ -17,7 +17,7 @@ import anyio
 import anyio.to_thread
 
 from bot.file_problem import FileProblem
-from bot.processing.surface import PLACEHOLDER, AttachedFile, SurfaceError
+from bot.processing.surface import PLACEHOLDER, AttachedFile, Receipt, SurfaceError
 from bot.storage.base import HistoryMessage
 
 
@@ -66,7 +66,7 @@ class TerminalWriter:
                 await self._write(self._status_out, f"({self._status.strip('_*')})\n")
             await self._flush()
 
-    async def finish(self, notice: str = "") -> bool:
+    async def finish(self, notice: str = "", receipt: Receipt | None = None) -> bool:
         await self._flush()
         ending = "\n" if self.text else ""
         if notice:

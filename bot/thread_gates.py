@@ -16,7 +16,11 @@ it does not hold (the watchdog of the design we replace did both). A lease that 
 be renewed is never taken back by force: it expires, and storage fences its holder off.
 If the lease passes to someone else (this process was paused or cut off from the
 database past its time to live), the request is told through `Hold.lost` and its
-`on_lost` callback, so it can stop writing.
+`on_lost` callback, so it can stop writing. It is told before the lease can pass, too:
+a holder that could not renew it and would next try only after the lease may have
+expired (by its own clock, counted from before its last successful renewal, so never
+later than the database's) gives it up itself. A replica cut off from storage thus
+stops writing a third of a lease before another can take the thread over.
 
 `prune()` drops limiters nobody holds, so memory stays flat however many threads the
 bot has seen.
@@ -25,6 +29,7 @@ bot has seen.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -47,6 +52,9 @@ class Hold:
     owner: str
     lost: bool = False
     on_lost: Callable[[], None] | None = None
+    # Until when (anyio.current_time()) the lease is surely still ours: the moment its last
+    # grant or renewal was asked for, plus its time to live.
+    valid_until: float = math.inf
 
 
 class ThreadGates:
@@ -72,12 +80,13 @@ class ThreadGates:
             yield None
             return
         try:
+            asked = anyio.current_time()
             token = await self._store.acquire_lease(thread, self.owner, ttl=self.lease_seconds)
             if token is None:
                 log.info("thread %s is held by another replica", thread)
                 yield None
                 return
-            hold = self._holds[thread] = Hold(thread, token, self.owner)
+            hold = self._holds[thread] = Hold(thread, token, self.owner, valid_until=asked + self.lease_seconds)
             try:
                 yield hold
             finally:
@@ -98,18 +107,26 @@ class ThreadGates:
         for hold in list(self._holds.values()):
             if hold.lost:
                 continue
+            asked = anyio.current_time()
             try:
                 renewed = await self._store.renew_lease(hold.thread, hold.fence, ttl=self.lease_seconds)
             except StorageError as exc:
-                log.warning("could not renew the lease on thread %s: %s", hold.thread, exc)
+                if anyio.current_time() + self.lease_seconds / 3 >= hold.valid_until:
+                    # The next try would come after the lease may have passed on.
+                    self._lose(hold, f"could not renew it before it may expire ({exc})")
+                else:
+                    log.warning("could not renew the lease on thread %s: %s", hold.thread, exc)
                 continue
-            if not renewed:
-                if self._holds.get(hold.thread) is not hold:
-                    continue  # released while the renewal ran: refused because it was given back
-                log.warning("lost the lease on thread %s to another replica; stopping its request", hold.thread)
-                hold.lost = True
-                if hold.on_lost is not None:
-                    hold.on_lost()
+            if renewed:
+                hold.valid_until = asked + self.lease_seconds
+            elif self._holds.get(hold.thread) is hold:  # (else released while the renewal ran)
+                self._lose(hold, "another replica has it")
+
+    def _lose(self, hold: Hold, why: str) -> None:
+        log.warning("lost the lease on thread %s: %s; stopping its request", hold.thread, why)
+        hold.lost = True
+        if hold.on_lost is not None:
+            hold.on_lost()
 
     async def _release(self, hold: Hold) -> None:
         """Shielded and bounded: a cancelled request still gives its thread back, and a

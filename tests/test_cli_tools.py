@@ -16,6 +16,7 @@ import pytest
 from bot.cli import main
 from bot.manifest import BOT_EVENTS, BOT_SCOPES
 from tests.fakes import Behaviour, FakeOpenAI, FakeSlack, openai_server, slack_server
+from tests.postgres import fresh_database
 
 pytestmark = pytest.mark.anyio
 
@@ -139,6 +140,33 @@ async def test_check_passes_against_fakes_that_answer_right(tmp_path, cli_backen
     assert (tmp_path / "data" / "bot.db").exists()
     for secret in (BOT_TOKEN, APP_TOKEN, API_KEY):
         assert secret not in out + err
+
+
+@pytest.fixture
+def postgres_url():
+    yield from fresh_database()
+
+
+async def test_check_takes_a_lease_on_postgresql_and_never_shows_the_password(tmp_path, postgres_url):
+    slack, ai = FakeSlack(bot_token=BOT_TOKEN, app_token=APP_TOKEN), FakeOpenAI(api_key=API_KEY)
+    # The throwaway server trusts local connections, so the password is not needed (nor sent).
+    url = postgres_url.replace("://postgres@", "://postgres:hunter2-secret@", 1)
+    assert "hunter2-secret" in url
+    async with slack_server(slack) as slack_url, openai_server(ai) as openai_url:
+        env = env_for(
+            tmp_path,
+            SLACK_BOT_TOKEN=BOT_TOKEN,
+            SLACK_APP_TOKEN=APP_TOKEN,
+            OPENAI_API_KEY=API_KEY,
+            SLACK_API_URL=slack_url,
+            OPENAI_BASE_URL=openai_url,
+            DATABASE_URL=url,
+        )
+        code, out, err = await run_cli(tmp_path, ["check"], env)
+    assert code == 0, out + err
+    [line] = [line for line in out.splitlines() if "Database" in line]
+    assert line.split()[0] == "ok" and "thread leases work" in line and "***@" in line
+    assert "hunter2-secret" not in out + err
 
 
 async def test_check_reports_each_problem_with_its_fix(tmp_path):

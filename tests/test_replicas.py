@@ -14,8 +14,8 @@ import anyio
 import pytest
 
 from bot.nursery import Nursery
-from bot.processing.failures import BUSY_NOTICE, INTERRUPTED_NOTICE
-from bot.storage import SQLStore, Store, ThreadKey, open_store
+from bot.processing.failures import BUSY_NOTICE, INTERRUPTED_NOTICE, STORAGE_DOWN_NOTICE
+from bot.storage import SQLStore, StorageError, Store, ThreadKey, open_store
 from tests.fakes.openai import Behaviour, FakeOpenAI
 from tests.fakes.slack import FakeSlack
 from tests.harness import eventually, running_bot, send_dm
@@ -187,3 +187,167 @@ async def test_a_rolling_restart_loses_and_doubles_nothing(slack, ai, database_u
         assert await store.replicas() == {}  # both left cleanly
     finally:
         await store.aclose()
+
+
+class CutOff:
+    """A replica's store that can be cut off from the database (its Slack calls go on):
+    every write that closes or keeps a request then fails, as over a broken network."""
+
+    FAILING = frozenset({"finish_request", "renew_lease", "release_lease", "heartbeat"})
+
+    def __init__(self, store: Store) -> None:
+        self.inner = store
+        self.cut = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in self.FAILING:
+            return attr
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            if self.cut:
+                raise StorageError(f"{name} failed: could not connect to the database")
+            return await attr(*args, **kwargs)
+
+        return call
+
+
+async def _request_row(url: str, request_id: str) -> tuple[str, str]:
+    store = await open_store(url)
+    try:
+        assert isinstance(store, SQLStore)
+        [(status, detail)] = await store.database.transaction(
+            "look",
+            lambda c: c.execute("SELECT status, detail FROM requests WHERE request_id = ?", (request_id,)).fetchall(),
+        )
+        return status, detail
+    finally:
+        await store.aclose()
+
+
+async def _history(url: str, thread: ThreadKey) -> list[tuple[str, str]]:
+    store = await open_store(url)
+    try:
+        return [(m.role, m.content) for m in await store.load_history(thread)]
+    finally:
+        await store.aclose()
+
+
+async def test_an_answer_delivered_but_not_recorded_is_left_alone_by_the_takeover(slack, ai, database_url):
+    """replica-a delivers its answer while cut off from storage, so the request looks
+    abandoned once its lease lapses. replica-b takes it over, finds the receipt in the
+    message's metadata, leaves the answer on screen and records it from what Slack shows."""
+    ai.enqueue(Behaviour(text="the answer you already read", latency=0.3))
+    fast = {"replica_timeout_seconds": 1.0}
+    store = await open_store(database_url)
+    cut = CutOff(store)
+    try:
+        async with running_bot(slack, ai, store=cut, replica_id="replica-a", **fast) as a:
+            _, ev = await send_dm(slack, "please answer")
+            await eventually(lambda: bool(a.active), timeout=10)
+            [state] = a.active.values()
+            cut.cut = True  # before the answer is recorded
+            await eventually(lambda: state.request_id in a.unrecorded, timeout=10)
+            ts = state.placeholder_ts
+            assert "the answer you already read" in slack.visible_text("D1", ts)
+            async with replicas(slack, ai, database_url, ["replica-b"], **fast):
+                for _ in range(100):
+                    status, detail = await _request_row(database_url, state.request_id)
+                    if status != "in_flight":
+                        break
+                    await anyio.sleep(0.1)
+                assert status == "answered", detail
+                assert "recorded by replica-b from Slack" in detail
+                assert "the answer you already read" in slack.visible_text("D1", ts)  # not the notice
+                assert INTERRUPTED_NOTICE not in slack.visible_text("D1", ts)
+                history = await _history(database_url, ThreadKey("D1", ev["ts"]))
+                assert history[0] == ("user", "please answer")
+                assert history[1][0] == "assistant" and "the answer you already read" in history[1][1]
+                # replica-a reaches storage again: its late recording finds the request closed.
+                cut.cut = False
+                await eventually(lambda: not a.unrecorded, timeout=10)
+                assert (await _request_row(database_url, state.request_id))[0] == "answered"
+    finally:
+        await store.aclose()
+
+
+async def test_a_replica_records_its_own_unrecorded_outcome_once_storage_is_back(slack, ai, database_url):
+    """Cut off from storage only while the answer went out: the replica keeps the outcome
+    and records it itself under a new lease, and never takes its own request over."""
+    ai.enqueue(Behaviour(text="answered in a storage blip", latency=0.3))
+    store = await open_store(database_url)
+    cut = CutOff(store)
+    try:
+        async with running_bot(slack, ai, store=cut, replica_id="replica-a", replica_timeout_seconds=1.0) as a:
+            _, ev = await send_dm(slack, "blip?")
+            await eventually(lambda: bool(a.active), timeout=10)
+            [state] = a.active.values()
+            cut.cut = True
+            await eventually(lambda: state.request_id in a.unrecorded, timeout=10)
+            await anyio.sleep(1.5)  # the lease lapses meanwhile: the request looks abandoned
+            cut.cut = False
+            await eventually(lambda: not a.unrecorded, timeout=10)
+            status, detail = await _request_row(database_url, state.request_id)
+            assert status == "answered" and "taken over" not in detail
+            assert INTERRUPTED_NOTICE not in slack.visible_text("D1", state.placeholder_ts)
+            assert [role for role, _ in await _history(database_url, ThreadKey("D1", ev["ts"]))] == [
+                "user",
+                "assistant",
+            ]
+    finally:
+        await store.aclose()
+
+
+class Unreachable(CutOff):
+    """Cut off entirely: claiming events and taking leases fail too."""
+
+    FAILING = CutOff.FAILING | {"claim_event", "acquire_lease"}
+
+
+async def test_a_replica_cut_off_from_storage_says_so_once(slack, ai, database_url, monkeypatch):
+    monkeypatch.setattr("bot.nursery.STORAGE_NOTE_GRACE", 0.3)
+    store = await open_store(database_url)
+    cut = Unreachable(store)
+    try:
+        async with running_bot(slack, ai, store=cut, replica_id="replica-a") as a:
+            cut.cut = True
+            _, ev = await send_dm(slack, "anyone there?")
+            await slack.wait_until(lambda: slack.bot_replies("D1", ev["ts"]) == [STORAGE_DOWN_NOTICE], timeout=10)
+            assert a.outcomes == {"error": 1} and ai.requests == []
+    finally:
+        await store.aclose()
+
+
+async def test_a_replica_cut_off_from_storage_keeps_quiet_when_another_answers(slack, ai, database_url, monkeypatch):
+    """The mention's twin (or a redelivery) lands on the replica cut off from storage: it
+    cannot know another replica has the message, but a moment later the thread shows it."""
+    monkeypatch.setattr("bot.nursery.STORAGE_NOTE_GRACE", 0.5)
+    ai.enqueue(Behaviour(text="answered by the healthy one", latency=0.2))
+    store = await open_store(database_url)
+    cut = Unreachable(store)
+    try:
+        async with (
+            running_bot(slack, ai, store=cut, replica_id="replica-a") as a,
+            replicas(slack, ai, database_url, ["replica-b"]) as ([b], _),
+        ):
+            cut.cut = True
+            _, ev = await send_dm(slack, "twice delivered")
+            await slack.send_event(ev, retry_attempt=1)  # round robin: one on each replica
+            await slack.wait_until(
+                lambda: "answered by the healthy one" in " ".join(slack.bot_replies("D1", ev["ts"])), timeout=10
+            )
+            await eventually(lambda: a.outcomes.get("duplicate", 0) == 1, timeout=10)
+            assert STORAGE_DOWN_NOTICE not in slack.bot_replies("D1", ev["ts"])
+            assert b.outcomes.get("answered") == 1
+    finally:
+        await store.aclose()
+
+
+async def test_replicas_split_slacks_rate_limits_between_those_alive(slack, ai, database_url):
+    fast = {"replica_timeout_seconds": 1.0}
+    async with replicas(slack, ai, database_url, ["replica-a"], **fast) as ([a], _):
+        limits = a.services.slack.limits
+        assert limits.shared_by == 1
+        async with replicas(slack, ai, database_url, ["replica-b"], **fast) as ([b], _):
+            await eventually(lambda: limits.shared_by == 2 and b.services.slack.limits.shared_by == 2, timeout=10)
+        await eventually(lambda: limits.shared_by == 1, timeout=10)  # b left cleanly: a has it all again

@@ -123,3 +123,36 @@ async def test_a_renewal_racing_the_release_is_not_a_lost_lease(store: SQLStore)
         await renewing.wait()
         release_now.set()
     assert lost == [] and not hold.lost
+
+
+async def test_a_holder_that_cannot_renew_gives_the_lease_up_before_it_can_pass_on(store: SQLStore):
+    """Cut off from storage, the holder stops its request a third of a lease before the
+    database would let another replica take the thread (by its own clock, counted from
+    before the last renewal that succeeded)."""
+    gates = ThreadGates(store, owner="replica-a", lease_seconds=3.0)
+    lost: list[float] = []
+    real_renew = store.renew_lease
+    cut_off = False
+
+    async def renew(thread, token, *, ttl):
+        if cut_off:
+            raise StorageError("renew_lease failed: could not connect")
+        return await real_renew(thread, token, ttl=ttl)
+
+    store.renew_lease = renew  # type: ignore[method-assign]
+    async with gates.try_enter(T) as hold:
+        assert hold is not None
+        hold.on_lost = lambda: lost.append(anyio.current_time())
+        start = anyio.current_time()
+        await gates.renew_all()  # renewed: valid a full lease from now
+        renewed_at = anyio.current_time()
+        assert hold.valid_until >= start + 3.0
+        cut_off = True
+        await anyio.sleep(0.2)
+        await gates.renew_all()  # one failure, 2.8 s left: tried again at the next tick
+        assert not hold.lost and lost == []
+        await anyio.sleep(max(0.0, renewed_at + 2.0 - anyio.current_time()))
+        await gates.renew_all()  # the next tick would be at or past the expiry: given up now
+        assert hold.lost and len(lost) == 1
+        assert lost[0] < renewed_at + 3.0  # before the database lets it pass on
+        assert await store.acquire_lease(T, "replica-b", ttl=3.0) is None  # and it had not yet

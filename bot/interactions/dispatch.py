@@ -25,6 +25,8 @@ from bot.interactions import assistant, settings_flow, shortcuts
 from bot.interactions.access import refusal
 from bot.interactions.app_home import OPEN_SETTINGS_ACTION
 from bot.interactions.feedback import record_click
+from bot.interactions.limits import MODAL_TITLE, SECTION_TEXT, clip
+from bot.interactions.locales import UserLocales
 from bot.interactions.model_catalog import ModelCatalog
 from bot.interactions.settings_modal import (
     CALLBACK_ID,
@@ -54,15 +56,22 @@ MAX_REMEMBERED = 50_000  # in-memory "already said" keys, a cache in front of st
 
 
 def notice_view(title: str, text: str) -> dict[str, Any]:
+    """A modal with one line of text (cut to fit: a title holds 24 characters, a section 3,000)."""
     return View(
-        type="modal", title=title, close="Close", blocks=[SectionBlock(text=MarkdownTextObject(text=text))]
+        type="modal",
+        title=clip(title, MODAL_TITLE),
+        close="Close",
+        blocks=[SectionBlock(text=MarkdownTextObject(text=clip(text, SECTION_TEXT)))],
     ).to_dict()
 
 
 class SlackUX:
-    def __init__(self, services: SlackServices, *, catalog: ModelCatalog | None = None) -> None:
+    def __init__(
+        self, services: SlackServices, *, catalog: ModelCatalog | None = None, locales: UserLocales | None = None
+    ) -> None:
         self.services = services
         self.catalog = catalog or ModelCatalog()
+        self.locales = locales or UserLocales()
         self._said: set[tuple[str, str]] = set()  # (kind, key) known to be claimed already
 
     # ---- asked by the Socket Mode reader, while acking (pure, no I/O) ------------------
@@ -142,7 +151,12 @@ class SlackUX:
             log.warning("slash command without user_id or trigger_id; ignored")
             return
         await settings_flow.open_settings(
-            self.services, self.catalog, user=user, trigger_id=trigger, context=ModalContext(None, "command")
+            self.services,
+            self.catalog,
+            user=user,
+            trigger_id=trigger,
+            context=ModalContext(None, "command"),
+            locales=self.locales,
         )
 
     async def _interaction(self, payload: dict[str, Any]) -> None:
@@ -184,6 +198,7 @@ class SlackUX:
                 trigger_id=str(payload.get("trigger_id") or ""),
                 context=ModalContext(None, "home"),
                 scope=str(action.get("value") or "user"),
+                locales=self.locales,
             )
         elif action_id == MODEL_ACTION and view.get("callback_id") == CALLBACK_ID:
             await settings_flow.model_changed(self.services, self.catalog, payload)
@@ -214,6 +229,7 @@ class SlackUX:
                 trigger_id=trigger,
                 context=ModalContext(ThreadKey(channel, thread_ts), "shortcut"),
                 scope="thread",
+                locales=self.locales,
             )
         else:
             log.info("message shortcut %r is not handled", callback)

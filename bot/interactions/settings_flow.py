@@ -1,7 +1,9 @@
 """The settings modal's life: open it, rebuild it when the model changes, save a submission.
 
-Opening must beat Slack's 3-second trigger window, so the model list (cached) and the
-stored settings are read with short bounds and the modal opens with what is at hand.
+Opening must beat Slack's 3-second trigger window, so the model list (cached), the
+stored settings and — when no language is saved at any level — the user's Slack locale
+(cached; the modal's first guess at their language) are read with short bounds, the model
+list alongside the other two, and the modal opens with what is at hand.
 A submission is validated in the ack (see `settings_modal.parse_submission`); by the time
 `save` runs the modal has closed, so a storage failure is told to the user in a DM
 rather than lost.
@@ -9,11 +11,16 @@ rather than lost.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, cast
 
+import anyio
+
 from bot.interactions.access import refusal
 from bot.interactions.app_home import home_view, publish_home
+from bot.interactions.languages import language_for_locale
+from bot.interactions.locales import UserLocales
 from bot.interactions.model_catalog import ModelCatalog
 from bot.interactions.settings_modal import ModalContext, Submission, parse_submission, settings_view
 from bot.preferences import baseline, below, changes, load_layers, merge, thread_key
@@ -32,6 +39,16 @@ def _level(layers: PreferenceLayers, scope: str) -> dict[str, object]:
     return {"workspace": layers.workspace, "user": layers.user, "thread": layers.thread}[scope]
 
 
+def _no_language_saved(layers: PreferenceLayers, scope: str) -> bool:
+    """Whether the modal may start from the user's Slack locale: nobody chose a language at
+    any level that applies (a workspace default counts; the defaults themselves never
+    start from one admin's locale)."""
+    if scope == "workspace":
+        return False
+    levels = [layers.workspace, layers.user] + ([layers.thread] if scope == "thread" else [])
+    return not any("language" in level for level in levels)
+
+
 async def open_settings(
     services: SlackServices,
     catalog: ModelCatalog,
@@ -40,6 +57,7 @@ async def open_settings(
     trigger_id: str,
     context: ModalContext,
     scope: str | None = None,
+    locales: UserLocales | None = None,
 ) -> bool:
     """Open the modal on `trigger_id`, showing the settings saved at `scope` (with what
     lies beneath them). False (logged) when Slack refused."""
@@ -47,9 +65,19 @@ async def open_settings(
     is_admin = user in settings.admin_users
     if scope is None or (scope == "workspace" and not is_admin) or (scope == "thread" and not context.thread):
         scope = "thread" if context.thread else "user"
-    layers = await load_layers(services.store, user, context.thread, timeout=LAYERS_TIMEOUT)
-    shown = merge(below(layers, settings, scope), _level(layers, scope))
-    models = await catalog.models(services.openai, timeout=MODELS_TIMEOUT)
+    models: list[str] = []
+
+    async def fetch_models() -> None:
+        models.extend(await catalog.models(services.openai, timeout=MODELS_TIMEOUT))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fetch_models)
+        layers = await load_layers(services.store, user, context.thread, timeout=LAYERS_TIMEOUT)
+        shown = merge(below(layers, settings, scope), _level(layers, scope))
+        if locales is not None and _no_language_saved(layers, scope):
+            language = language_for_locale(await locales.locale(services.slack, user))
+            if language:
+                shown = dataclasses.replace(shown, language=language)
     view = settings_view(
         shown, models, configured_model=settings.openai_model, scope=scope, context=context, is_admin=is_admin
     )

@@ -9,6 +9,11 @@ the modal still open. The handler that saves runs the same function again afterw
 Which level a submission is saved at is the "Save for" choice: the user's own settings,
 this thread only (when the modal was opened from a thread), or the workspace defaults
 (only for ADMIN_USERS — checked here too, not only by hiding the option).
+
+Nothing a user can type is rejected after submitting: numbers are `number_input`s with
+the same bounds as the checks here (Slack refuses anything else in the modal itself), and
+the language is a menu. The checks stay, for crafted payloads and for modals opened
+before an upgrade, whose free-text fields (`plain_text_input`) are still read.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from slack_sdk.models.blocks import (
     ContextBlock,
     InputBlock,
     MarkdownTextObject,
+    NumberInputElement,
     Option,
     PlainTextInputElement,
     RadioButtonsElement,
@@ -31,6 +37,8 @@ from slack_sdk.models.blocks import (
 )
 from slack_sdk.models.views import View
 
+from bot.interactions.languages import NAMES, canonical, language_choices
+from bot.interactions.limits import MAX_OPTIONS, OPTION_TEXT, OPTION_VALUE, clip
 from bot.preferences import (
     IMAGE_QUALITIES,
     IMAGE_SIZES,
@@ -46,7 +54,7 @@ from bot.storage.base import ThreadKey
 CALLBACK_ID = "settings_modal"
 THREAD_SETTINGS = "thread_settings"  # the message shortcut that opens the modal for one thread
 MODEL_ACTION = "model"  # a change of model rebuilds the modal (temperature ↔ reasoning effort)
-MAX_OPTIONS = 100  # Slack's cap on a static select
+TEMPERATURE_MIN, TEMPERATURE_MAX = 0, 2  # as bot.preferences accepts them
 DEFAULT_EFFORT = "default"
 SCOPE_LABELS = {
     "user": "Me, in every conversation",
@@ -95,7 +103,7 @@ class Submission:
 
 
 def _option(value: str, text: str) -> Option:
-    return Option(value=value, text=text[:75])
+    return Option(value=value, text=clip(text, OPTION_TEXT))
 
 
 def _select(action_id: str, choices: list[tuple[str, str]], current: str) -> StaticSelectElement:
@@ -105,10 +113,11 @@ def _select(action_id: str, choices: list[tuple[str, str]], current: str) -> Sta
 
 
 def model_choices(models: list[str], current: str, configured: str) -> list[str]:
-    """The model menu: the current and configured models always, then the endpoint's."""
+    """The model menu: the current and configured models always, then the endpoint's
+    (at most Slack's 100 options; an id longer than an option's value can be is left out)."""
     ordered = [current] + ([configured] if configured != current else [])
     ordered += [m for m in models if m not in ordered]
-    return [m for m in ordered if m][:MAX_OPTIONS]
+    return [m for m in ordered if m and len(m) <= OPTION_VALUE][:MAX_OPTIONS]
 
 
 def settings_view(
@@ -153,9 +162,13 @@ def settings_view(
                 block_id="temperature",
                 label="Temperature",
                 optional=True,
-                hint="0 = focused and repeatable, 2 = most varied. Empty: the model's default.",
-                element=PlainTextInputElement(
+                hint=f"{TEMPERATURE_MIN} = focused and repeatable, {TEMPERATURE_MAX} = most varied. "
+                "Empty: the model's default.",
+                element=NumberInputElement(
                     action_id="temperature",
+                    is_decimal_allowed=True,
+                    min_value=str(TEMPERATURE_MIN),
+                    max_value=str(TEMPERATURE_MAX),
                     placeholder="Model default",
                     initial_value=_number_text(shown.temperature),
                 ),
@@ -191,8 +204,11 @@ def settings_view(
             optional=True,
             hint=f"How many earlier messages of the thread the model sees (0–{MAX_HISTORY_MESSAGES}). "
             "Empty: as many as fit.",
-            element=PlainTextInputElement(
+            element=NumberInputElement(
                 action_id="history_messages",
+                is_decimal_allowed=False,
+                min_value="0",
+                max_value=str(MAX_HISTORY_MESSAGES),
                 placeholder="As many as fit",
                 initial_value=None if shown.history_messages is None else str(shown.history_messages),
             ),
@@ -218,11 +234,8 @@ def settings_view(
         InputBlock(
             block_id="language",
             label="Your language",
-            optional=True,
             hint='"Translate message" translates into this language.',
-            element=PlainTextInputElement(
-                action_id="language", max_length=MAX_LANGUAGE, initial_value=shown.language or None
-            ),
+            element=_select("language", language_choices(shown.language), canonical(shown.language)),
         ),
         InputBlock(
             block_id="reset",
@@ -251,6 +264,11 @@ def _number_text(value: float | None) -> str | None:
     return None if value is None else f"{value:g}"
 
 
+def _whole_number(text: str) -> bool:
+    """ASCII digits only, and few of them ("²".isdigit() is true, int() of 5,000 digits raises)."""
+    return text.isascii() and text.isdigit() and len(text) <= 9
+
+
 def _value(values: dict[str, Any], block: str) -> dict[str, Any] | None:
     entry = values.get(block)
     if not isinstance(entry, dict):
@@ -268,6 +286,16 @@ def _text(values: dict[str, Any], block: str) -> str | None:
         return None
     text = item.get("value")
     return text.strip() if isinstance(text, str) else ""
+
+
+def _offered(view: dict[str, Any], block_id: str) -> set[str]:
+    """The option values the modal's menu `block_id` offered (as Slack sent the view back)."""
+    for block in view.get("blocks") or ():
+        if isinstance(block, dict) and block.get("block_id") == block_id:
+            element = block.get("element")
+            options = element.get("options") if isinstance(element, dict) else None
+            return {o["value"] for o in options or () if isinstance(o, dict) and isinstance(o.get("value"), str)}
+    return set()
 
 
 def _selected(values: dict[str, Any], block: str) -> str | None:
@@ -313,8 +341,11 @@ def parse_submission(view: object, *, user: str, admins: frozenset[str]) -> Subm
                 number = float(temperature.replace(",", "."))
             except ValueError:
                 number = math.nan
-            if not math.isfinite(number) or not 0 <= number <= 2:
-                errors["temperature"] = "Enter a number from 0 to 2, or leave it empty for the model's default."
+            if not math.isfinite(number) or not TEMPERATURE_MIN <= number <= TEMPERATURE_MAX:
+                errors["temperature"] = (
+                    f"Enter a number from {TEMPERATURE_MIN} to {TEMPERATURE_MAX}, "
+                    "or leave it empty for the model's default."
+                )
             else:
                 form["temperature"] = round(number, 2)
 
@@ -342,7 +373,7 @@ def parse_submission(view: object, *, user: str, admins: frozenset[str]) -> Subm
     if history is not None:
         if not history:
             form["history_messages"] = None
-        elif not history.isdigit() or int(history) > MAX_HISTORY_MESSAGES:
+        elif not _whole_number(history) or int(history) > MAX_HISTORY_MESSAGES:
             errors["history_messages"] = (
                 f"Enter a whole number from 0 to {MAX_HISTORY_MESSAGES}, or leave it empty for as many as fit."
             )
@@ -358,8 +389,16 @@ def parse_submission(view: object, *, user: str, admins: frozenset[str]) -> Subm
         else:
             errors[block] = "Choose one of the listed options."
 
-    language = _text(values, "language")
-    if language is not None:
+    item = _value(values, "language")
+    if item is not None and "selected_option" in item:  # the menu
+        language = _selected(values, "language") or ""
+        offered = language in NAMES or language in _offered(view, "language")
+        if not offered or len(language) > MAX_LANGUAGE:
+            errors["language"] = "Choose one of the listed languages."
+        else:
+            form["language"] = language
+    elif item is not None:  # the free-text field of a modal opened before the menu existed
+        language = _text(values, "language") or ""
         if len(language) > MAX_LANGUAGE or "\n" in language:
             errors["language"] = f"Name one language, in at most {MAX_LANGUAGE} characters."
         elif language:

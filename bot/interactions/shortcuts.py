@@ -17,6 +17,7 @@ import anyio
 from slack_sdk.models.blocks import Block, ContextBlock, MarkdownTextObject, SectionBlock
 from slack_sdk.models.views import View
 
+from bot.interactions.limits import SECTION_TEXT, clip
 from bot.processing.conversation import build_prompt
 from bot.processing.failures import describe, timeout_notice
 from bot.processing.openai_chat import stream_chat
@@ -32,8 +33,9 @@ log = logging.getLogger(__name__)
 SUMMARIZE = "summarize_thread"
 TRANSLATE = "translate_message"
 TITLES = {SUMMARIZE: "Thread summary", TRANSLATE: "Translation"}
-SECTION_LIMIT = 3000  # characters of mrkdwn per section block
+SECTION_LIMIT = SECTION_TEXT  # characters of mrkdwn per section block
 MAX_SECTIONS = 40
+NOTHING_TO_SHOW = "_(Nothing to show.)_"
 CANNOT_READ = (
     "I can't read this conversation ({error}). If it is a channel, invite me to it first "
     "(`/invite` and my name), then try again."
@@ -59,8 +61,10 @@ def result_view(kind: str, text: str, footer: str = "") -> dict[str, Any]:
     if len(parts) > MAX_SECTIONS:
         parts = [*parts[: MAX_SECTIONS - 1], "_(cut short: too long to show here)_"]
     blocks: list[Block] = [SectionBlock(text=MarkdownTextObject(text=part)) for part in parts if part.strip()]
+    if not blocks:  # a view needs one block at least
+        blocks.append(SectionBlock(text=MarkdownTextObject(text=NOTHING_TO_SHOW)))
     if footer:
-        blocks.append(ContextBlock(elements=[MarkdownTextObject(text=footer)]))
+        blocks.append(ContextBlock(elements=[MarkdownTextObject(text=clip(footer, SECTION_LIMIT))]))
     return View(type="modal", title=TITLES[kind], close="Close", blocks=blocks, callback_id=f"{kind}_result").to_dict()
 
 

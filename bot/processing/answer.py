@@ -22,13 +22,13 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from bot.metrics import first_call_timer
 from bot.processing.attachments import Turn, read_attachments
-from bot.processing.context import RequestState, Services
+from bot.processing.context import RequestState, Services, UnrecordedOutcome
 from bot.processing.conversation import build_prompt
 from bot.processing.failures import INTERRUPTED_NOTICE, STOPPED_NOTICE, describe, timeout_notice
 from bot.processing.image_tools import ImageTools
 from bot.processing.message import IncomingMessage
 from bot.processing.options import RequestOptions, resolve_options
-from bot.processing.surface import PLACEHOLDER, ReplySurface, SurfaceError
+from bot.processing.surface import PLACEHOLDER, Receipt, ReplySurface, SurfaceError
 from bot.processing.tool_chat import chat_with_tools
 from bot.retrying import doubling, retry
 from bot.storage import StorageError
@@ -157,7 +157,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
         if turn is not None and turn.notes:  # files not read, documents trimmed: said under the answer
             notice = "\n".join([*turn.notes, notice]).strip()
         with anyio.CancelScope(shield=True):
-            await _finalize(
+            outcome = await _finalize(
                 services,
                 state,
                 writer,
@@ -246,10 +246,13 @@ async def _finalize(
     recorded: bool,
     *,
     user_text: str | None = None,
-) -> None:
+) -> RequestOutcome:
+    """Write the final text, then record the outcome; returns the outcome as it ended
+    (an answer Slack did not take is an error; one taken over is interrupted)."""
     msg = state.message
     if _taken_over(state, recorded):
-        return
+        state.outcome = "interrupted"
+        return "interrupted"
     # The final write waits its turn in the workspace's budget for as long as Slack's
     # Retry-After asks (up to FINAL_WRITE_SECONDS); a shutdown shortens that (`hurry`).
     # Storage gets its own bound after it, so a slow Slack never leaves the request open.
@@ -258,13 +261,14 @@ async def _finalize(
     with anyio.move_on_after(bound) as slack_bound:
         state.watch(slack_bound)
         try:
-            delivered = await writer.finish(notice)
+            delivered = await writer.finish(notice, Receipt(state.request_id, _stored(outcome), msg.ts))
         except Exception as exc:
             log.error("request %s: could not write the final text: %s", state.request_id, exc)
         finally:
             state.final_write = None
     if _taken_over(state, recorded):  # lost while writing: the write was cut short
-        return
+        state.outcome = "interrupted"
+        return "interrupted"
     if slack_bound.cancelled_caught:
         log.warning("request %s: Slack did not take the final text within %gs", state.request_id, bound)
     if not delivered and outcome == "answered":
@@ -276,6 +280,12 @@ async def _finalize(
             await _record_outcome(
                 services, state, writer, outcome, detail, user_text=msg.text if user_text is None else user_text
             )
+    return outcome
+
+
+def _stored(outcome: RequestOutcome) -> Outcome:
+    """Storage keeps a user's Stop as "interrupted" (its detail says who stopped it)."""
+    return "interrupted" if outcome == "stopped" else outcome
 
 
 def _taken_over(state: RequestState, recorded: bool) -> bool:
@@ -298,20 +308,32 @@ async def _record_outcome(
     user_text: str,
 ) -> None:
     # A transient storage error here (locked, briefly full) would leave the request
-    # "in flight" forever, and the next start would then overwrite a delivered answer
-    # with the interrupted notice: retry within STORE_RESERVE_SECONDS.
+    # "in flight", and a takeover would then overwrite a delivered answer with the
+    # interrupted notice: retry within STORE_RESERVE_SECONDS. If storage still does not
+    # take it, `state.unrecorded` stays set and the replica records it later.
+    late = state.unrecorded = UnrecordedOutcome(
+        request_id=state.request_id,
+        thread=state.message.thread,
+        outcome=_stored(outcome),
+        user_text=user_text,
+        user_ts=state.message.ts,
+        reply_text=writer.text,
+        finished_at=time.time(),
+        detail=detail,
+    )
+
     async def record() -> None:
         closed = await services.store.finish_request(
-            # Storage keeps a user's Stop as "interrupted" (its detail says who stopped it).
-            state.request_id,
+            late.request_id,
             fence=state.fence,
-            outcome="interrupted" if outcome == "stopped" else outcome,
-            user_text=user_text,
-            user_ts=state.message.ts,
-            reply_text=writer.text,
-            finished_at=time.time(),
-            detail=detail,
+            outcome=late.outcome,
+            user_text=late.user_text,
+            user_ts=late.user_ts,
+            reply_text=late.reply_text,
+            finished_at=late.finished_at,
+            detail=late.detail,
         )
+        state.unrecorded = None
         if not closed:
             # Fenced off: another replica took the thread over (and stored its own outcome).
             log.warning(

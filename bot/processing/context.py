@@ -18,7 +18,7 @@ import openai
 from bot.config import Settings
 from bot.metrics import Metrics
 from bot.processing.message import IncomingMessage
-from bot.storage.base import Store
+from bot.storage.base import Outcome, Store, ThreadKey
 
 
 @dataclass
@@ -45,6 +45,24 @@ class Services:
     media: MediaServices | None = None  # files and images; None: text only (nothing to fetch with)
 
 
+@dataclass(frozen=True)
+class UnrecordedOutcome:
+    """A request's outcome that storage could not take (cut off from it) after Slack
+    showed it. The nursery keeps it, and the replica records it once storage answers
+    again, under a new lease on the thread (`bot.replica.record_late`): the request is
+    this process's own, so it knows the outcome; nobody should take it over as
+    abandoned and overwrite what the user reads."""
+
+    request_id: str
+    thread: ThreadKey
+    outcome: Outcome
+    user_text: str
+    user_ts: str
+    reply_text: str
+    finished_at: float
+    detail: str
+
+
 @dataclass
 class RequestState:
     request_id: str
@@ -68,6 +86,8 @@ class RequestState:
     # The lease passed to another replica: from then on this request writes nothing,
     # to Slack or to storage (the new owner takes the request over).
     lease_lost: bool = False
+    # Set while the outcome is not in storage yet; left set if storage could not take it.
+    unrecorded: UnrecordedOutcome | None = None
 
     def lose_lease(self) -> None:
         """Stop: the request, and the shielded Slack write it may be in (its final text

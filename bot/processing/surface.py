@@ -13,6 +13,7 @@ exceptions at its transport boundary: `SurfaceError` when the platform refused,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bot.storage.base import HistoryMessage
@@ -28,6 +29,18 @@ class SurfaceError(Exception):
         super().__init__(f"{operation} failed: {code}")
         self.operation = operation
         self.code = code
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What the final write says about itself: which request it ends, and how (as storage
+    would record it). The Slack surface keeps it in the message's metadata, so a replica
+    taking over a request whose outcome never reached storage can see from the message
+    itself that it was delivered, and leave it alone."""
+
+    request_id: str
+    outcome: str
+    reply_to: str = ""  # the id of the message it answers
 
 
 class AttachedFile(Protocol):
@@ -65,9 +78,9 @@ class ReplySurface(Protocol):
     async def run(self) -> None:
         """Show changes until cancelled (runs beside the model call)."""
 
-    async def finish(self, notice: str = "") -> bool:
-        """The final text plus `notice` — posted now if nothing was shown yet. True only
-        when the user can see it."""
+    async def finish(self, notice: str = "", receipt: Receipt | None = None) -> bool:
+        """The final text plus `notice` — posted now if nothing was shown yet — carrying
+        `receipt` where the platform can keep it. True only when the user can see it."""
 
     async def read_thread(self, exclude_ts: set[str]) -> list[HistoryMessage]:
         """The thread's earlier conversation as the platform holds it (for a thread the

@@ -34,12 +34,13 @@ import anyio
 from bot.config import Settings
 from bot.processing.message import IncomingMessage
 from bot.processing.options import RequestOptions
-from bot.processing.surface import AttachedFile, SurfaceError
+from bot.processing.surface import AttachedFile, Receipt, SurfaceError
 from bot.retrying import retry
 from bot.slack.events import BotIdentity, is_dm_channel
 from bot.slack.feedback_blocks import feedback_block
 from bot.slack.files import SlackFile, download_file, resolve_file, upload_to_thread
 from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, stable_length
+from bot.slack.receipts import receipt_metadata
 from bot.slack.reply import PLACEHOLDER, POST_TIMEOUT, ReplyWriter
 from bot.slack.transcripts import history_from_replies
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
@@ -79,6 +80,7 @@ class SlackAnswerWriter:
         feedback: bool = True,
         limit: int = SLACK_MARKDOWN_LIMIT,
         me: BotIdentity | None = None,
+        reply_to: str = "",
     ) -> None:
         if mode not in ("native", "update", "final"):
             raise ValueError(f"mode must be native, update or final, got {mode!r}")
@@ -94,7 +96,9 @@ class SlackAnswerWriter:
         self._title = title
         self._feedback = feedback
         self._limit = limit
-        self._fallback = ReplyWriter(slack, channel, thread_ts, interval=interval, limit=limit, feedback=feedback)
+        self._fallback = ReplyWriter(
+            slack, channel, thread_ts, interval=interval, limit=limit, feedback=feedback, reply_to=reply_to
+        )
         self._pieces: list[str] = []
         self._stream_ts = ""
         self._sent = 0  # characters of the (neutralized) text already in the native stream
@@ -212,9 +216,10 @@ class SlackAnswerWriter:
             return self._sent > 0
         return bool(self._fallback.message_ts) and bool(self.text)
 
-    async def finish(self, notice: str = "") -> bool:
+    async def finish(self, notice: str = "", receipt: Receipt | None = None) -> bool:
         """Write the final answer plus `notice`, with feedback buttons when there is an
-        answer. Call it shielded and time-bounded. False if Slack refused (logged)."""
+        answer, and `receipt` in the metadata of the last message written. Call it
+        shielded and time-bounded. False if Slack refused (logged)."""
         text = self.text
         if self.mode == "native":
             shown = neutralize_broadcasts(text)
@@ -232,6 +237,7 @@ class SlackAnswerWriter:
                         ts=self._stream_ts,
                         markdown_text=final or None,
                         blocks=[feedback_block()] if text and self._feedback else None,
+                        metadata=receipt_metadata(receipt) if receipt is not None else None,
                     )
                     self._release_stop()
                     await self._clear_status()
@@ -247,7 +253,7 @@ class SlackAnswerWriter:
             await self._stop_stream()  # given up mid-answer and not stopped yet: Slack refuses edits till then
         if self.mode == "final":
             self._fallback.append(text)
-        ok = await self._fallback.finish(notice)
+        ok = await self._fallback.finish(notice, receipt)
         await self._clear_status()
         return ok
 
@@ -458,4 +464,5 @@ async def slack_surface(
         assistant_thread=in_dm,
         title=title,
         me=me,
+        reply_to=msg.ts,
     )

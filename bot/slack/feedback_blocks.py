@@ -10,6 +10,7 @@ from slack_sdk.models.blocks import ContextActionsBlock, FeedbackButtonsElement,
 
 FEEDBACK_ACTION = "answer_feedback"
 RATINGS = ("good", "bad")
+MARKDOWN_LIMIT = 12_000  # characters in all of a message's markdown blocks together
 
 
 def feedback_block() -> dict[str, Any]:
@@ -34,5 +35,11 @@ def feedback_block() -> dict[str, Any]:
 
 def answer_blocks(text: str) -> list[dict[str, Any]]:
     """An answer part as blocks: the Markdown itself, then the feedback buttons.
-    (`markdown_text` cannot be combined with blocks, so the text goes in a markdown block.)"""
+    (`markdown_text` cannot be combined with blocks, so the text goes in a markdown block.)
+    The caller splits answers to fit one message; a longer `text` is cut (with an
+    ellipsis) rather than refused by Slack, and an empty one leaves only the buttons."""
+    if not text.strip():
+        return [feedback_block()]
+    if len(text) > MARKDOWN_LIMIT:
+        text = text[: MARKDOWN_LIMIT - 1].rstrip() + "…"
     return [MarkdownBlock(text=text).to_dict(), feedback_block()]

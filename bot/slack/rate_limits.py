@@ -21,6 +21,13 @@ Two ways to draw on a budget:
   updates thin out on their own and the final writes keep the rest.
 `commit`/`uncommit` count final writes that in-flight answers will need, so a new
 answer starts with a placeholder only while there is room for its final edit.
+
+Slack's budgets are the workspace's, and replicas share them: `share(n)` runs every
+budget at 1/n of Slack's rate (n = replicas with a fresh heartbeat, set by
+`bot.replica.keep_alive`), so that together they stay under the tiers (chat.postMessage's
+per-channel budget excepted: a channel's threads are mostly on one replica). An exact shared
+budget would need a round trip to the database per Slack call; the split is the cheap
+approximation, and a 429 is still honoured if the others' share of the work is uneven.
 """
 
 from __future__ import annotations
@@ -101,6 +108,11 @@ class Bucket:
         self._tat = max(self._tat, self._clock() + seconds + self.tolerance)
         self.blocks += 1
 
+    def set_rate(self, per_second: float, burst: int) -> None:
+        """A new rate and burst from now on (the slots already taken stay taken)."""
+        self.interval = 1.0 / per_second
+        self.tolerance = (max(1, burst) - 1) * self.interval
+
     def full(self) -> bool:
         return self._tat <= self._clock() and not self.committed
 
@@ -112,6 +124,30 @@ class SlackRateLimits:
         self._clock = clock
         self._methods: dict[str, Bucket] = {}
         self._channels: dict[str, Bucket] = {}
+        self.shared_by = 1  # replicas drawing on the workspace's budgets (see `share`)
+
+    def share(self, replicas: int) -> None:
+        """From now on, this process takes 1/`replicas` of each of Slack's budgets."""
+        replicas = max(1, replicas)
+        if replicas == self.shared_by:
+            return
+        self.shared_by = replicas
+        for method, bucket in self._methods.items():
+            bucket.set_rate(*self._pace(method))
+
+    def _pace(self, method: str) -> tuple[float, int]:
+        """(calls per second, burst) of this process's share of `method`'s budget."""
+        n = self.shared_by
+        if method == "chat.postMessage":
+            # Per channel, and a channel's threads are mostly on one replica at a time:
+            # not split (splitting it would hold back the placeholder after a welcome).
+            return POST_MESSAGE_PER_SECOND, POST_MESSAGE_BURST
+        tier = METHOD_TIERS.get(method)
+        if tier is None:  # not budgeted, but a Retry-After still closes it to every caller
+            return UNLIMITED_PER_SECOND, UNLIMITED_BURST
+        per_minute = TIER_PER_MINUTE[tier]
+        burst = max(2, int(per_minute * OUR_BURST_SECONDS / 60))
+        return per_minute / 60.0 / n, max(1, burst // n)
 
     def bucket(self, method: str, channel: str | None = None) -> Bucket | None:
         """The budget a call to `method` draws on; None for methods we do not limit."""
@@ -121,18 +157,11 @@ class SlackRateLimits:
             if found is None:
                 if len(self._channels) >= MAX_CHANNEL_BUCKETS:
                     self._channels = {k: b for k, b in self._channels.items() if not b.full()}
-                found = self._channels[key] = Bucket(POST_MESSAGE_PER_SECOND, POST_MESSAGE_BURST, self._clock)
+                found = self._channels[key] = Bucket(*self._pace(method), self._clock)
             return found
         found = self._methods.get(method)
         if found is None:
-            tier = METHOD_TIERS.get(method)
-            if tier is None:  # not budgeted, but a Retry-After still closes it to every caller
-                found = Bucket(UNLIMITED_PER_SECOND, UNLIMITED_BURST, self._clock)
-            else:
-                per_minute = TIER_PER_MINUTE[tier]
-                burst = max(2, int(per_minute * OUR_BURST_SECONDS / 60))
-                found = Bucket(per_minute / 60.0, burst, self._clock)
-            self._methods[method] = found
+            found = self._methods[method] = Bucket(*self._pace(method), self._clock)
         return found
 
     async def acquire(self, method: str, channel: str | None = None) -> None:

@@ -25,10 +25,11 @@ from functools import partial
 
 import anyio
 
-from bot.processing.surface import PLACEHOLDER
+from bot.processing.surface import PLACEHOLDER, Receipt
 from bot.retrying import retry
 from bot.slack.feedback_blocks import answer_blocks
 from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, split_markdown
+from bot.slack.receipts import receipt_metadata, receipt_payload, reply_payload
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ class ReplyWriter:
         interval: float = 1.0,
         limit: int = SLACK_MARKDOWN_LIMIT,
         feedback: bool = False,
+        reply_to: str = "",
     ) -> None:
         self._slack = slack
+        self._reply_to = reply_to  # the message answered (in the placeholder's metadata)
         self.channel = channel
         self.thread_ts = thread_ts
         self._interval = interval
@@ -108,7 +111,9 @@ class ReplyWriter:
         self._committed = True
         ts = ""
         try:
-            ts = await self._slack.post_message(self.channel, self.thread_ts, markdown_text=status)
+            ts = await self._slack.post_message(
+                self.channel, self.thread_ts, markdown_text=status, payload=reply_payload(self._reply_to)
+            )
         finally:
             if not ts:
                 self._release()
@@ -157,14 +162,16 @@ class ReplyWriter:
                     log.warning("streaming update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
             await anyio.sleep(self._interval)
 
-    async def finish(self, notice: str = "") -> bool:
+    async def finish(self, notice: str = "", receipt: Receipt | None = None) -> bool:
         """Write the final answer (plus `notice`), waiting for the budget as long as the
-        caller's bound allows. Call it shielded and time-bounded. Returns False if Slack
-        refused; the error is logged."""
+        caller's bound allows; the last message written carries `receipt` in its
+        metadata. Call it shielded and time-bounded. Returns False if Slack refused; the
+        error is logged."""
         parts = self._render(notice)
         try:
             await retry(
-                partial(self._show, parts, interim=False, final=True),  # parts already shown are skipped
+                # parts already shown are skipped
+                partial(self._show, parts, interim=False, final=True, receipt=receipt),
                 errors=SlackAPIError,
                 attempts=FINAL_ATTEMPTS,
                 pause=self._final_retry_pause,
@@ -187,29 +194,42 @@ class ReplyWriter:
             self._committed = False
             self._slack.limits.uncommit("chat.update")
 
-    async def _show(self, parts: list[str], *, interim: bool, final: bool = False) -> None:
+    async def _show(
+        self, parts: list[str], *, interim: bool, final: bool = False, receipt: Receipt | None = None
+    ) -> None:
         for i, part in enumerate(parts):
-            blocks = None
-            if final and self._feedback and self.text and i == len(parts) - 1:
-                blocks = answer_blocks(part)
+            last = final and i == len(parts) - 1
+            blocks = answer_blocks(part) if last and self._feedback and self.text else None
+            stamp = receipt if last else None  # the receipt goes with the last write
             shown = part if blocks is None else f"{part}\x00feedback"
+            if stamp is not None:
+                shown = f"{shown}\x00{stamp.request_id}"  # written even if the text is already shown
             if i < len(self.message_ts):
                 if self._shown[i] != shown:
+                    metadata = receipt_metadata(stamp) if stamp is not None else None
                     if blocks is None:
                         await self._slack.update_message(
-                            self.channel, self.message_ts[i], markdown_text=part, interim=interim
+                            self.channel, self.message_ts[i], markdown_text=part, metadata=metadata, interim=interim
                         )
                     else:
                         await self._slack.update_message(
-                            self.channel, self.message_ts[i], blocks=blocks, text=fallback_text(part), interim=interim
+                            self.channel,
+                            self.message_ts[i],
+                            blocks=blocks,
+                            text=fallback_text(part),
+                            metadata=metadata,
+                            interim=interim,
                         )
                     self._shown[i] = shown
             else:
+                payload = receipt_payload(stamp) if stamp is not None else None
                 if blocks is None:
-                    ts = await self._slack.post_message(self.channel, self.thread_ts, markdown_text=part)
+                    ts = await self._slack.post_message(
+                        self.channel, self.thread_ts, markdown_text=part, payload=payload
+                    )
                 else:
                     ts = await self._slack.post_message(
-                        self.channel, self.thread_ts, blocks=blocks, text=fallback_text(part)
+                        self.channel, self.thread_ts, blocks=blocks, text=fallback_text(part), payload=payload
                     )
                 self.message_ts.append(ts)
                 self._shown.append(shown)

@@ -302,8 +302,10 @@ class SlackWebAPI:
         text: str | None = None,
         markdown_text: str | None = None,
         blocks: list[dict[str, Any]] | None = None,
+        payload: dict[str, str] | None = None,
     ) -> str:
-        """Post in a thread; returns the new message's ts.
+        """Post in a thread; returns the new message's ts. `payload` goes into the
+        message's metadata beside the post's marker (an answer's receipt).
 
         A 5xx or a broken connection leaves it unknown whether Slack posted: each post
         carries a unique marker in its metadata, and before posting again the thread is
@@ -319,7 +321,7 @@ class SlackWebAPI:
             text=text,
             markdown_text=markdown_text,
             blocks=blocks,
-            metadata={"event_type": POST_MARKER, "event_payload": {"post_id": marker}},
+            metadata={"event_type": POST_MARKER, "event_payload": {**(payload or {}), "post_id": marker}},
         )
         if not thread_ts:  # no thread to search for the marker: one try
             return str((await post()).get("ts", ""))
@@ -392,8 +394,10 @@ class SlackWebAPI:
         text: str | None = None,
         markdown_text: str | None = None,
         blocks: list[dict[str, Any]] | None = None,
+        metadata: dict[str, Any] | None = None,
         interim: bool = False,
     ) -> None:
+        """Edit a message; `metadata` replaces the message's (without it, Slack keeps it)."""
         await self.call(
             "chat.update",
             channel=channel,
@@ -401,6 +405,7 @@ class SlackWebAPI:
             text=text,
             markdown_text=markdown_text,
             blocks=blocks,
+            metadata=metadata,
             interim=interim,
         )
 

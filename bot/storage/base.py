@@ -67,6 +67,7 @@ class InFlightRequest:
     placeholder_ts: str
     started_at: float
     owner: str = ""  # the replica that started it ("" for requests stored before replicas)
+    user_ts: str = ""  # the message it answers
 
 
 PreferenceScope = Literal["workspace", "user", "thread"]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -48,3 +49,8 @@ def sqlite_file(database_url: str) -> str:
     if not path or path.endswith("/"):
         raise ValueError(f"DATABASE_URL {database_url!r} names no database file (expected {FORMS})")
     return path
+
+
+def redact(database_url: str) -> str:
+    """The URL with any password replaced, for messages and logs."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", database_url)

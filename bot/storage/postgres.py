@@ -22,7 +22,6 @@ Why it looks the way it does:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -32,6 +31,7 @@ import psycopg
 import psycopg_pool
 
 from bot.storage.base import StorageError, StoreClosed
+from bot.storage.location import redact
 from bot.storage.sql_store import Connection, Cursor, SQLStore
 
 T = TypeVar("T")
@@ -148,11 +148,6 @@ MIGRATIONS: list[str] = [
     );
     """,
 ]
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced, for messages and logs."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def _translate(sql: str) -> str:

@@ -232,7 +232,7 @@ class SQLStore:
     async def in_flight(self) -> list[InFlightRequest]:
         def body(conn: Connection) -> list[InFlightRequest]:
             rows = conn.execute(
-                "SELECT request_id, channel, thread_ts, placeholder_ts, started_at, owner FROM requests"
+                "SELECT request_id, channel, thread_ts, placeholder_ts, started_at, owner, user_ts FROM requests"
                 " WHERE status = 'in_flight' ORDER BY started_at, request_id"
             ).fetchall()
             return [_in_flight(row) for row in rows]
@@ -242,7 +242,7 @@ class SQLStore:
     async def abandoned_requests(self, *, replica_timeout: float) -> list[InFlightRequest]:
         def body(conn: Connection) -> list[InFlightRequest]:
             rows = conn.execute(
-                "SELECT r.request_id, r.channel, r.thread_ts, r.placeholder_ts, r.started_at, r.owner"
+                "SELECT r.request_id, r.channel, r.thread_ts, r.placeholder_ts, r.started_at, r.owner, r.user_ts"
                 " FROM requests r WHERE r.status = 'in_flight' AND ("
                 " NOT EXISTS (SELECT 1 FROM replicas p WHERE p.replica_id = r.owner AND p.heartbeat_at > bot_now() - ?)"
                 " OR NOT EXISTS (SELECT 1 FROM thread_leases l WHERE l.channel = r.channel"
@@ -465,13 +465,14 @@ def _image_row(thread: ThreadKey, i: ThreadImage, now: float) -> tuple[object, .
 
 
 def _in_flight(row: Sequence[Any]) -> InFlightRequest:
-    request_id, channel, thread_ts, placeholder_ts, started_at, owner = row
+    request_id, channel, thread_ts, placeholder_ts, started_at, owner, user_ts = row
     return InFlightRequest(
         request_id=request_id,
         thread=ThreadKey(channel, thread_ts),
         placeholder_ts=placeholder_ts,
         started_at=float(started_at),
         owner=owner,
+        user_ts=user_ts,
     )
 
 

@@ -686,17 +686,28 @@ class FakeSlack:
         if args.get("thread_ts"):
             message["thread_ts"] = str(args["thread_ts"])
             self._clear_status(channel, message["thread_ts"])
-        metadata = args.get("metadata")
-        if metadata is not None:
-            if (
-                not isinstance(metadata, dict)
-                or not isinstance(metadata.get("event_type"), str)
-                or not isinstance(metadata.get("event_payload"), dict)
-            ):
-                raise SlackError("invalid_metadata_format")
-            message["metadata"] = metadata
+        self._set_metadata(message, args)
         self._store(channel, message)
         return {"channel": channel, "ts": message["ts"], "message": dict(message)}
+
+    @staticmethod
+    def _set_metadata(message: dict, args: dict) -> None:
+        """`metadata` as chat.postMessage, chat.update and chat.stopStream take it: an
+        event_type and an event_payload; without the argument the message keeps its
+        own, and an empty object removes it (chat.update's reference)."""
+        metadata = args.get("metadata")
+        if metadata is None:
+            return
+        if metadata == {}:
+            message.pop("metadata", None)
+            return
+        if (
+            not isinstance(metadata, dict)
+            or not isinstance(metadata.get("event_type"), str)
+            or not isinstance(metadata.get("event_payload"), dict)
+        ):
+            raise SlackError("invalid_metadata_format")
+        message["metadata"] = metadata
 
     def _own_message(self, args: dict, refusal: str) -> dict:
         message = self._find(args.get("channel", ""), str(args.get("ts", "")))
@@ -713,6 +724,7 @@ class FakeSlack:
         changes = self._text_args(args, required=True, text_limit=UPDATE_TEXT_LIMIT)
         if "markdown_text" not in changes:
             message.pop("markdown_text", None)
+        self._set_metadata(message, args)
         message.pop("streaming", None)  # an edited stream is an ordinary message again
         message.update(changes, edited={"user": self.bot_user_id, "ts": self._next_ts()})
         self.updates[(args["channel"], message["ts"])].append(message["text"])
@@ -763,7 +775,10 @@ class FakeSlack:
             "tz_offset": 0,
             "profile": {"real_name": f"User {user}", "display_name": f"user-{user.lower()}"},
         }
-        return {"user": {**default, **self.users.get(user, {})}}
+        found = {**default, **self.users.get(user, {})}
+        if str(args.get("include_locale", "")).lower() not in ("true", "1"):
+            found.pop("locale", None)  # as Slack: only on request
+        return {"user": found}
 
     # ------------------------------------------------------------------ UX surfaces
     # Views (modals, App Home), ephemeral messages, assistant threads and chat streaming,
@@ -954,6 +969,7 @@ class FakeSlack:
     def _stop_stream(self, args: dict) -> dict:
         message = self._streaming_message(args)
         blocks = _check_blocks(args["blocks"], MESSAGE_BLOCKS_LIMIT, message=True) if args.get("blocks") else None
+        self._set_metadata(message, args)
         self._stream_text(message, args)
         if blocks is not None:
             message["blocks"] = blocks

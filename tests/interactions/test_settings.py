@@ -40,30 +40,40 @@ def form(
     history="",
     image_size=DEFAULT_SIZE,
     image_quality=DEFAULT_QUALITY,
-    language="",
+    language: str | None = None,
     reset=False,
+    legacy=False,
 ) -> dict:
-    """A submitted modal's `state.values`, shaped as Slack sends them."""
+    """A submitted modal's `state.values`, shaped as Slack sends them for each element:
+    `number_input` and `plain_text_input` give `value` (a string, None when empty), menus
+    and radio buttons `selected_option`. `legacy`: the free-text fields of a modal opened
+    before the upgrade (temperature, history and language as `plain_text_input`).
+    `language` None: what the modal starts with when nothing is saved (English, or typed
+    nothing in the old field)."""
 
     def text(value):
         return {"type": "plain_text_input", "value": value or None}
 
+    def number(value):
+        return {"type": "plain_text_input" if legacy else "number_input", "value": value or None}
+
     def select(value, kind="static_select"):
         return {"type": kind, "selected_option": {"value": value, "text": {"type": "plain_text", "text": value}}}
 
+    language_value = text(language or "") if legacy else select("English" if language is None else language)
     values = {
         "scope": {"scope": select(scope, "radio_buttons")},
         "model": {"model": select(model)},
         "instructions": {"instructions": text(instructions)},
         "stream": {"stream": select(stream, "radio_buttons")},
-        "history_messages": {"history_messages": text(history)},
+        "history_messages": {"history_messages": number(history)},
         "image_size": {"image_size": select(image_size)},
         "image_quality": {"image_quality": select(image_quality)},
-        "language": {"language": text(language)},
+        "language": {"language": language_value},
         "reset": {"reset": {"type": "checkboxes", "selected_options": [{"value": "reset"}] if reset else []}},
     }
     if temperature is not None:
-        values["temperature"] = {"temperature": text(temperature)}
+        values["temperature"] = {"temperature": number(temperature)}
     if effort is not None:
         values["reasoning_effort"] = {"reasoning_effort": select(effort)}
     return values

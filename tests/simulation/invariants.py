@@ -172,11 +172,26 @@ def check(world: World) -> None:
     for mid in world.msg_ts:
         m = world.msgs[mid]
         hs = by_msg.get(mid, [])
-        if len(hs) > 1 and any(h.kind == "storage_down" for h in hs) and len({h.inc for h in hs}) > 1:
-            v(
-                f"m{mid}: a replica cut off from storage told the user it cannot answer, while another handled "
-                f"it: {[(h.kind, h.inc) for h in hs]}"
+        notes = [h for h in hs if h.kind == "storage_down"]
+        if len(hs) > 1 and notes and len({h.inc for h in hs}) > 1:
+            note = notes[0]
+            shown_before = any(  # Slack had answered a call that made another replica's message
+                c.created_ts and c.tag and c.tag.msg == mid and c.inc != note.inc and c.t_end < note.t
+                for c in world.slack_calls
             )
+            if len(notes) == 1 and all(h.t > note.t for h in hs if h is not note):
+                # The note came first; Slack redelivered the event later, to a replica that
+                # could reach storage, and it answered: a late answer after the apology.
+                world.count("answered_after_a_storage_note")
+            elif len(notes) == 1 and not shown_before:
+                # The cut-off replica looked at the thread before giving the note, and the
+                # other replica's answer was not in it yet (Slack slow, or refusing posts).
+                world.count("storage_note_before_the_answer_showed")
+            else:
+                v(
+                    f"m{mid}: a replica cut off from storage told the user it cannot answer, while another "
+                    f"handled it: {[(h.kind, h.inc) for h in hs]}"
+                )
         elif len(hs) > 1:
             v(f"m{mid} was handled {len(hs)} times: {[(h.kind, h.inc) for h in hs]}")
         if not hs:

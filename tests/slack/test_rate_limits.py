@@ -35,6 +35,33 @@ def test_bucket_allows_a_burst_then_one_slot_per_interval_in_order():
     assert bucket.available() == burst
 
 
+def test_replicas_share_each_budget_so_that_together_they_keep_slacks_rate():
+    clock = Clock()
+    limits = SlackRateLimits(clock=clock)
+    before = limits.bucket("chat.update")  # exists before the share changes: rescaled too
+    alone = before.interval
+    limits.share(2)
+    later = limits.bucket("chat.stopStream")  # created after: at the shared rate at once
+    assert before.interval == pytest.approx(2 * alone)
+    assert later.interval == pytest.approx(2 * 60 / TIER_PER_MINUTE[METHOD_TIERS["chat.stopStream"]])
+    assert limits.bucket("chat.postMessage", "C1").interval == pytest.approx(1.0)  # per channel: not split
+    assert before.burst >= 1 and later.burst >= 1
+    # Two replicas, each using its whole share for a minute, stay within Slack's tier.
+    calls = 0
+    for _ in range(2):
+        clock.now = 5000.0
+        bucket = SlackRateLimits(clock=clock)
+        bucket.share(2)
+        b = bucket.bucket("chat.update")
+        calls += sum(1 for _ in range(200) if b.reserve() <= 60.0)
+    assert calls <= TIER_PER_MINUTE[3] + 2 * b.burst
+    limits.share(1)
+    assert before.interval == pytest.approx(alone)
+    assert limits.bucket("auth.test").interval == pytest.approx(1 / 1000)  # not budgeted: left so
+    limits.share(0)
+    assert limits.shared_by == 1
+
+
 def test_retry_after_closes_the_method_for_everyone_and_empties_the_bucket():
     clock = Clock()
     limits = SlackRateLimits(clock=clock)

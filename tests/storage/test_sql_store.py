@@ -206,8 +206,8 @@ async def test_in_flight_lists_unfinished_requests_oldest_first(store: SQLStore)
     await finish(store, "done")
 
     assert await store.in_flight() == [
-        InFlightRequest("early", OTHER, "p-early", 10.0, "replica-a"),
-        InFlightRequest("late", THREAD, "p-late", 20.0, "replica-a"),
+        InFlightRequest("early", OTHER, "p-early", 10.0, "replica-a", "u-early"),
+        InFlightRequest("late", THREAD, "p-late", 20.0, "replica-a", "u-late"),
     ]
     await finish(store, "early", outcome="interrupted")
     assert [r.request_id for r in await store.in_flight()] == ["late"]
@@ -220,7 +220,7 @@ async def test_in_flight_survives_a_crash(reopen: Opener) -> None:
 
     reopened = await reopen()
     try:
-        assert await reopened.in_flight() == [InFlightRequest("r1", THREAD, "p-r1", 3.0, "replica-a")]
+        assert await reopened.in_flight() == [InFlightRequest("r1", THREAD, "p-r1", 3.0, "replica-a", "u-r1")]
         assert await reopened.thread_known(THREAD) is True
         await finish(reopened, "r1", outcome="interrupted", reply="")
         assert await reopened.in_flight() == []
