@@ -9,7 +9,6 @@ to OpenAI itself, where `load_settings` requires a real key (and always for the 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,8 +16,6 @@ import httpx2
 import openai
 
 from bot.config import Settings
-
-log = logging.getLogger(__name__)
 
 NO_KEY = "no-key-needed"
 
@@ -50,40 +47,3 @@ async def openai_client(
     ):
         yield client
 
-
-def warm_up(client: openai.AsyncOpenAI) -> None:
-    """Do once at start what the SDK otherwise does at the first request: import its
-    chat resources and streaming helpers, and build the request-parameter transform and
-    the chunk model (about 35 ms of CPU on this project's machine, which the first
-    answer would wait for). Blocking (imports): run it in a worker thread. Best effort:
-    the private helpers it touches may move in a later SDK, and then it only does less."""
-    chat = client.chat.completions  # imports openai.resources.chat…
-    del chat
-    try:
-        from openai._models import construct_type
-        from openai._utils import maybe_transform
-        from openai.types.chat import ChatCompletionChunk, completion_create_params
-
-        maybe_transform(
-            {
-                "model": "warm-up",
-                "messages": [{"role": "user", "content": "warm-up"}],
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "max_completion_tokens": 1,
-                "temperature": 1.0,
-            },
-            completion_create_params.CompletionCreateParamsStreaming,
-        )
-        construct_type(
-            type_=ChatCompletionChunk,
-            value={
-                "id": "warm-up",
-                "object": "chat.completion.chunk",
-                "created": 0,
-                "model": "warm-up",
-                "choices": [{"index": 0, "delta": {"role": "assistant", "content": "."}, "finish_reason": None}],
-            },
-        )
-    except Exception as exc:  # only a missed optimisation
-        log.debug("OpenAI SDK warm-up skipped: %s", exc)

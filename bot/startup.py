@@ -17,13 +17,12 @@ from contextlib import AsyncExitStack
 from functools import partial
 
 import anyio
-import anyio.to_thread
 import httpx2
 
 from bot.config import Settings
 from bot.metrics import Metrics
 from bot.nursery import Nursery
-from bot.openai_client import openai_client, warm_up
+from bot.openai_client import openai_client
 from bot.processing.context import MediaServices
 from bot.replica import start_replica
 from bot.retrying import doubling, retry
@@ -103,7 +102,6 @@ async def run_bot(
             )
         )
         ai = await stack.enter_async_context(openai_client(settings, transport=openai_transport, max_retries=2))
-        await anyio.to_thread.run_sync(warm_up, ai)
         if store is None:
             store = await open_store(settings.database_url)
             stack.push_async_callback(_close_store, store)

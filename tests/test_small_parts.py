@@ -56,21 +56,3 @@ def test_redaction_hides_configured_and_token_shaped_secrets():
     assert "my-very-secret" not in text and "sk-live" not in text and "xoxb-999" not in text
     assert text.count("[redacted]") == 3
 
-
-def test_the_openai_sdk_is_warmed_up_before_the_first_request():
-    """What the SDK would import at the first request is imported by `warm_up` (run at
-    start in a worker thread), without any network call."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, openai\n"
-        "from bot.openai_client import warm_up\n"
-        "lazy = 'openai.resources.chat.completions.completions'\n"
-        "assert lazy not in sys.modules, 'already imported: the test proves nothing'\n"
-        "warm_up(openai.AsyncOpenAI(api_key='sk-test', base_url='http://127.0.0.1:9'))\n"
-        "assert lazy in sys.modules and 'openai.lib.streaming.chat' in sys.modules\n"
-        "print('warm')\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and done.stdout.strip() == "warm", done.stderr

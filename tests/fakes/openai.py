@@ -45,6 +45,9 @@ class Behaviour:
     status: int | None = None  # answer with this HTTP error status instead
     error_code: str | None = None  # e.g. context_length_exceeded, rate_limit_exceeded, insufficient_quota
     cut_after: int | None = None  # send N content chunks, then break the body (no [DONE])
+    # Send N content chunks, then an error object in the stream, as OpenAI does when a
+    # stream fails after it started (HTTP 200 already sent): `data: {"error": {...}}`.
+    error_after: int | None = None
     finish_reason: str = "stop"
     retry_after: float | None = None  # Retry-After header on an error answer
     # Function calls to stream instead of text: (name, arguments as a dict or raw JSON text).
@@ -314,6 +317,15 @@ class FakeOpenAI:
             for i in range(len(pieces) + 1):
                 if i == b.stall_after:
                     await anyio.sleep(math.inf)
+                if i == b.error_after:
+                    failure = {
+                        "message": "The server had an error while processing your request. Sorry about that!",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                    yield f"data: {json.dumps({'error': failure})}\n\n".encode()
+                    return
                 if i == b.cut_after:
                     raise httpx2.RemoteProtocolError(
                         "peer closed connection without sending complete message body (incomplete chunked read)"
