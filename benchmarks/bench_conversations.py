@@ -17,10 +17,11 @@ seconds before its first chunk, then streams in small chunks. It prints:
 - the bot process's peak RSS (VmHWM from /proc/<pid>/status);
 - errors (conversations not answered in time, Slack calls that failed, final outcomes
   other than "answered");
-- for finding where the time goes: the reply latency split into stages (event → placeholder
-  posted → model request received → final update), the bot's CPU seconds during the burst
-  (from /proc/<pid>/stat), and this process's own event-loop lag, which is part of every
-  latency measured here (the fakes share the machine with the bot).
+- for finding where the time goes: the reply latency split into stages (event → model
+  request received, event → answer opened (placeholder or stream), the model's first
+  token → the first Slack call showing its text, model request → final update), the
+  bot's CPU seconds during the burst (from /proc/<pid>/stat), and this process's own
+  event-loop lag, which is part of every latency measured here (the fakes share the machine with the bot).
 
 The bot runs with ASYNC_MAX_CONCURRENT_REQUESTS = max(100, N) unless `--max-concurrent`
 says otherwise: with the default of 100, half of 200 conversations would wait a whole
@@ -262,7 +263,7 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
     final_at: dict[str, float] = {}
     all_answered = anyio.Event()
     slack_errors = 0
-    stage_at: dict[str, dict[str, float]] = {"placeholder": {}, "model_request": {}}
+    stage_at: dict[str, dict[str, float]] = {"placeholder": {}, "model_request": {}, "first_text": {}}
     original_handle = slack.handle
 
     async def timed_handle(request: httpx2.Request) -> httpx2.Response:
@@ -281,6 +282,8 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
                 # Done when the answer is all there, however it got there: chat.update
                 # (bot, baselines) or Slack's native streaming (bot's default).
                 shown = slack._find(channel, str(body.get("ts", "")))
+                if shown is not None and expected[channel][:6] in shown.get("text", ""):
+                    stage_at["first_text"].setdefault(channel, anyio.current_time())
                 if shown is not None and expected[channel] in shown.get("text", ""):
                     final_at[channel] = anyio.current_time()
                     if len(final_at) == n:
@@ -405,10 +408,14 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
         exit_code=exit_code,
         log_tail="\n".join(log.strip().splitlines()[-5:]),
     )
-    placeholder, model_request = stage_at["placeholder"], stage_at["model_request"]
+    placeholder, model_request, first_text = stage_at["placeholder"], stage_at["model_request"], stage_at["first_text"]
     result.stages = {
-        "event -> placeholder posted": [placeholder[c] - send_time[c] for c in placeholder if c in send_time],
-        "placeholder -> model request": [model_request[c] - placeholder[c] for c in model_request if c in placeholder],
+        "event -> model request": [model_request[c] - send_time[c] for c in model_request if c in send_time],
+        "event -> answer opened": [placeholder[c] - send_time[c] for c in placeholder if c in send_time],
+        # The fake sends its first chunk `latency` after the request arrives.
+        "first token -> first visible text": [
+            first_text[c] - (model_request[c] + args.latency) for c in first_text if c in model_request
+        ],
         "model request -> final update": [final_at[c] - model_request[c] for c in final_at if c in model_request],
     }
     result.phases = phases

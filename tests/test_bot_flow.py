@@ -290,3 +290,29 @@ async def test_storage_failure_is_a_clear_line(slack, ai):
         assert len(replies) == 1
     finally:
         await store.aclose()
+
+
+@pytest.mark.parametrize("native", [True, False])
+async def test_the_model_request_does_not_wait_for_the_placeholder(slack, ai, native):
+    """The answer is opened (posted, then recorded) beside the model request: with Slack
+    slow to post, the model is asked first, and its answer still lands in that message."""
+    opened_at: list[float] = []
+
+    async def slow_to_open(request):
+        method = request.url.path.rsplit("/", 1)[-1]
+        if method in ("chat.startStream", "chat.postMessage") and not opened_at:
+            await anyio.sleep(0.5)
+            opened_at.append(anyio.current_time())
+        return await slack.handle(request)
+
+    ai.enqueue(Behaviour(text="answered while Slack was slow", latency=0.8))
+    async with running_bot(slack, ai, slack_handler=slow_to_open, native_streaming=native) as bot:
+        _, ev = await send_dm(slack, "are you quick?")
+        asked = anyio.current_time()
+        await eventually(lambda: bool(ai.requests), timeout=5)
+        assert not opened_at, "the model was asked only after the answer was opened"
+        asked = anyio.current_time() - asked
+        replies = await wait_reply(slack, "D1", ev["ts"], "answered while Slack was slow")
+        await eventually(lambda: bot.outcomes.get("answered") == 1)
+    assert asked < 0.5
+    assert replies == ["answered while Slack was slow"]  # one message: the opened one

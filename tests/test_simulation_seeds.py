@@ -396,6 +396,18 @@ REGRESSIONS = {  # bugs the simulator found, as the smallest scenarios that show
             '"native":false,"replicas":2,"replica_timeout":10.0}'
         ),
     ],
+    # The model's first words came before the native stream was open; chat.startStream
+    # then failed and the answer went on with chat.update, without those words: Slack
+    # showed the answer cut at the front while storage kept all of it. Fixed: giving up
+    # the stream hands everything the model sent so far to the chat.update writer.
+    "the words sent before a failed chat.startStream were lost": [
+        _scenario(
+            '{"seed":876,"users":1,"channels":1,"slots":100,"slack_latency":0.5,"messages":[{"id":1,"at":0.75,'
+            '"user":0,"place":"dm","channel":0,"root":null,"mention":true,"twin":false,"delay":0.0,"dup":null,'
+            '"ai":[["ok",0.25,3,1.0]]}],"faults":[{"at":0.0,"kind":"slack","target":"chat.startStream",'
+            '"status":503,"times":1}],"native":true,"replicas":1,"replica_timeout":30.0}'
+        ),
+    ],
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
@@ -21,7 +22,7 @@ import anyio.lowlevel
 from openai.types.chat import ChatCompletionMessageParam
 
 from bot.metrics import first_call_timer
-from bot.processing.attachments import Turn, read_attachments
+from bot.processing.attachments import Turn, image_urls, read_attachments
 from bot.processing.context import RequestState, Services, UnrecordedOutcome
 from bot.processing.conversation import build_prompt
 from bot.processing.failures import INTERRUPTED_NOTICE, STOPPED_NOTICE, describe, timeout_notice
@@ -66,68 +67,29 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
     # First, and never raising: the options pick the surface's mode.
     options = await resolve_options(services, msg)
     writer = await make_surface(options)
-    recorded = False
+    opening, progress = _Opening(), _Progress()
     outcome: RequestOutcome
     outcome, notice, detail = "error", "", ""
-    turn: Turn | None = None
     try:
         with anyio.move_on_after(settings.async_timeout_seconds) as deadline:
-            state.stage = "posting placeholder"
-            state.placeholder_ts = await _start(state, writer)
-            rebuild = msg.in_existing_thread and not await services.store.thread_known(msg.thread)
-            recorded = True  # before the call: finishing a request never started is a no-op
-            if not await services.store.start_request(
-                state.request_id,
-                msg.thread,
-                user_ts=msg.ts,
-                placeholder_ts=state.placeholder_ts,
-                started_at=time.time(),
-                owner=state.owner,
-                fence=state.fence,
-            ):
-                # The thread's lease passed to another replica before the request was
-                # even recorded: it is theirs now. End here, as a shutdown would.
-                # Its own placeholder is still its to fix (nobody else knows of it), so
-                # the notice is written; nothing is stored.
-                log.warning("request %s: the lease on %s was lost before it started", state.request_id, msg.thread)
-                recorded = False
-                state.lose_lease()
-                await anyio.lowlevel.checkpoint()  # the cancellation lands here
-            state.stage = "loading history"
-            history = await load_history(services, msg, writer, rebuild=rebuild, exclude_ts={state.placeholder_ts})
-            if options.history_messages is not None:
-                history = history[-options.history_messages :] if options.history_messages else []
-            state.stage = "reading attachments"
-            turn = await read_attachments(
-                services,
-                state,
-                writer,
-                system_prompt=options.system_prompt,
-                reserve_for_answer=options.max_answer_tokens,
-            )
-            prompt = build_prompt(
-                options.system_prompt,
-                history,
-                turn.user_text,
-                budget_tokens=settings.context_budget_tokens,
-                reserve_for_answer=options.max_answer_tokens,
-                user_parts=turn.image_parts,
-                parts_tokens=turn.image_tokens,
-            )
-            if prompt.dropped_history:
-                log.info(
-                    "request %s: left out %d older messages to fit the context budget",
-                    state.request_id,
-                    prompt.dropped_history,
-                )
-            finish_reason = None
-            if turn.answerable:  # else only unreadable files came: their notes are the whole answer
-                image_tools = ImageTools(services, state, writer, turn.images, turn.notes) if services.media else None
-                finish_reason = await _stream_answer(services, state, writer, prompt.messages, options, image_tools)
+            # The model request does not wait for the placeholder: the answer is opened
+            # (posted, then recorded) beside the preparation of the request, and what the
+            # model sends meanwhile is shown once the answer is open.
+            error: Exception | None = None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_open, services, state, writer, opening, tg.cancel_scope.cancel)
+                try:
+                    await _prepare_and_stream(services, state, writer, options, opening, progress)
+                except Exception as exc:  # kept out of the task group, so it leaves unwrapped
+                    error = exc
+            if opening.error is not None:
+                raise opening.error
+            if error is not None:
+                raise error
             outcome = "answered"
-            if finish_reason == "length":
+            if progress.finish_reason == "length":
                 notice = LENGTH_NOTICE
-            elif not writer.text and turn.answerable:
+            elif not writer.text and progress.turn is not None and progress.turn.answerable:
                 notice = EMPTY_NOTICE
         if deadline.cancelled_caught:
             outcome, detail = "timeout", f"no answer within {settings.async_timeout_seconds:g}s"
@@ -154,6 +116,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
     finally:
         state.outcome = outcome
         state.stage = "finishing"
+        turn = progress.turn
         if turn is not None and turn.notes:  # files not read, documents trimmed: said under the answer
             notice = "\n".join([*turn.notes, notice]).strip()
         with anyio.CancelScope(shield=True):
@@ -164,11 +127,115 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
                 outcome,
                 notice,
                 detail,
-                recorded,
+                opening.recorded,
                 user_text=turn.stored_text if turn is not None else msg.text,
             )
         services.metrics.reply_latency.labels(outcome=outcome).observe(anyio.current_time() - state.started_at)
     return outcome
+
+
+@dataclass
+class _Opening:
+    """The answer's opening (`_open`), which runs beside the preparation of the model
+    request: `done` once the answer is posted and the request recorded, or either failed."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    recorded: bool = False  # start_request was called: the request is to be finished in storage
+    error: Exception | None = None  # posting the answer failed: the request ends with it
+
+
+@dataclass
+class _Progress:
+    """How far the preparation got, for the final write (the notes of unread files) and
+    the stored exchange."""
+
+    turn: Turn | None = None
+    finish_reason: str | None = None
+
+
+async def _open(
+    services: Services, state: RequestState, writer: ReplySurface, opening: _Opening, fail: Callable[[], None]
+) -> None:
+    """Post the answer's first message (or open its stream), then record the request
+    under the thread's lease. A failure to post ends the request (`fail` cancels the
+    preparation and the model call beside it)."""
+    msg = state.message
+    try:
+        state.placeholder_ts = await _start(state, writer)
+        opening.recorded = True  # before the call: finishing a request never started is a no-op
+        if not await services.store.start_request(
+            state.request_id,
+            msg.thread,
+            user_ts=msg.ts,
+            placeholder_ts=state.placeholder_ts,
+            started_at=time.time(),
+            owner=state.owner,
+            fence=state.fence,
+        ):
+            # The thread's lease passed to another replica before the request was even
+            # recorded: it is theirs now. End here, as a shutdown would. Its own
+            # placeholder is still its to fix (nobody else knows of it), so the notice
+            # is written; nothing is stored.
+            log.warning("request %s: the lease on %s was lost before it started", state.request_id, msg.thread)
+            opening.recorded = False
+            state.lose_lease()
+    except Exception as exc:
+        opening.error = exc
+        fail()
+    finally:
+        opening.done.set()
+
+
+async def _prepare_and_stream(
+    services: Services,
+    state: RequestState,
+    writer: ReplySurface,
+    options: RequestOptions,
+    opening: _Opening,
+    progress: _Progress,
+) -> None:
+    """History, attachments, prompt, then the model's stream into the surface. It waits
+    for the answer to be open only where it needs it: to read a thread the bot has not
+    seen (its own placeholder left out), to show progress while reading files, and
+    before it returns (so that the request is recorded before it is finished)."""
+    msg = state.message
+    settings = services.settings
+    state.stage = "loading history"
+    rebuild = msg.in_existing_thread and not await services.store.thread_known(msg.thread)
+    if rebuild:
+        await opening.done.wait()
+    history = await load_history(services, msg, writer, rebuild=rebuild, exclude_ts={state.placeholder_ts})
+    if options.history_messages is not None:
+        history = history[-options.history_messages :] if options.history_messages else []
+    if msg.files or image_urls(msg.text):
+        await opening.done.wait()
+    state.stage = "reading attachments"
+    turn = progress.turn = await read_attachments(
+        services,
+        state,
+        writer,
+        system_prompt=options.system_prompt,
+        reserve_for_answer=options.max_answer_tokens,
+    )
+    prompt = build_prompt(
+        options.system_prompt,
+        history,
+        turn.user_text,
+        budget_tokens=settings.context_budget_tokens,
+        reserve_for_answer=options.max_answer_tokens,
+        user_parts=turn.image_parts,
+        parts_tokens=turn.image_tokens,
+    )
+    if prompt.dropped_history:
+        log.info(
+            "request %s: left out %d older messages to fit the context budget", state.request_id, prompt.dropped_history
+        )
+    if turn.answerable:  # else only unreadable files came: their notes are the whole answer
+        image_tools = ImageTools(services, state, writer, turn.images, turn.notes) if services.media else None
+        progress.finish_reason = await _stream_answer(
+            services, state, writer, prompt.messages, options, opening.done, image_tools
+        )
+    await opening.done.wait()
 
 
 async def _start(state: RequestState, writer: ReplySurface) -> str:
@@ -191,17 +258,20 @@ async def _stream_answer(
     writer: ReplySurface,
     messages: list[ChatCompletionMessageParam],
     options: RequestOptions,
+    opened: anyio.Event,
     image_tools: ImageTools | None = None,
 ) -> str | None:
-    """Wait for a model slot, then stream; the writer's flush task lives only as long
-    as the stream. Errors are caught inside the task group so they leave it unwrapped."""
+    """Wait for a model slot, then stream; the writer's flush task starts once the answer
+    is open (`opened`) and lives only as long as the stream. Errors are caught inside
+    the task group so they leave it unwrapped."""
     settings = services.settings
     error: Exception | None = None
     finish_reason: str | None = None
     async with anyio.create_task_group() as tg:
-        tg.start_soon(writer.run)
+        tg.start_soon(_run_when_open, writer, opened)
         try:
             if services.model_slots.available_tokens < 1:
+                await opened.wait()  # the wait is shown in the answer once it is open
                 state.stage = "waiting for a model slot"
                 services.metrics.requests.labels(outcome="queued").inc()
                 writer.set_status(WAITING_STATUS)
@@ -234,6 +304,11 @@ async def _stream_answer(
     if error is not None:
         raise error
     return finish_reason
+
+
+async def _run_when_open(writer: ReplySurface, opened: anyio.Event) -> None:
+    await opened.wait()
+    await writer.run()
 
 
 async def _finalize(

@@ -253,8 +253,10 @@ class SlackAnswerWriter:
             await self._stop_stream()  # given up mid-answer and not stopped yet: Slack refuses edits till then
         if self.mode == "final":
             self._fallback.append(text)
+        posted = len(self._fallback.message_ts)
         ok = await self._fallback.finish(notice, receipt)
-        await self._clear_status()
+        if len(self._fallback.message_ts) == posted:  # (a new message: Slack cleared the status itself)
+            await self._clear_status()
         return ok
 
     # ---- what the thread holds: earlier messages, files; images the bot posts ----------
@@ -374,10 +376,10 @@ class SlackAnswerWriter:
         self.mode = "update"
         if self._stream_ts:
             self._fallback.adopt(self._stream_ts, neutralize_broadcasts(self.text)[: self._sent])
-            if self.text:
-                self._fallback.append(self.text)
-            if self._tg is not None:
-                self._tg.start_soon(self._fallback.run)
+        if self.text:  # what the model sent so far (it may come before the answer is open)
+            self._fallback.append(self.text)
+        if self._stream_ts and self._tg is not None:
+            self._tg.start_soon(self._fallback.run)
 
     # ---- best-effort extras ----------------------------------------------------------
 

@@ -614,8 +614,11 @@ def _recovery_refused(world: World, rec, recovered: dict) -> bool:
             for c in world.slack_calls
             if c.inc == n and c.tag and c.tag.kind in RECOVERY and c.args.get("ts") == r.placeholder_ts
         ]
-        if tried and all(c.faulted for c in tried):
-            return True
+        # (chat.update's streaming_state_conflict is Slack's rule, not a fault: the recovery
+        # answers it by stopping the stream, and those stops are what the faults refused,
+        # the last one cut by the recovery's bound.)
+        if tried and all(c.faulted or c.error in ("streaming_state_conflict", "cancelled") for c in tried):
+            return any(c.faulted for c in tried)
     return False
 
 

@@ -45,6 +45,22 @@ async def test_dm_answer_streams_natively_with_status_title_and_feedback(slack, 
     assert "chat.update" not in called
 
 
+async def test_an_answer_posted_when_done_leaves_the_status_for_slack_to_clear(slack, ai):
+    """With chat.update's budget spent, the answer is posted when done: that reply clears
+    the thread status on Slack's side, so the bot does not spend a call clearing it."""
+    async with running_bot(slack, ai, native_streaming=False) as bot:
+        bucket = bot.services.slack.limits.bucket("chat.update")
+        while bucket.available():
+            bucket.reserve()
+        _, ev = await send_dm(slack, "budget is low")
+        replies = await wait_reply(slack, "D1", ev["ts"], "Echo: budget is low")
+    assert replies == ["Echo: budget is low"]
+    assert ("D1", ev["ts"], "is thinking…") in slack.statuses
+    assert ("D1", ev["ts"], "") not in slack.statuses  # not cleared by hand
+    assert slack.visible_status("D1", ev["ts"]) == ""  # Slack cleared it when the answer was posted
+    assert "chat.update" not in methods(slack)
+
+
 async def test_message_not_in_streaming_state_falls_back_to_chat_update(slack, ai):
     ai.enqueue(Behaviour(text=ANSWER, chunks=10, chunk_delay=0.05))
     async with running_bot(slack, ai, native_streaming=True, update_interval_seconds=0.05):
