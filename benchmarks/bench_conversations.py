@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -282,7 +283,7 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
                 # Done when the answer is all there, however it got there: chat.update
                 # (bot, baselines) or Slack's native streaming (bot's default).
                 shown = slack._find(channel, str(body.get("ts", "")))
-                if shown is not None and expected[channel][:6] in shown.get("text", ""):
+                if shown is not None and expected[channel][:20] in shown.get("text", ""):
                     stage_at["first_text"].setdefault(channel, anyio.current_time())
                 if shown is not None and expected[channel] in shown.get("text", ""):
                     final_at[channel] = anyio.current_time()
@@ -428,6 +429,10 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
     )
     if ai.max_open_streams < n:
         result.notes.append(f"at most {ai.max_open_streams} model streams were open at once")
+    counts = Counter(method for method, _ in slack.calls if method not in ("apps.connections.open", "auth.test"))
+    if result.answered:
+        per = ", ".join(f"{m} {c / result.answered:.2f}" for m, c in counts.most_common())
+        result.notes.append(f"Slack calls per answer {sum(counts.values()) / result.answered:.2f} ({per})")
     return result
 
 
