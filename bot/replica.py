@@ -25,6 +25,7 @@ Two things keep a takeover from replacing an answer the user already reads:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -41,8 +42,10 @@ from bot.thread_gates import ThreadGates
 
 log = logging.getLogger(__name__)
 
-NOTICE_SECONDS = 10.0  # for reading one abandoned answer's thread, and for editing it into the notice
+NOTICE_SECONDS = 20.0  # for reading one abandoned answer's thread, and for editing it into the notice
 UNRECORDED_KEPT = 1000  # outcomes kept for late recording while storage is out of reach
+LATE_ATTEMPTS = 3  # tries to record one of them late before it is left to a takeover
+TAKEOVERS_AT_ONCE = 8  # abandoned requests taken over side by side
 
 
 async def start_replica(slack: SlackWebAPI, store: Store, gates: ThreadGates, *, replica_timeout: float) -> int:
@@ -71,20 +74,42 @@ async def keep_alive(
     replica_timeout: float,
     unrecorded: dict[str, UnrecordedOutcome] | None = None,
 ) -> None:
-    """Until cancelled, three times per REPLICA_TIMEOUT_SECONDS: a heartbeat, this
-    replica's share of Slack's rate limits (from the live replicas' heartbeats), the
-    late recording of this run's outcomes storage could not take, then a look for
-    abandoned requests. A storage error costs one beat, never the bot."""
-    late = unrecorded if unrecorded is not None else {}
+    """Until cancelled, three times per REPLICA_TIMEOUT_SECONDS each, in two tasks: a
+    heartbeat and this replica's share of Slack's rate limits (from the live replicas'
+    heartbeats); and the late recording of this run's outcomes storage could not take,
+    then a look for abandoned requests. A storage error costs one round, never the bot."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_beat_forever, slack, store, gates, replica_timeout)
+        tg.start_soon(_sweep_forever, slack, store, gates, replica_timeout, unrecorded)
+
+
+async def _beat_forever(slack: SlackWebAPI, store: Store, gates: ThreadGates, replica_timeout: float) -> None:
+    """The heartbeat, on its own: a takeover waiting on Slack must never delay it (the
+    others would take this live replica for dead)."""
     while True:
         await anyio.sleep(replica_timeout / 3)
         try:
             await store.heartbeat(gates.owner)
             _share_limits(slack, gates.owner, await store.replicas(), replica_timeout)
+        except StorageError as exc:
+            log.warning("replica %s: heartbeat failed: %s", gates.owner, exc)
+
+
+async def _sweep_forever(
+    slack: SlackWebAPI,
+    store: Store,
+    gates: ThreadGates,
+    replica_timeout: float,
+    unrecorded: dict[str, UnrecordedOutcome] | None,
+) -> None:
+    late = unrecorded if unrecorded is not None else {}
+    while True:
+        await anyio.sleep(replica_timeout / 3)
+        try:
             await record_late(store, gates, late)
             await take_over(slack, store, gates, [], replica_timeout=replica_timeout, skip=set(late))
         except StorageError as exc:
-            log.warning("replica %s: heartbeat or takeover failed: %s", gates.owner, exc)
+            log.warning("replica %s: takeover failed: %s", gates.owner, exc)
 
 
 def _share_limits(slack: SlackWebAPI, me: str, ages: dict[str, float], replica_timeout: float) -> None:
@@ -114,16 +139,30 @@ async def record_late(store: Store, gates: ThreadGates, unrecorded: dict[str, Un
         async with gates.try_enter(late.thread) as hold:
             if hold is None:
                 continue
-            closed = await store.finish_request(
-                late.request_id,
-                fence=hold.fence,
-                outcome=late.outcome,
-                user_text=late.user_text,
-                user_ts=late.user_ts,
-                reply_text=late.reply_text,
-                finished_at=late.finished_at,
-                detail=late.detail,
-            )
+            try:
+                closed = await store.finish_request(
+                    late.request_id,
+                    fence=hold.fence,
+                    outcome=late.outcome,
+                    user_text=late.user_text,
+                    user_ts=late.user_ts,
+                    reply_text=late.reply_text,
+                    finished_at=late.finished_at,
+                    detail=late.detail,
+                )
+            except StorageError:
+                # Each try holds the thread's lease until it expires (giving it back fails
+                # too): after a few, leave the request to a takeover, which finds its receipt.
+                late.late_attempts += 1
+                if late.late_attempts >= LATE_ATTEMPTS:
+                    del unrecorded[late.request_id]
+                    log.warning(
+                        "request %s: storage refused its outcome %d times; left to a takeover (its receipt is in "
+                        "Slack)",
+                        late.request_id,
+                        late.late_attempts,
+                    )
+                raise
             del unrecorded[late.request_id]
             if closed:
                 done += 1
@@ -163,59 +202,84 @@ async def take_over(
     found = {r.request_id: r for r in also}
     for req in await store.abandoned_requests(replica_timeout=replica_timeout):
         found.setdefault(req.request_id, req)
-    done = 0
-    for req in found.values():
-        if skip and req.request_id in skip:
-            continue
-        async with gates.try_enter(req.thread) as hold:
-            if hold is None:
-                log.debug("request %s: thread %s still leased; next time", req.request_id, req.thread)
-                continue
-            try:
-                delivered = await _delivered(slack, req)
-            except (SlackAPIError, TimeoutError) as exc:
-                log.warning(
-                    "request %s: cannot read thread %s to see whether it was answered (%s); next time",
-                    req.request_id,
-                    req.thread,
-                    exc.error if isinstance(exc, SlackAPIError) else "no answer",
-                )
-                continue
-            left_by = f"replica {req.owner or 'unknown'}"
-            if delivered is not None:
-                answered = delivered.outcome == "answered"
-                closed = await store.finish_request(
-                    req.request_id,
-                    fence=hold.fence,
-                    outcome=delivered.outcome,
-                    user_text=delivered.asked if answered else "",
-                    user_ts=req.user_ts,
-                    reply_text=delivered.shown if answered else "",
-                    finished_at=time.time(),
-                    detail=(
-                        f"{left_by} stopped; taken over by {gates.owner} (its notice found in Slack)"
-                        if delivered.outcome == "interrupted"
-                        else f"{left_by} delivered it but could not record it; recorded by {gates.owner} from Slack"
-                    ),
-                )
-                what = f"found delivered ({delivered.outcome}), left as it is"
-            else:
-                await _notify(slack, req)
-                closed = await store.finish_request(
-                    req.request_id,
-                    fence=hold.fence,
-                    outcome="interrupted",
-                    user_text="",
-                    user_ts="",
-                    reply_text="",
-                    finished_at=time.time(),
-                    detail=f"{left_by} stopped; taken over by {gates.owner}",
-                )
-                what = "marked interrupted"
-            if closed:
-                done += 1
-                log.info("request %s in %s: left by %s, %s", req.request_id, req.thread, left_by, what)
-    return done
+    # At once, a few at a time: each waits for Slack's budgets (reading the thread, editing
+    # the message), and one after another they would take many seconds for a replica
+    # that left several requests behind.
+    closed: list[str] = []
+    limit = anyio.CapacityLimiter(TAKEOVERS_AT_ONCE)
+    async with anyio.create_task_group() as tg:
+        for req in found.values():
+            if not (skip and req.request_id in skip):
+                tg.start_soon(_take_over_one, slack, store, gates, req, limit, closed)
+    return len(closed)
+
+
+async def _take_over_one(
+    slack: SlackWebAPI,
+    store: Store,
+    gates: ThreadGates,
+    req: InFlightRequest,
+    limit: anyio.CapacityLimiter,
+    closed: list[str],
+) -> None:
+    """One abandoned request, if its thread is free: left as it is if its final write
+    reached Slack (recorded from its receipt), else edited into the interrupted notice.
+    Never raises (a storage or Slack failure leaves it for the next sweep)."""
+    async with limit:
+        try:
+            async with gates.try_enter(req.thread) as hold:
+                if hold is None:
+                    log.debug("request %s: thread %s still leased; next time", req.request_id, req.thread)
+                    return
+                try:
+                    delivered = await _delivered(slack, req)
+                except (SlackAPIError, TimeoutError) as exc:
+                    log.warning(
+                        "request %s: cannot read thread %s to see whether it was answered (%s); next time",
+                        req.request_id,
+                        req.thread,
+                        exc.error if isinstance(exc, SlackAPIError) else "no answer",
+                    )
+                    return
+                left_by = f"replica {req.owner or 'unknown'}"
+                if delivered is not None:
+                    answered = delivered.outcome == "answered"
+                    done = await store.finish_request(
+                        req.request_id,
+                        fence=hold.fence,
+                        outcome=delivered.outcome,
+                        user_text=delivered.asked if answered else "",
+                        user_ts=req.user_ts,
+                        reply_text=delivered.shown if answered else "",
+                        finished_at=time.time(),
+                        detail=(
+                            f"{left_by} stopped; taken over by {gates.owner} (its notice found in Slack)"
+                            if delivered.outcome == "interrupted"
+                            else f"{left_by} delivered it but could not record it; taken over by {gates.owner}, "
+                            "recorded from its receipt in Slack"
+                        ),
+                    )
+                    what = f"found delivered ({delivered.outcome}), left as it is"
+                else:
+                    if not await _notify(slack, req):
+                        log.warning("request %s: its notice is not shown yet; next time", req.request_id)
+                        return
+                    done = await store.finish_request(
+                        req.request_id,
+                        fence=hold.fence,
+                        outcome="interrupted",
+                        user_text="",
+                        user_ts="",
+                        reply_text="",
+                        finished_at=time.time(),
+                        detail=f"{left_by} stopped; taken over by {gates.owner}",
+                    )
+                    what = "marked interrupted"
+                if done:
+                    closed.append(req.request_id)
+                    log.info("request %s in %s: left by %s, %s", req.request_id, req.thread, left_by, what)
+        except StorageError as exc:
+            log.warning("request %s: takeover failed: %s; next time", req.request_id, exc)
 
 
 async def _delivered(slack: SlackWebAPI, req: InFlightRequest) -> Delivered | None:
@@ -234,11 +298,15 @@ async def _delivered(slack: SlackWebAPI, req: InFlightRequest) -> Delivered | No
     return find_delivered(replies, req.request_id, placeholder_ts=req.placeholder_ts, user_ts=req.user_ts)
 
 
-async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> None:
+async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> bool:
     """The interrupted notice, itself a final write with its receipt: a takeover that
-    could not record it finds it at the next heartbeat instead of writing it again."""
+    could not record it finds it at the next sweep instead of writing it again. True
+    when it is shown, or when there is nothing Slack will let it fix (the message or
+    channel is gone); False when Slack did not take it in time or failed for now: the
+    request then stays in flight for the next sweep."""
     channel = req.thread.channel
     receipt = Receipt(req.request_id, "interrupted", req.user_ts)
+    shown = False
     with anyio.move_on_after(NOTICE_SECONDS):
         try:
             if req.placeholder_ts:
@@ -247,8 +315,17 @@ async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> None:
                 await slack.post_message(
                     channel, req.thread.thread_ts, markdown_text=INTERRUPTED_NOTICE, payload=receipt_payload(receipt)
                 )
+            shown = True
         except SlackAPIError as exc:
             log.warning("could not mark request %s in %s interrupted: %s", req.request_id, req.thread, exc.error)
+            # Gone (message_not_found, channel_not_found…): nothing left to fix. Else later.
+            retry_later = exc.transient or isinstance(exc, SlackRateLimited) or exc.error == "streaming_state_conflict"
+            shown = not retry_later
+        with contextlib.suppress(SlackAPIError):  # the dead request's "is thinking…", if it set one
+            await slack.call(
+                "assistant.threads.setStatus", channel_id=channel, thread_ts=req.thread.thread_ts, status=""
+            )
+    return shown
 
 
 async def _mark_interrupted(slack: SlackWebAPI, channel: str, ts: str, receipt: Receipt | None = None) -> None:

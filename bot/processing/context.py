@@ -45,7 +45,7 @@ class Services:
     media: MediaServices | None = None  # files and images; None: text only (nothing to fetch with)
 
 
-@dataclass(frozen=True)
+@dataclass
 class UnrecordedOutcome:
     """A request's outcome that storage could not take (cut off from it) after Slack
     showed it. The nursery keeps it, and the replica records it once storage answers
@@ -61,6 +61,7 @@ class UnrecordedOutcome:
     reply_text: str
     finished_at: float
     detail: str
+    late_attempts: int = 0  # tries to record it late that storage refused (see bot.replica.record_late)
 
 
 @dataclass

@@ -1146,21 +1146,21 @@ class World:
         actions.sort(key=lambda a: (a[0], order[a[2]], a[1], a[3].id if a[2] != "fault" else -1))
         return actions
 
-    async def _notify(self, original, slack, req) -> None:
+    async def _notify(self, original, slack, req) -> bool:
         """`bot.replica._notify`, observed: a process taking over a request (its previous
         run's, at start-up, or an abandoned one): recorded, and its calls attributed."""
         tag = HANDLING.get()
         inc = self.incs[tag.inc - 1] if tag is not None else None
         if inc is None:
-            await original(slack, req)
-            return
-        self.recovered.setdefault(inc.n, []).append(req)
+            return await original(slack, req)
+        if req not in self.recovered.get(inc.n, []):
+            self.recovered.setdefault(inc.n, []).append(req)
         kind = "startup" if inc.nursery is None else "takeover"
         if kind == "takeover" or self.s.replicas > 1:
             self.log_trace("bot", f"#{inc.n} takes over request {req.request_id} of replica {req.owner!r}")
         token = HANDLING.set(Tag(inc.n, None, kind, of=req.request_id))
         try:
-            await original(slack, req)
+            return await original(slack, req)
         finally:
             HANDLING.reset(token)
 
@@ -1177,13 +1177,17 @@ class World:
             self.clock0 = anyio.current_time()
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                first = await self._start(tg)
-                everyone = [first] + [await self._start(tg, slot) for slot in range(1, self.s.replicas)]
+                # One after another, each once the one before is connected: Slack's round
+                # robin then gives r0 the first envelope, whatever the scheduler's seed.
+                everyone = [await self._start(tg)]
                 with anyio.move_on_after(60) as startup:
-                    while any(i.nursery is None or not i.nursery.reader.connected.is_set() for i in everyone):
-                        await anyio.sleep(0.05)
-                        if any(i.ended is not None for i in everyone):
-                            break
+                    for slot in range(1, self.s.replicas + 1):
+                        while any(i.nursery is None or not i.nursery.reader.connected.is_set() for i in everyone):
+                            await anyio.sleep(0.05)
+                            if any(i.ended is not None for i in everyone):
+                                break
+                        if slot < self.s.replicas and not any(i.ended is not None for i in everyone):
+                            everyone.append(await self._start(tg, slot))
                 if startup.cancelled_caught or any(i.ended is not None for i in everyone):
                     self.violate(
                         "the first process never connected" if len(everyone) == 1 else "a replica never connected"
