@@ -1,10 +1,12 @@
 """`slackbot` / `python -m bot`: read the settings, set up logging, run on the chosen backend.
 
 Commands: none or `run` (the bot), `manifest` (the Slack app manifest), `check` (try the
-configuration for real) and `shell` (the assistant in a terminal, no Slack).
+configuration for real), `shell` (the assistant in a terminal, no Slack) and `usage`
+(tokens per user and model for a month, from the database).
 
 Exit codes: 0 after a clean shutdown, 2 for a configuration or start-up problem (one
-clear line on stderr, no traceback); `check` exits 1 when any check fails.
+clear line on stderr, no traceback); `check` exits 1 when any check fails, `usage` when
+the database cannot be read.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     manifest.add_argument("--name", default="AI Assistant", help="the app's name in Slack (default: %(default)s)")
     commands.add_parser("check", help="check the tokens, the OpenAI key and model, and the database, for real")
     commands.add_parser("shell", help="talk to the assistant from this terminal (needs no Slack)")
+    usage = commands.add_parser(
+        "usage", help="print the tokens used per user and per model in a month (from DATABASE_URL; needs no tokens)"
+    )
+    usage.add_argument("--month", metavar="YYYY-MM", help="the month, in UTC (default: this month)")
+    usage.add_argument("--csv", action="store_true", help="CSV with a header row: one row per user and model")
     return parser
 
 
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check()
     if args.command == "shell":
         return _shell()
+    if args.command == "usage":
+        return _usage(args.month, as_csv=args.csv)
     return _run()
 
 
@@ -94,6 +103,26 @@ def _shell() -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 0
+
+
+def _usage(month: str | None, *, as_csv: bool) -> int:
+    """Needs only DATABASE_URL: no Slack tokens, no OpenAI key."""
+    from bot.usage_report import MonthError, parse_month, usage_report
+
+    try:
+        start = parse_month(month)
+    except MonthError as exc:
+        print(f"slackbot: {exc}", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings(purpose="check")
+    except ConfigError as exc:
+        print(f"slackbot: configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("ERROR", settings.secrets)  # the report is the output
+    code, text = anyio.run(usage_report, settings, start, as_csv, backend=settings.async_backend)
+    print(text, end="", file=sys.stdout if code == 0 else sys.stderr)
+    return code
 
 
 def _run() -> int:

@@ -23,6 +23,9 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+MAX_MONTHLY_TOKENS = 1_000_000_000_000  # the largest monthly token budget (a typo guard, not a policy)
+
+
 class ConfigError(Exception):
     """A setting is missing or malformed. The message names the variable."""
 
@@ -78,6 +81,9 @@ class Settings:
     allowed_channels: frozenset[str] = frozenset()  # empty: every channel (DMs follow allowed_users)
     native_streaming: bool = True  # chat.startStream/appendStream/stopStream, else paced chat.update
     welcome: bool = True  # a short welcome with the answer to a user's first DM
+    # --- usage budgets (tokens in + out per calendar month, UTC); None: unlimited ---------
+    user_monthly_tokens: int | None = None  # each user's; the workspace defaults may set another
+    workspace_monthly_tokens: int | None = None  # everyone's together
     # --- observability ----------------------------------------------------------------
     metrics_port: int | None = None  # None: no HTTP listener; 0: any free port (tests)
     metrics_host: str = "127.0.0.1"
@@ -202,7 +208,23 @@ def load_settings(
         **_observability_settings(env),
         replica_id=_replica_id(env),
         replica_timeout_seconds=_number(env, "REPLICA_TIMEOUT_SECONDS", Settings.replica_timeout_seconds, minimum=1),
+        user_monthly_tokens=_budget(env, "USER_MONTHLY_TOKENS"),
+        workspace_monthly_tokens=_budget(env, "WORKSPACE_MONTHLY_TOKENS"),
     )
+
+
+def _budget(env: Mapping[str, str], name: str) -> int | None:
+    """A monthly token budget: a whole number (`1_000_000` and `1,000,000` read as written);
+    empty or 0 means unlimited (None)."""
+    raw = env.get(name, "").strip()
+    digits = raw.replace("_", "").replace(",", "")
+    if not digits:
+        return None
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 13 or int(digits) > MAX_MONTHLY_TOKENS:
+        raise ConfigError(
+            f"{name} must be a whole number of tokens up to {MAX_MONTHLY_TOKENS:,} (0 or empty: unlimited), got {raw!r}"
+        )
+    return int(digits) or None
 
 
 def _replica_id(env: Mapping[str, str]) -> str:

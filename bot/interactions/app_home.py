@@ -1,5 +1,6 @@
-"""The App Home tab: what the assistant does, the user's current settings, and a button
-that opens the settings modal (admins get a second one for the workspace defaults).
+"""The App Home tab: what the assistant does, the user's current settings, their usage
+this month (and budget), and a button that opens the settings modal (admins get a second
+one for the workspace defaults, and also see the workspace's usage and its top users).
 
 Published with `views.publish` when the user opens the Home tab and again after they
 save settings, so it always shows what the next answer will use.
@@ -23,6 +24,8 @@ from slack_sdk.models.views import View
 
 from bot.preferences import Preferences, is_reasoning_model
 from bot.slack.web_api import SlackAPIError, SlackWebAPI
+from bot.storage.base import UsageSummary
+from bot.usage import MonthUsage, day_text, month_text
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,61 @@ def settings_summary(prefs: Preferences) -> list[str]:
     ]
 
 
-def home_view(prefs: Preferences, *, command: str, is_admin: bool, allowed: bool = True) -> dict[str, Any]:
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n:,} {one if n == 1 else many}"
+
+
+def _spent(summary: UsageSummary) -> str:
+    return (
+        f"{_count(summary.tokens, 'token', 'tokens')} ({summary.tokens_in:,} in, {summary.tokens_out:,} out) "
+        f"in {_count(summary.requests, 'request', 'requests')}"
+    )
+
+
+def _budget_line(whose: str, used: int, budget: int | None, resets: str) -> str:
+    if budget is None:
+        return f"{whose}: unlimited."
+    if used >= budget:
+        return f"{whose}: {budget:,} tokens a month, *all used*; new questions wait until {resets} (UTC)."
+    return f"{whose}: {budget:,} tokens a month, {used * 100 // budget}% used; it resets on {resets} (UTC)."
+
+
+def usage_summary(usage: MonthUsage | None, *, is_admin: bool) -> list[str]:
+    """The Home tab's usage sections (mrkdwn), one string per section."""
+    if usage is None:
+        return ["*Your usage this month*\n_Not available right now; open this tab again in a moment._"]
+    month, resets = month_text(usage.start), day_text(usage.resets_at)
+    sections = [
+        f"*Your usage in {month}* (UTC)\n{_spent(usage.mine)}.\n"
+        + _budget_line("Your budget", usage.mine.tokens, usage.budgets.user, resets)
+    ]
+    if is_admin and usage.workspace is not None:
+        lines = [
+            f"*Workspace usage in {month}*",
+            f"{_spent(usage.workspace)}.",
+            _budget_line("Workspace budget", usage.workspace.tokens, usage.budgets.workspace, resets),
+        ]
+        if usage.top_users:
+            lines.append("*Top users*")
+            lines += [
+                f"{n}. <@{u.user}> — {_count(u.usage.tokens, 'token', 'tokens')}, "
+                f"{_count(u.usage.requests, 'request', 'requests')}"
+                for n, u in enumerate(usage.top_users, 1)
+            ]
+        sections.append("\n".join(lines))
+    return sections
+
+
+def home_view(
+    prefs: Preferences,
+    *,
+    command: str,
+    is_admin: bool,
+    allowed: bool = True,
+    usage: MonthUsage | None = None,
+) -> dict[str, Any]:
+    """The Home tab. `usage`: this month's (`bot.usage.month_usage`; None: not available,
+    which the tab says)."""
     if not allowed:
         return View(
             type="home",
@@ -94,7 +151,9 @@ def home_view(prefs: Preferences, *, command: str, is_admin: bool, allowed: bool
                 )
             ]
         ),
+        DividerBlock(),
     ]
+    blocks += [SectionBlock(text=MarkdownTextObject(text=text)) for text in usage_summary(usage, is_admin=is_admin)]
     return View(type="home", blocks=blocks).to_dict()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, cast
 
 import anyio
@@ -22,11 +23,27 @@ from bot.interactions.app_home import home_view, publish_home
 from bot.interactions.languages import language_for_locale
 from bot.interactions.locales import UserLocales
 from bot.interactions.model_catalog import ModelCatalog
-from bot.interactions.settings_modal import ModalContext, Submission, parse_submission, settings_view
+from bot.interactions.settings_modal import (
+    BudgetInputs,
+    ModalContext,
+    Submission,
+    parse_submission,
+    settings_view,
+)
 from bot.preferences import baseline, below, changes, load_layers, merge, thread_key
 from bot.services import SlackServices
 from bot.slack.web_api import SlackAPIError
 from bot.storage.base import PreferenceLayers, PreferenceScope
+from bot.usage import (
+    BUDGET_KEYS,
+    USER_BUDGET_KEY,
+    WORKSPACE_BUDGET_KEY,
+    Budgets,
+    budgets_from,
+    default_budgets,
+    month_usage,
+    stored_budget,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +54,29 @@ SAVE_FAILED = ":warning: Sorry, I could not save your settings ({why}). Nothing 
 
 def _level(layers: PreferenceLayers, scope: str) -> dict[str, object]:
     return {"workspace": layers.workspace, "user": layers.user, "thread": layers.thread}[scope]
+
+
+def _budget_inputs(services: SlackServices, stored: dict[str, object]) -> BudgetInputs:
+    """The budget fields of the workspace defaults: what `stored` (that level, or the form
+    being rebuilt) holds, over the environment's defaults."""
+    return BudgetInputs(
+        stored=Budgets(
+            user=stored_budget(stored.get(USER_BUDGET_KEY)), workspace=stored_budget(stored.get(WORKSPACE_BUDGET_KEY))
+        ),
+        defaults=default_budgets(services.settings),
+    )
+
+
+def with_budgets(stored: dict[str, object], form: dict[str, object], level: dict[str, object]) -> dict[str, object]:
+    """What the workspace level stores: `stored` (its preferences) plus the budgets — as
+    the form set them, or, for a field the modal did not show, as `level` held them
+    (so saving the defaults from a modal without the budget fields keeps them)."""
+    result = dict(stored)
+    for key in BUDGET_KEYS:
+        value = stored_budget(form[key] if key in form else level.get(key))
+        if value is not None:
+            result[key] = value
+    return result
 
 
 def _no_language_saved(layers: PreferenceLayers, scope: str) -> bool:
@@ -79,7 +119,13 @@ async def open_settings(
             if language:
                 shown = dataclasses.replace(shown, language=language)
     view = settings_view(
-        shown, models, configured_model=settings.openai_model, scope=scope, context=context, is_admin=is_admin
+        shown,
+        models,
+        configured_model=settings.openai_model,
+        scope=scope,
+        context=context,
+        is_admin=is_admin,
+        budgets=_budget_inputs(services, layers.workspace) if scope == "workspace" else None,
     )
     try:
         await services.slack.call("views.open", trigger_id=trigger_id, view=view)
@@ -102,6 +148,8 @@ async def model_changed(services: SlackServices, catalog: ModelCatalog, payload:
     valid = {k: v for k, v in submission.form.items() if k not in submission.errors}
     shown = merge(base, valid)
     models = await catalog.models(services.openai, timeout=MODELS_TIMEOUT)
+    # The budget fields keep what was typed (or what is stored, for one not typed validly).
+    budgets = _budget_inputs(services, {**layers.workspace, **valid}) if scope == "workspace" else None
     new_view = settings_view(
         shown,
         models,
@@ -109,6 +157,7 @@ async def model_changed(services: SlackServices, catalog: ModelCatalog, payload:
         scope=scope,
         context=ModalContext.decode(view.get("private_metadata")),
         is_admin=user in settings.admin_users,
+        budgets=budgets,
     )
     try:
         await services.slack.call("views.update", view_id=view.get("id"), hash=view.get("hash"), view=new_view)
@@ -138,6 +187,8 @@ async def save(services: SlackServices, payload: dict[str, Any]) -> Submission |
         layers = await services.store.load_preferences(user, submission.thread)
         base = below(layers, settings, submission.scope)
         stored = {} if submission.reset else changes(base, merge(base, submission.form))
+        if submission.scope == "workspace" and not submission.reset:
+            stored = with_budgets(stored, submission.form, layers.workspace)
         # Without errors the scope is one of SCOPE_LABELS (user, thread, workspace): parse_submission
         # reports any other as an error.
         scope = cast(PreferenceScope, submission.scope)
@@ -152,15 +203,23 @@ async def save(services: SlackServices, payload: dict[str, Any]) -> Submission |
 
 
 async def refresh_home(services: SlackServices, user: str) -> None:
-    """Publish the Home tab with the user's settings (theirs over the workspace defaults)."""
+    """Publish the Home tab with the user's settings (theirs over the workspace defaults)
+    and their usage this month (an admin's also shows the workspace's)."""
     settings = services.settings
+    is_admin = user in settings.admin_users
+    allowed = not refusal(settings, user, None)
     layers = await load_layers(services.store, user, None)
     prefs = merge(baseline(settings), layers.workspace, layers.user)
+    usage = None
+    if allowed:
+        budgets = budgets_from(settings, layers.workspace)
+        usage = await month_usage(services.store, user, budgets, now=time.time(), admin=is_admin)
     view = home_view(
         prefs,
         command=settings.settings_command,
-        is_admin=user in settings.admin_users,
-        allowed=not refusal(settings, user, None),
+        is_admin=is_admin,
+        allowed=allowed,
+        usage=usage,
     )
     await publish_home(services.slack, user, view)
 

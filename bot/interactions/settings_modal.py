@@ -14,6 +14,10 @@ Nothing a user can type is rejected after submitting: numbers are `number_input`
 the same bounds as the checks here (Slack refuses anything else in the modal itself), and
 the language is a menu. The checks stay, for crafted payloads and for modals opened
 before an upgrade, whose free-text fields (`plain_text_input`) are still read.
+
+The workspace defaults (an admin, with "Save for" on the workspace) also hold the monthly
+token budgets (`bot.usage`): per user and for the whole workspace, whole numbers, empty
+or 0 for the environment's default. They are read only for that level.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from slack_sdk.models.blocks import (
 )
 from slack_sdk.models.views import View
 
+from bot.config import MAX_MONTHLY_TOKENS
 from bot.interactions.languages import NAMES, canonical, language_choices
 from bot.interactions.limits import MAX_OPTIONS, OPTION_TEXT, OPTION_VALUE, clip
 from bot.preferences import (
@@ -50,6 +55,7 @@ from bot.preferences import (
     is_reasoning_model,
 )
 from bot.storage.base import ThreadKey
+from bot.usage import USER_BUDGET_KEY, WORKSPACE_BUDGET_KEY, Budgets
 
 CALLBACK_ID = "settings_modal"
 THREAD_SETTINGS = "thread_settings"  # the message shortcut that opens the modal for one thread
@@ -102,6 +108,50 @@ class Submission:
     errors: dict[str, str] = field(default_factory=dict)  # block_id -> message; empty when valid
 
 
+@dataclass(frozen=True)
+class BudgetInputs:
+    """What the budget fields show: the workspace defaults' own budgets (their initial
+    values) and the environment's (what empty means)."""
+
+    stored: Budgets
+    defaults: Budgets
+
+
+BUDGET_LABELS = {
+    USER_BUDGET_KEY: ("Monthly token budget per user", "each user's tokens in + out"),
+    WORKSPACE_BUDGET_KEY: ("Monthly token budget for the workspace", "everyone's tokens in + out together"),
+}
+BUDGET_ERROR = f"Enter a whole number of tokens up to {MAX_MONTHLY_TOKENS:,}, or leave it empty (or 0) for the default."
+
+
+def _budget_blocks(budgets: BudgetInputs) -> list[Block]:
+    blocks: list[Block] = []
+    for key, stored, default in (
+        (USER_BUDGET_KEY, budgets.stored.user, budgets.defaults.user),
+        (WORKSPACE_BUDGET_KEY, budgets.stored.workspace, budgets.defaults.workspace),
+    ):
+        label, counts = BUDGET_LABELS[key]
+        fallback = "unlimited" if default is None else f"{default:,} tokens"
+        blocks.append(
+            InputBlock(
+                block_id=key,
+                label=label,
+                optional=True,
+                hint=f"Per calendar month (UTC), {counts}; a request over it gets one line and no answer. "
+                f"Empty or 0: the default ({fallback}). Saved with the workspace defaults only.",
+                element=NumberInputElement(
+                    action_id=key,
+                    is_decimal_allowed=False,
+                    min_value="0",
+                    max_value=str(MAX_MONTHLY_TOKENS),
+                    placeholder=f"Default: {fallback}",
+                    initial_value=None if stored is None else str(stored),
+                ),
+            )
+        )
+    return blocks
+
+
 def _option(value: str, text: str) -> Option:
     return Option(value=value, text=clip(text, OPTION_TEXT))
 
@@ -121,9 +171,17 @@ def model_choices(models: list[str], current: str, configured: str) -> list[str]
 
 
 def settings_view(
-    shown: Preferences, models: list[str], *, configured_model: str, scope: str, context: ModalContext, is_admin: bool
+    shown: Preferences,
+    models: list[str],
+    *,
+    configured_model: str,
+    scope: str,
+    context: ModalContext,
+    is_admin: bool,
+    budgets: BudgetInputs | None = None,
 ) -> dict[str, Any]:
-    """The modal, showing `shown`. `models` come from the endpoint (may be empty)."""
+    """The modal, showing `shown`. `models` come from the endpoint (may be empty).
+    `budgets`: the budget fields, shown to an admin opening the workspace defaults."""
     scopes = ["user"] + (["thread"] if context.thread else []) + (["workspace"] if is_admin else [])
     if scope not in scopes:
         scope = scopes[0]
@@ -237,6 +295,10 @@ def settings_view(
             hint='"Translate message" translates into this language.',
             element=_select("language", language_choices(shown.language), canonical(shown.language)),
         ),
+    ]
+    if budgets is not None and is_admin and scope == "workspace":
+        blocks += _budget_blocks(budgets)
+    blocks += [
         InputBlock(
             block_id="reset",
             label="Start over",
@@ -403,6 +465,19 @@ def parse_submission(view: object, *, user: str, admins: frozenset[str]) -> Subm
             errors["language"] = f"Name one language, in at most {MAX_LANGUAGE} characters."
         elif language:
             form["language"] = language
+
+    if scope == "workspace" and not errors.get("scope"):  # budgets belong to the workspace defaults only
+        for key in (USER_BUDGET_KEY, WORKSPACE_BUDGET_KEY):
+            budget = _text(values, key)
+            if budget is None:
+                continue
+            digits = budget.replace(",", "").replace("_", "")
+            if not digits:
+                form[key] = None
+            elif not (digits.isascii() and digits.isdigit()) or len(digits) > 13 or int(digits) > MAX_MONTHLY_TOKENS:
+                errors[key] = BUDGET_ERROR
+            else:
+                form[key] = int(digits) or None  # 0: the default, as empty
 
     item = _value(values, "reset")
     reset = bool(

@@ -4,13 +4,16 @@ Both answer privately, in a modal: it opens at once on the shortcut's trigger (w
 lives 3 seconds) saying it is working, and is updated with the result — or with the
 clear line `describe` gives for any failure. They use the user's own settings (model,
 temperature or effort, language) and the same model slots and deadline as answers, so
-a slow model costs the modal a timeout line, never the bot.
+a slow model costs the modal a timeout line, never the bot. They count against the user's
+monthly token budget like answers (`bot.usage`): checked before the model call, and
+their tokens recorded after it.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Any
 
 import anyio
@@ -27,6 +30,7 @@ from bot.services import SlackServices
 from bot.slack.markdown import markdown_to_mrkdwn, split_markdown
 from bot.slack.transcripts import transcript
 from bot.slack.web_api import SlackAPIError
+from bot.usage import check_budget, record_usage
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +97,16 @@ async def run(services: SlackServices, kind: str, payload: dict[str, Any]) -> No
         return
     view_id = (opened.get("view") or {}).get("id")
     options = await options_for(services, user, None)
+    refused = await check_budget(services.store, options.budgets, user, now=time.time())  # never raises
     try:
-        if kind == SUMMARIZE:
-            text = await _summarize(services, options, channel, message)
+        if refused is not None:  # over budget: the line, and no model call
+            text, footer = refused.message, ""
         else:
-            text = await _translate(services, options, message)
-        footer = f"Written by `{options.model}`. Only you can see this."
+            if kind == SUMMARIZE:
+                text = await _summarize(services, options, user, channel, message)
+            else:
+                text = await _translate(services, options, user, message)
+            footer = f"Written by `{options.model}`. Only you can see this."
     except Exception as exc:
         failure = describe(SurfaceError(exc.method, exc.error) if isinstance(exc, SlackAPIError) else exc)
         log.warning("%s for %s failed: %s (%s)", kind, user, failure.kind, type(exc).__name__)
@@ -109,7 +117,9 @@ async def run(services: SlackServices, kind: str, payload: dict[str, Any]) -> No
         log.info("%s: could not show the result to %s (modal closed?): %s", kind, user, exc.error)
 
 
-async def _summarize(services: SlackServices, options: RequestOptions, channel: str, message: dict[str, Any]) -> str:
+async def _summarize(
+    services: SlackServices, options: RequestOptions, user: str, channel: str, message: dict[str, Any]
+) -> str:
     thread_ts = message.get("thread_ts") or message.get("ts")
     if not isinstance(thread_ts, str) or not thread_ts:
         return "This message has no thread to summarize."
@@ -121,17 +131,17 @@ async def _summarize(services: SlackServices, options: RequestOptions, channel: 
     text = transcript(replies, services.me)
     if not text:
         return "There is nothing to summarize in this thread yet."
-    return await _ask(services, options, SUMMARY_PROMPT, f"Summarize this conversation:\n\n{text}")
+    return await _ask(services, options, user, SUMMARY_PROMPT, f"Summarize this conversation:\n\n{text}")
 
 
-async def _translate(services: SlackServices, options: RequestOptions, message: dict[str, Any]) -> str:
+async def _translate(services: SlackServices, options: RequestOptions, user: str, message: dict[str, Any]) -> str:
     text = message.get("text")
     if not isinstance(text, str) or not text.strip():
         return "This message has no text to translate."
-    return await _ask(services, options, TRANSLATE_PROMPT.format(language=options.language), text)
+    return await _ask(services, options, user, TRANSLATE_PROMPT.format(language=options.language), text)
 
 
-async def _ask(services: SlackServices, options: RequestOptions, system: str, user_text: str) -> str:
+async def _ask(services: SlackServices, options: RequestOptions, user: str, system: str, user_text: str) -> str:
     settings = services.settings
     prompt = build_prompt(
         system,
@@ -141,17 +151,34 @@ async def _ask(services: SlackServices, options: RequestOptions, system: str, us
         reserve_for_answer=options.max_answer_tokens,
     )
     pieces: list[str] = []
-    with anyio.move_on_after(settings.async_timeout_seconds) as deadline:
-        async with services.model_slots:
-            await stream_chat(
-                services.openai,
+    tokens_in = tokens_out = 0
+    outcome = "error"  # until the stream ends: an OpenAI error raises out of here
+    try:
+        with anyio.move_on_after(settings.async_timeout_seconds) as deadline:
+            async with services.model_slots:
+                result = await stream_chat(
+                    services.openai,
+                    model=options.model,
+                    messages=prompt.messages,
+                    max_tokens=options.max_answer_tokens,
+                    temperature=options.temperature,
+                    reasoning_effort=options.reasoning_effort,
+                    idle_timeout=settings.stream_idle_timeout_seconds,
+                    on_delta=pieces.append,
+                )
+                outcome, tokens_in, tokens_out = "answered", result.prompt_tokens, result.completion_tokens
+        if deadline.cancelled_caught:
+            outcome = "timeout"
+    finally:
+        with anyio.CancelScope(shield=True):
+            await record_usage(
+                services.store,
+                user=user,
                 model=options.model,
-                messages=prompt.messages,
-                max_tokens=options.max_answer_tokens,
-                temperature=options.temperature,
-                reasoning_effort=options.reasoning_effort,
-                idle_timeout=settings.stream_idle_timeout_seconds,
-                on_delta=pieces.append,
+                outcome=outcome,
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+                now=time.time(),
             )
     if deadline.cancelled_caught:
         return timeout_notice(settings.async_timeout_seconds)

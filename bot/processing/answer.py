@@ -34,6 +34,7 @@ from bot.processing.tool_chat import chat_with_tools
 from bot.retrying import doubling, retry
 from bot.storage import StorageError
 from bot.storage.base import HistoryMessage, Outcome
+from bot.usage import OverBudget, check_budget, record_usage
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,17 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
                 opening.recorded,
                 user_text=turn.stored_text if turn is not None else msg.text,
             )
+            if progress.model_called:
+                await record_usage(
+                    services.store,
+                    user=msg.user,
+                    model=options.model,
+                    outcome=_stored(outcome),
+                    tokens_in=progress.tokens_in,
+                    tokens_out=progress.tokens_out,
+                    now=time.time(),
+                    timeout=STORE_RESERVE_SECONDS,
+                )
         services.metrics.reply_latency.labels(outcome=outcome).observe(anyio.current_time() - state.started_at)
     return outcome
 
@@ -151,6 +163,9 @@ class _Progress:
 
     turn: Turn | None = None
     finish_reason: str | None = None
+    model_called: bool = False  # a model stream was started (its tokens count, whatever the end)
+    tokens_in: int = 0  # the stream's usage (it comes at its end: 0 for a stream cut short)
+    tokens_out: int = 0
 
 
 async def _open(
@@ -200,6 +215,11 @@ async def _prepare_and_stream(
     before it returns (so that the request is recorded before it is finished)."""
     msg = state.message
     settings = services.settings
+    # Before anything is read or downloaded and before a model slot is taken; a request
+    # already running is never cut by a budget.
+    refusal = await check_budget(services.store, options.budgets, msg.user, now=time.time())
+    if refusal is not None:  # over a monthly budget: its one line, and no model call
+        raise OverBudget(refusal)
     state.stage = "loading history"
     rebuild = msg.in_existing_thread and not await services.store.thread_known(msg.thread)
     if rebuild:
@@ -232,8 +252,9 @@ async def _prepare_and_stream(
         )
     if turn.answerable:  # else only unreadable files came: their notes are the whole answer
         image_tools = ImageTools(services, state, writer, turn.images, turn.notes) if services.media else None
+        progress.model_called = True
         progress.finish_reason = await _stream_answer(
-            services, state, writer, prompt.messages, options, opening.done, image_tools
+            services, state, writer, prompt.messages, options, opening.done, progress, image_tools
         )
     await opening.done.wait()
 
@@ -259,6 +280,7 @@ async def _stream_answer(
     messages: list[ChatCompletionMessageParam],
     options: RequestOptions,
     opened: anyio.Event,
+    progress: _Progress,
     image_tools: ImageTools | None = None,
 ) -> str | None:
     """Wait for a model slot, then stream; the writer's flush task starts once the answer
@@ -293,6 +315,7 @@ async def _stream_answer(
                     ),
                 )
                 finish_reason = result.finish_reason
+                progress.tokens_in, progress.tokens_out = result.prompt_tokens, result.completion_tokens
                 services.metrics.openai_tokens.labels(model=options.model, direction="in").inc(result.prompt_tokens)
                 services.metrics.openai_tokens.labels(model=options.model, direction="out").inc(
                     result.completion_tokens

@@ -16,6 +16,7 @@ import openai
 from bot.processing.openai_chat import StreamStalled
 from bot.processing.surface import SurfaceError
 from bot.storage import StorageError
+from bot.usage import OverBudget
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ BUSY_NOTICE = (
 
 def describe(exc: BaseException) -> Failure:
     code = getattr(exc, "code", None)
+    if isinstance(exc, OverBudget):  # refused before the model call (bot.usage.check_budget)
+        return Failure("over_budget", f":no_entry_sign: {exc.refusal.message}")
     if isinstance(exc, StreamStalled):
         return Failure(
             "stalled",

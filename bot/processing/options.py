@@ -8,13 +8,14 @@ came from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bot.config import Settings
-from bot.preferences import Preferences, is_reasoning_model, load_effective
+from bot.preferences import Preferences, baseline, is_reasoning_model, load_layers, merge
 from bot.processing.context import Services
 from bot.processing.message import IncomingMessage
 from bot.storage.base import ThreadKey
+from bot.usage import Budgets, budgets_from
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class RequestOptions:
     image_size: str = "auto"  # for image generation: "auto" | "1024x1024" | "1536x1024" | "1024x1536"
     image_quality: str = "auto"  # "auto" | "low" | "medium" | "high"
     language: str = "English"  # the user's language (translations)
+    budgets: Budgets = field(default_factory=Budgets)  # monthly token budgets in force (bot.usage.check_budget)
 
 
 async def resolve_options(services: Services, msg: IncomingMessage) -> RequestOptions:
@@ -38,13 +40,15 @@ async def resolve_options(services: Services, msg: IncomingMessage) -> RequestOp
 
 
 async def options_for(services: Services, user: str, thread: ThreadKey | None) -> RequestOptions:
-    """`resolve_options` for any caller that has a user and maybe a thread (shortcuts)."""
+    """`resolve_options` for any caller that has a user and maybe a thread (shortcuts).
+    The budgets come from the same read: the workspace defaults hold them."""
     settings = services.settings
-    prefs = await load_effective(services.store, settings, user, thread)
-    return options_from(settings, prefs)
+    layers = await load_layers(services.store, user, thread)
+    prefs = merge(baseline(settings), layers.workspace, layers.user, layers.thread)
+    return options_from(settings, prefs, budgets_from(settings, layers.workspace))
 
 
-def options_from(settings: Settings, prefs: Preferences) -> RequestOptions:
+def options_from(settings: Settings, prefs: Preferences, budgets: Budgets | None = None) -> RequestOptions:
     """Pure: a temperature only for models that take one, an effort only for reasoning models."""
     reasoning = is_reasoning_model(prefs.model)
     system_prompt = settings.system_prompt
@@ -64,4 +68,5 @@ def options_from(settings: Settings, prefs: Preferences) -> RequestOptions:
         image_size=prefs.image_size,
         image_quality=prefs.image_quality,
         language=prefs.language,
+        budgets=budgets_from(settings, {}) if budgets is None else budgets,
     )

@@ -5,7 +5,17 @@ imports the rest of the bot: the bot depends on storage, never the other way rou
 
 from __future__ import annotations
 
-from bot.storage.base import HistoryMessage, InFlightRequest, Outcome, StorageError, Store, StoreClosed, ThreadKey
+from bot.storage.base import (
+    HistoryMessage,
+    InFlightRequest,
+    Outcome,
+    StorageError,
+    Store,
+    StoreClosed,
+    ThreadKey,
+    UsageSummary,
+    UsageTotal,
+)
 from bot.storage.location import locate
 from bot.storage.sql_store import SQLStore
 from bot.storage.sqlite import open_sqlite
@@ -19,6 +29,8 @@ __all__ = [
     "Store",
     "StoreClosed",
     "ThreadKey",
+    "UsageSummary",
+    "UsageTotal",
     "open_store",
 ]
 

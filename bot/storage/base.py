@@ -22,6 +22,7 @@ Several replicas may share one database. Three things make that safe:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date
 from typing import Literal, Protocol
 
 Role = Literal["user", "assistant"]
@@ -101,6 +102,35 @@ class ThreadImage:
     source: ImageSource
     label: str = ""  # what it is, for the model: "attached by the user", "you generated: a red fox"
     ts: str = ""  # Slack ts of the message it came with ("" when unknown)
+
+
+@dataclass(frozen=True)
+class UsageSummary:
+    """Requests and tokens added up over some days (and users, and models)."""
+
+    requests: int = 0
+    tokens_in: int = 0  # prompt tokens
+    tokens_out: int = 0  # completion tokens
+
+    @property
+    def tokens(self) -> int:
+        """What a budget counts: tokens in and out together."""
+        return self.tokens_in + self.tokens_out
+
+
+@dataclass(frozen=True)
+class UsageTotal:
+    """One user's use of one model over some days, every outcome together."""
+
+    user: str
+    model: str
+    requests: int
+    tokens_in: int
+    tokens_out: int
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_in + self.tokens_out
 
 
 class Store(Protocol):
@@ -213,6 +243,25 @@ class Store(Protocol):
 
     async def thread_images(self, thread: ThreadKey, *, limit: int) -> list[ThreadImage]:
         """The thread's newest `limit` images, oldest first."""
+
+    # -- usage: requests and tokens per day, user, model and outcome (budgets, `slackbot usage`) --
+
+    async def record_usage(
+        self, user: str, model: str, outcome: str, tokens_in: int, tokens_out: int, *, at: float
+    ) -> None:
+        """Add one request and its tokens to the usage of `user` with `model` on the UTC
+        day of `at` (epoch seconds), under `outcome` ("answered", "timeout"…). One upsert
+        that adds to what is there, so replicas recording at once lose nothing."""
+
+    async def usage_totals(self, since: date, until: date) -> list[UsageTotal]:
+        """Usage per user and model over the UTC days `since` ≤ day < `until`, every
+        outcome added up; the most tokens first (then user, then model)."""
+
+    async def user_usage(self, user: str, since: date, until: date) -> UsageSummary:
+        """`user`'s usage over `since` ≤ day < `until` (UTC days), every model and outcome."""
+
+    async def workspace_usage(self, since: date, until: date) -> UsageSummary:
+        """Everyone's usage over `since` ≤ day < `until` (UTC days)."""
 
     async def aclose(self) -> None:
         """Close the database; later calls raise."""

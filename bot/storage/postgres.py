@@ -147,6 +147,20 @@ MIGRATIONS: list[str] = [
         heartbeat_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # Usage and budgets: requests and tokens per UTC day, user, model and outcome.
+    """
+    CREATE TABLE usage_daily (
+        day        TEXT NOT NULL,
+        user_id    TEXT NOT NULL,
+        model      TEXT NOT NULL,
+        outcome    TEXT NOT NULL,
+        requests   BIGINT NOT NULL,
+        tokens_in  BIGINT NOT NULL,
+        tokens_out BIGINT NOT NULL,
+        PRIMARY KEY (day, user_id, model, outcome)
+    );
+    CREATE INDEX usage_daily_user ON usage_daily (user_id, day);
+    """,
 ]
 
 

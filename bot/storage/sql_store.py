@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, date, datetime
 from typing import Any, Protocol, TypeVar
 
 from bot.storage.base import (
@@ -33,11 +34,14 @@ from bot.storage.base import (
     Rating,
     ThreadImage,
     ThreadKey,
+    UsageSummary,
+    UsageTotal,
 )
 
 T = TypeVar("T")
 
 OUTCOMES = ("answered", "timeout", "error", "interrupted")
+MAX_USAGE_OUTCOME = 40  # a usage outcome is a short word ("answered", "stopped"…), not free text
 
 log = logging.getLogger(__name__)
 
@@ -449,6 +453,69 @@ class SQLStore:
 
         return await self._run("thread_images", body, write=False)
 
+    # -- usage -------------------------------------------------------------------------
+
+    async def record_usage(
+        self, user: str, model: str, outcome: str, tokens_in: int, tokens_out: int, *, at: float
+    ) -> None:
+        """One upsert that adds to the day's row: concurrent requests (on any replica)
+        each add their own, and nothing is read first that another could change."""
+        if not isinstance(outcome, str) or not 0 < len(outcome) <= MAX_USAGE_OUTCOME:
+            raise ValueError(f"outcome must be a short non-empty word, got {outcome!r}")
+        for name, value in (("tokens_in", tokens_in), ("tokens_out", tokens_out)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a whole number ≥ 0, got {value!r}")
+        day = datetime.fromtimestamp(at, UTC).date().isoformat()
+
+        def body(conn: Connection) -> None:
+            conn.execute(
+                "INSERT INTO usage_daily (day, user_id, model, outcome, requests, tokens_in, tokens_out)"
+                " VALUES (?, ?, ?, ?, 1, ?, ?)"
+                " ON CONFLICT (day, user_id, model, outcome) DO UPDATE SET"
+                " requests = usage_daily.requests + excluded.requests,"
+                " tokens_in = usage_daily.tokens_in + excluded.tokens_in,"
+                " tokens_out = usage_daily.tokens_out + excluded.tokens_out",
+                (day, user, model, outcome, tokens_in, tokens_out),
+            )
+
+        await self._run("record_usage", body)
+
+    async def usage_totals(self, since: date, until: date) -> list[UsageTotal]:
+        def body(conn: Connection) -> list[UsageTotal]:
+            rows = conn.execute(
+                "SELECT user_id, model, SUM(requests), SUM(tokens_in), SUM(tokens_out) FROM usage_daily"
+                " WHERE day >= ? AND day < ? GROUP BY user_id, model"
+                " ORDER BY SUM(tokens_in) + SUM(tokens_out) DESC, user_id, model",
+                (since.isoformat(), until.isoformat()),
+            ).fetchall()
+            return [
+                UsageTotal(user=user, model=model, requests=int(n), tokens_in=int(t_in), tokens_out=int(t_out))
+                for user, model, n, t_in, t_out in rows
+            ]
+
+        return await self._run("usage_totals", body, write=False)
+
+    async def user_usage(self, user: str, since: date, until: date) -> UsageSummary:
+        def body(conn: Connection) -> UsageSummary:
+            row = conn.execute(
+                "SELECT SUM(requests), SUM(tokens_in), SUM(tokens_out) FROM usage_daily"
+                " WHERE user_id = ? AND day >= ? AND day < ?",
+                (user, since.isoformat(), until.isoformat()),
+            ).fetchone()
+            return _summary(row)
+
+        return await self._run("user_usage", body, write=False)
+
+    async def workspace_usage(self, since: date, until: date) -> UsageSummary:
+        def body(conn: Connection) -> UsageSummary:
+            row = conn.execute(
+                "SELECT SUM(requests), SUM(tokens_in), SUM(tokens_out) FROM usage_daily WHERE day >= ? AND day < ?",
+                (since.isoformat(), until.isoformat()),
+            ).fetchone()
+            return _summary(row)
+
+        return await self._run("workspace_usage", body, write=False)
+
     async def aclose(self) -> None:
         await self.database.aclose()
 
@@ -474,6 +541,12 @@ def _in_flight(row: Sequence[Any]) -> InFlightRequest:
         owner=owner,
         user_ts=user_ts,
     )
+
+
+def _summary(row: Sequence[Any] | None) -> UsageSummary:
+    """A SUM row (NULLs when no row matched; PostgreSQL sums BIGINTs as NUMERIC)."""
+    requests, tokens_in, tokens_out = row if row is not None else (None, None, None)
+    return UsageSummary(requests=int(requests or 0), tokens_in=int(tokens_in or 0), tokens_out=int(tokens_out or 0))
 
 
 def _json_object(text: str) -> dict[str, object]:

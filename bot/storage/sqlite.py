@@ -165,6 +165,21 @@ MIGRATIONS: list[str] = [
         heartbeat_at REAL NOT NULL
     );
     """,
+    # Usage and budgets: requests and tokens per UTC day, user, model and outcome, each
+    # request added by one upsert. Only this table.
+    """
+    CREATE TABLE usage_daily (
+        day        TEXT NOT NULL,  -- the UTC date, YYYY-MM-DD
+        user_id    TEXT NOT NULL,
+        model      TEXT NOT NULL,
+        outcome    TEXT NOT NULL,
+        requests   INTEGER NOT NULL,
+        tokens_in  INTEGER NOT NULL,
+        tokens_out INTEGER NOT NULL,
+        PRIMARY KEY (day, user_id, model, outcome)
+    );
+    CREATE INDEX usage_daily_user ON usage_daily (user_id, day);
+    """,
 ]
 
 

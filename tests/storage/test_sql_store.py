@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, date, datetime
 
 import anyio
 import pytest
@@ -14,6 +15,8 @@ from bot.storage import (
     StorageError,
     StoreClosed,
     ThreadKey,
+    UsageSummary,
+    UsageTotal,
 )
 from tests.storage.conftest import Opener, lease, raw
 
@@ -404,3 +407,156 @@ async def test_a_restarted_replica_takes_back_its_own_leases_at_once(store: SQLS
     new = await store.acquire_lease(THREAD, "replica-a", ttl=600)  # replica-a, restarted
     assert new is not None and new > old
     assert await store.renew_lease(THREAD, old, ttl=600) is False  # the dead run is fenced off
+
+
+# -- usage ------------------------------------------------------------------------------
+
+# 2026-03-31 23:59:59 and 2026-04-01 00:00:00 UTC: the last second of March, the first of April.
+END_OF_MARCH = datetime(2026, 3, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+START_OF_APRIL = END_OF_MARCH + 1
+MARCH = (date(2026, 3, 1), date(2026, 4, 1))
+APRIL = (date(2026, 4, 1), date(2026, 5, 1))
+
+
+async def test_usage_adds_up_per_day_user_model_and_outcome(store: SQLStore) -> None:
+    await store.record_usage("U1", "gpt-5-mini", "answered", 100, 20, at=END_OF_MARCH)
+    await store.record_usage("U1", "gpt-5-mini", "answered", 50, 5, at=END_OF_MARCH - 3600)
+    await store.record_usage("U1", "gpt-5-mini", "timeout", 70, 0, at=END_OF_MARCH)
+    await store.record_usage("U1", "gpt-4o", "answered", 10, 1, at=END_OF_MARCH)
+    await store.record_usage("U2", "gpt-5-mini", "answered", 1000, 300, at=END_OF_MARCH)
+    await store.record_usage("U1", "gpt-5-mini", "answered", 7, 3, at=START_OF_APRIL)  # next month
+
+    # One row per (day, user, model, outcome), each holding the sums.
+    rows = await raw(
+        store,
+        "SELECT day, user_id, model, outcome, requests, tokens_in, tokens_out FROM usage_daily"
+        " ORDER BY day, user_id, model, outcome",
+    )
+    assert [tuple(int(v) if not isinstance(v, str) else v for v in row) for row in rows] == [
+        ("2026-03-31", "U1", "gpt-4o", "answered", 1, 10, 1),
+        ("2026-03-31", "U1", "gpt-5-mini", "answered", 2, 150, 25),
+        ("2026-03-31", "U1", "gpt-5-mini", "timeout", 1, 70, 0),
+        ("2026-03-31", "U2", "gpt-5-mini", "answered", 1, 1000, 300),
+        ("2026-04-01", "U1", "gpt-5-mini", "answered", 1, 7, 3),
+    ]
+
+    # Per user and model, every outcome together, the most tokens first.
+    assert await store.usage_totals(*MARCH) == [
+        UsageTotal("U2", "gpt-5-mini", requests=1, tokens_in=1000, tokens_out=300),
+        UsageTotal("U1", "gpt-5-mini", requests=3, tokens_in=220, tokens_out=25),
+        UsageTotal("U1", "gpt-4o", requests=1, tokens_in=10, tokens_out=1),
+    ]
+    assert await store.usage_totals(*APRIL) == [UsageTotal("U1", "gpt-5-mini", 1, 7, 3)]
+    assert await store.user_usage("U1", *MARCH) == UsageSummary(requests=4, tokens_in=230, tokens_out=26)
+    assert (await store.user_usage("U1", *MARCH)).tokens == 256
+    assert await store.user_usage("U1", *APRIL) == UsageSummary(1, 7, 3)
+    assert await store.workspace_usage(*MARCH) == UsageSummary(requests=5, tokens_in=1230, tokens_out=326)
+    # The bounds are days, `until` excluded.
+    assert await store.workspace_usage(date(2026, 3, 31), date(2026, 3, 31)) == UsageSummary()
+    assert await store.workspace_usage(date(2026, 3, 31), date(2026, 4, 2)) == UsageSummary(6, 1237, 329)
+
+
+async def test_no_usage_reads_as_zero(store: SQLStore) -> None:
+    assert await store.usage_totals(*MARCH) == []
+    assert await store.user_usage("U1", *MARCH) == UsageSummary(0, 0, 0)
+    assert await store.workspace_usage(*MARCH) == UsageSummary(0, 0, 0)
+
+
+async def test_bad_usage_is_refused_whole(store: SQLStore) -> None:
+    for outcome, tokens_in, tokens_out in (("", 1, 1), ("x" * 41, 1, 1), ("answered", -1, 0), ("answered", 1, 2.5)):
+        with pytest.raises(ValueError):
+            await store.record_usage("U1", "m", outcome, tokens_in, tokens_out, at=END_OF_MARCH)
+    assert await store.workspace_usage(*MARCH) == UsageSummary()
+
+
+async def test_replicas_recording_at_once_lose_nothing(reopen: Opener) -> None:
+    """The upsert adds in the database: 2 stores (replicas) × 20 concurrent requests of one
+    user, model and day, all in one row, none lost."""
+    a, b = await reopen(), await reopen()
+    try:
+
+        async def record(store: SQLStore, n: int) -> None:
+            await store.record_usage("U1", "gpt-5-mini", "answered", n, 1, at=END_OF_MARCH)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(1, 21):
+                tg.start_soon(record, a if n % 2 else b, n)
+        assert await a.user_usage("U1", *MARCH) == UsageSummary(requests=20, tokens_in=210, tokens_out=20)
+        assert await b.usage_totals(*MARCH) == [UsageTotal("U1", "gpt-5-mini", 20, 210, 20)]
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_usage_survives_a_restart(reopen: Opener) -> None:
+    store = await reopen()
+    await store.record_usage("U1", "gpt-5-mini", "answered", 5, 6, at=END_OF_MARCH)
+    await store.aclose()
+    store = await reopen()
+    try:
+        assert await store.user_usage("U1", *MARCH) == UsageSummary(1, 5, 6)
+    finally:
+        await store.aclose()
+
+
+async def test_a_database_from_before_usage_is_upgraded_in_place(engine: str, db_path: str) -> None:
+    """A database at the schema before the usage table (on either engine) keeps its data
+    and gets the table at open."""
+    if engine == "postgres":
+        import psycopg
+
+        from bot.storage.postgres import MIGRATIONS as PG_MIGRATIONS
+        from bot.storage.postgres import open_postgres
+        from tests.postgres import fresh_database
+
+        before = next(i for i, script in enumerate(PG_MIGRATIONS) if "CREATE TABLE usage_daily" in script)
+        databases = fresh_database()
+        url = next(databases)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ)")
+            for number in range(before):
+                conn.execute(PG_MIGRATIONS[number])
+                conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (number + 1,))
+            conn.execute(
+                "INSERT INTO preferences (scope, scope_key, prefs, updated_at) VALUES ('user', 'U1', '{\"a\": 1}', 0)"
+            )
+        try:
+            store = await open_postgres(url, pool_size=2)
+            try:
+                await check_upgraded(store)
+                versions = await raw(store, "SELECT max(version) FROM schema_migrations")
+                assert versions == [(len(PG_MIGRATIONS),)]
+            finally:
+                await store.aclose()
+        finally:
+            databases.close()
+        return
+
+    import os
+    import sqlite3
+
+    from bot.storage.sqlite import MIGRATIONS, open_sqlite
+
+    before = next(i for i, script in enumerate(MIGRATIONS) if "CREATE TABLE usage_daily" in script)
+    os.makedirs(os.path.dirname(db_path), exist_ok=True)
+    conn = sqlite3.connect(db_path)
+    for script in MIGRATIONS[:before]:
+        conn.executescript(script)
+    conn.execute("INSERT INTO preferences (scope, scope_key, prefs, updated_at) VALUES ('user', 'U1', '{\"a\": 1}', 0)")
+    conn.execute(f"PRAGMA user_version={before}")
+    conn.commit()
+    conn.close()
+    store = await open_sqlite(db_path, inline=engine == "sqlite-inline")
+    try:
+        await check_upgraded(store)
+        assert await raw(store, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    finally:
+        await store.aclose()
+
+
+async def check_upgraded(store: SQLStore) -> None:
+    assert (await store.load_preferences("U1", None)).user == {"a": 1}  # kept
+    assert await store.workspace_usage(*MARCH) == UsageSummary()
+    await store.record_usage("U1", "gpt-5-mini", "answered", 3, 4, at=END_OF_MARCH)
+    await store.record_usage("U1", "gpt-5-mini", "answered", 3, 4, at=END_OF_MARCH)
+    assert await store.user_usage("U1", *MARCH) == UsageSummary(2, 6, 8)
