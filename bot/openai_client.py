@@ -46,4 +46,3 @@ async def openai_client(
         ) as client,
     ):
         yield client
-

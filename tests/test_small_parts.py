@@ -55,4 +55,3 @@ def test_redaction_hides_configured_and_token_shaped_secrets():
     text = record.getMessage()
     assert "my-very-secret" not in text and "sk-live" not in text and "xoxb-999" not in text
     assert text.count("[redacted]") == 3
-
