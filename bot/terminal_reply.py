@@ -3,8 +3,8 @@ text stream (stdout) as the model writes it.
 
 Writes go through a worker thread (one at a time, in order): a terminal or pipe that
 stops reading must stall only this writer, never the event loop. Status lines
-("Thinking…") go to `status_out` (stderr) only when it is a terminal, so piped output
-is the answers alone.
+("Thinking…", or a task that began: "Reading report.pdf…") go to `status_out` (stderr)
+only when it is a terminal, so piped output is the answers alone.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import anyio
 import anyio.to_thread
 
 from bot.file_problem import FileProblem
-from bot.processing.surface import PLACEHOLDER, AttachedFile, Receipt, SurfaceError
+from bot.processing.surface import PLACEHOLDER, AttachedFile, Receipt, SurfaceError, task_status
 from bot.storage.base import HistoryMessage
 
 
@@ -31,6 +31,7 @@ class TerminalWriter:
         self._pieces: list[str] = []
         self._written = 0  # characters of the text already written
         self._status = ""
+        self._task_ids = 0
         self._dirty = anyio.Event()
         self.message_ts: list[str] = []
 
@@ -51,6 +52,15 @@ class TerminalWriter:
     def set_status(self, status: str) -> None:
         self._status = status
         self._dirty.set()
+
+    def begin_task(self, title: str) -> str:
+        """A task is its status line ("Reading report.pdf…") until the next one."""
+        self._task_ids += 1
+        self.set_status(task_status(title))
+        return f"task-{self._task_ids}"
+
+    def end_task(self, task_id: str, *, ok: bool = True) -> None:
+        """Nothing to show: the answer (or the next status) follows."""
 
     def append(self, delta: str) -> None:
         self._pieces.append(delta)

@@ -121,16 +121,10 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
         if turn is not None and turn.notes:  # files not read, documents trimmed: said under the answer
             notice = "\n".join([*turn.notes, notice]).strip()
         with anyio.CancelScope(shield=True):
-            outcome = await _finalize(
-                services,
-                state,
-                writer,
-                outcome,
-                notice,
-                detail,
-                opening.recorded,
-                user_text=turn.stored_text if turn is not None else msg.text,
-            )
+            # Before the final write, not after: the thread stays held until the request
+            # ends, and a follow-up sent as soon as the answer shows must find it free.
+            # (The outcome recorded is the one known now: an answer Slack then refuses
+            # still used its tokens.)
             if progress.model_called:
                 await record_usage(
                     services.store,
@@ -142,6 +136,16 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
                     now=time.time(),
                     timeout=STORE_RESERVE_SECONDS,
                 )
+            outcome = await _finalize(
+                services,
+                state,
+                writer,
+                outcome,
+                notice,
+                detail,
+                opening.recorded,
+                user_text=turn.stored_text if turn is not None else msg.text,
+            )
         services.metrics.reply_latency.labels(outcome=outcome).observe(anyio.current_time() - state.started_at)
     return outcome
 

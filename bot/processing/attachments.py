@@ -6,7 +6,9 @@ For each attached file (at most MAX_FILES_PER_MESSAGE, then image URLs in the te
   download) → declared size check → download (slack/files) → parse or downscale in a
   worker thread behind `MediaServices.workers`.
 Any `FileProblem` becomes one line naming the file and the reason; the rest of the
-message is still answered. The placeholder shows progress ("Reading report.pdf…").
+message is still answered. Each download-and-read is a task on the surface ("Reading
+report.pdf", "Fetching the image": a task card in Slack's native stream, else the status
+line), ended as failed when the file could not be used.
 
 What comes out (`Turn`):
 - documents as labelled blocks in the user text, trimmed together to the context
@@ -48,7 +50,7 @@ from bot.processing.documents import (
     unsupported_reason,
 )
 from bot.processing.images import PreparedImage, image_tokens, is_image_file, prepare_image
-from bot.processing.surface import PLACEHOLDER, ReplySurface
+from bot.processing.surface import PLACEHOLDER, ReplySurface, progress
 from bot.processing.tokens import count_tokens, cut_to_tokens
 from bot.storage.base import ThreadImage
 from bot.url_fetch import fetch_image
@@ -161,7 +163,7 @@ async def read_attachments(
 
     collected = _Collected()
     error: Exception | None = None
-    async with anyio.create_task_group() as tg:  # the placeholder shows progress meanwhile
+    async with anyio.create_task_group() as tg:  # the surface shows the tasks meanwhile
         tg.start_soon(writer.run)
         try:
             await _read_all(services, media, state, writer, urls, collected)
@@ -271,26 +273,26 @@ async def _read_file(
         kind = None if image else document_kind(file.name, file.mimetype, file.filetype)
         if not image and kind is None:
             raise FileProblem(unsupported_reason(file.name), "unsupported")
-        writer.set_status(f"_Reading {_clean(name)}…_")
-        state.stage = f"downloading {name}"
-        data = await writer.download_file(file, max_bytes=int(settings.max_file_mb * MB))
-        if kind is None:  # an image: a file that is neither was refused above
-            state.stage = f"processing image {name}"
-            prepared = await in_worker(media, prepare_image, data, max_pixels=settings.max_image_pixels)
-            _add_image(collected, name, prepared, "attached by the user")
-        else:
-            state.stage = f"parsing {name}"
-            document = await in_worker(
-                media,
-                extract_document,
-                name,
-                data,
-                kind,
-                _limits(services),
-                checkpoint=anyio.from_thread.check_cancelled,
-            )
-            collected.documents.append(document)
-            collected.notes.extend(_line(name, note) for note in document.notes)
+        with progress(writer, f"Reading {_clean(name)}"):  # failed if a FileProblem leaves it
+            state.stage = f"downloading {name}"
+            data = await writer.download_file(file, max_bytes=int(settings.max_file_mb * MB))
+            if kind is None:  # an image: a file that is neither was refused above
+                state.stage = f"processing image {name}"
+                prepared = await in_worker(media, prepare_image, data, max_pixels=settings.max_image_pixels)
+                _add_image(collected, name, prepared, "attached by the user")
+            else:
+                state.stage = f"parsing {name}"
+                document = await in_worker(
+                    media,
+                    extract_document,
+                    name,
+                    data,
+                    kind,
+                    _limits(services),
+                    checkpoint=anyio.from_thread.check_cancelled,
+                )
+                collected.documents.append(document)
+                collected.notes.extend(_line(name, note) for note in document.notes)
     except FileProblem as problem:
         _problem(collected, state, name, problem)
 
@@ -301,19 +303,19 @@ async def _read_url(
     settings = services.settings
     name = url if len(url) <= 80 else url[:77] + "…"
     try:
-        writer.set_status("_Fetching the image…_")
-        state.stage = "fetching an image URL"
-        fetched = await fetch_image(
-            media.url_client,
-            url,
-            max_bytes=int(settings.max_file_mb * MB),
-            timeout=settings.url_fetch_timeout_seconds,
-            allow_loopback=settings.allow_loopback_urls,
-        )
-        state.stage = "processing an image URL"
-        prepared = await in_worker(media, prepare_image, fetched.data, max_pixels=settings.max_image_pixels)
-        short = urlsplit(url).path.rsplit("/", 1)[-1] or "image"
-        _add_image(collected, short, prepared, f"from the link {url}")
+        with progress(writer, "Fetching the image"):
+            state.stage = "fetching an image URL"
+            fetched = await fetch_image(
+                media.url_client,
+                url,
+                max_bytes=int(settings.max_file_mb * MB),
+                timeout=settings.url_fetch_timeout_seconds,
+                allow_loopback=settings.allow_loopback_urls,
+            )
+            state.stage = "processing an image URL"
+            prepared = await in_worker(media, prepare_image, fetched.data, max_pixels=settings.max_image_pixels)
+            short = urlsplit(url).path.rsplit("/", 1)[-1] or "image"
+            _add_image(collected, short, prepared, f"from the link {url}")
     except FileProblem as problem:
         _problem(collected, state, name, problem)
 

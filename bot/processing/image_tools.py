@@ -7,7 +7,9 @@ downscaled for the thread's memory in a worker thread → uploaded into the thre
 (the surface's `post_image`; in Slack the upload is completed only once the bytes are up) with a short
 caption → remembered as a thread image, so "make it darker" can edit it next. The
 result sent back to the model is one sentence; what went wrong (moderation refusal,
-missing `files:write`) is also a line for the user.
+missing `files:write`) is also a line for the user. Progress is two tasks on the surface:
+"Drawing" (or "Editing the image") until a usable picture came back, then "Posting the
+image"; each ends as failed when its part did not work.
 
 The fallback rule (`decide_without_tools`), for endpoints that refuse the `tools`
 parameter: a message that starts with a drawing request ("draw …", "paint …", "sketch
@@ -36,18 +38,22 @@ from openai.types.chat import ChatCompletionFunctionToolParam
 from bot.file_problem import FileProblem
 from bot.processing.attachments import in_worker
 from bot.processing.context import RequestState, Services
-from bot.processing.images import prepare_image
+from bot.processing.images import PreparedImage, prepare_image
 from bot.processing.openai_chat import ToolCall, sdk_timeout
-from bot.processing.surface import PLACEHOLDER, ReplySurface, SurfaceError
+from bot.processing.surface import PLACEHOLDER, ReplySurface, SurfaceError, progress, task_status
 from bot.storage import StorageError
 from bot.storage.base import ThreadImage
 
 log = logging.getLogger(__name__)
 
 GENERATE, EDIT = "generate_image", "edit_image"
-DRAWING_STATUS = "_Drawing…_"
-EDITING_STATUS = "_Editing the image…_"
-UPLOADING_STATUS = "_Posting the image…_"
+DRAWING_TASK = "Drawing"
+EDITING_TASK = "Editing the image"
+UPLOADING_TASK = "Posting the image"
+# The same, as status lines (where the surface cannot show tasks).
+DRAWING_STATUS = task_status(DRAWING_TASK)  # "_Drawing…_"
+EDITING_STATUS = task_status(EDITING_TASK)
+UPLOADING_STATUS = task_status(UPLOADING_TASK)
 MAX_GENERATED_BYTES = 50 * 1024 * 1024
 
 GENERATE_TOOL: ChatCompletionFunctionToolParam = {
@@ -149,6 +155,14 @@ def _slug(prompt: str) -> str:
     return "-".join(words)[:60] or "image"
 
 
+@dataclass(frozen=True)
+class _Made:
+    """A picture the images API made: its bytes, and the downscaled copy the thread keeps."""
+
+    data: bytes
+    prepared: PreparedImage
+
+
 @dataclass
 class ImageTools:
     """One request's image tools: what they may use and which images they can see."""
@@ -186,12 +200,15 @@ class ImageTools:
 
     async def generate(self, prompt: str) -> str:
         self.state.stage = "generating an image"
-        self.writer.set_status(DRAWING_STATUS)
         images = self.services.openai.images
-        response = await self._ask("draw", lambda: images.generate(prompt=prompt[:32000], **self._options()))
-        if isinstance(response, str):
-            return response
-        return await self._post(response, prompt, f'you drew it for: "{prompt[:200]}"')
+        with progress(self.writer, DRAWING_TASK) as task:
+            made = await self._made(
+                await self._ask("draw", lambda: images.generate(prompt=prompt[:32000], **self._options()))
+            )
+            if isinstance(made, str):
+                task.fail()
+                return made
+        return await self._post(made, prompt, f'you drew it for: "{prompt[:200]}"')
 
     async def edit(self, prompt: str, number: int | None) -> str:
         if not self.images:
@@ -201,14 +218,17 @@ class ImageTools:
             return f"Error: there is no image number {number}; the images are numbered 1 to {len(self.images)}."
         source = self.images[index]
         self.state.stage = "editing an image"
-        self.writer.set_status(EDITING_STATUS)
         extension = "png" if source.mime == "image/png" else "jpg"
         image = (f"image.{extension}", source.data, source.mime)
         images = self.services.openai.images
-        response = await self._ask("edit", lambda: images.edit(image=image, prompt=prompt[:32000], **self._options()))
-        if isinstance(response, str):
-            return response
-        return await self._post(response, prompt, f'you edited {source.name} for: "{prompt[:200]}"')
+        with progress(self.writer, EDITING_TASK) as task:
+            made = await self._made(
+                await self._ask("edit", lambda: images.edit(image=image, prompt=prompt[:32000], **self._options()))
+            )
+            if isinstance(made, str):
+                task.fail()
+                return made
+        return await self._post(made, prompt, f'you edited {source.name} for: "{prompt[:200]}"')
 
     def _options(self) -> dict[str, Any]:
         """What drawing and editing both send besides the prompt: the configured model,
@@ -248,7 +268,12 @@ class ImageTools:
         )
         return "Image generation is not available right now. Tell the user briefly."
 
-    async def _post(self, response: ImagesResponse, prompt: str, label: str) -> str:
+    async def _made(self, response: ImagesResponse | str) -> _Made | str:
+        """The picture in the images API's answer, checked and downscaled; or the tool
+        result for the model when there is none (`response` is already one, or the
+        answer held no usable image: the user gets a note)."""
+        if isinstance(response, str):
+            return response
         b64 = response.data[0].b64_json if response.data else None
         try:
             if not b64:
@@ -266,26 +291,31 @@ class ImageTools:
             log.warning("request %s: the images API answer %s", self.state.request_id, problem.reason)
             self.notes.append(f":warning: The image service's answer {problem.reason}; no image was posted.")
             return f"The image service failed: its answer {problem.reason}. Tell the user briefly."
+        return _Made(data, prepared)
+
+    async def _post(self, made: _Made, prompt: str, label: str) -> str:
+        data, prepared = made.data, made.prepared
         msg = self.state.message
         filename = f"{_slug(prompt)}.png" if data[:4] == b"\x89PNG" else f"{_slug(prompt)}.{_ext(data)}"
         self.state.stage = "uploading an image"
-        self.writer.set_status(UPLOADING_STATUS)
         # No <!channel>-style mentions and no stray italics in Slack's caption.
         caption = " ".join(prompt.replace("<", "").replace(">", "").replace("_", " ").split())
         caption = caption if len(caption) <= 150 else caption[:149] + "…"
-        try:
-            await self.writer.post_image(
-                data, filename=filename, title=caption, comment=f"_{caption}_", alt_text=prompt
-            )
-        except SurfaceError as exc:
-            log.warning("request %s: could not post the image: %s", self.state.request_id, exc.code)
-            hint = (
-                " (the bot's token needs the `files:write` scope)"
-                if exc.code in ("missing_scope", "not_allowed_token_type")
-                else ""
-            )
-            self.notes.append(f":warning: I made the image but Slack refused to post it: `{exc.code}`{hint}.")
-            return f"The image was made but could not be posted in Slack ({exc.code}). Tell the user briefly."
+        with progress(self.writer, UPLOADING_TASK) as task:
+            try:
+                await self.writer.post_image(
+                    data, filename=filename, title=caption, comment=f"_{caption}_", alt_text=prompt
+                )
+            except SurfaceError as exc:
+                task.fail()
+                log.warning("request %s: could not post the image: %s", self.state.request_id, exc.code)
+                hint = (
+                    " (the bot's token needs the `files:write` scope)"
+                    if exc.code in ("missing_scope", "not_allowed_token_type")
+                    else ""
+                )
+                self.notes.append(f":warning: I made the image but Slack refused to post it: `{exc.code}`{hint}.")
+                return f"The image was made but could not be posted in Slack ({exc.code}). Tell the user briefly."
         image = ThreadImage(
             name=filename,
             mime=prepared.mime,

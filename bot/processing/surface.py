@@ -6,6 +6,13 @@ one. Besides the answer itself (start, status, the growing text, the final text)
 surface reads what the conversation platform holds: an earlier thread the bot has not
 stored, the files attached to the message, and it posts the images the bot draws.
 
+Progress: a step of the work that takes a while (reading a file, fetching an image,
+drawing) is a *task*: `begin_task("Reading report.pdf")` gives its id, `end_task(id, ok=…)`
+says how it ended, and `progress(surface, title)` wraps a block in both. How a task
+appears is the surface's business — Slack's native stream shows it as a task card (with
+the thread status as the fallback), a placeholder or a terminal as the status line
+"_Reading report.pdf…_" (`task_status`). Titles are plain text, without the "…".
+
 Errors cross this boundary as the processing layer's own types, as httpx maps httpcore's
 exceptions at its transport boundary: `SurfaceError` when the platform refused,
 `bot.file_problem.FileProblem` when one file cannot be used.
@@ -13,12 +20,20 @@ exceptions at its transport boundary: `SurfaceError` when the platform refused,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bot.storage.base import HistoryMessage
 
 PLACEHOLDER = "_Thinking…_"
+
+
+def task_status(title: str) -> str:
+    """The status line that shows a task where no task card can: "Reading report.pdf" →
+    "_Reading report.pdf…_"."""
+    return f"_{title}…_"
 
 
 class SurfaceError(Exception):
@@ -73,6 +88,14 @@ class ReplySurface(Protocol):
 
     def set_status(self, status: str) -> None: ...
 
+    def begin_task(self, title: str) -> str:
+        """Show that a step of the work has started ("Reading report.pdf": plain text,
+        no "…"); returns its id for `end_task`. Never raises, never blocks."""
+
+    def end_task(self, task_id: str, *, ok: bool = True) -> None:
+        """The step is over: done (`ok`) or failed. An unknown or already ended id is
+        ignored. Never raises, never blocks."""
+
     def append(self, delta: str) -> None: ...
 
     async def run(self) -> None:
@@ -94,3 +117,28 @@ class ReplySurface(Protocol):
 
     async def post_image(self, data: bytes, *, filename: str, title: str, comment: str, alt_text: str) -> None:
         """Post an image the bot made into the conversation. Raises SurfaceError."""
+
+
+class Task:
+    """A task `progress` shows while its block runs; `fail()` ends it as failed even
+    though the block goes on (the error was handled inside)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.id = task_id
+        self.ok = True
+
+    def fail(self) -> None:
+        self.ok = False
+
+
+@contextmanager
+def progress(surface: ReplySurface, title: str) -> Iterator[Task]:
+    """`title` shown as a task while the block runs: ended as done when the block
+    returns (unless `fail()` was called), as failed when it raises — cancellation too."""
+    task = Task(surface.begin_task(title))
+    try:
+        yield task
+    except BaseException:
+        surface.end_task(task.id, ok=False)
+        raise
+    surface.end_task(task.id, ok=task.ok)

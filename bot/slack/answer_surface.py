@@ -15,6 +15,23 @@ per request by `slack_surface` from the user's settings and NATIVE_STREAMING:
   it: there the thread status cannot show progress, only the placeholder can.
 - "final": the placeholder shows the status; the answer appears once, when finished.
 
+Progress (processing's tasks: "Reading report.pdf", "Drawing"…) shows in the native
+stream as Slack's task cards — `task_update` chunks in `chat.appendStream`, the same id
+going from "in_progress" to "complete" or "error", as Slack's assistant template does
+(docs.slack.dev chat.appendStream "chunks"; slack_sdk.models.messages.chunk.TaskUpdateChunk;
+the default `task_display_mode`, "timeline", puts each card between the text around it).
+Task chunks share appendStream's Tier-4 budget as interim calls: skipped, not queued,
+when it is low — the thread status shows the task meanwhile and the next tick sends its
+latest state; the final states go out in `chat.stopStream` itself. Slack wants one
+streaming mode per stream ("markdown_text" or "chunks"): once a chunk is in, the text
+goes as `markdown_text` chunks too; once text went as plain `markdown_text`, no chunk is
+tried in that stream. Anywhere chunks cannot go — not native, the stream given up, text
+already streamed as markdown_text, or Slack refused a chunk (`invalid_chunks`, an unknown
+argument, a mode mismatch: any refusal of a call that carried them) — tasks fall back to
+the status line ("is reading report.pdf…"), today's behaviour, for the rest of the
+answer; the text is sent again without them, never lost. Tasks that begin before the
+stream is open wait for it: the first append carries them.
+
 In every mode a finished answer gets thumbs up/down buttons (in the same final write),
 and in a DM (the App's Messages tab, where assistant threads live) — or in a channel
 thread while no message shows the answer yet — the thread shows "is thinking…" through
@@ -27,6 +44,7 @@ them, never allowed to cost the answer.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -34,7 +52,7 @@ import anyio
 from bot.config import Settings
 from bot.processing.message import IncomingMessage
 from bot.processing.options import RequestOptions
-from bot.processing.surface import AttachedFile, Receipt, SurfaceError
+from bot.processing.surface import AttachedFile, Receipt, SurfaceError, task_status
 from bot.retrying import retry
 from bot.slack.events import BotIdentity, is_dm_channel
 from bot.slack.feedback_blocks import feedback_block
@@ -53,6 +71,62 @@ EXTRA_TIMEOUT = 5.0  # bound on each best-effort call (status, title)
 TITLE_CHARS = 60
 STATUS_REFRESH_SECONDS = 90.0  # Slack drops a status after 120 s without a message
 STOP_ATTEMPTS = 3  # chat.stopStream tries before the message is taken as stuck in streaming state
+# A task card's title: Slack documents no limit for it; 256 is the limit documented for the
+# chunks' other texts (a plan_update title, a task's details and output), kept here too.
+TASK_TITLE_CHARS = 256
+# Refusals that are about the stream or the token, not about chunks (a call carrying task
+# chunks that fails with anything else is taken as a refusal of the chunks).
+STREAM_ERRORS = frozenset(
+    {
+        "message_not_in_streaming_state",
+        "message_not_found",
+        "channel_not_found",
+        "is_archived",
+        "msg_too_long",
+        "not_authed",
+        "invalid_auth",
+        "token_revoked",
+        "account_inactive",
+    }
+)
+
+
+@dataclass
+class _Task:
+    """One of processing's tasks, as the stream shows it."""
+
+    title: str
+    at: int  # characters of the answer's text when it began: its card goes there
+    order: int  # when it began, counted with set_status calls (the newest of either is the status line)
+    state: str = "in_progress"  # "in_progress", then "complete" or "error"
+    sent: str = ""  # the state Slack has for its card ("": no card yet)
+    skipped: bool = False  # its last update was skipped (budget low): the status shows it meanwhile
+
+
+def task_title(title: str) -> str:
+    """A task card's title: one line, at most TASK_TITLE_CHARS."""
+    line = " ".join(title.split()) or "Working"
+    return line if len(line) <= TASK_TITLE_CHARS else line[: TASK_TITLE_CHARS - 1] + "…"
+
+
+def task_chunk(task_id: str, title: str, status: str) -> dict[str, Any]:
+    """A `task_update` chunk (docs.slack.dev chat.appendStream "chunks"; slack_sdk's
+    TaskUpdateChunk): the id ties the updates of one card together."""
+    return {"type": "task_update", "id": task_id, "title": title, "status": status}
+
+
+def text_chunk(text: str) -> dict[str, Any]:
+    """A `markdown_text` chunk: text, in a stream that takes chunks."""
+    return {"type": "markdown_text", "text": text}
+
+
+def refuses_chunks(exc: SlackAPIError) -> bool:
+    """Did Slack answer, and refuse the call (so it did nothing), for a reason other than
+    the stream's state? For a call that carried task chunks, that is taken as a refusal of
+    the chunks: `invalid_chunks`, an unknown argument, `streaming_mode_mismatch`, …"""
+    if isinstance(exc, (SlackRateLimited, SlackSkipped)) or exc.transient:
+        return False
+    return exc.error not in STREAM_ERRORS and not exc.error.startswith(("http_error", "bad_response"))
 
 
 def assistant_status(status: str) -> str:
@@ -102,7 +176,13 @@ class SlackAnswerWriter:
         self._pieces: list[str] = []
         self._stream_ts = ""
         self._sent = 0  # characters of the (neutralized) text already in the native stream
-        self._status = PLACEHOLDER
+        self._status = PLACEHOLDER  # set by set_status; a task begun later that no card shows replaces it
+        self._status_order = 0  # when it was set (counted with the tasks' beginnings)
+        self._changes = 0
+        self._tasks: dict[str, _Task] = {}  # by id, oldest first
+        self._task_count = 0
+        self._task_cards = mode == "native"  # task chunks are still tried in this answer's stream
+        self._text_mode = ""  # how the stream took text: "" (none yet), "markdown" or "chunks"
         self._status_shown = ""
         self._status_at = -STATUS_REFRESH_SECONDS  # when the status was last sent
         self._stop_committed = False
@@ -111,6 +191,7 @@ class SlackAnswerWriter:
         self._dirty = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self.fell_back = ""  # why native streaming was given up ("" while it was not)
+        self.cards_fell_back = ""  # why task cards were given up ("" while they were not)
         self.appends_sent = 0
 
     # ---- ReplySurface ---------------------------------------------------------------
@@ -133,7 +214,7 @@ class SlackAnswerWriter:
         """Open the answer message: a native stream, else a placeholder, else nothing yet
         (the budget is low: the answer is posted when done). Raises SlackAPIError only
         when Slack refused to post."""
-        self._status = status
+        self._status = status  # (tasks begun before it still show: they are newer)
         if self.mode == "native":
             limits = self._slack.limits
             if not (limits.has_room_for("chat.startStream") and limits.has_room_for("chat.stopStream")):
@@ -142,10 +223,10 @@ class SlackAnswerWriter:
                 ts = await self._start_stream()
                 if ts:
                     self._stream_ts = ts
-                    self._dirty.set()  # the status goes out from run()
+                    self._dirty.set()  # the status (and tasks begun meanwhile) go out from run()
                     return ts
         try:
-            ts = await self._fallback.start(status)
+            ts = await self._fallback.start(self._shown_status())
         except SlackAPIError as exc:
             raise SurfaceError("posting the answer", exc.error) from None
         if not ts:
@@ -178,9 +259,48 @@ class SlackAnswerWriter:
 
     def set_status(self, status: str) -> None:
         self._status = status
+        self._changes += 1
+        self._status_order = self._changes
+        self._status_changed()
+
+    def begin_task(self, title: str) -> str:
+        """A task card in the native stream (sent by run(), with the text around it), else
+        the status line."""
+        self._task_count += 1
+        self._changes += 1
+        task_id = f"task-{self._task_count}"
+        self._tasks[task_id] = _Task(task_title(title), at=len(self.text), order=self._changes)
+        self._status_changed()
+        return task_id
+
+    def end_task(self, task_id: str, *, ok: bool = True) -> None:
+        task = self._tasks.get(task_id)
+        if task is None or task.state != "in_progress":
+            return
+        task.state = "complete" if ok else "error"
+        self._status_changed()
+
+    def _status_changed(self) -> None:
         if self.mode != "native":
-            self._fallback.set_status(status)
+            self._fallback.set_status(self._shown_status())
         self._dirty.set()
+
+    def _cards_on(self) -> bool:
+        """Tasks show as cards in the stream (else as the status line)."""
+        return self.mode == "native" and self._task_cards and self._text_mode != "markdown"
+
+    def _shown_status(self) -> str:
+        """The status line. Without cards, as set_status calls always made it: the newest
+        of the status and the tasks' lines ("_Reading report.pdf…_" from its beginning
+        until something newer). With cards, a task is in it only while it runs and its
+        card's update is held back (budget low)."""
+        cards = self._cards_on()
+        for task in reversed(self._tasks.values()):
+            if task.order < self._status_order:
+                break
+            if not cards or (task.skipped and task.state == "in_progress"):
+                return task_status(task.title)
+        return self._status
 
     def append(self, delta: str) -> None:
         self._pieces.append(delta)
@@ -205,7 +325,7 @@ class SlackAnswerWriter:
                     self._dirty = anyio.Event()
                     if not self._answer_visible():
                         await self._show_status()
-                    if self.mode == "native" and len(self.text) > self._sent:
+                    if self.mode == "native" and (len(self.text) > self._sent or self._task_updates()):
                         await self._append_native()
                     await anyio.sleep(self._interval)
         finally:
@@ -223,32 +343,13 @@ class SlackAnswerWriter:
         text = self.text
         if self.mode == "native":
             shown = neutralize_broadcasts(text)
-            final = shown[self._sent :]
-            if notice:
-                final = f"{final}\n\n{notice}" if text else notice
             if len(shown) + len(notice) + 2 > self._limit:
                 await self._stop_stream()
                 self._give_up_stream("the answer is longer than one message")
-            else:
-                try:
-                    await self._slack.call(
-                        "chat.stopStream",
-                        channel=self.channel,
-                        ts=self._stream_ts,
-                        markdown_text=final or None,
-                        blocks=[feedback_block()] if text and self._feedback else None,
-                        metadata=receipt_metadata(receipt) if receipt is not None else None,
-                    )
-                    self._release_stop()
-                    await self._clear_status()
-                    return True
-                except SlackAPIError as exc:
-                    # Did the stream stop? Slack refuses edits to a message still streaming.
-                    if exc.error == "message_not_in_streaming_state":
-                        self._stream_stopped = True
-                    else:
-                        await self._stop_stream()
-                    self._give_up_stream(f"chat.stopStream failed: {exc.error}")
+            elif await self._stop_native(text, notice, receipt):
+                self._release_stop()
+                await self._clear_status()
+                return True
         if self._stream_ts and not self._stream_stopped and not self._stop_failed and self.mode != "native":
             await self._stop_stream()  # given up mid-answer and not stopped yet: Slack refuses edits till then
         if self.mode == "final":
@@ -293,6 +394,58 @@ class SlackAnswerWriter:
 
     # ---- native streaming --------------------------------------------------------------
 
+    def _task_updates(self, *, closing: bool = False) -> list[tuple[str, _Task, str]]:
+        """(id, task, state) for each card whose state Slack does not have yet. `closing`:
+        the stream ends, so a task still running ends as "error"; once the stream has been
+        given up (no longer native) only the cards Slack already shows are closed, the
+        other tasks being in the status line by then."""
+        if not closing and not self._cards_on():
+            return []
+        if not (self._task_cards and self._text_mode != "markdown" and self._stream_ts):
+            return []
+        updates = []
+        for task_id, task in self._tasks.items():
+            state = "error" if closing and task.state == "in_progress" else task.state
+            if state != task.sent and (task.sent or not closing or self.mode == "native"):
+                updates.append((task_id, task, state))
+        return updates
+
+    def _chunks(
+        self, text: str, upto: int, updates: list[tuple[str, _Task, str]], tail: str = ""
+    ) -> tuple[list[dict[str, Any]], int]:
+        """The stream's next chunks: the text not sent yet (`text[:upto]`, neutralized,
+        then `tail`) as markdown_text chunks, with each new card where its task began in
+        that text (an update of a card Slack shows goes first: it changes the card in
+        place). Also returns the length of the neutralized text covered."""
+        shown = neutralize_broadcasts(text[:upto])
+        chunks: list[dict[str, Any]] = []
+        pos = self._sent
+        for task_id, task, state in updates:
+            if not task.sent:
+                # Where it began, in the shown text (a prefix no later text can change).
+                began = min(task.at, upto)
+                cut = min(max(len(neutralize_broadcasts(text[: stable_length(text[:began])])), pos), len(shown))
+                if cut > pos:
+                    chunks.append(text_chunk(shown[pos:cut]))
+                    pos = cut
+            chunks.append(task_chunk(task_id, task.title, state))
+        rest = shown[pos:] + tail
+        if rest:
+            chunks.append(text_chunk(rest))
+        return chunks, len(shown)
+
+    def _cards_sent(self, updates: list[tuple[str, _Task, str]]) -> None:
+        for _, task, state in updates:
+            task.sent, task.skipped = state, False
+
+    def _give_up_cards(self, why: str) -> None:
+        """No more task chunks in this answer: its tasks show in the status line."""
+        if self._task_cards:
+            log.info("task cards in %s/%s given up (%s); tasks show in the status", self.channel, self.thread_ts, why)
+            self._task_cards = False
+            self.cards_fell_back = why
+        self._status_changed()
+
     async def _append_native(self) -> None:
         text = self.text
         if len(text) > self._limit:
@@ -300,10 +453,20 @@ class SlackAnswerWriter:
             self._give_up_stream("the answer is longer than one message")
             return
         # Only the part that can no longer change: a `<!chan` cut mid-mention is held back.
-        shown = neutralize_broadcasts(text[: stable_length(text)])
-        chunk = shown[self._sent :]
-        if not chunk:
-            return
+        stable = stable_length(text)
+        updates = self._task_updates()
+        content: dict[str, Any]
+        if updates or self._text_mode == "chunks":  # a stream that takes chunks takes its text as chunks too
+            chunks, covered = self._chunks(text, stable, updates)
+            if not chunks:
+                return
+            content = {"chunks": chunks}
+        else:
+            shown = neutralize_broadcasts(text[:stable])
+            covered = len(shown)
+            if covered <= self._sent:
+                return
+            content = {"markdown_text": shown[self._sent :]}
         # Shielded (and bounded): unlike chat.update, an append is not idempotent. If this
         # task were cancelled after Slack took the chunk but before `_sent` moved on,
         # finish() would send the chunk again and the answer would show it twice.
@@ -311,14 +474,25 @@ class SlackAnswerWriter:
         with anyio.CancelScope(shield=True), anyio.move_on_after(POST_TIMEOUT) as bound:
             try:
                 await self._slack.call(
-                    "chat.appendStream", channel=self.channel, ts=self._stream_ts, markdown_text=chunk, interim=True
+                    "chat.appendStream", channel=self.channel, ts=self._stream_ts, interim=True, **content
                 )
-                self._sent += len(chunk)
+                if "chunks" in content:
+                    self._text_mode = "chunks"
+                    self._cards_sent(updates)
+                elif covered > self._sent:
+                    self._text_mode = "markdown"  # Slack keeps this stream to markdown_text now
+                self._sent = max(self._sent, covered)
                 self.appends_sent += 1
             except (SlackSkipped, SlackRateLimited):
-                self._dirty.set()  # Slack took nothing: the next tick sends the text so far
+                for _, task, _ in updates:
+                    task.skipped = True  # the status shows it until a tick gets it through
+                self._dirty.set()  # Slack took nothing: the next tick sends the text (and tasks) so far
             except SlackAPIError as exc:
-                failed = exc.error
+                if updates and refuses_chunks(exc):
+                    # Slack took nothing: the next tick sends the text again, without tasks.
+                    self._give_up_cards(f"chat.appendStream refused them: {exc.error}")
+                else:
+                    failed = exc.error
         if bound.cancelled_caught:
             failed = "no answer"  # unknown whether Slack took it: chat.update rewrites it all
         if failed:
@@ -328,6 +502,43 @@ class SlackAnswerWriter:
                 self._stream_stopped = True
             else:
                 await self._stop_stream()
+
+    async def _stop_native(self, text: str, notice: str, receipt: Receipt | None) -> bool:
+        """The final chat.stopStream: the rest of the text, `notice`, the feedback buttons,
+        the receipt and the tasks' final states (once more without those if Slack refuses
+        the chunks). False when the stream was given up: the caller carries on with
+        chat.update in the same message."""
+        tail = (f"\n\n{notice}" if text else notice) if notice else ""
+        while True:
+            updates = self._task_updates(closing=True)
+            content: dict[str, Any]
+            if updates or self._text_mode == "chunks":
+                chunks, _ = self._chunks(text, len(text), updates, tail)
+                content = {"chunks": chunks or None}
+            else:
+                content = {"markdown_text": (neutralize_broadcasts(text)[self._sent :] + tail) or None}
+            try:
+                await self._slack.call(
+                    "chat.stopStream",
+                    channel=self.channel,
+                    ts=self._stream_ts,
+                    blocks=[feedback_block()] if text and self._feedback else None,
+                    metadata=receipt_metadata(receipt) if receipt is not None else None,
+                    **content,
+                )
+            except SlackAPIError as exc:
+                if updates and refuses_chunks(exc):
+                    self._give_up_cards(f"chat.stopStream refused them: {exc.error}")
+                    continue  # the same stop, without the task chunks
+                # Did the stream stop? Slack refuses edits to a message still streaming.
+                if exc.error == "message_not_in_streaming_state":
+                    self._stream_stopped = True
+                else:
+                    await self._stop_stream()
+                self._give_up_stream(f"chat.stopStream failed: {exc.error}")
+                return False
+            self._cards_sent(updates)
+            return True
 
     async def _stop_stream(self) -> bool:
         """Take the message out of streaming state (before anything edits it); True once
@@ -351,14 +562,23 @@ class SlackAnswerWriter:
             self._release_stop()
 
     async def _stop_once(self) -> None:
-        """One chat.stopStream, bounded by POST_TIMEOUT (TimeoutError). A message that is
-        no longer streaming, or gone, counts as stopped."""
+        """One chat.stopStream, bounded by POST_TIMEOUT (TimeoutError), closing the cards
+        the stream shows (a task still running as "error": the stream is left before it
+        ends). A message that is no longer streaming, or gone, counts as stopped."""
+        updates = self._task_updates(closing=True)
+        chunks = [task_chunk(task_id, task.title, state) for task_id, task, state in updates]
         with anyio.fail_after(POST_TIMEOUT):
             try:
-                await self._slack.call("chat.stopStream", channel=self.channel, ts=self._stream_ts)
+                await self._slack.call(
+                    "chat.stopStream", channel=self.channel, ts=self._stream_ts, chunks=chunks or None
+                )
+                self._cards_sent(updates)
             except SlackAPIError as exc:
-                if exc.error not in ("message_not_in_streaming_state", "message_not_found"):
-                    raise
+                if exc.error in ("message_not_in_streaming_state", "message_not_found"):
+                    return
+                if updates and refuses_chunks(exc):
+                    self._give_up_cards(f"chat.stopStream refused them: {exc.error}")  # the next try goes without
+                raise
 
     def _release_stop(self) -> None:
         if self._stop_committed:
@@ -374,6 +594,7 @@ class SlackAnswerWriter:
         )
         self.fell_back = why
         self.mode = "update"
+        self._fallback.set_status(self._shown_status())  # tasks show in the status from now on
         if self._stream_ts:
             self._fallback.adopt(self._stream_ts, neutralize_broadcasts(self.text)[: self._sent])
         if self.text:  # what the model sent so far (it may come before the answer is open)
@@ -384,7 +605,7 @@ class SlackAnswerWriter:
     # ---- best-effort extras ----------------------------------------------------------
 
     async def _show_status(self) -> None:
-        status = assistant_status(self._status)
+        status = assistant_status(self._shown_status())
         if not self._assistant or not status:
             return
         fresh = anyio.current_time() - self._status_at < STATUS_REFRESH_SECONDS
@@ -393,8 +614,10 @@ class SlackAnswerWriter:
         await self._set_assistant_status(status)
 
     async def _clear_status(self) -> None:
+        # Not an interim call: skipped when the budget is low, it would leave "is
+        # thinking…" under the finished answer for Slack's two minutes.
         if self._assistant and self._status_shown:
-            await self._set_assistant_status("", interim=True)
+            await self._set_assistant_status("")
 
     async def _set_assistant_status(self, status: str, *, interim: bool = False) -> None:
         with anyio.move_on_after(EXTRA_TIMEOUT):

@@ -39,6 +39,15 @@ bot that breaks them fails here as it would in production:
 - Assistant status (setStatus, DMs and channel threads alike): expires 120 s after it was
   set, and clears when the app posts in the thread (postMessage with that thread_ts,
   startStream) or on status "". `visible_status` says what a user sees now.
+- Streaming chunks (`chunks` on chat.startStream / appendStream / stopStream; docs.slack.dev
+  chat.appendStream "chunks", slack_sdk.models.messages.chunk): `check_chunks` takes
+  markdown_text, task_update, plan_update and blocks chunks with their required fields, a
+  task status of pending / in_progress / complete / error, and the lengths below, else
+  `invalid_chunks`. One streaming mode per stream: "the streaming mode must be the same as
+  the one used to start the stream" (markdown_text or chunks); for a stream started empty
+  the first call that carries content sets it — the fake's reading — and the other mode is
+  `streaming_mode_mismatch`. Task states per message: `stream_tasks[(channel, ts)]`;
+  `refuse_chunks = "invalid_chunks"` (or any code) refuses every call with chunks.
 """
 
 from __future__ import annotations
@@ -78,6 +87,13 @@ MARKDOWN_BLOCKS_LIMIT = 12_000  # cumulative across all `markdown` blocks of one
 CONTEXT_ELEMENTS_LIMIT = 10
 ACTIONS_ELEMENTS_LIMIT = 25
 BUTTON_TEXT_LIMIT = 75
+# Streaming chunks. A markdown_text chunk's text shares MARKDOWN_TEXT_LIMIT with the
+# `markdown_text` argument (per call). 256 for a plan_update title and a task's details and
+# output (documented with the chunk types of Microsoft's Agents SDK for Slack); Slack gives
+# no figure for a task's title: the same 256 is assumed.
+CHUNK_TEXT_LIMIT = 256
+TASK_STATUSES = frozenset({"pending", "in_progress", "complete", "error"})
+TASK_DISPLAY_MODES = frozenset({"timeline", "plan"})  # chat.startStream task_display_mode (default timeline)
 STATUS_TTL = 120.0  # assistant.threads.setStatus: removed if no message is sent within 2 minutes
 
 # Rate limits (docs.slack.dev "Rate limits" and each method's tier; protocols.md C2, C6).
@@ -396,6 +412,12 @@ class FakeSlack:
         self.titles: dict[tuple[str, str], str] = {}  # (channel, thread_ts) -> title
         self.streaming_supported = True  # False: chat.*Stream answer unknown_method (an older Slack)
         self.stream_appends: dict[tuple[str, str], list[str]] = {}  # (channel, ts) -> appended texts
+        # Streaming chunks: (channel, ts) -> task id -> the task as its last update left it
+        # (title, status, details…), every chunk accepted in order, each task update.
+        self.stream_tasks: dict[tuple[str, str], dict[str, dict]] = {}
+        self.stream_chunks: dict[tuple[str, str], list[dict]] = {}
+        self.task_updates: list[tuple[str, str, str, str]] = []  # (channel, ts, task id, status)
+        self.refuse_chunks: str | None = None  # an error code: every call with `chunks` is refused with it
         self._triggers: dict[str, bool] = {}  # trigger_id -> used
         # Files (see "files" below)
         self.files_url = "http://slack.test"  # where url_private points; slack_server sets its own origin
@@ -918,16 +940,47 @@ class FakeSlack:
             raise SlackError("message_not_in_streaming_state")
         return message
 
-    def _stream_text(self, message: dict, args: dict) -> None:
+    def _stream_content(self, message: dict | None, args: dict) -> list[dict]:
+        """A streaming call's content, checked before anything changes: its chunks (or []),
+        the text caps, and the stream's mode (set here by the first call with content)."""
         text = args.get("markdown_text")
-        if text is None:
-            return
-        if len(text) > MARKDOWN_TEXT_LIMIT:
+        chunks: list[dict] = []
+        if "chunks" in args:
+            if self.refuse_chunks:
+                raise SlackError(self.refuse_chunks)
+            chunks = check_chunks(args["chunks"])
+        markdown = (text or "") + "".join(c["text"] for c in chunks if c["type"] == "markdown_text")
+        if len(markdown) > MARKDOWN_TEXT_LIMIT:
             raise SlackError("msg_too_long", f"markdown_text is longer than {MARKDOWN_TEXT_LIMIT} characters")
+        modes = {mode for mode, used in (("markdown_text", bool(text)), ("chunks", bool(chunks))) if used}
+        known = (message or {}).get("stream_mode")
+        if len(modes) > 1 or (known and modes and modes != {known}):
+            raise SlackError("streaming_mode_mismatch", f"this stream takes {known or 'one mode'} only")
+        if message is not None and modes:
+            message["stream_mode"] = modes.pop()
+        return chunks
+
+    def _stream_text(self, message: dict, args: dict, chunks: list[dict]) -> None:
+        """Apply a checked call: its text (the argument or markdown_text chunks) and tasks."""
+        key = (args["channel"], message["ts"])
+        texts = [args["markdown_text"]] if args.get("markdown_text") is not None else []
+        for chunk in chunks:
+            self.stream_chunks.setdefault(key, []).append(chunk)
+            if chunk["type"] == "markdown_text":
+                texts.append(chunk["text"])
+            elif chunk["type"] == "task_update":
+                fields = {k: v for k, v in chunk.items() if k not in ("type", "id")}
+                self.stream_tasks.setdefault(key, {}).setdefault(chunk["id"], {}).update(fields)
+                self.task_updates.append((key[0], key[1], chunk["id"], chunk["status"]))
+            elif chunk["type"] == "plan_update":
+                message["plan_title"] = chunk["title"]
+        if not texts:
+            return
+        text = "".join(texts)
         message["text"] += text
         message["markdown_text"] = message["text"]
-        self.stream_appends.setdefault((args["channel"], message["ts"]), []).append(text)
-        self.updates[(args["channel"], message["ts"])].append(message["text"])
+        self.stream_appends.setdefault(key, []).append(text)
+        self.updates[key].append(message["text"])
 
     def _start_stream(self, args: dict) -> dict:
         if not self.streaming_supported:
@@ -941,6 +994,9 @@ class FakeSlack:
             raise SlackError(
                 "missing_recipient_team_id" if args.get("recipient_user_id") else "missing_recipient_user_id"
             )
+        mode = args.get("task_display_mode")
+        if mode is not None and mode not in TASK_DISPLAY_MODES:
+            raise SlackError("invalid_arguments", "task_display_mode must be timeline or plan")
         message = {
             "type": "message",
             "ts": self._next_ts(),
@@ -951,11 +1007,11 @@ class FakeSlack:
             "text": "",
             "thread_ts": str(args["thread_ts"]),
             "streaming": True,
+            "task_display_mode": mode or "timeline",
         }
-        if len(args.get("markdown_text") or "") > MARKDOWN_TEXT_LIMIT:  # refused before anything is stored
-            raise SlackError("msg_too_long", f"markdown_text is longer than {MARKDOWN_TEXT_LIMIT} characters")
+        chunks = self._stream_content(message, args)  # refused before anything is stored
         self._store(channel, message)
-        self._stream_text(message, args)
+        self._stream_text(message, args, chunks)
         self._clear_status(str(channel), message["thread_ts"])
         return {"channel": channel, "ts": message["ts"]}
 
@@ -963,14 +1019,16 @@ class FakeSlack:
         message = self._streaming_message(args)
         if not args.get("markdown_text") and not args.get("chunks"):
             raise SlackError("invalid_arguments")
-        self._stream_text(message, args)
+        chunks = self._stream_content(message, args)
+        self._stream_text(message, args, chunks)
         return {"channel": args["channel"], "ts": message["ts"]}
 
     def _stop_stream(self, args: dict) -> dict:
         message = self._streaming_message(args)
         blocks = _check_blocks(args["blocks"], MESSAGE_BLOCKS_LIMIT, message=True) if args.get("blocks") else None
+        chunks = self._stream_content(message, args)
         self._set_metadata(message, args)
-        self._stream_text(message, args)
+        self._stream_text(message, args, chunks)
         if blocks is not None:
             message["blocks"] = blocks
         message["streaming"] = False
@@ -1606,6 +1664,56 @@ def _check_button(element: object, where: str) -> None:
         and len(_text_of(element.get("text"))) > BUTTON_TEXT_LIMIT
     ):
         raise SlackError("invalid_blocks", f"{where}: button text must be at most {BUTTON_TEXT_LIMIT} characters")
+
+
+def check_chunks(chunks: object) -> list[dict]:
+    """The `chunks` of a chat.*Stream call as Slack documents them (docs.slack.dev
+    chat.appendStream "chunks"; the models of slack_sdk.models.messages.chunk), or
+    SlackError("invalid_chunks") naming what is wrong."""
+
+    def bad(what: str) -> SlackError:
+        return SlackError("invalid_chunks", what)
+
+    def text(chunk: dict, key: str, *, required: bool, limit: int | None = CHUNK_TEXT_LIMIT) -> None:
+        value = chunk.get(key)
+        if value is None and not required:
+            return
+        if not isinstance(value, str) or (required and not value.strip()):
+            raise bad(f"{chunk.get('type')} chunk needs a non-empty string `{key}`")
+        if limit is not None and len(value) > limit:
+            raise bad(f"{chunk.get('type')} chunk `{key}` is longer than {limit} characters")
+
+    if not isinstance(chunks, list):
+        raise bad("chunks must be an array")
+    for chunk in chunks:
+        if not isinstance(chunk, dict):
+            raise bad("each chunk must be an object")
+        kind = chunk.get("type")
+        if kind == "markdown_text":
+            if not isinstance(chunk.get("text"), str):
+                raise bad("markdown_text chunk needs a string `text`")
+        elif kind == "task_update":
+            text(chunk, "id", required=True, limit=None)
+            text(chunk, "title", required=True)
+            if chunk.get("status") not in TASK_STATUSES:
+                raise bad(f"task_update status must be one of {sorted(TASK_STATUSES)}")
+            text(chunk, "details", required=False)
+            text(chunk, "output", required=False)
+            sources = chunk.get("sources")
+            if sources is not None and (
+                not isinstance(sources, list)
+                or not all(
+                    isinstance(x, dict) and x.get("type") == "url" and x.get("url") and x.get("text") for x in sources
+                )
+            ):
+                raise bad("task_update sources are url elements with a url and a text")
+        elif kind == "plan_update":
+            text(chunk, "title", required=True)
+        elif kind == "blocks":
+            _check_blocks(chunk.get("blocks"), MESSAGE_BLOCKS_LIMIT, message=True)
+        else:
+            raise bad(f"unknown chunk type {kind!r}")
+    return chunks
 
 
 def _check_blocks(blocks: object, limit: int, *, message: bool) -> list:

@@ -1,6 +1,7 @@
 """The rules FakeSlack enforces because Slack documents them (docs.slack.dev method
 reference; shared/docs/protocols.md C2, C4, C5, C6): workspace-wide rate limits per
-method, streaming state, text and block caps, the assistant status lifetime.
+method, streaming state, text and block caps, the assistant status lifetime, streaming
+chunks (their shapes, one streaming mode per stream, the task states kept per message).
 
 These drive the fake directly over HTTP (no bot code), so a failure here is a bug in the
 fake, not in the bot. Tests that wait a few seconds run on real time on both backends;
@@ -17,13 +18,16 @@ import httpx2
 import pytest
 
 from tests.fakes.slack import (
+    CHUNK_TEXT_LIMIT,
     METHOD_TIERS,
     POST_MESSAGE_BURST,
     POST_MESSAGE_PER_SECOND,
     STATUS_TTL,
     TIER_PER_MINUTE,
     FakeSlack,
+    SlackError,
     burst_for,
+    check_chunks,
     default_limit,
 )
 
@@ -498,3 +502,207 @@ async def test_status_expires_after_two_minutes_without_a_message():
         await ok(http, "assistant.threads.setStatus", channel_id="D1", thread_ts="1.000001", status="still going")
         assert fake.visible_status("D1", "1.000001") == "still going"
     assert fake.status_log[-1][3] - set_at == pytest.approx(STATUS_TTL)
+
+
+# ---------------------------------------------------------------- streaming chunks
+
+
+def _task(task_id: str = "t1", status: str = "in_progress", **extra) -> dict:
+    return {"type": "task_update", "id": task_id, "title": "Reading report.pdf", "status": status, **extra}
+
+
+async def test_task_chunks_update_one_card_per_id_and_text_chunks_add_text():
+    """As Slack's assistant template streams them: a card per task id, changed in place by
+    later updates of the same id; markdown_text chunks are the message's text."""
+    fake = FakeSlack()
+    parent = fake.add_user_message("D1", "U1", "question")
+    async with slack_client(fake) as http:
+        ts = (
+            await ok(
+                http,
+                "chat.startStream",
+                channel="D1",
+                thread_ts=parent,
+                task_display_mode="plan",
+                chunks=[{"type": "plan_update", "title": "Reading the files"}, _task()],
+            )
+        )["ts"]
+        await ok(http, "chat.appendStream", channel="D1", ts=ts, chunks=[_task(status="complete", output="3 pages")])
+        await ok(http, "chat.appendStream", channel="D1", ts=ts, chunks=[{"type": "markdown_text", "text": "Hel"}])
+        await ok(
+            http,
+            "chat.stopStream",
+            channel="D1",
+            ts=ts,
+            chunks=[_task("t2", "error"), {"type": "markdown_text", "text": "lo"}],
+            blocks=[{"type": "context", "elements": [{"type": "mrkdwn", "text": "sources"}]}],
+        )
+    assert fake.visible_text("D1", ts) == "Hello\nsources"
+    assert fake.stream_tasks[("D1", ts)] == {
+        "t1": {"title": "Reading report.pdf", "status": "complete", "output": "3 pages"},
+        "t2": {"title": "Reading report.pdf", "status": "error"},
+    }
+    assert [u[2:] for u in fake.task_updates] == [("t1", "in_progress"), ("t1", "complete"), ("t2", "error")]
+    assert [c["type"] for c in fake.stream_chunks[("D1", ts)]] == [
+        "plan_update",
+        "task_update",
+        "task_update",
+        "markdown_text",
+        "task_update",
+        "markdown_text",
+    ]
+    message = fake.messages["D1"][-1]
+    assert (message["plan_title"], message["task_display_mode"]) == ("Reading the files", "plan")
+    assert fake.stream_appends[("D1", ts)] == ["Hel", "lo"]
+
+
+@pytest.mark.parametrize(
+    ("chunks", "why"),
+    [
+        ({"type": "markdown_text", "text": "x"}, "an array"),
+        (["text"], "object"),
+        ([{"type": "card", "title": "x"}], "unknown chunk type"),
+        ([{"text": "no type"}], "unknown chunk type"),
+        ([{"type": "markdown_text", "text": 7}], "string `text`"),
+        ([{"type": "task_update", "title": "x", "status": "complete"}], "`id`"),
+        ([{"type": "task_update", "id": "t1", "status": "complete"}], "`title`"),
+        ([_task(title=" ")], "`title`"),
+        ([_task(status="done")], "status must be one of"),
+        ([{k: v for k, v in _task().items() if k != "status"}], "status must be one of"),
+        ([_task(title="t" * (CHUNK_TEXT_LIMIT + 1))], "longer than 256"),
+        ([_task(details="d" * (CHUNK_TEXT_LIMIT + 1))], "longer than 256"),
+        ([_task(output="o" * (CHUNK_TEXT_LIMIT + 1))], "longer than 256"),
+        ([_task(sources=[{"type": "url", "url": "https://example.com"}])], "sources"),
+        ([{"type": "plan_update"}], "`title`"),
+        ([{"type": "plan_update", "title": "p" * (CHUNK_TEXT_LIMIT + 1)}], "longer than 256"),
+        ([{"type": "blocks", "blocks": [{"type": "header", "text": {"type": "plain_text", "text": "h" * 151}}]}], ""),
+    ],
+)
+@pytest.mark.parametrize("method", ["chat.startStream", "chat.appendStream", "chat.stopStream"])
+async def test_bad_chunks_are_refused_and_change_nothing(method, chunks, why):
+    fake = FakeSlack()
+    parent = fake.add_user_message("D1", "U1", "question")
+    async with slack_client(fake) as http:
+        args: dict = {"channel": "D1", "chunks": chunks}
+        if method == "chat.startStream":
+            args["thread_ts"] = parent
+        else:
+            args["ts"] = (await ok(http, "chat.startStream", channel="D1", thread_ts=parent))["ts"]
+        status, body, _ = await call(http, method, **args)
+    assert status == 200 and body["error"] in ("invalid_chunks", "invalid_blocks"), body
+    assert why in " ".join(body.get("response_metadata", {}).get("messages", []))
+    assert fake.stream_tasks == {} and fake.stream_chunks == {}
+    if method == "chat.startStream":
+        assert [m["ts"] for m in fake.messages["D1"]] == [parent]  # nothing was posted
+    else:
+        assert fake.is_streaming("D1", args["ts"])  # a refused stop leaves the stream open
+
+
+def test_chunk_limits_are_inclusive():
+    at_limit = "x" * CHUNK_TEXT_LIMIT
+    chunks = [_task(title=at_limit, details=at_limit, output=at_limit), {"type": "plan_update", "title": at_limit}]
+    assert check_chunks(chunks) is chunks
+    with pytest.raises(SlackError):
+        check_chunks([_task(title=at_limit + "x")])
+
+
+async def test_text_in_chunks_shares_the_markdown_text_cap():
+    fake = FakeSlack()
+    parent = fake.add_user_message("D1", "U1", "question")
+    text = {"type": "markdown_text", "text": "a" * 6_000}
+    async with slack_client(fake) as http:
+        ts = (await ok(http, "chat.startStream", channel="D1", thread_ts=parent))["ts"]
+        await ok(http, "chat.appendStream", channel="D1", ts=ts, chunks=[text, text, _task()])  # 12,000 in all
+        status, body, _ = await call(
+            http, "chat.appendStream", channel="D1", ts=ts, chunks=[text, {**text, "text": "a" * 6_001}, _task("t2")]
+        )
+    assert (status, body["error"]) == (200, "msg_too_long")
+    assert list(fake.stream_tasks[("D1", ts)]) == ["t1"]  # the refused call changed nothing
+    assert len(fake.visible_text("D1", ts)) == 12_000
+
+
+async def test_one_streaming_mode_per_stream():
+    """A stream started with markdown_text takes markdown_text only, one started with
+    chunks takes chunks only (chat.stopStream's text too); an empty start leaves the mode
+    to the first call that carries content. Blocks and metadata are not content."""
+    fake = FakeSlack()
+    parent = fake.add_user_message("D1", "U1", "question")
+    text = {"type": "markdown_text", "text": "more"}
+    async with slack_client(fake) as http:
+        by_text = (await ok(http, "chat.startStream", channel="D1", thread_ts=parent, markdown_text="Hi"))["ts"]
+        assert await error(http, "chat.appendStream", channel="D1", ts=by_text, chunks=[_task()]) == (
+            "streaming_mode_mismatch"
+        )
+        await ok(http, "chat.appendStream", channel="D1", ts=by_text, markdown_text=" there")
+        by_chunks = (await ok(http, "chat.startStream", channel="D1", thread_ts=parent, chunks=[_task()]))["ts"]
+        assert await error(http, "chat.appendStream", channel="D1", ts=by_chunks, markdown_text="x") == (
+            "streaming_mode_mismatch"
+        )
+        assert await error(http, "chat.stopStream", channel="D1", ts=by_chunks, markdown_text="x") == (
+            "streaming_mode_mismatch"
+        )
+        await ok(http, "chat.appendStream", channel="D1", ts=by_chunks, chunks=[text])
+        empty = (await ok(http, "chat.startStream", channel="D1", thread_ts=parent))["ts"]
+        assert await error(http, "chat.appendStream", channel="D1", ts=empty, markdown_text="x", chunks=[text]) == (
+            "streaming_mode_mismatch"
+        )
+        await ok(http, "chat.appendStream", channel="D1", ts=empty, chunks=[_task()])
+        assert await error(http, "chat.appendStream", channel="D1", ts=empty, markdown_text="x") == (
+            "streaming_mode_mismatch"
+        )
+        blocks = [{"type": "context", "elements": [{"type": "mrkdwn", "text": "done"}]}]
+        await ok(http, "chat.stopStream", channel="D1", ts=empty, blocks=blocks, chunks=[])
+        await ok(http, "chat.stopStream", channel="D1", ts=by_text, markdown_text="!")
+    assert fake.visible_text("D1", by_text) == "Hi there!"
+    assert fake.visible_text("D1", by_chunks) == "more"
+    assert fake.visible_text("D1", empty) == "done"
+
+
+@pytest.mark.parametrize("code", ["invalid_chunks", "invalid_arguments"])
+async def test_chunks_can_be_refused_altogether(code):
+    fake = FakeSlack()
+    fake.refuse_chunks = code
+    parent = fake.add_user_message("D1", "U1", "question")
+    async with slack_client(fake) as http:
+        assert await error(http, "chat.startStream", channel="D1", thread_ts=parent, chunks=[_task()]) == code
+        ts = (await ok(http, "chat.startStream", channel="D1", thread_ts=parent))["ts"]
+        assert await error(http, "chat.appendStream", channel="D1", ts=ts, chunks=[_task()]) == code
+        await ok(http, "chat.appendStream", channel="D1", ts=ts, markdown_text="text still streams")
+        assert await error(http, "chat.stopStream", channel="D1", ts=ts, chunks=[]) == code
+        await ok(http, "chat.stopStream", channel="D1", ts=ts)
+    assert fake.visible_text("D1", ts) == "text still streams"
+    assert fake.stream_tasks == {}
+
+
+async def test_task_display_mode_is_timeline_or_plan():
+    fake = FakeSlack()
+    parent = fake.add_user_message("D1", "U1", "question")
+    async with slack_client(fake) as http:
+        assert (
+            await error(http, "chat.startStream", channel="D1", thread_ts=parent, task_display_mode="grid")
+            == "invalid_arguments"
+        )
+        await ok(http, "chat.startStream", channel="D1", thread_ts=parent)
+        await ok(http, "chat.startStream", channel="D1", thread_ts=parent, task_display_mode="timeline")
+    assert [m.get("task_display_mode") for m in fake.messages["D1"][1:]] == ["timeline", "timeline"]
+
+
+def test_the_chunks_slack_sdk_builds_pass_and_ours_are_its_models():
+    """slack_sdk's own chunk models (what Bolt apps send) are accepted as they serialize,
+    and the fake's notion of a chunk matches theirs field for field."""
+    chunk_models = pytest.importorskip("slack_sdk.models.messages.chunk")
+    built = [
+        chunk_models.MarkdownTextChunk(text="Hello").to_dict(),
+        chunk_models.PlanUpdateChunk(title="Thinking").to_dict(),
+        chunk_models.TaskUpdateChunk(
+            id="t1",
+            title="Reading report.pdf",
+            status="complete",
+            details="3 pages",
+            output="done",
+            sources=[{"type": "url", "url": "https://example.com", "text": "example"}],
+        ).to_dict(),
+    ]
+    assert check_chunks(built) == built
+    for chunk in [_task(), _task(status="error"), {"type": "markdown_text", "text": "x"}]:
+        assert chunk_models.Chunk.parse(chunk).to_dict() == chunk

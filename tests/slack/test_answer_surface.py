@@ -48,6 +48,7 @@ async def test_dm_answer_streams_natively_with_status_title_and_feedback(slack, 
 async def test_an_answer_posted_when_done_leaves_the_status_for_slack_to_clear(slack, ai):
     """With chat.update's budget spent, the answer is posted when done: that reply clears
     the thread status on Slack's side, so the bot does not spend a call clearing it."""
+    ai.enqueue(Behaviour(text="Echo: budget is low", latency=0.5))  # long enough for a status to show
     async with running_bot(slack, ai, native_streaming=False) as bot:
         bucket = bot.services.slack.limits.bucket("chat.update")
         while bucket.available():
