@@ -140,16 +140,7 @@ async def record_late(store: Store, gates: ThreadGates, unrecorded: dict[str, Un
             if hold is None:
                 continue
             try:
-                closed = await store.finish_request(
-                    late.request_id,
-                    fence=hold.fence,
-                    outcome=late.outcome,
-                    user_text=late.user_text,
-                    user_ts=late.user_ts,
-                    reply_text=late.reply_text,
-                    finished_at=late.finished_at,
-                    detail=late.detail,
-                )
+                closed = await late.record(store, fence=hold.fence)
             except StorageError:
                 # Each try holds the thread's lease until it expires (giving it back fails
                 # too): after a few, leave the request to a takeover, which finds its receipt.

@@ -425,16 +425,7 @@ async def _record_outcome(
     )
 
     async def record() -> None:
-        closed = await services.store.finish_request(
-            late.request_id,
-            fence=state.fence,
-            outcome=late.outcome,
-            user_text=late.user_text,
-            user_ts=late.user_ts,
-            reply_text=late.reply_text,
-            finished_at=late.finished_at,
-            detail=late.detail,
-        )
+        closed = await late.record(services.store, fence=state.fence)
         state.unrecorded = None
         if not closed:
             # Fenced off: another replica took the thread over (and stored its own outcome).

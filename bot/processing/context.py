@@ -63,6 +63,20 @@ class UnrecordedOutcome:
     detail: str
     late_attempts: int = 0  # tries to record it late that storage refused (see bot.replica.record_late)
 
+    async def record(self, store: Store, *, fence: int) -> bool:
+        """Close the request in storage with this outcome, under the lease `fence`
+        (`Store.finish_request`: False when it was no longer in flight or fenced off)."""
+        return await store.finish_request(
+            self.request_id,
+            fence=fence,
+            outcome=self.outcome,
+            user_text=self.user_text,
+            user_ts=self.user_ts,
+            reply_text=self.reply_text,
+            finished_at=self.finished_at,
+            detail=self.detail,
+        )
+
 
 @dataclass
 class RequestState:
