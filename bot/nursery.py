@@ -25,6 +25,7 @@ import signal
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import anyio
 
@@ -40,9 +41,13 @@ from bot.services import SlackServices
 from bot.slack.answer_surface import slack_surface
 from bot.slack.events import IncomingMessage, Skip, StopRequest, parse_event, parse_stop
 from bot.slack.receipts import answers_message, reply_payload
+from bot.slack.reply import fallback_text
 from bot.slack.socket_mode import Envelope, SocketModeReader
+from bot.slack.try_again import TryAgain, after_click, find_question, notice_blocks, parse_try_again
+from bot.slack.web_api import SlackAPIError
 from bot.slack.websocket import Connector
 from bot.storage import StorageError
+from bot.storage.base import ThreadKey
 from bot.thread_gates import Hold, ThreadGates
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,8 @@ CLAIM_ATTEMPTS = 3  # claim_event tries, 0.1 s then 0.2 s apart, before in-memor
 # With storage out of reach, whether another replica answers a message (its twin event,
 # a redelivery) is unknown: its thread is looked at this long after, before saying so.
 STORAGE_NOTE_GRACE = 5.0
+TRY_AGAIN_LOOK_SECONDS = 20.0  # reading the thread for the message to try again
+TRY_AGAIN_SETTLE_SECONDS = 5.0  # waiting for the failed request to give its thread back
 STORAGE_NOTE_LOOK_SECONDS = 30.0  # for that look (its budget is Tier 3, and many may be waiting)
 
 
@@ -217,6 +224,10 @@ class Nursery:
         if stop is not None:  # the Stop button: about a request of ours, so handled here
             self.stop_request(stop)
             return
+        click = parse_try_again(envelope.type, envelope.payload)
+        if click is not None:  # "Try again" under a failure notice: a message to run again
+            await self.try_again(click)
+            return
         if self.ux.wants(envelope):  # slash commands, interactions, App Home, assistant threads
             await self.ux.handle(envelope)
             return
@@ -236,6 +247,11 @@ class Nursery:
                 envelope.retry_attempt,
             )
             return
+        await self._serve(msg)
+
+    async def _serve(self, msg: IncomingMessage) -> None:
+        """A new message (or one to try again): access control, the thread's gate (the
+        busy reply if it is taken), then the request."""
         if msg.kind == "thread_followup" and not await self._thread_known(msg):
             log.debug("message %s in a thread the bot is not part of; skipped", msg.ts)
             return
@@ -329,6 +345,90 @@ class Nursery:
         state.scope.cancel()
         return state
 
+    async def try_again(self, click: TryAgain) -> None:
+        """ "Try again" under a failure notice: the question is read from its thread and
+        run as the new message it was (same gate, deadline and settings), once per notice
+        (the click is claimed in storage, so a second click, a redelivery or another
+        replica does nothing), and only for the user who asked it."""
+        if not click.asked_ts:
+            log.warning("a Try again click without its channel, message, user or value; ignored")
+            return
+        question = await self._find_question(click)
+        if question is None:
+            return
+        if question.get("user") != click.user:
+            asker = question.get("user")
+            await self._ephemeral(click, f"Only <@{asker}> can ask for another answer to their message.")
+            return
+        event = {**question, "type": "message", "channel": click.channel}
+        parsed = parse_event({"event_id": f"try-again:{click.claim_key}", "event": event}, self.services.me)
+        if isinstance(parsed, Skip):
+            log.warning(
+                "Try again on %s/%s: not a message to answer (%s)", click.channel, click.asked_ts, parsed.reason
+            )
+            return
+        if not await self.ux.first("try_again", click.claim_key):
+            log.info("Try again on notice %s/%s: already used; ignored", click.channel, click.notice_ts)
+            await self._ephemeral(click, "This was tried again already: the new answer is in the thread.")
+            return
+        log.info("Try again: %s asks again in %s (message %s)", click.user, parsed.thread, parsed.ts)
+        await self._used(click)
+        await self._closed(parsed.thread)
+        await self._serve(parsed)
+
+    async def _closed(self, thread: ThreadKey) -> None:
+        """A click can come as soon as the notice shows, while the request that wrote it
+        still holds the thread (recording its outcome, giving its lease back): wait for
+        that, bounded, rather than give the busy reply. A request still running there
+        is not waited for: the retry gets the busy reply, as a new message would."""
+
+        def closing() -> bool:
+            here = [s for s in self.active.values() if s.message.thread == thread]
+            return self.gates.busy(thread) and all(s.stage == "finishing" for s in here)
+
+        with anyio.move_on_after(TRY_AGAIN_SETTLE_SECONDS):
+            while closing():  # noqa: ASYNC110 (polled: the gate has no event to wait on)
+                await anyio.sleep(0.05)
+
+    async def _find_question(self, click: TryAgain) -> dict[str, Any] | None:
+        """The message to try again, from its thread (bounded); None, with a line to the
+        user, when it cannot be read or is gone."""
+        replies: list[dict[str, Any]] | None = None
+        with anyio.move_on_after(TRY_AGAIN_LOOK_SECONDS):
+            try:
+                replies = await self.services.slack.thread_replies(click.channel, click.thread_ts)
+            except SlackAPIError as exc:
+                log.warning("Try again: cannot read thread %s/%s: %s", click.channel, click.thread_ts, exc.error)
+        if replies is None:
+            await self._ephemeral(click, "I could not read this thread just now. Please press Try again in a moment.")
+            return None
+        question = find_question(replies, click.asked_ts)
+        if question is None:
+            await self._ephemeral(click, "The message to answer is no longer in this thread.")
+        return question
+
+    async def _used(self, click: TryAgain) -> None:
+        """Edit the button away from the notice, saying who asked (bounded, never raising)."""
+        blocks = after_click(click.blocks, click.user)
+        if blocks is None:
+            return
+        with anyio.move_on_after(10):
+            try:
+                await self.services.slack.update_message(
+                    click.channel, click.notice_ts, blocks=blocks, text=click.text or None
+                )
+            except SlackAPIError as exc:
+                log.warning("Try again: could not update notice %s/%s: %s", click.channel, click.notice_ts, exc.error)
+
+    async def _ephemeral(self, click: TryAgain, text: str) -> None:
+        with anyio.move_on_after(10):
+            try:
+                await self.services.slack.call(
+                    "chat.postEphemeral", channel=click.channel, user=click.user, thread_ts=click.thread_ts, text=text
+                )
+            except SlackAPIError as exc:
+                log.warning("could not tell %s in %s: %s", click.user, click.channel, exc.error)
+
     async def _first_time(self, msg: IncomingMessage) -> bool:
         if not self.recent.add_all(msg.dedupe_keys, anyio.current_time()):
             return False
@@ -399,11 +499,16 @@ class Nursery:
         await self._notice(msg, BUSY_NOTICE, "busy reply")
 
     async def _notice(self, msg: IncomingMessage, text: str, what: str) -> None:
-        """Post `text` in the message's thread, bounded (10 s) and never raising."""
+        """Post `text` in the message's thread, with "Try again" for the message, bounded
+        (10 s) and never raising."""
         with anyio.move_on_after(10):
             try:
                 await self.services.slack.post_message(
-                    msg.channel, msg.thread_ts, markdown_text=text, payload=reply_payload(msg.ts)
+                    msg.channel,
+                    msg.thread_ts,
+                    blocks=notice_blocks(text, msg.ts),
+                    text=fallback_text(text),
+                    payload=reply_payload(msg.ts),
                 )
             except Exception as exc:
                 log.warning("could not post the %s in %s: %s", what, msg.thread, exc)

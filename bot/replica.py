@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from typing import Any
 
 import anyio
 
@@ -36,6 +37,7 @@ from bot.processing.failures import INTERRUPTED_NOTICE
 from bot.processing.surface import Receipt
 from bot.slack.receipts import Delivered, find_delivered, receipt_metadata, receipt_payload
 from bot.slack.reply import fallback_text
+from bot.slack.try_again import notice_blocks
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackWebAPI
 from bot.storage import InFlightRequest, StorageError, Store
 from bot.thread_gates import ThreadGates
@@ -296,7 +298,7 @@ async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> bool:
     channel is gone); False when Slack did not take it in time or failed for now: the
     request then stays in flight for the next sweep."""
     channel = req.thread.channel
-    receipt = Receipt(req.request_id, "interrupted", req.user_ts)
+    receipt = Receipt(req.request_id, "interrupted", req.user_ts, try_again=bool(req.user_ts))
     shown = False
     with anyio.move_on_after(NOTICE_SECONDS):
         try:
@@ -304,7 +306,11 @@ async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> bool:
                 await _mark_interrupted(slack, channel, req.placeholder_ts, receipt)
             else:
                 await slack.post_message(
-                    channel, req.thread.thread_ts, markdown_text=INTERRUPTED_NOTICE, payload=receipt_payload(receipt)
+                    channel,
+                    req.thread.thread_ts,
+                    blocks=_notice_blocks(receipt),
+                    text=fallback_text(INTERRUPTED_NOTICE),
+                    payload=receipt_payload(receipt),
                 )
             shown = True
         except SlackAPIError as exc:
@@ -341,7 +347,14 @@ async def _edit_to_notice(slack: SlackWebAPI, channel: str, ts: str, receipt: Re
     await slack.update_message(
         channel,
         ts,
-        blocks=[{"type": "markdown", "text": INTERRUPTED_NOTICE}],
+        blocks=_notice_blocks(receipt),
         text=fallback_text(INTERRUPTED_NOTICE),
         metadata=receipt_metadata(receipt) if receipt is not None else None,
     )
+
+
+def _notice_blocks(receipt: Receipt | None) -> list[dict[str, Any]]:
+    """The interrupted notice in a markdown block, with "Try again" for the question."""
+    if receipt is not None and receipt.try_again:
+        return notice_blocks(INTERRUPTED_NOTICE, receipt.reply_to)
+    return [{"type": "markdown", "text": INTERRUPTED_NOTICE}]

@@ -373,3 +373,17 @@ async def test_every_view_and_message_the_running_bot_sends(slack):
     sent = [m for m, a in slack.calls if a.get("view") or a.get("blocks")]
     assert checked == len(sent) and checked >= 10
     assert {"views.open", "views.update", "views.publish", "chat.stopStream"} <= set(sent)
+
+
+def test_try_again_blocks_fit():
+    from bot.slack.try_again import after_click, notice_blocks, try_again_block
+
+    ts = "1700000000.000100"
+    check_message([try_again_block(ts)])
+    notice = notice_blocks("n" * 12_000, ts)
+    check_message(notice)
+    check_message(answer_blocks("An answer cut short", try_again=ts))
+    check_message(answer_blocks(" ", feedback=False, try_again=ts))
+    used = after_click(tuple(notice), "U" + "0" * 20)
+    assert used is not None
+    check_message(used)

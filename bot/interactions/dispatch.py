@@ -123,10 +123,10 @@ class SlackUX:
         why = refusal(self.services.settings, msg.user, msg.channel)
         if why:
             log.info("message %s from %s in %s refused by access control", msg.ts, msg.user, msg.channel)
-            if await self._first("refusal", str(msg.thread)):
+            if await self.first("refusal", str(msg.thread)):
                 await self._post(msg.channel, msg.thread_ts, why)
             return False
-        if msg.kind == "dm" and self.services.settings.welcome and await self._first("welcome", msg.user):
+        if msg.kind == "dm" and self.services.settings.welcome and await self.first("welcome", msg.user):
             # Its own message in the DM, not in the thread: the conversation stays the user's.
             await self._post(msg.channel, None, welcome_text(msg.user, self.services.settings.settings_command))
         return True
@@ -253,7 +253,7 @@ class SlackUX:
 
     # ---- helpers ---------------------------------------------------------------------
 
-    async def _first(self, kind: str, key: str) -> bool:
+    async def first(self, kind: str, key: str) -> bool:
         """True the first time (kind, key) comes up, across restarts (storage), with an
         in-memory fallback when storage fails."""
         if (kind, key) in self._said:

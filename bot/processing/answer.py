@@ -47,6 +47,7 @@ SHUTDOWN_FINALIZE_SECONDS = SHUTDOWN_WRITE_SECONDS + STORE_RESERVE_SECONDS  # ..
 RECORD_PAUSES = doubling(0.1)  # 0.1 s, then 0.2 s
 FINISH_ATTEMPTS = 3  # finish_request tries (0.1 s, then 0.2 s apart) within the store reserve
 WAITING_STATUS = "_Waiting for a free slot: many conversations are running right now…_"
+NOT_RETRIED = frozenset({"over_budget", "context_too_long"})  # failure kinds without "Try again"
 LENGTH_NOTICE = "_(The answer was cut short: it reached the maximum length.)_"
 EMPTY_NOTICE = "_(The model returned an empty answer. Please try rephrasing.)_"
 
@@ -363,7 +364,8 @@ async def _finalize(
     with anyio.move_on_after(bound) as slack_bound:
         state.watch(slack_bound)
         try:
-            delivered = await writer.finish(notice, Receipt(state.request_id, _stored(outcome), msg.ts))
+            receipt = Receipt(state.request_id, _stored(outcome), msg.ts, try_again=_may_try_again(outcome, detail))
+            delivered = await writer.finish(notice, receipt)
         except Exception as exc:
             log.error("request %s: could not write the final text: %s", state.request_id, exc)
         finally:
@@ -383,6 +385,13 @@ async def _finalize(
                 services, state, writer, outcome, detail, user_text=msg.text if user_text is None else user_text
             )
     return outcome
+
+
+def _may_try_again(outcome: RequestOutcome, detail: str) -> bool:
+    """Every failure's notice offers "Try again", but those a second try cannot mend as
+    it stands: a budget spent, a thread too long for the model (its notice says to start
+    a new one)."""
+    return outcome != "answered" and detail not in NOT_RETRIED
 
 
 def _stored(outcome: RequestOutcome) -> Outcome:

@@ -56,6 +56,7 @@ class Receipt:
     request_id: str
     outcome: str
     reply_to: str = ""  # the id of the message it answers
+    try_again: bool = False  # a failure the user may re-run: the write offers "Try again" (for `reply_to`)
 
 
 class AttachedFile(Protocol):

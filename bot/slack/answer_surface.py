@@ -61,6 +61,7 @@ from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, stab
 from bot.slack.receipts import receipt_metadata
 from bot.slack.reply import PLACEHOLDER, POST_TIMEOUT, ReplyWriter
 from bot.slack.transcripts import history_from_replies
+from bot.slack.try_again import try_again_block
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
 from bot.storage import StorageError
 from bot.storage.base import HistoryMessage, Store
@@ -522,7 +523,7 @@ class SlackAnswerWriter:
                     "chat.stopStream",
                     channel=self.channel,
                     ts=self._stream_ts,
-                    blocks=[feedback_block()] if text and self._feedback else None,
+                    blocks=_closing_blocks(feedback=bool(text) and self._feedback, receipt=receipt),
                     metadata=receipt_metadata(receipt) if receipt is not None else None,
                     **content,
                 )
@@ -646,6 +647,15 @@ class SlackAnswerWriter:
                 )
             except SlackAPIError as exc:
                 log.debug("assistant.threads.setTitle in %s: %s", self.channel, exc.error)
+
+
+def _closing_blocks(*, feedback: bool, receipt: Receipt | None) -> list[dict[str, Any]] | None:
+    """The blocks chat.stopStream renders under the streamed text: the feedback buttons
+    under an answer, "Try again" under a failure."""
+    blocks = [feedback_block()] if feedback else []
+    if receipt is not None and receipt.try_again:
+        blocks.append(try_again_block(receipt.reply_to))
+    return blocks or None
 
 
 def thread_title(text: str) -> str:

@@ -199,9 +199,11 @@ class ReplyWriter:
     ) -> None:
         for i, part in enumerate(parts):
             last = final and i == len(parts) - 1
-            blocks = answer_blocks(part) if last and self._feedback and self.text else None
             stamp = receipt if last else None  # the receipt goes with the last write
-            shown = part if blocks is None else f"{part}\x00feedback"
+            feedback = last and self._feedback and bool(self.text)
+            again = stamp.reply_to if stamp is not None and stamp.try_again else ""
+            blocks = answer_blocks(part, feedback=feedback, try_again=again) if feedback or again else None
+            shown = part if blocks is None else f"{part}\x00{feedback}\x00{again}"
             if stamp is not None:
                 shown = f"{shown}\x00{stamp.request_id}"  # written even if the text is already shown
             if i < len(self.message_ts):

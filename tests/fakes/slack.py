@@ -1137,6 +1137,29 @@ class FakeSlack:
             )
         return await self.send_envelope("interactive", payload, accepts_response_payload=True)
 
+    def buttons(self, channel: str, ts: str) -> list[dict]:
+        """The buttons a stored message shows (in its `actions` blocks), each with its block_id."""
+        message = self._find(channel, ts) or {}
+        return [
+            {**element, "block_id": block.get("block_id", "")}
+            for block in message.get("blocks") or []
+            if block.get("type") == "actions"
+            for element in block.get("elements") or []
+            if element.get("type") == "button"
+        ]
+
+    async def press(self, channel: str, ts: str, action_id: str, *, user: str = "U1") -> str:
+        """A user presses the button `action_id` that the message `ts` shows, as Slack sends
+        it (`block_actions` with the button's value, the message with its blocks and
+        thread); a button the message does not show cannot be pressed (KeyError)."""
+        button = next((b for b in self.buttons(channel, ts) if b.get("action_id") == action_id), None)
+        if button is None:
+            raise KeyError(f"message {channel}/{ts} shows no button {action_id!r}")
+        action = {"type": "button", "action_id": action_id, "block_id": button["block_id"], "text": button["text"]}
+        if "value" in button:
+            action["value"] = button["value"]
+        return await self.click(action, user=user, message=(channel, ts))
+
     async def message_shortcut(self, callback_id: str, channel: str, ts: str, *, user: str = "U1") -> str:
         """Deliver a `message_action` (message shortcut) on the stored message `ts`."""
         message = self._find(channel, ts)
