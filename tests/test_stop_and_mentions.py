@@ -58,6 +58,7 @@ async def test_stop_ends_a_native_stream_promptly_with_the_stopped_notice(slack,
         await ai.wait_until(lambda: ai.open_streams == 0, timeout=2)
         assert nursery.outcomes.get("stopped") == 1 and "interrupted" not in nursery.outcomes
         assert stopped_count(nursery) == 1
+        assert [b["value"] for b in slack.buttons("D1", stream_ts) if b["action_id"] == "try_again"] == [ev["ts"]]
     (reply,) = replies
     assert reply.endswith(STOPPED_NOTICE) and reply.startswith("word0")  # what was written stays
     assert "word99" not in reply and INTERRUPTED_NOTICE not in reply
