@@ -192,14 +192,18 @@ async def record_usage(
     tokens_out: int,
     now: datetime | float,
     timeout: float = RECORD_SECONDS,
+    requests: int = 1,
 ) -> bool:
-    """Add one request to the usage of `user` and `model` for the UTC day of `now`.
+    """Add one request (`requests`: 0 for the tokens of a second model the request
+    used) to the usage of `user` and `model` for the UTC day of `now`.
     Never raises (a cancellation still propagates): a storage error, a bad value or a
     wait longer than `timeout` seconds is logged and returns False."""
     at = _utc(now).timestamp()
     try:
         with anyio.move_on_after(timeout):
-            await store.record_usage(user, model, outcome, max(0, tokens_in), max(0, tokens_out), at=at)
+            await store.record_usage(
+                user, model, outcome, max(0, tokens_in), max(0, tokens_out), at=at, requests=requests
+            )
             return True
         log.warning("usage of %s (%s, %s) not recorded: storage took over %gs", user, model, outcome, timeout)
     except Exception as exc:

@@ -2,32 +2,21 @@
 and asyncio: a request over budget gets the one line and no model call; one under budget
 is answered and its tokens recorded; a request already running is never cut.
 
-These need `bot/processing/answer.py` to call `bot.usage.check_budget` and
-`bot.usage.record_usage` (wired separately): until it does, they are skipped, saying so.
 """
 
 from __future__ import annotations
 
-import inspect
 import time
 
 import anyio
 import pytest
 
-import bot.processing.answer
 from bot.storage import open_store
 from bot.usage import month_bounds, month_days
 from tests.fakes.openai import Behaviour
 from tests.harness import running_bot, send_dm, wait_reply
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.skipif(
-        "check_budget" not in inspect.getsource(bot.processing.answer)
-        or "record_usage" not in inspect.getsource(bot.processing.answer),
-        reason="bot/processing/answer.py does not call check_budget / record_usage yet",
-    ),
-]
+pytestmark = pytest.mark.anyio
 
 
 async def this_month(store, user: str):
@@ -90,3 +79,27 @@ async def _eventually(read, ok, timeout: float = 5.0):
             if ok(value):
                 return value
             await anyio.sleep(0.01)
+
+
+async def test_the_tokens_of_a_drawing_count_under_the_image_model(slack, ai):
+    """The images API bills tokens too (the fake: 50 in, 272 out per picture): they are
+    recorded under the image model, as no second request, and count toward the budget."""
+    store = await open_store("sqlite:///:memory:")
+    try:
+        ai.enqueue(Behaviour(tool_calls=[("generate_image", {"prompt": "a lighthouse"})]))
+        async with running_bot(slack, ai, store=store) as nursery:
+            _, ev = await send_dm(slack, "draw a lighthouse")
+            await wait_reply(slack, "D1", ev["ts"], "Echo: draw a lighthouse")
+            image_model = nursery.services.settings.image_model
+            totals = await _eventually(
+                lambda: store.usage_totals(*month_days(*month_bounds(time.time()))),
+                lambda rows: {r.model for r in rows} == {"gpt-5-mini", image_model},
+            )
+        by_model = {r.model: r for r in totals}
+        drawn = by_model[image_model]
+        assert (drawn.user, drawn.requests, drawn.tokens_in, drawn.tokens_out) == ("U1", 0, 50, 272)
+        assert by_model["gpt-5-mini"].requests == 1
+        used = await this_month(store, "U1")
+        assert used.requests == 1 and used.tokens == by_model["gpt-5-mini"].tokens + 322
+    finally:
+        await store.aclose()

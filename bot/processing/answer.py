@@ -127,16 +127,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
             # (The outcome recorded is the one known now: an answer Slack then refuses
             # still used its tokens.)
             if progress.model_called:
-                await record_usage(
-                    services.store,
-                    user=msg.user,
-                    model=options.model,
-                    outcome=_stored(outcome),
-                    tokens_in=progress.tokens_in,
-                    tokens_out=progress.tokens_out,
-                    now=time.time(),
-                    timeout=STORE_RESERVE_SECONDS,
-                )
+                await _record_usage(services, msg.user, options.model, _stored(outcome), progress)
             outcome = await _finalize(
                 services,
                 state,
@@ -149,6 +140,35 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
             )
         services.metrics.reply_latency.labels(outcome=outcome).observe(anyio.current_time() - state.started_at)
     return outcome
+
+
+async def _record_usage(services: Services, user: str, model: str, outcome: Outcome, progress: _Progress) -> None:
+    """The request's tokens: the chat model's, and the image model's when it drew (its
+    own row, counted as no further request)."""
+    now = time.time()
+    await record_usage(
+        services.store,
+        user=user,
+        model=model,
+        outcome=outcome,
+        tokens_in=progress.tokens_in,
+        tokens_out=progress.tokens_out,
+        now=now,
+        timeout=STORE_RESERVE_SECONDS,
+    )
+    tools = progress.image_tools
+    if tools is not None and (tools.tokens_in or tools.tokens_out):
+        await record_usage(
+            services.store,
+            user=user,
+            model=services.settings.image_model,
+            outcome=outcome,
+            tokens_in=tools.tokens_in,
+            tokens_out=tools.tokens_out,
+            now=now,
+            timeout=STORE_RESERVE_SECONDS,
+            requests=0,
+        )
 
 
 @dataclass
@@ -171,6 +191,7 @@ class _Progress:
     model_called: bool = False  # a model stream was started (its tokens count, whatever the end)
     tokens_in: int = 0  # the stream's usage (it comes at its end: 0 for a stream cut short)
     tokens_out: int = 0
+    image_tools: ImageTools | None = None  # their calls' tokens count too (under the image model)
 
 
 async def _open(
@@ -257,6 +278,7 @@ async def _prepare_and_stream(
         )
     if turn.answerable:  # else only unreadable files came: their notes are the whole answer
         image_tools = ImageTools(services, state, writer, turn.images, turn.notes) if services.media else None
+        progress.image_tools = image_tools
         progress.model_called = True
         progress.finish_reason = await _stream_answer(
             services, state, writer, prompt.messages, options, opening.done, progress, image_tools

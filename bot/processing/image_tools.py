@@ -173,6 +173,8 @@ class ImageTools:
     images: list[ThreadImage]  # the conversation's images as numbered for the model (1-based)
     notes: list[str]  # lines for the user, shown with the answer
     made: int = 0  # images posted by this request
+    tokens_in: int = 0  # the images API's usage, all calls of this request together
+    tokens_out: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -247,11 +249,15 @@ class ImageTools:
         """The images API's answer to `call()`; or, when it refused to `verb` this or the
         model is not available, the tool result for the model (the user gets a note)."""
         try:
-            return await call()
+            response = await call()
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
             return self._refused(verb, exc)
         except (openai.NotFoundError, openai.PermissionDeniedError) as exc:
             return self._unavailable(exc)
+        if response.usage is not None:  # GPT image models bill tokens; counted in the usage
+            self.tokens_in += response.usage.input_tokens
+            self.tokens_out += response.usage.output_tokens
+        return response
 
     def _refused(self, verb: str, exc: openai.APIStatusError) -> str:
         message = api_message(exc)

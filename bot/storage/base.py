@@ -247,9 +247,10 @@ class Store(Protocol):
     # -- usage: requests and tokens per day, user, model and outcome (budgets, `slackbot usage`) --
 
     async def record_usage(
-        self, user: str, model: str, outcome: str, tokens_in: int, tokens_out: int, *, at: float
+        self, user: str, model: str, outcome: str, tokens_in: int, tokens_out: int, *, at: float, requests: int = 1
     ) -> None:
-        """Add one request and its tokens to the usage of `user` with `model` on the UTC
+        """Add `requests` (one request; 0 for a second model the same request used, such as
+        the image model) and its tokens to the usage of `user` with `model` on the UTC
         day of `at` (epoch seconds), under `outcome` ("answered", "timeout"…). One upsert
         that adds to what is there, so replicas recording at once lose nothing."""
 

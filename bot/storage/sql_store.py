@@ -456,13 +456,13 @@ class SQLStore:
     # -- usage -------------------------------------------------------------------------
 
     async def record_usage(
-        self, user: str, model: str, outcome: str, tokens_in: int, tokens_out: int, *, at: float
+        self, user: str, model: str, outcome: str, tokens_in: int, tokens_out: int, *, at: float, requests: int = 1
     ) -> None:
         """One upsert that adds to the day's row: concurrent requests (on any replica)
         each add their own, and nothing is read first that another could change."""
         if not isinstance(outcome, str) or not 0 < len(outcome) <= MAX_USAGE_OUTCOME:
             raise ValueError(f"outcome must be a short non-empty word, got {outcome!r}")
-        for name, value in (("tokens_in", tokens_in), ("tokens_out", tokens_out)):
+        for name, value in (("tokens_in", tokens_in), ("tokens_out", tokens_out), ("requests", requests)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a whole number ≥ 0, got {value!r}")
         day = datetime.fromtimestamp(at, UTC).date().isoformat()
@@ -470,12 +470,12 @@ class SQLStore:
         def body(conn: Connection) -> None:
             conn.execute(
                 "INSERT INTO usage_daily (day, user_id, model, outcome, requests, tokens_in, tokens_out)"
-                " VALUES (?, ?, ?, ?, 1, ?, ?)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (day, user_id, model, outcome) DO UPDATE SET"
                 " requests = usage_daily.requests + excluded.requests,"
                 " tokens_in = usage_daily.tokens_in + excluded.tokens_in,"
                 " tokens_out = usage_daily.tokens_out + excluded.tokens_out",
-                (day, user, model, outcome, tokens_in, tokens_out),
+                (day, user, model, outcome, requests, tokens_in, tokens_out),
             )
 
         await self._run("record_usage", body)

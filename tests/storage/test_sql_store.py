@@ -456,6 +456,19 @@ async def test_usage_adds_up_per_day_user_model_and_outcome(store: SQLStore) -> 
     assert await store.workspace_usage(date(2026, 3, 31), date(2026, 4, 2)) == UsageSummary(6, 1237, 329)
 
 
+async def test_a_second_model_of_one_request_adds_tokens_and_no_request(store: SQLStore) -> None:
+    await store.record_usage("U1", "gpt-5-mini", "answered", 100, 20, at=END_OF_MARCH)
+    await store.record_usage("U1", "gpt-image", "answered", 50, 272, at=END_OF_MARCH, requests=0)  # it drew
+    assert await store.usage_totals(*MARCH) == [
+        UsageTotal("U1", "gpt-image", requests=0, tokens_in=50, tokens_out=272),
+        UsageTotal("U1", "gpt-5-mini", requests=1, tokens_in=100, tokens_out=20),
+    ]
+    assert await store.user_usage("U1", *MARCH) == UsageSummary(requests=1, tokens_in=150, tokens_out=292)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError):
+            await store.record_usage("U1", "m", "answered", 1, 1, at=END_OF_MARCH, requests=bad)
+
+
 async def test_no_usage_reads_as_zero(store: SQLStore) -> None:
     assert await store.usage_totals(*MARCH) == []
     assert await store.user_usage("U1", *MARCH) == UsageSummary(0, 0, 0)
