@@ -746,10 +746,27 @@ async def test_a_killed_replicas_threads_are_taken_over_and_nothing_new_is_lost(
         ]
         assert again and all(d.connection is not dead.link for d in again)
         assert any(d.envelope_id in slack.acks for d in again)
-        assert await store.in_flight() == []
+        await all_closed(store)
         known += stale_status_bug(traffic, held_threads)
     if known:
         pytest.xfail("; ".join(known))
+
+
+CLOSE_TIMEOUT = 10.0  # an answer shows before its request is closed: the status clear after it
+# (assistant.threads.setStatus, up to EXTRA_TIMEOUT when Slack rate-limits it) and the
+# outcome's recording come after the final write
+
+
+async def all_closed(store: Store) -> None:
+    """Every request is closed in storage, within CLOSE_TIMEOUT of the checks that saw its
+    outcome in Slack (else the assertion names those left in flight)."""
+    with suppress(TimeoutError):
+        await poll(lambda: _none_in_flight(store), timeout=CLOSE_TIMEOUT)
+    assert await store.in_flight() == []
+
+
+async def _none_in_flight(store: Store) -> bool:
+    return not await store.in_flight()
 
 
 async def all_free(store: SQLStore, threads: list[Thread]) -> bool:
@@ -814,7 +831,7 @@ async def test_a_rolling_restart_under_a_steady_stream_loses_and_doubles_nothing
         await settle_and_check(node, traffic)
 
         assert all(r.answered(0) > 0 and r.answered() > 0 for r in node.replicas)  # before and after its restart
-        assert await store.in_flight() == []
+        await all_closed(store)
         assert set(await store.replicas()) == {r.name for r in node.replicas}  # all alive
         assert all(len(r.runs) == 2 for r in node.replicas)
         known = stale_status_bug(traffic)

@@ -401,6 +401,16 @@ async def _finalize(
         # Never stored as answered what Slack does not show.
         outcome, detail = "error", "answer not delivered to Slack"
         state.outcome = outcome
+    if not delivered and recorded and outcome == "interrupted":
+        # Shutdown cut the notice short (its Slack budget spent, say): the message may
+        # still say "Thinking…" or be streaming. Left in flight, the request is taken
+        # over — by the next start, or at once by another replica — which stops the
+        # stream and writes the notice; closed here, nothing ever would.
+        log.warning(
+            "request %s: its interrupted notice did not reach Slack; left in flight for a takeover to write it",
+            state.request_id,
+        )
+        return outcome
     if recorded:
         with anyio.move_on_after(STORE_RESERVE_SECONDS):
             await _record_outcome(
