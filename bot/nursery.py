@@ -59,7 +59,7 @@ CLAIM_ATTEMPTS = 3  # claim_event tries, 0.1 s then 0.2 s apart, before in-memor
 # a redelivery) is unknown: its thread is looked at this long after, before saying so.
 STORAGE_NOTE_GRACE = 5.0
 TRY_AGAIN_LOOK_SECONDS = 20.0  # reading the thread for the message to try again
-TRY_AGAIN_SETTLE_SECONDS = 5.0  # waiting for the failed request to give its thread back
+CLOSING_WAIT_SECONDS = 8.0  # a new message waits this long for a finished request to give its thread back
 STORAGE_NOTE_LOOK_SECONDS = 30.0  # for that look (its budget is Tier 3, and many may be waiting)
 
 
@@ -257,6 +257,7 @@ class Nursery:
             return
         if not await self.ux.admit(msg):  # access control (polite refusal once per thread); welcome
             return
+        await self._closed(msg.thread)
         try:
             async with self.gates.try_enter(msg.thread) as hold:
                 if hold is None:
@@ -373,20 +374,20 @@ class Nursery:
             return
         log.info("Try again: %s asks again in %s (message %s)", click.user, parsed.thread, parsed.ts)
         await self._used(click)
-        await self._closed(parsed.thread)
         await self._serve(parsed)
 
     async def _closed(self, thread: ThreadKey) -> None:
-        """A click can come as soon as the notice shows, while the request that wrote it
-        still holds the thread (recording its outcome, giving its lease back): wait for
-        that, bounded, rather than give the busy reply. A request still running there
-        is not waited for: the retry gets the busy reply, as a new message would."""
+        """A follow-up (or a "Try again" click) can come as soon as the answer or notice
+        shows, while the request that wrote it still holds the thread (clearing the
+        thread's status, recording its outcome, giving its lease back): wait for that,
+        bounded, rather than give the busy reply. A request still running there is not
+        waited for: the message gets the busy reply."""
 
         def closing() -> bool:
             here = [s for s in self.active.values() if s.message.thread == thread]
             return self.gates.busy(thread) and all(s.stage == "finishing" for s in here)
 
-        with anyio.move_on_after(TRY_AGAIN_SETTLE_SECONDS):
+        with anyio.move_on_after(CLOSING_WAIT_SECONDS):
             while closing():  # noqa: ASYNC110 (polled: the gate has no event to wait on)
                 await anyio.sleep(0.05)
 

@@ -316,3 +316,20 @@ async def test_the_model_request_does_not_wait_for_the_placeholder(slack, ai, na
         await eventually(lambda: bot.outcomes.get("answered") == 1)
     assert asked < 0.5
     assert replies == ["answered while Slack was slow"]  # one message: the opened one
+
+
+async def test_a_follow_up_sent_as_the_answer_shows_waits_for_the_request_to_close(slack, ai):
+    """The answer shows before its request lets the thread go (the thread's status is
+    cleared after the final edit, then the outcome is recorded): a follow-up sent in that
+    moment is answered, not told "busy"."""
+    slack.latency["assistant.threads.setStatus"] = 1.0  # the clear after the answer: 1 s
+    ai.enqueue(Behaviour(text="Echo: first", latency=1.5))  # slow: the thread's status shows
+    async with running_bot(slack, ai, native_streaming=True) as nursery:
+        _, ev = await send_dm(slack, "first")
+        await wait_reply(slack, "D1", ev["ts"], "Echo: first")
+        assert nursery.active  # still closing: the status clear is under way
+        await send_dm(slack, "second", thread_ts=ev["ts"])
+        await wait_reply(slack, "D1", ev["ts"], "Echo: second")
+        await eventually(lambda: not nursery.active)
+    assert BUSY_NOTICE not in slack.bot_replies("D1", ev["ts"])
+    assert nursery.outcomes == {"answered": 2}
