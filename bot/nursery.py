@@ -435,20 +435,16 @@ class Nursery:
             return False
         # A momentary storage error must not make a restarted process forget that an
         # earlier one already handled this event: retry a little before falling back.
-        for key in msg.dedupe_keys:
-            try:
-                claimed = await retry(
-                    partial(self.services.store.claim_event, key),
-                    errors=StorageError,
-                    attempts=CLAIM_ATTEMPTS,
-                    pause=doubling(0.1),
-                )
-            except StorageError as exc:
-                log.warning("storage cannot record event %s (%s); relying on in-memory dedupe", msg.event_id, exc)
-                return True
-            if not claimed:
-                return False
-        return True
+        try:
+            return await retry(
+                partial(self.services.store.claim_event, *msg.dedupe_keys),
+                errors=StorageError,
+                attempts=CLAIM_ATTEMPTS,
+                pause=doubling(0.1),
+            )
+        except StorageError as exc:
+            log.warning("storage cannot record event %s (%s); relying on in-memory dedupe", msg.event_id, exc)
+            return True
 
     async def _thread_known(self, msg: IncomingMessage) -> bool:
         try:

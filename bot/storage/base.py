@@ -134,9 +134,10 @@ class UsageTotal:
 
 
 class Store(Protocol):
-    async def claim_event(self, key: str) -> bool:
-        """Record `key` (an event id, or `channel:ts`) as handled. True the first time,
-        False if it was already claimed — by this process or an earlier one."""
+    async def claim_event(self, *keys: str) -> bool:
+        """Record `keys` (an event id, `channel:ts`) as handled, in one transaction. True
+        the first time, False if any was already claimed — by this process or an earlier
+        one (the new ones are claimed all the same)."""
 
     async def thread_known(self, thread: ThreadKey) -> bool:
         """True if the bot has taken part in this thread (so follow-ups need no mention)."""

@@ -90,16 +90,23 @@ class SQLStore:
 
     # -- events ------------------------------------------------------------------------
 
-    async def claim_event(self, key: str) -> bool:
-        """True the first time `key` is claimed, False ever after: one INSERT that only
-        one caller wins, whichever process or replica it runs in."""
+    async def claim_event(self, *keys: str) -> bool:
+        """True the first time the keys are claimed, False ever after: one INSERT per key,
+        in one transaction, that only one caller wins, whichever process or replica it
+        runs in."""
+        if not keys:
+            raise ValueError("claim_event needs at least one key")
 
         def body(conn: Connection) -> bool:
-            row = conn.execute(
-                "INSERT INTO events (key, claimed_at) VALUES (?, ?) ON CONFLICT DO NOTHING RETURNING key",
-                (key, time.time()),
-            ).fetchone()
-            return row is not None
+            now = time.time()
+            won = True
+            for key in keys:  # every key is claimed, even after one that was not new
+                row = conn.execute(
+                    "INSERT INTO events (key, claimed_at) VALUES (?, ?) ON CONFLICT DO NOTHING RETURNING key",
+                    (key, now),
+                ).fetchone()
+                won = won and row is not None
+            return won
 
         return await self._run("claim_event", body)
 

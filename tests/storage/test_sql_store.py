@@ -88,6 +88,26 @@ async def test_concurrent_claims_of_one_key_have_exactly_one_winner(store: SQLSt
     assert sorted(results) == [False] * 9 + [True]
 
 
+async def test_an_events_keys_are_claimed_together(store: SQLStore) -> None:
+    # An app_mention and its `message` twin: different event ids, the same channel:ts.
+    assert await store.claim_event("event:Ev1", "msg:C1:1.0") is True
+    assert await store.claim_event("event:Ev2", "msg:C1:1.0") is False  # the twin
+    assert await store.claim_event("event:Ev2") is False  # claimed all the same
+    assert await store.claim_event("event:Ev3", "msg:C1:2.0") is True
+    with pytest.raises(ValueError):
+        await store.claim_event()
+
+    results: list[bool] = []
+
+    async def twin(event_id: str) -> None:
+        results.append(await store.claim_event(f"event:{event_id}", "msg:C1:3.0"))
+
+    async with anyio.create_task_group() as tg:
+        for n in range(6):
+            tg.start_soon(twin, f"Race{n}")
+    assert sorted(results) == [False] * 5 + [True]
+
+
 async def test_prune_events_forgets_only_old_claims(store: SQLStore) -> None:
     before = time.time()
     assert await store.claim_event("old")
