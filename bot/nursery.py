@@ -25,7 +25,6 @@ import signal
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
 
 import anyio
 
@@ -43,8 +42,7 @@ from bot.slack.events import IncomingMessage, Skip, StopRequest, parse_event, pa
 from bot.slack.receipts import answers_message, reply_payload
 from bot.slack.reply import fallback_text
 from bot.slack.socket_mode import Envelope, SocketModeReader
-from bot.slack.try_again import TryAgain, after_click, find_question, notice_blocks, parse_try_again
-from bot.slack.web_api import SlackAPIError
+from bot.slack.try_again import TryAgain, mark_used, notice_blocks, parse_try_again, read_question, tell
 from bot.slack.websocket import Connector
 from bot.storage import StorageError
 from bot.storage.base import ThreadKey
@@ -354,12 +352,13 @@ class Nursery:
         if not click.asked_ts:
             log.warning("a Try again click without its channel, message, user or value; ignored")
             return
-        question = await self._find_question(click)
+        slack = self.services.slack
+        question = await read_question(slack, click, bound=TRY_AGAIN_LOOK_SECONDS)
         if question is None:
             return
         if question.get("user") != click.user:
             asker = question.get("user")
-            await self._ephemeral(click, f"Only <@{asker}> can ask for another answer to their message.")
+            await tell(slack, click, f"Only <@{asker}> can ask for another answer to their message.")
             return
         event = {**question, "type": "message", "channel": click.channel}
         parsed = parse_event({"event_id": f"try-again:{click.claim_key}", "event": event}, self.services.me)
@@ -370,10 +369,10 @@ class Nursery:
             return
         if not await self.ux.first("try_again", click.claim_key):
             log.info("Try again on notice %s/%s: already used; ignored", click.channel, click.notice_ts)
-            await self._ephemeral(click, "This was tried again already: the new answer is in the thread.")
+            await tell(slack, click, "This was tried again already: the new answer is in the thread.")
             return
         log.info("Try again: %s asks again in %s (message %s)", click.user, parsed.thread, parsed.ts)
-        await self._used(click)
+        await mark_used(slack, click)
         await self._serve(parsed)
 
     async def _closed(self, thread: ThreadKey) -> None:
@@ -390,45 +389,6 @@ class Nursery:
         with anyio.move_on_after(CLOSING_WAIT_SECONDS):
             while closing():  # noqa: ASYNC110 (polled: the gate has no event to wait on)
                 await anyio.sleep(0.05)
-
-    async def _find_question(self, click: TryAgain) -> dict[str, Any] | None:
-        """The message to try again, from its thread (bounded); None, with a line to the
-        user, when it cannot be read or is gone."""
-        replies: list[dict[str, Any]] | None = None
-        with anyio.move_on_after(TRY_AGAIN_LOOK_SECONDS):
-            try:
-                replies = await self.services.slack.thread_replies(click.channel, click.thread_ts)
-            except SlackAPIError as exc:
-                log.warning("Try again: cannot read thread %s/%s: %s", click.channel, click.thread_ts, exc.error)
-        if replies is None:
-            await self._ephemeral(click, "I could not read this thread just now. Please press Try again in a moment.")
-            return None
-        question = find_question(replies, click.asked_ts)
-        if question is None:
-            await self._ephemeral(click, "The message to answer is no longer in this thread.")
-        return question
-
-    async def _used(self, click: TryAgain) -> None:
-        """Edit the button away from the notice, saying who asked (bounded, never raising)."""
-        blocks = after_click(click.blocks, click.user)
-        if blocks is None:
-            return
-        with anyio.move_on_after(10):
-            try:
-                await self.services.slack.update_message(
-                    click.channel, click.notice_ts, blocks=blocks, text=click.text or None
-                )
-            except SlackAPIError as exc:
-                log.warning("Try again: could not update notice %s/%s: %s", click.channel, click.notice_ts, exc.error)
-
-    async def _ephemeral(self, click: TryAgain, text: str) -> None:
-        with anyio.move_on_after(10):
-            try:
-                await self.services.slack.call(
-                    "chat.postEphemeral", channel=click.channel, user=click.user, thread_ts=click.thread_ts, text=text
-                )
-            except SlackAPIError as exc:
-                log.warning("could not tell %s in %s: %s", click.user, click.channel, exc.error)
 
     async def _first_time(self, msg: IncomingMessage) -> bool:
         if not self.recent.add_all(msg.dedupe_keys, anyio.current_time()):

@@ -14,14 +14,21 @@ budget), and another user's click gets a short ephemeral line instead.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from slack_sdk.models.blocks import ActionsBlock, ButtonElement, ContextBlock, MarkdownTextObject
+
+from bot.slack.web_api import SlackAPIError, SlackWebAPI
+
+log = logging.getLogger(__name__)
 
 TRY_AGAIN_ACTION = "try_again"
 TRY_AGAIN_BLOCK = "try_again"
 MAX_VALUE = 2000  # a button's value (Block Kit's limit); a ts is far shorter
+CALL_SECONDS = 10.0  # bound on the notice's edit and on an ephemeral line
 
 
 def try_again_block(asked_ts: str) -> dict[str, Any]:
@@ -102,6 +109,47 @@ def find_question(replies: list[dict[str, Any]], asked_ts: str) -> dict[str, Any
     a deleted thread parent stays as a `tombstone`)."""
     found = next((m for m in replies if m.get("ts") == asked_ts), None)
     return None if found is None or found.get("subtype") == "tombstone" else found
+
+
+async def read_question(slack: SlackWebAPI, click: TryAgain, *, bound: float) -> dict[str, Any] | None:
+    """The message to try again, read from its thread (within `bound` seconds); None,
+    with a line to the user, when the thread cannot be read now or the message is gone."""
+    replies: list[dict[str, Any]] | None = None
+    with anyio.move_on_after(bound):
+        try:
+            replies = await slack.thread_replies(click.channel, click.thread_ts)
+        except SlackAPIError as exc:
+            log.warning("Try again: cannot read thread %s/%s: %s", click.channel, click.thread_ts, exc.error)
+    if replies is None:
+        await tell(slack, click, "I could not read this thread just now. Please press Try again in a moment.")
+        return None
+    question = find_question(replies, click.asked_ts)
+    if question is None:
+        await tell(slack, click, "The message to answer is no longer in this thread.")
+    return question
+
+
+async def mark_used(slack: SlackWebAPI, click: TryAgain) -> None:
+    """Edit the button away from the notice, saying who asked (bounded, never raising)."""
+    blocks = after_click(click.blocks, click.user)
+    if blocks is None:
+        return
+    with anyio.move_on_after(CALL_SECONDS):
+        try:
+            await slack.update_message(click.channel, click.notice_ts, blocks=blocks, text=click.text or None)
+        except SlackAPIError as exc:
+            log.warning("Try again: could not update notice %s/%s: %s", click.channel, click.notice_ts, exc.error)
+
+
+async def tell(slack: SlackWebAPI, click: TryAgain, text: str) -> None:
+    """An ephemeral line to the user who clicked (bounded, never raising)."""
+    with anyio.move_on_after(CALL_SECONDS):
+        try:
+            await slack.call(
+                "chat.postEphemeral", channel=click.channel, user=click.user, thread_ts=click.thread_ts, text=text
+            )
+        except SlackAPIError as exc:
+            log.warning("could not tell %s in %s: %s", click.user, click.channel, exc.error)
 
 
 def _object(value: object) -> dict[str, Any]:
