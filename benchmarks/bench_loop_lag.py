@@ -43,7 +43,7 @@ if str(REPO_ROOT) not in sys.path:
 import anyio  # noqa: E402
 import anyio.from_thread  # noqa: E402
 
-from bot.config import Settings  # noqa: E402
+from bot.config import MediaSettings  # noqa: E402
 from bot.processing.attachments import fit_documents, in_worker  # noqa: E402
 from bot.processing.context import MediaServices  # noqa: E402
 from bot.processing.documents import PDF, DocumentLimits, extract_document  # noqa: E402
@@ -142,7 +142,7 @@ def main() -> int:
     parser.add_argument("--pages", type=int, default=200)
     parser.add_argument("--megapixels", type=int, default=40)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=Settings.media_workers, help="MEDIA_WORKERS")
+    parser.add_argument("--workers", type=int, default=MediaSettings.media_workers, help="MEDIA_WORKERS")
     parser.add_argument("--inline", action="store_true", help="also run the work in the event loop, for contrast")
     parser.add_argument("--no-freeze", action="store_true", help="skip the gc.freeze() that bot/cli.py does")
     args = parser.parse_args()

@@ -59,7 +59,9 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
     text = " ".join(f"word{i}" for i in range(args.chunks * 3))
     ai.script = lambda request: Behaviour(text=text, chunks=args.chunks)
     results: dict[str, list[float]] = {"SDK typed stream": [], "bot (plain JSON chunks)": []}
-    async with openai_client(test_settings(), transport=httpx2.MockTransport(ai.handle), max_retries=0) as client:
+    async with openai_client(
+        test_settings().openai, transport=httpx2.MockTransport(ai.handle), max_retries=0
+    ) as client:
         await sdk_typed(client, 5)
         await bot_plain(client, 5)
         for _ in range(args.rounds):

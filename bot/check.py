@@ -41,13 +41,13 @@ class CheckResult:
 
 def _slack_unreachable(settings: Settings, error: str) -> str:
     if error.startswith("http_error") or error.startswith("bad_response"):
-        return f"Slack did not answer at {settings.slack_api_url}: check the network (and SLACK_API_URL if you set it)."
+        return f"Slack did not answer at {settings.slack.api_url}: check the network (and SLACK_API_URL if you set it)."
     return ""
 
 
 async def check_bot_token(settings: Settings, slack: SlackWebAPI) -> CheckResult:
     name = "Slack bot token"
-    if not settings.slack_bot_token:
+    if not settings.slack.bot_token:
         return CheckResult(
             name,
             False,
@@ -72,7 +72,7 @@ async def check_bot_token(settings: Settings, slack: SlackWebAPI) -> CheckResult
 
 async def check_app_token(settings: Settings, slack: SlackWebAPI) -> CheckResult:
     name = "Slack app token"
-    if not settings.slack_app_token:
+    if not settings.slack.app_token:
         return CheckResult(
             name,
             False,
@@ -95,8 +95,8 @@ async def check_app_token(settings: Settings, slack: SlackWebAPI) -> CheckResult
 
 async def check_openai(settings: Settings, client: openai.AsyncOpenAI) -> tuple[CheckResult, list[str] | None]:
     name = "OpenAI endpoint"
-    where = settings.openai_base_url or "api.openai.com"
-    if not settings.openai_api_key and not settings.openai_base_url:
+    where = settings.openai.base_url or "api.openai.com"
+    if not settings.openai.api_key and not settings.openai.base_url:
         return CheckResult(
             name,
             False,
@@ -148,15 +148,15 @@ def check_model(settings: Settings, models: list[str] | None) -> CheckResult:
     name = "OpenAI model"
     if models is None:
         return CheckResult(
-            name, False, f"{settings.openai_model}: not checked (the endpoint check failed)", "Fix the endpoint first."
+            name, False, f"{settings.openai.model}: not checked (the endpoint check failed)", "Fix the endpoint first."
         )
-    if settings.openai_model in models:
-        return CheckResult(name, True, f"{settings.openai_model} is available")
+    if settings.openai.model in models:
+        return CheckResult(name, True, f"{settings.openai.model} is available")
     shown = ", ".join(sorted(models)[:10]) + (" …" if len(models) > 10 else "")
     return CheckResult(
         name,
         False,
-        f"{settings.openai_model} is not offered by the endpoint",
+        f"{settings.openai.model} is not offered by the endpoint",
         f"Set OPENAI_MODEL to one of: {shown or '(the endpoint lists no models)'}.",
     )
 
@@ -165,10 +165,10 @@ async def check_database(settings: Settings) -> CheckResult:
     """For real: connect (which applies any pending migration, so the schema is current,
     or says it is newer than this bot), write, and take and give back a thread lease."""
     name = "Database"
-    where = redact(settings.database_url)
-    postgres = locate(settings.database_url).engine == "postgresql"
+    where = redact(settings.storage.database_url)
+    postgres = locate(settings.storage.database_url).engine == "postgresql"
     try:
-        store = await open_store(settings.database_url)
+        store = await open_store(settings.storage.database_url)
     except Exception as exc:
         fix = (
             "Check the host, port, database name, user and password in DATABASE_URL, and that the "
@@ -219,15 +219,15 @@ async def run_checks(
     results = [CheckResult("Configuration", True, "read from .env and the environment")]
     async with httpx2.AsyncClient(transport=slack_transport, timeout=httpx2.Timeout(10.0)) as http:
         slack = SlackWebAPI(
-            bot_token=settings.slack_bot_token,
-            app_token=settings.slack_app_token,
-            base_url=settings.slack_api_url,
+            bot_token=settings.slack.bot_token,
+            app_token=settings.slack.app_token,
+            base_url=settings.slack.api_url,
             client=http,
             max_rate_limit_retries=1,
         )
         results.append(await _bounded("Slack bot token", check_bot_token(settings, slack)))
         results.append(await _bounded("Slack app token", check_app_token(settings, slack)))
-    async with openai_client(settings, transport=openai_transport, max_retries=0) as client:
+    async with openai_client(settings.openai, transport=openai_transport, max_retries=0) as client:
         outcome = await _bounded("OpenAI endpoint", check_openai(settings, client))
     endpoint, models = outcome if isinstance(outcome, tuple) else (outcome, None)
     results += [endpoint, check_model(settings, models)]

@@ -70,7 +70,7 @@ def _manifest(name: str) -> int:
     except ConfigError as exc:
         print(f"slackbot: configuration error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(build_manifest(name=name, command=settings.settings_command), indent=2))
+    print(json.dumps(build_manifest(name=name, command=settings.surfaces.settings_command), indent=2))
     return 0
 
 
@@ -97,7 +97,10 @@ def _shell() -> int:
     except ConfigError as exc:
         print(f"slackbot: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging("WARNING" if settings.log_level in ("DEBUG", "INFO") else settings.log_level, settings.secrets)
+    setup_logging(
+        "WARNING" if settings.observability.log_level in ("DEBUG", "INFO") else settings.observability.log_level,
+        settings.secrets,
+    )
     try:
         return anyio.run(run_shell, settings, backend=settings.async_backend)
     except KeyboardInterrupt:
@@ -131,7 +134,7 @@ def _run() -> int:
     except ConfigError as exc:
         print(f"slackbot: configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_level, settings.secrets, settings.log_format)
+    setup_logging(settings.observability.log_level, settings.secrets, settings.observability.log_format)
 
     from bot.startup import StartupError, run_bot  # after logging, so import-time logs are filtered
 
@@ -144,9 +147,9 @@ def _run() -> int:
     log.info(
         "starting on %s (model %s, timeout %gs, max %d concurrent model calls)",
         settings.async_backend,
-        settings.openai_model,
-        settings.async_timeout_seconds,
-        settings.async_max_concurrent_requests,
+        settings.openai.model,
+        settings.openai.async_timeout_seconds,
+        settings.openai.async_max_concurrent_requests,
     )
     try:
         anyio.run(run_bot, settings, backend=settings.async_backend)

@@ -3,17 +3,20 @@
 A missing or malformed setting raises `ConfigError` naming the variable; the CLI turns
 that into one clear line and exit code 2. Tokens are kept out of `repr()` so a settings
 object can never leak one into a log line or a traceback.
+
+`Settings` holds small groups by concern (`settings.slack`, `.openai`, `.media`,
+`.surfaces`, `.budgets`, `.observability`, `.replica`, `.storage`); a part of the bot
+that needs only one group is handed that group.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict, TypeGuard, overload
+from typing import Literal, TypeGuard, overload
 from urllib.parse import urlsplit
 
 from bot.storage.location import locate
@@ -39,29 +42,34 @@ def _is_image_quality(value: str) -> TypeGuard[ImageQuality]:
 
 
 @dataclass(frozen=True)
-class Settings:
-    slack_bot_token: str = field(repr=False)
-    slack_app_token: str = field(repr=False)
-    openai_api_key: str = field(repr=False)
-    slack_api_url: str = "https://slack.com/api/"
-    openai_base_url: str | None = None
-    openai_model: str = "gpt-5-mini"
-    database_url: str = "sqlite:///data/bot.db"
-    async_timeout_seconds: float = 305.0
-    async_max_concurrent_requests: int = 100
-    stream_idle_timeout_seconds: float = 60.0
+class SlackSettings:
+    """The Slack connection: the two tokens, the Web API address, the Socket Mode ping."""
+
+    bot_token: str = field(repr=False)  # SLACK_BOT_TOKEN
+    app_token: str = field(repr=False)  # SLACK_APP_TOKEN
+    api_url: str = "https://slack.com/api/"  # SLACK_API_URL
+    socket_ping_interval_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class OpenAISettings:
+    """The model endpoint and what one answer may take: time, concurrency, tokens."""
+
+    api_key: str = field(repr=False)  # OPENAI_API_KEY
+    base_url: str | None = None  # OPENAI_BASE_URL
+    model: str = "gpt-5-mini"  # OPENAI_MODEL
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    log_level: str = "INFO"
-    async_backend: str = "trio"
-    # Tuning knobs with sensible defaults; documented in the README.
+    async_timeout_seconds: float = 305.0
+    stream_idle_timeout_seconds: float = 60.0
+    async_max_concurrent_requests: int = 100
     context_budget_tokens: int = 100_000
     max_answer_tokens: int = 4_000
-    update_interval_seconds: float = 1.0
-    shutdown_grace_seconds: float = 5.0
-    watchdog_interval_seconds: float = 30.0
-    watchdog_threshold_seconds: float = 120.0
-    socket_ping_interval_seconds: float = 10.0
-    # --- images and documents -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    """Files, images and documents, and fetching pasted image URLs."""
+
     max_file_mb: float = 20.0  # a file (or image URL) declared or found larger is refused before/while downloading
     max_files_per_message: int = 10  # attachments + image URLs read from one message; the rest get a note
     image_model: str = "gpt-image-2.5-sunburst"  # images.generate / images.edit; "off" disables the image tools
@@ -74,31 +82,73 @@ class Settings:
     media_workers: int = 2  # worker threads that parse documents and resize images at the same time
     url_fetch_timeout_seconds: float = 15.0  # for one pasted image URL, redirects included
     allow_loopback_urls: bool = False  # tests only: let pasted image URLs reach 127.0.0.1 / ::1
-    # --- user settings and Slack UX --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SurfaceSettings:
+    """User settings, access control and the Slack UX: who may use the bot, how answers show."""
+
     settings_command: str = "/settings"  # the slash command that opens the settings modal
     admin_users: frozenset[str] = frozenset()  # may change the workspace defaults
     allowed_users: frozenset[str] = frozenset()  # empty: everyone may use the bot
     allowed_channels: frozenset[str] = frozenset()  # empty: every channel (DMs follow allowed_users)
     native_streaming: bool = True  # chat.startStream/appendStream/stopStream, else paced chat.update
     welcome: bool = True  # a short welcome with the answer to a user's first DM
-    # --- usage budgets (tokens in + out per calendar month, UTC); None: unlimited ---------
+    update_interval_seconds: float = 1.0  # between two edits of a paced (chat.update) answer
+
+
+@dataclass(frozen=True)
+class BudgetSettings:
+    """Usage budgets: tokens in + out per calendar month (UTC); None: unlimited."""
+
     user_monthly_tokens: int | None = None  # each user's; the workspace defaults may set another
     workspace_monthly_tokens: int | None = None  # everyone's together
-    # --- observability ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObservabilitySettings:
+    """Logs, the metrics and health endpoints, the watchdog."""
+
+    log_level: str = "INFO"
+    log_format: str = "text"  # "text" | "json"
     metrics_port: int | None = None  # None: no HTTP listener; 0: any free port (tests)
     metrics_host: str = "127.0.0.1"
-    log_format: str = "text"  # "text" | "json"
-    # --- replicas ---------------------------------------------------------------------
-    replica_id: str = "local"  # this process among those sharing the database (REPLICA_ID, default: host name)
-    replica_timeout_seconds: float = 30.0  # a heartbeat older than this, or a lease left unrenewed, is taken over
+    watchdog_interval_seconds: float = 30.0
+    watchdog_threshold_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class ReplicaSettings:
+    """This process among those sharing the database, and how it stops."""
+
+    id: str = "local"  # REPLICA_ID, default: the host name
+    timeout_seconds: float = 30.0  # a heartbeat older than this, or a lease left unrenewed, is taken over
+    shutdown_grace_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    database_url: str = "sqlite:///data/bot.db"  # DATABASE_URL
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, in groups; a part of the bot that needs one group is handed that group."""
+
+    slack: SlackSettings
+    openai: OpenAISettings
+    media: MediaSettings = field(default_factory=MediaSettings)
+    surfaces: SurfaceSettings = field(default_factory=SurfaceSettings)
+    budgets: BudgetSettings = field(default_factory=BudgetSettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    replica: ReplicaSettings = field(default_factory=ReplicaSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    async_backend: str = "trio"  # BOT_ASYNC_BACKEND: read by the CLI only, to start the event loop
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret value, for the log redaction filter."""
-        return tuple(s for s in (self.slack_bot_token, self.slack_app_token, self.openai_api_key) if s)
-
-    def replace(self, **changes: Any) -> Settings:  # Any: each field has its own type
-        return dataclasses.replace(self, **changes)
+        return tuple(s for s in (self.slack.bot_token, self.slack.app_token, self.openai.api_key) if s)
 
 
 def _required(env: Mapping[str, str], name: str, prefix: str | None = None, *, optional: bool = False) -> str:
@@ -167,7 +217,7 @@ def load_settings(
         else:
             env = os.environ
 
-    database_url = env.get("DATABASE_URL", "").strip() or Settings.database_url
+    database_url = env.get("DATABASE_URL", "").strip() or StorageSettings.database_url
     try:
         locate(database_url)
     except ValueError as exc:
@@ -179,37 +229,59 @@ def load_settings(
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got {log_level!r}")
 
-    timeout = _number(env, "ASYNC_TIMEOUT_SECONDS", Settings.async_timeout_seconds)
-    return Settings(
-        slack_bot_token=_required(env, "SLACK_BOT_TOKEN", "xoxb-", optional=purpose != "bot"),
-        slack_app_token=_required(env, "SLACK_APP_TOKEN", "xapp-", optional=purpose != "bot"),
-        openai_api_key=_openai_key(env, purpose),
-        slack_api_url=_url(env, "SLACK_API_URL", Settings.slack_api_url),
-        openai_base_url=_url(env, "OPENAI_BASE_URL", None),
-        openai_model=env.get("OPENAI_MODEL", "").strip() or Settings.openai_model,
-        database_url=database_url,
+    # Read in the order the checks always ran (the first malformed value is the one reported).
+    timeout = _number(env, "ASYNC_TIMEOUT_SECONDS", OpenAISettings.async_timeout_seconds)
+    bot_token = _required(env, "SLACK_BOT_TOKEN", "xoxb-", optional=purpose != "bot")
+    app_token = _required(env, "SLACK_APP_TOKEN", "xapp-", optional=purpose != "bot")
+    api_key = _openai_key(env, purpose)
+    slack_api_url = _url(env, "SLACK_API_URL", SlackSettings.api_url)
+    openai = OpenAISettings(
+        api_key=api_key,
+        base_url=_url(env, "OPENAI_BASE_URL", None),
+        model=env.get("OPENAI_MODEL", "").strip() or OpenAISettings.model,
         async_timeout_seconds=timeout,
         async_max_concurrent_requests=_number(
-            env, "ASYNC_MAX_CONCURRENT_REQUESTS", Settings.async_max_concurrent_requests, cast=int
+            env, "ASYNC_MAX_CONCURRENT_REQUESTS", OpenAISettings.async_max_concurrent_requests, cast=int
         ),
-        stream_idle_timeout_seconds=_number(env, "STREAM_IDLE_TIMEOUT_SECONDS", Settings.stream_idle_timeout_seconds),
+        stream_idle_timeout_seconds=_number(
+            env, "STREAM_IDLE_TIMEOUT_SECONDS", OpenAISettings.stream_idle_timeout_seconds
+        ),
         system_prompt=env.get("SYSTEM_PROMPT", "").strip() or DEFAULT_SYSTEM_PROMPT,
-        log_level=log_level,
-        async_backend=backend,
         context_budget_tokens=_number(
-            env, "CONTEXT_BUDGET_TOKENS", Settings.context_budget_tokens, cast=int, minimum=500
+            env, "CONTEXT_BUDGET_TOKENS", OpenAISettings.context_budget_tokens, cast=int, minimum=500
         ),
-        shutdown_grace_seconds=_number(env, "SHUTDOWN_GRACE_SECONDS", Settings.shutdown_grace_seconds, minimum=-1),
+    )
+    shutdown_grace = _number(env, "SHUTDOWN_GRACE_SECONDS", ReplicaSettings.shutdown_grace_seconds, minimum=-1)
+    slack = SlackSettings(
+        bot_token=bot_token,
+        app_token=app_token,
+        api_url=slack_api_url,
         socket_ping_interval_seconds=_number(
-            env, "SOCKET_PING_INTERVAL_SECONDS", Settings.socket_ping_interval_seconds
+            env, "SOCKET_PING_INTERVAL_SECONDS", SlackSettings.socket_ping_interval_seconds
         ),
-        **_media_settings(env),
-        **_slack_surface_settings(env),
-        **_observability_settings(env),
-        replica_id=_replica_id(env),
-        replica_timeout_seconds=_number(env, "REPLICA_TIMEOUT_SECONDS", Settings.replica_timeout_seconds, minimum=1),
+    )
+    media = _media_settings(env)
+    surfaces = _slack_surface_settings(env)
+    observability = _observability_settings(env, log_level)
+    replica = ReplicaSettings(
+        id=_replica_id(env),
+        timeout_seconds=_number(env, "REPLICA_TIMEOUT_SECONDS", ReplicaSettings.timeout_seconds, minimum=1),
+        shutdown_grace_seconds=shutdown_grace,
+    )
+    budgets = BudgetSettings(
         user_monthly_tokens=_budget(env, "USER_MONTHLY_TOKENS"),
         workspace_monthly_tokens=_budget(env, "WORKSPACE_MONTHLY_TOKENS"),
+    )
+    return Settings(
+        slack=slack,
+        openai=openai,
+        media=media,
+        surfaces=surfaces,
+        budgets=budgets,
+        observability=observability,
+        replica=replica,
+        storage=StorageSettings(database_url=database_url),
+        async_backend=backend,
     )
 
 
@@ -230,75 +302,43 @@ def _budget(env: Mapping[str, str], name: str) -> int | None:
 def _replica_id(env: Mapping[str, str]) -> str:
     """REPLICA_ID, or the host name: one replica per machine needs no setting; several
     on one machine (sharing an SQLite file, say) need one each."""
-    value = env.get("REPLICA_ID", "").strip() or socket.gethostname() or Settings.replica_id
+    value = env.get("REPLICA_ID", "").strip() or socket.gethostname() or ReplicaSettings.id
     if len(value) > 200 or not value.isprintable():
         raise ConfigError(f"REPLICA_ID must be a short printable name, got {value[:40]!r}")
     return value
 
 
-class _MediaSettings(TypedDict):
-    max_file_mb: float
-    max_files_per_message: int
-    image_model: str
-    image_size: str
-    image_quality: ImageQuality
-    max_context_images: int
-    max_image_pixels: int
-    max_pdf_pages: int
-    max_document_chars: int
-    media_workers: int
-    url_fetch_timeout_seconds: float
-    allow_loopback_urls: bool
-
-
-class _SlackSurfaceSettings(TypedDict):
-    settings_command: str
-    admin_users: frozenset[str]
-    allowed_users: frozenset[str]
-    allowed_channels: frozenset[str]
-    native_streaming: bool
-    welcome: bool
-
-
-class _ObservabilitySettings(TypedDict):
-    metrics_port: int | None
-    metrics_host: str
-    log_format: str
-    watchdog_interval_seconds: float
-    watchdog_threshold_seconds: float
-
-
-def _media_settings(env: Mapping[str, str]) -> _MediaSettings:
+def _media_settings(env: Mapping[str, str]) -> MediaSettings:
     """Settings for images and documents."""
-    image_model = env.get("IMAGE_MODEL", "").strip() or Settings.image_model
-    image_size = env.get("IMAGE_SIZE", "").strip().lower() or Settings.image_size
+    image_model = env.get("IMAGE_MODEL", "").strip() or MediaSettings.image_model
+    image_size = env.get("IMAGE_SIZE", "").strip().lower() or MediaSettings.image_size
     if image_size != "auto" and not re.fullmatch(r"[1-9][0-9]{1,4}x[1-9][0-9]{1,4}", image_size):
         raise ConfigError(f"IMAGE_SIZE must be WIDTHxHEIGHT (e.g. 1024x1024) or auto, got {image_size!r}")
-    image_quality = env.get("IMAGE_QUALITY", "").strip().lower() or Settings.image_quality
+    image_quality = env.get("IMAGE_QUALITY", "").strip().lower() or MediaSettings.image_quality
     if not _is_image_quality(image_quality):
         raise ConfigError(f"IMAGE_QUALITY must be one of auto, low, medium, high, xhigh, max; got {image_quality!r}")
     loopback = env.get("ALLOW_LOOPBACK_URLS", "").strip().lower() or "false"
     if loopback not in ("true", "false", "1", "0", "yes", "no"):
         raise ConfigError(f"ALLOW_LOOPBACK_URLS must be true or false, got {loopback!r}")
-    return {
-        "max_file_mb": _number(env, "MAX_FILE_MB", Settings.max_file_mb),
-        "max_files_per_message": _number(env, "MAX_FILES_PER_MESSAGE", Settings.max_files_per_message, cast=int),
-        "image_model": image_model,
-        "image_size": image_size,
-        "image_quality": image_quality,
-        "max_context_images": _number(env, "MAX_CONTEXT_IMAGES", Settings.max_context_images, cast=int, minimum=-1),
-        "max_image_pixels": _number(env, "MAX_IMAGE_PIXELS", Settings.max_image_pixels, cast=int, minimum=10_000),
-        "max_pdf_pages": _number(env, "MAX_PDF_PAGES", Settings.max_pdf_pages, cast=int),
-        "max_document_chars": _number(env, "MAX_DOCUMENT_CHARS", Settings.max_document_chars, cast=int, minimum=1000),
-        "media_workers": _number(env, "MEDIA_WORKERS", Settings.media_workers, cast=int),
-        "url_fetch_timeout_seconds": _number(env, "URL_FETCH_TIMEOUT_SECONDS", Settings.url_fetch_timeout_seconds),
-        "allow_loopback_urls": loopback in ("true", "1", "yes"),
-    }
+    return MediaSettings(
+        max_file_mb=_number(env, "MAX_FILE_MB", MediaSettings.max_file_mb),
+        max_files_per_message=_number(env, "MAX_FILES_PER_MESSAGE", MediaSettings.max_files_per_message, cast=int),
+        image_model=image_model,
+        image_size=image_size,
+        image_quality=image_quality,
+        max_context_images=_number(env, "MAX_CONTEXT_IMAGES", MediaSettings.max_context_images, cast=int, minimum=-1),
+        max_image_pixels=_number(env, "MAX_IMAGE_PIXELS", MediaSettings.max_image_pixels, cast=int, minimum=10_000),
+        max_pdf_pages=_number(env, "MAX_PDF_PAGES", MediaSettings.max_pdf_pages, cast=int),
+        max_document_chars=_number(env, "MAX_DOCUMENT_CHARS", MediaSettings.max_document_chars, cast=int, minimum=1000),
+        media_workers=_number(env, "MEDIA_WORKERS", MediaSettings.media_workers, cast=int),
+        url_fetch_timeout_seconds=_number(env, "URL_FETCH_TIMEOUT_SECONDS", MediaSettings.url_fetch_timeout_seconds),
+        allow_loopback_urls=loopback in ("true", "1", "yes"),
+    )
 
 
-def _slack_surface_settings(env: Mapping[str, str]) -> _SlackSurfaceSettings:
+def _slack_surface_settings(env: Mapping[str, str]) -> SurfaceSettings:
     """Settings for user preferences, access control and Slack UX."""
-    command = env.get("SETTINGS_COMMAND", "").strip() or Settings.settings_command
+    command = env.get("SETTINGS_COMMAND", "").strip() or SurfaceSettings.settings_command
     if not command.startswith("/"):
         command = "/" + command
     if not re.fullmatch(r"/[a-z0-9_\-]{1,31}", command):
@@ -306,14 +346,14 @@ def _slack_surface_settings(env: Mapping[str, str]) -> _SlackSurfaceSettings:
             f"SETTINGS_COMMAND must be a slash command like /settings (lowercase, no spaces, "
             f"at most 32 characters), got {command!r}"
         )
-    return {
-        "settings_command": command,
-        "admin_users": _slack_ids(env, "ADMIN_USERS", "UW"),
-        "allowed_users": _slack_ids(env, "ALLOWED_USERS", "UW"),
-        "allowed_channels": _slack_ids(env, "ALLOWED_CHANNELS", "CGD"),
-        "native_streaming": _flag(env, "NATIVE_STREAMING", Settings.native_streaming),
-        "welcome": _flag(env, "WELCOME_MESSAGE", Settings.welcome),
-    }
+    return SurfaceSettings(
+        settings_command=command,
+        admin_users=_slack_ids(env, "ADMIN_USERS", "UW"),
+        allowed_users=_slack_ids(env, "ALLOWED_USERS", "UW"),
+        allowed_channels=_slack_ids(env, "ALLOWED_CHANNELS", "CGD"),
+        native_streaming=_flag(env, "NATIVE_STREAMING", SurfaceSettings.native_streaming),
+        welcome=_flag(env, "WELCOME_MESSAGE", SurfaceSettings.welcome),
+    )
 
 
 def _slack_ids(env: Mapping[str, str], name: str, prefixes: str) -> frozenset[str]:
@@ -347,7 +387,7 @@ def _openai_key(env: Mapping[str, str], purpose: str) -> str:
     return key
 
 
-def _observability_settings(env: Mapping[str, str]) -> _ObservabilitySettings:
+def _observability_settings(env: Mapping[str, str], log_level: str) -> ObservabilitySettings:
     """Settings for metrics, health endpoints and log format."""
     port = None
     raw_port = env.get("METRICS_PORT", "").strip()
@@ -358,15 +398,18 @@ def _observability_settings(env: Mapping[str, str]) -> _ObservabilitySettings:
             raise ConfigError(f"METRICS_PORT must be a port number, got {raw_port!r}") from None
         if not 0 <= port <= 65535:
             raise ConfigError(f"METRICS_PORT must be between 0 and 65535, got {raw_port!r}")
-    log_format = env.get("LOG_FORMAT", "").strip().lower() or Settings.log_format
+    log_format = env.get("LOG_FORMAT", "").strip().lower() or ObservabilitySettings.log_format
     if log_format not in ("text", "json"):
         raise ConfigError(f"LOG_FORMAT must be 'text' or 'json', got {log_format!r}")
-    return {
-        "metrics_port": port,
-        "metrics_host": env.get("METRICS_HOST", "").strip() or Settings.metrics_host,
-        "log_format": log_format,
-        "watchdog_interval_seconds": _number(env, "WATCHDOG_INTERVAL_SECONDS", Settings.watchdog_interval_seconds),
-        "watchdog_threshold_seconds": _number(
-            env, "WATCHDOG_THRESHOLD_SECONDS", Settings.watchdog_threshold_seconds, minimum=-1
+    return ObservabilitySettings(
+        log_level=log_level,
+        metrics_port=port,
+        metrics_host=env.get("METRICS_HOST", "").strip() or ObservabilitySettings.metrics_host,
+        log_format=log_format,
+        watchdog_interval_seconds=_number(
+            env, "WATCHDOG_INTERVAL_SECONDS", ObservabilitySettings.watchdog_interval_seconds
         ),
-    }
+        watchdog_threshold_seconds=_number(
+            env, "WATCHDOG_THRESHOLD_SECONDS", ObservabilitySettings.watchdog_threshold_seconds, minimum=-1
+        ),
+    )

@@ -73,7 +73,7 @@ class Nursery:
         self.services = services
         settings = services.settings
         self.gates = ThreadGates(
-            services.store, owner=settings.replica_id, lease_seconds=settings.replica_timeout_seconds
+            services.store, owner=settings.replica.id, lease_seconds=settings.replica.timeout_seconds
         )
         self.recent = RecentKeys()
         self.active: dict[str, RequestState] = {}
@@ -85,7 +85,7 @@ class Nursery:
             services.slack,
             connector,
             self.on_envelope,
-            ping_interval=services.settings.socket_ping_interval_seconds,
+            ping_interval=services.settings.slack.socket_ping_interval_seconds,
             ack_payload=self.ux.ack_payload,
             metrics=services.metrics,
         )
@@ -108,13 +108,21 @@ class Nursery:
             self._tg = tg
             if self._handle_signals:
                 tg.start_soon(self._watch_signals)
-            if settings.metrics_port is not None:
+            if settings.observability.metrics_port is not None:
                 ready = partial(check_ready, lambda: self.reader.ready_sockets > 0, self.services.store)
                 self.metrics_port = await tg.start(
-                    serve_endpoints, self.services.metrics, ready, settings.metrics_host, settings.metrics_port
+                    serve_endpoints,
+                    self.services.metrics,
+                    ready,
+                    settings.observability.metrics_host,
+                    settings.observability.metrics_port,
                 )
             tg.start_soon(self._run_reader)
-            tg.start_soon(self._watchdog, settings.watchdog_interval_seconds, settings.watchdog_threshold_seconds)
+            tg.start_soon(
+                self._watchdog,
+                settings.observability.watchdog_interval_seconds,
+                settings.observability.watchdog_threshold_seconds,
+            )
             tg.start_soon(self._cleanup)
             tg.start_soon(self.gates.renew_forever)
             tg.start_soon(
@@ -123,12 +131,12 @@ class Nursery:
                     self.services.slack,
                     self.services.store,
                     self.gates,
-                    replica_timeout=settings.replica_timeout_seconds,
+                    replica_timeout=settings.replica.timeout_seconds,
                     unrecorded=self.unrecorded,
                 )
             )
             await self._stop.wait()
-            await self._shutdown(settings.shutdown_grace_seconds)
+            await self._shutdown(settings.replica.shutdown_grace_seconds)
             await stop_replica(self.services.store, self.gates, self.unrecorded)
             tg.cancel_scope.cancel()
         log.info("stopped; outcomes: %s", self.outcomes or "none")

@@ -15,14 +15,14 @@ from contextlib import asynccontextmanager
 import httpx2
 import openai
 
-from bot.config import Settings
+from bot.config import OpenAISettings
 
 NO_KEY = "no-key-needed"
 
 
 @asynccontextmanager
 async def openai_client(
-    settings: Settings, *, transport: httpx2.AsyncBaseTransport | None = None, max_retries: int = 2
+    settings: OpenAISettings, *, transport: httpx2.AsyncBaseTransport | None = None, max_retries: int = 2
 ) -> AsyncIterator[openai.AsyncOpenAI]:
     """The client and its HTTP client, both closed on exit. `transport` replaces the
     network (tests, the simulation)."""
@@ -39,8 +39,8 @@ async def openai_client(
     async with (
         http,
         openai.AsyncOpenAI(
-            api_key=settings.openai_api_key or NO_KEY,
-            base_url=settings.openai_base_url,
+            api_key=settings.api_key or NO_KEY,
+            base_url=settings.base_url,
             http_client=http,
             max_retries=max_retries,
         ) as client,

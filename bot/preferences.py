@@ -71,10 +71,9 @@ class Preferences:
 
 def baseline(settings: Settings) -> Preferences:
     """The level below everything stored: what the environment configures."""
-    size = getattr(settings, "image_size", "auto")  # IMAGE_SIZE / IMAGE_QUALITY, when the media feature has them
-    quality = getattr(settings, "image_quality", "auto")
+    size, quality = settings.media.image_size, settings.media.image_quality  # IMAGE_SIZE / IMAGE_QUALITY
     return Preferences(
-        model=settings.openai_model,
+        model=settings.openai.model,
         image_size=size if size in IMAGE_SIZES else "auto",
         image_quality=quality if quality in IMAGE_QUALITIES else "auto",
     )

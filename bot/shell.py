@@ -128,8 +128,8 @@ async def attach(path_text: str, settings: Settings, workers: anyio.CapacityLimi
     kind = document_kind(name)
     if kind is None:
         return "", f"{name} {unsupported_reason(name)}"
-    max_bytes = int(settings.max_file_mb * MB)
-    limits = DocumentLimits(max_pdf_pages=settings.max_pdf_pages, max_chars=settings.max_document_chars)
+    max_bytes = int(settings.media.max_file_mb * MB)
+    limits = DocumentLimits(max_pdf_pages=settings.media.max_pdf_pages, max_chars=settings.media.max_document_chars)
     try:
         data = await anyio.to_thread.run_sync(_read_file, path, max_bytes, limiter=workers)
         document = await anyio.to_thread.run_sync(
@@ -166,10 +166,10 @@ async def run_shell(
     store = await open_store("sqlite:///:memory:")
     gates = ThreadGates(store, owner="shell")  # the same gate as the bot's: its lease fences the writes
     try:
-        async with openai_client(settings, transport=openai_transport) as ai:
+        async with openai_client(settings.openai, transport=openai_transport) as ai:
             services = Services(settings=settings, openai=ai, store=store, model_slots=anyio.CapacityLimiter(1))
             conversation = Conversation()
-            await say(f"slackbot shell — model {settings.openai_model}. {HELP}")
+            await say(f"slackbot shell — model {settings.openai.model}. {HELP}")
             while True:
                 line = await reader.readline()
                 if line is None:

@@ -97,19 +97,19 @@ async def run_bot(
                 transport=url_transport,
                 trust_env=False,
                 follow_redirects=False,
-                timeout=httpx2.Timeout(settings.url_fetch_timeout_seconds, connect=5.0),
+                timeout=httpx2.Timeout(settings.media.url_fetch_timeout_seconds, connect=5.0),
                 limits=httpx2.Limits(max_connections=20, max_keepalive_connections=0),
             )
         )
-        ai = await stack.enter_async_context(openai_client(settings, transport=openai_transport, max_retries=2))
+        ai = await stack.enter_async_context(openai_client(settings.openai, transport=openai_transport, max_retries=2))
         if store is None:
-            store = await open_store(settings.database_url)
+            store = await open_store(settings.storage.database_url)
             stack.push_async_callback(_close_store, store)
         store = TimedStore(store, metrics)
         slack = SlackWebAPI(
-            bot_token=settings.slack_bot_token,
-            app_token=settings.slack_app_token,
-            base_url=settings.slack_api_url,
+            bot_token=settings.slack.bot_token,
+            app_token=settings.slack.app_token,
+            base_url=settings.slack.api_url,
             client=slack_http,
             metrics=metrics,
         )
@@ -121,12 +121,12 @@ async def run_bot(
             openai=ai,
             store=store,
             me=me,
-            model_slots=anyio.CapacityLimiter(settings.async_max_concurrent_requests),
+            model_slots=anyio.CapacityLimiter(settings.openai.async_max_concurrent_requests),
             metrics=metrics,
-            media=MediaServices(url_client=url_http, workers=anyio.CapacityLimiter(settings.media_workers)),
+            media=MediaServices(url_client=url_http, workers=anyio.CapacityLimiter(settings.media.media_workers)),
         )
         nursery = Nursery(services, connector, handle_signals=handle_signals)
-        await start_replica(slack, store, nursery.gates, replica_timeout=settings.replica_timeout_seconds)
+        await start_replica(slack, store, nursery.gates, replica_timeout=settings.replica.timeout_seconds)
         if on_ready is not None:
             on_ready(nursery)
         await nursery.run()

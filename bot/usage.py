@@ -81,7 +81,9 @@ def stored_budget(value: object) -> int | None:
 
 def default_budgets(settings: Settings) -> Budgets:
     """The environment's budgets (USER_MONTHLY_TOKENS, WORKSPACE_MONTHLY_TOKENS)."""
-    return Budgets(user=settings.user_monthly_tokens or None, workspace=settings.workspace_monthly_tokens or None)
+    return Budgets(
+        user=settings.budgets.user_monthly_tokens or None, workspace=settings.budgets.workspace_monthly_tokens or None
+    )
 
 
 def budgets_from(settings: Settings, workspace: Mapping[str, object]) -> Budgets:

@@ -41,13 +41,13 @@ def parse_month(text: str | None, *, now: datetime | None = None) -> datetime:
 async def usage_report(settings: Settings, start: datetime, as_csv: bool) -> tuple[int, str]:
     """(exit code, text): 0 and the report, or 1 and one line saying why the database
     could not be read. A SQLite file that does not exist is not created."""
-    location = locate(settings.database_url)
+    location = locate(settings.storage.database_url)
     if location.engine == "sqlite" and location.target != ":memory:" and not await anyio.Path(location.target).exists():
         return 1, f"slackbot: no database at {location.target} (DATABASE_URL): no usage recorded there yet\n"
     start, end = month_bounds(start)
     since, until = month_days(start, end)
     try:
-        store = await open_store(settings.database_url)
+        store = await open_store(settings.storage.database_url)
     except StorageError as exc:
         return 1, f"slackbot: cannot read usage: {exc}\n"  # the error names the database, password hidden
     try:

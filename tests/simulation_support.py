@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -31,16 +30,14 @@ import anyio
 import anyio.to_thread
 import httpx2
 
-from bot.config import Settings
 from bot.nursery import Nursery
 from bot.processing.failures import BUSY_NOTICE, INTERRUPTED_NOTICE
 from tests.fakes.openai import Behaviour, FakeOpenAI
 from tests.fakes.slack import FakeSlack
-from tests.harness import running_bot
+from tests.harness import SETTING_DEFAULTS, running_bot
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 PRODUCTION = {
-    name: _DEFAULTS[name]
+    name: SETTING_DEFAULTS[name]
     for name in (
         "async_timeout_seconds",
         "async_max_concurrent_requests",

@@ -287,7 +287,11 @@ async def test_watchdog_logs_a_long_request_every_interval(slack, ai, json_log):
 def test_observability_settings():
     base = {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1", "OPENAI_API_KEY": "sk-1"}
     settings = load_settings(base, dotenv_path=None)
-    assert (settings.metrics_port, settings.metrics_host, settings.log_format) == (None, "127.0.0.1", "text")
+    assert (
+        settings.observability.metrics_port,
+        settings.observability.metrics_host,
+        settings.observability.log_format,
+    ) == (None, "127.0.0.1", "text")
     settings = load_settings(
         {
             **base,
@@ -299,8 +303,15 @@ def test_observability_settings():
         },
         dotenv_path=None,
     )
-    assert (settings.metrics_port, settings.metrics_host, settings.log_format) == (9102, "0.0.0.0", "json")
-    assert (settings.watchdog_interval_seconds, settings.watchdog_threshold_seconds) == (5.0, 30.0)
+    assert (
+        settings.observability.metrics_port,
+        settings.observability.metrics_host,
+        settings.observability.log_format,
+    ) == (9102, "0.0.0.0", "json")
+    assert (settings.observability.watchdog_interval_seconds, settings.observability.watchdog_threshold_seconds) == (
+        5.0,
+        30.0,
+    )
     for bad in (
         {"METRICS_PORT": "http"},
         {"METRICS_PORT": "70000"},

@@ -7,6 +7,7 @@ import pytest
 from bot.config import ConfigError, load_settings
 from bot.dedupe import RecentKeys
 from bot.logs import RedactSecrets
+from tests.harness import test_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -24,9 +25,22 @@ def test_recent_keys_dedupe_and_bounds():
 
 def test_settings_defaults_and_repr_hides_tokens():
     s = load_settings(BASE_ENV, dotenv_path=None)
-    assert s.async_timeout_seconds == 305 and s.async_max_concurrent_requests == 100
-    assert s.database_url == "sqlite:///data/bot.db" and s.async_backend == "trio"
+    assert s.openai.async_timeout_seconds == 305 and s.openai.async_max_concurrent_requests == 100
+    assert s.storage.database_url == "sqlite:///data/bot.db" and s.async_backend == "trio"
     assert "xoxb" not in repr(s) and "sk-" not in repr(s)
+
+
+def test_the_harness_puts_flat_overrides_in_their_group_and_refuses_unknown_names():
+    s = test_settings(openai_model="gpt-4o", max_file_mb=3.0, replica_id="r2", native_streaming=True)
+    assert (s.openai.model, s.media.max_file_mb, s.replica.id, s.surfaces.native_streaming) == (
+        "gpt-4o",
+        3.0,
+        "r2",
+        True,
+    )
+    assert s.surfaces.welcome is False and s.openai.async_timeout_seconds == 5.0  # the rest as the harness sets it
+    with pytest.raises(TypeError, match="opneai_model"):
+        test_settings(opneai_model="gpt-4o")
 
 
 @pytest.mark.parametrize(

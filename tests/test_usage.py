@@ -112,14 +112,15 @@ def test_budgets_come_from_the_workspace_defaults_then_the_environment():
 
 def test_budget_settings_parse_and_default_to_unlimited():
     s = load_settings(BASE_ENV, dotenv_path=None)
-    assert s.user_monthly_tokens is None and s.workspace_monthly_tokens is None
+    assert s.budgets.user_monthly_tokens is None and s.budgets.workspace_monthly_tokens is None
     s = load_settings(
         {**BASE_ENV, "USER_MONTHLY_TOKENS": "1,000,000", "WORKSPACE_MONTHLY_TOKENS": "50_000_000"}, dotenv_path=None
     )
-    assert (s.user_monthly_tokens, s.workspace_monthly_tokens) == (1_000_000, 50_000_000)
+    assert (s.budgets.user_monthly_tokens, s.budgets.workspace_monthly_tokens) == (1_000_000, 50_000_000)
     for unlimited in ("0", "", "  "):
         assert (
-            load_settings({**BASE_ENV, "USER_MONTHLY_TOKENS": unlimited}, dotenv_path=None).user_monthly_tokens is None
+            load_settings({**BASE_ENV, "USER_MONTHLY_TOKENS": unlimited}, dotenv_path=None).budgets.user_monthly_tokens
+            is None
         )
     for bad in ("lots", "-5", "1.5", "²", "9" * 14):
         with pytest.raises(ConfigError, match="USER_MONTHLY_TOKENS must be a whole number"):

@@ -90,7 +90,7 @@ async def test_the_tokens_of_a_drawing_count_under_the_image_model(slack, ai):
         async with running_bot(slack, ai, store=store) as nursery:
             _, ev = await send_dm(slack, "draw a lighthouse")
             await wait_reply(slack, "D1", ev["ts"], "Echo: draw a lighthouse")
-            image_model = nursery.services.settings.image_model
+            image_model = nursery.services.settings.media.image_model
             totals = await _eventually(
                 lambda: store.usage_totals(*month_days(*month_bounds(time.time()))),
                 lambda rows: {r.model for r in rows} == {"gpt-5-mini", image_model},

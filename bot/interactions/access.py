@@ -24,15 +24,15 @@ REFUSAL_CHANNEL = (
 def refusal(settings: Settings, user: str, channel: str | None) -> str:
     """ "" when `user` may use the bot in `channel` (None: no channel involved, e.g. the
     settings modal); otherwise the polite line to show them."""
-    if user in settings.admin_users:
+    if user in settings.surfaces.admin_users:
         return ""
-    if settings.allowed_users and user not in settings.allowed_users:
+    if settings.surfaces.allowed_users and user not in settings.surfaces.allowed_users:
         return REFUSAL_USER
     if (
         channel
-        and settings.allowed_channels
+        and settings.surfaces.allowed_channels
         and not is_dm_channel(channel)
-        and channel not in settings.allowed_channels
+        and channel not in settings.surfaces.allowed_channels
     ):
         return REFUSAL_CHANNEL
     return ""

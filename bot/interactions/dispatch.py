@@ -81,10 +81,10 @@ class SlackUX:
         settings = self.services.settings
         if envelope_type == "slash_commands":
             command = payload.get("command")
-            if command != settings.settings_command:
+            if command != settings.surfaces.settings_command:
                 return {
                     "response_type": "ephemeral",
-                    "text": f"I don't know {command}. Try {settings.settings_command}.",
+                    "text": f"I don't know {command}. Try {settings.surfaces.settings_command}.",
                 }
             why = refusal(settings, str(payload.get("user_id") or ""), None)
             return {"response_type": "ephemeral", "text": why} if why else None
@@ -92,7 +92,7 @@ class SlackUX:
             view = payload.get("view")
             if isinstance(view, dict) and view.get("callback_id") == CALLBACK_ID:
                 user = str((payload.get("user") or {}).get("id") or "")
-                submission = parse_submission(view, user=user, admins=settings.admin_users)
+                submission = parse_submission(view, user=user, admins=settings.surfaces.admin_users)
                 if submission.errors:
                     return errors_ack(submission.errors)
         return None
@@ -108,7 +108,7 @@ class SlackUX:
 
     async def handle(self, envelope: Envelope) -> None:
         """Handle one envelope to completion, within a bound; never raises (but cancellation)."""
-        bound = self.services.settings.async_timeout_seconds + 30.0
+        bound = self.services.settings.openai.async_timeout_seconds + 30.0
         try:
             with anyio.move_on_after(bound) as scope:
                 await self._route(envelope)
@@ -126,9 +126,11 @@ class SlackUX:
             if await self.first("refusal", str(msg.thread)):
                 await self._post(msg.channel, msg.thread_ts, why)
             return False
-        if msg.kind == "dm" and self.services.settings.welcome and await self.first("welcome", msg.user):
+        if msg.kind == "dm" and self.services.settings.surfaces.welcome and await self.first("welcome", msg.user):
             # Its own message in the DM, not in the thread: the conversation stays the user's.
-            await self._post(msg.channel, None, welcome_text(msg.user, self.services.settings.settings_command))
+            await self._post(
+                msg.channel, None, welcome_text(msg.user, self.services.settings.surfaces.settings_command)
+            )
         return True
 
     # ---- routing ---------------------------------------------------------------------
@@ -145,7 +147,7 @@ class SlackUX:
     async def _slash_command(self, payload: dict[str, Any]) -> None:
         settings = self.services.settings
         user, trigger = payload.get("user_id"), payload.get("trigger_id")
-        if payload.get("command") != settings.settings_command or refusal(settings, str(user or ""), None):
+        if payload.get("command") != settings.surfaces.settings_command or refusal(settings, str(user or ""), None):
             return  # answered in the ack
         if not isinstance(user, str) or not user or not isinstance(trigger, str) or not trigger:
             log.warning("slash command without user_id or trigger_id; ignored")

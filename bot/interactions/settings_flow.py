@@ -102,7 +102,7 @@ async def open_settings(
     """Open the modal on `trigger_id`, showing the settings saved at `scope` (with what
     lies beneath them). False (logged) when Slack refused."""
     settings = services.settings
-    is_admin = user in settings.admin_users
+    is_admin = user in settings.surfaces.admin_users
     if scope is None or (scope == "workspace" and not is_admin) or (scope == "thread" and not context.thread):
         scope = "thread" if context.thread else "user"
     models: list[str] = []
@@ -121,7 +121,7 @@ async def open_settings(
     view = settings_view(
         shown,
         models,
-        configured_model=settings.openai_model,
+        configured_model=settings.openai.model,
         scope=scope,
         context=context,
         is_admin=is_admin,
@@ -140,7 +140,7 @@ async def model_changed(services: SlackServices, catalog: ModelCatalog, payload:
     reasoning effort, whichever the new model takes; other fields keep what was typed."""
     view = payload.get("view") or {}
     user = (payload.get("user") or {}).get("id", "")
-    submission = parse_submission(view, user=user, admins=services.settings.admin_users)
+    submission = parse_submission(view, user=user, admins=services.settings.surfaces.admin_users)
     settings = services.settings
     layers = await load_layers(services.store, user, submission.thread)
     scope = submission.scope if submission.scope in ("user", "thread", "workspace") else "user"
@@ -153,10 +153,10 @@ async def model_changed(services: SlackServices, catalog: ModelCatalog, payload:
     new_view = settings_view(
         shown,
         models,
-        configured_model=settings.openai_model,
+        configured_model=settings.openai.model,
         scope=scope,
         context=ModalContext.decode(view.get("private_metadata")),
-        is_admin=user in settings.admin_users,
+        is_admin=user in settings.surfaces.admin_users,
         budgets=budgets,
     )
     try:
@@ -174,7 +174,7 @@ async def save(services: SlackServices, payload: dict[str, Any]) -> Submission |
     if not isinstance(user, str) or not user:
         log.warning("settings submission without a user; ignored")
         return None
-    submission = parse_submission(payload.get("view"), user=user, admins=settings.admin_users)
+    submission = parse_submission(payload.get("view"), user=user, admins=settings.surfaces.admin_users)
     if submission.errors:
         # Already shown in the modal through the ack; the modal stayed open.
         log.info("settings from %s not saved: %s", user, ", ".join(sorted(submission.errors)))
@@ -206,7 +206,7 @@ async def refresh_home(services: SlackServices, user: str) -> None:
     """Publish the Home tab with the user's settings (theirs over the workspace defaults)
     and their usage this month (an admin's also shows the workspace's)."""
     settings = services.settings
-    is_admin = user in settings.admin_users
+    is_admin = user in settings.surfaces.admin_users
     allowed = not refusal(settings, user, None)
     layers = await load_layers(services.store, user, None)
     prefs = merge(baseline(settings), layers.workspace, layers.user)
@@ -216,7 +216,7 @@ async def refresh_home(services: SlackServices, user: str) -> None:
         usage = await month_usage(services.store, user, budgets, now=time.time(), admin=is_admin)
     view = home_view(
         prefs,
-        command=settings.settings_command,
+        command=settings.surfaces.settings_command,
         is_admin=is_admin,
         allowed=allowed,
         usage=usage,

@@ -73,7 +73,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
     outcome: RequestOutcome
     outcome, notice, detail = "error", "", ""
     try:
-        with anyio.move_on_after(settings.async_timeout_seconds) as deadline:
+        with anyio.move_on_after(settings.openai.async_timeout_seconds) as deadline:
             # The model request does not wait for the placeholder: the answer is opened
             # (posted, then recorded) beside the preparation of the request, and what the
             # model sends meanwhile is shown once the answer is open.
@@ -94,8 +94,8 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
             elif not writer.text and progress.turn is not None and progress.turn.answerable:
                 notice = EMPTY_NOTICE
         if deadline.cancelled_caught:
-            outcome, detail = "timeout", f"no answer within {settings.async_timeout_seconds:g}s"
-            notice = timeout_notice(settings.async_timeout_seconds)
+            outcome, detail = "timeout", f"no answer within {settings.openai.async_timeout_seconds:g}s"
+            notice = timeout_notice(settings.openai.async_timeout_seconds)
     except anyio.get_cancelled_exc_class():
         if state.stop_reason:  # the user pressed Stop (the nursery set it before cancelling)
             outcome, notice, detail = "stopped", STOPPED_NOTICE, state.stop_reason
@@ -161,7 +161,7 @@ async def _record_usage(services: Services, user: str, model: str, outcome: Outc
         await record_usage(
             services.store,
             user=user,
-            model=services.settings.image_model,
+            model=services.settings.media.image_model,
             outcome=outcome,
             tokens_in=tools.tokens_in,
             tokens_out=tools.tokens_out,
@@ -267,7 +267,7 @@ async def _prepare_and_stream(
         options.system_prompt,
         history,
         turn.user_text,
-        budget_tokens=settings.context_budget_tokens,
+        budget_tokens=settings.openai.context_budget_tokens,
         reserve_for_answer=options.max_answer_tokens,
         user_parts=turn.image_parts,
         parts_tokens=turn.image_tokens,
@@ -335,7 +335,7 @@ async def _stream_answer(
                     max_tokens=options.max_answer_tokens,
                     temperature=options.temperature,
                     reasoning_effort=options.reasoning_effort,
-                    idle_timeout=settings.stream_idle_timeout_seconds,
+                    idle_timeout=settings.openai.stream_idle_timeout_seconds,
                     on_delta=first_call_timer(
                         writer.append,
                         lambda: services.metrics.first_token_latency.observe(anyio.current_time() - state.started_at),

@@ -129,7 +129,7 @@ async def in_worker(media: MediaServices, fn: Callable[P, T], *args: P.args, **k
 
 def _limits(services: Services) -> DocumentLimits:
     s = services.settings
-    return DocumentLimits(max_pdf_pages=s.max_pdf_pages, max_chars=s.max_document_chars)
+    return DocumentLimits(max_pdf_pages=s.media.max_pdf_pages, max_chars=s.media.max_document_chars)
 
 
 @dataclass
@@ -154,9 +154,9 @@ async def read_attachments(
         notes = [_line(str(f.get("name") or "a file"), "was not read: files are not supported here") for f in msg.files]
         return Turn(user_text=msg.text, stored_text=msg.text, notes=notes, answerable=bool(msg.text.strip()))
     earlier: list[ThreadImage] = []
-    if msg.in_existing_thread and settings.max_context_images > 0:
+    if msg.in_existing_thread and settings.media.max_context_images > 0:
         state.stage = "loading thread images"
-        earlier = await services.store.thread_images(msg.thread, limit=settings.max_context_images)
+        earlier = await services.store.thread_images(msg.thread, limit=settings.media.max_context_images)
     urls = image_urls(msg.text)
     if not msg.files and not urls:
         return _turn(msg.text, _Collected(), earlier)
@@ -170,7 +170,7 @@ async def read_attachments(
             if collected.documents:
                 state.stage = "fitting documents"
                 room = (
-                    settings.context_budget_tokens
+                    settings.openai.context_budget_tokens
                     - reserve_for_answer
                     - count_tokens(system_prompt)
                     - count_tokens(msg.text)
@@ -193,7 +193,7 @@ async def read_attachments(
         stamped = [
             ThreadImage(i.name, i.mime, i.data, i.width, i.height, i.source, i.label, msg.ts) for i in collected.images
         ]
-        await services.store.add_thread_images(msg.thread, stamped, keep=max(settings.max_context_images, 1))
+        await services.store.add_thread_images(msg.thread, stamped, keep=max(settings.media.max_context_images, 1))
     writer.set_status(PLACEHOLDER)
     return _turn(msg.text, collected, earlier)
 
@@ -229,7 +229,7 @@ async def _read_all(
     collected: _Collected,
 ) -> None:
     msg = state.message
-    limit = services.settings.max_files_per_message
+    limit = services.settings.media.max_files_per_message
     sources: list[dict[str, Any] | str] = [*msg.files, *urls]
     if len(sources) > limit:
         skipped = len(sources) - limit
@@ -275,10 +275,10 @@ async def _read_file(
             raise FileProblem(unsupported_reason(file.name), "unsupported")
         with progress(writer, f"Reading {_clean(name)}"):  # failed if a FileProblem leaves it
             state.stage = f"downloading {name}"
-            data = await writer.download_file(file, max_bytes=int(settings.max_file_mb * MB))
+            data = await writer.download_file(file, max_bytes=int(settings.media.max_file_mb * MB))
             if kind is None:  # an image: a file that is neither was refused above
                 state.stage = f"processing image {name}"
-                prepared = await in_worker(media, prepare_image, data, max_pixels=settings.max_image_pixels)
+                prepared = await in_worker(media, prepare_image, data, max_pixels=settings.media.max_image_pixels)
                 _add_image(collected, name, prepared, "attached by the user")
             else:
                 state.stage = f"parsing {name}"
@@ -308,12 +308,12 @@ async def _read_url(
             fetched = await fetch_image(
                 media.url_client,
                 url,
-                max_bytes=int(settings.max_file_mb * MB),
-                timeout=settings.url_fetch_timeout_seconds,
-                allow_loopback=settings.allow_loopback_urls,
+                max_bytes=int(settings.media.max_file_mb * MB),
+                timeout=settings.media.url_fetch_timeout_seconds,
+                allow_loopback=settings.media.allow_loopback_urls,
             )
             state.stage = "processing an image URL"
-            prepared = await in_worker(media, prepare_image, fetched.data, max_pixels=settings.max_image_pixels)
+            prepared = await in_worker(media, prepare_image, fetched.data, max_pixels=settings.media.max_image_pixels)
             short = urlsplit(url).path.rsplit("/", 1)[-1] or "image"
             _add_image(collected, short, prepared, f"from the link {url}")
     except FileProblem as problem:

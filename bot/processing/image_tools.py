@@ -178,7 +178,7 @@ class ImageTools:
 
     @property
     def enabled(self) -> bool:
-        return self.services.settings.image_model.lower() not in ("", "off", "none")
+        return self.services.settings.media.image_model.lower() not in ("", "off", "none")
 
     def specs(self) -> list[ChatCompletionFunctionToolParam]:
         return [GENERATE_TOOL, EDIT_TOOL] if self.images else [GENERATE_TOOL]
@@ -238,9 +238,9 @@ class ImageTools:
         taken at the call). (Any: spread into the SDK's keyword arguments.)"""
         settings = self.services.settings
         return {
-            "model": settings.image_model,
-            "size": settings.image_size,
-            "quality": settings.image_quality,
+            "model": settings.media.image_model,
+            "size": settings.media.image_size,
+            "quality": settings.media.image_quality,
             "n": 1,
             "timeout": sdk_timeout(),
         }
@@ -266,7 +266,7 @@ class ImageTools:
         return f"The image service refused the request: {message}. Tell the user briefly."
 
     def _unavailable(self, exc: openai.APIStatusError) -> str:
-        model = self.services.settings.image_model
+        model = self.services.settings.media.image_model
         log.warning("request %s: image model %s unavailable: %s", self.state.request_id, model, api_message(exc))
         self.notes.append(
             f":no_entry: The image model `{model}` is not available to this API key "
@@ -292,7 +292,9 @@ class ImageTools:
                 raise FileProblem("was too large", "too_large")
             media = self.services.media
             assert media is not None  # the tools are only offered with media services
-            prepared = await in_worker(media, prepare_image, data, max_pixels=self.services.settings.max_image_pixels)
+            prepared = await in_worker(
+                media, prepare_image, data, max_pixels=self.services.settings.media.max_image_pixels
+            )
         except FileProblem as problem:
             log.warning("request %s: the images API answer %s", self.state.request_id, problem.reason)
             self.notes.append(f":warning: The image service's answer {problem.reason}; no image was posted.")
@@ -335,7 +337,7 @@ class ImageTools:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):  # posted, so remember it
             try:
                 await self.services.store.add_thread_images(
-                    msg.thread, [image], keep=max(self.services.settings.max_context_images, 1)
+                    msg.thread, [image], keep=max(self.services.settings.media.max_context_images, 1)
                 )
             except StorageError as exc:  # the picture is in Slack; only a later edit would miss it
                 log.warning("request %s: could not store the posted image: %s", self.state.request_id, exc)

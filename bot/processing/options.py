@@ -51,7 +51,7 @@ async def options_for(services: Services, user: str, thread: ThreadKey | None) -
 def options_from(settings: Settings, prefs: Preferences, budgets: Budgets | None = None) -> RequestOptions:
     """Pure: a temperature only for models that take one, an effort only for reasoning models."""
     reasoning = is_reasoning_model(prefs.model)
-    system_prompt = settings.system_prompt
+    system_prompt = settings.openai.system_prompt
     if prefs.instructions.strip():
         system_prompt = (
             f"{system_prompt}\n\nStanding instructions from the user "
@@ -60,7 +60,7 @@ def options_from(settings: Settings, prefs: Preferences, budgets: Budgets | None
     return RequestOptions(
         model=prefs.model,
         system_prompt=system_prompt,
-        max_answer_tokens=settings.max_answer_tokens,
+        max_answer_tokens=settings.openai.max_answer_tokens,
         temperature=None if reasoning else prefs.temperature,
         reasoning_effort=prefs.reasoning_effort if reasoning else None,
         stream=prefs.stream,

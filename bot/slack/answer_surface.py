@@ -673,7 +673,7 @@ async def slack_surface(
     in_dm = is_dm_channel(msg.channel)
     if not options.stream:
         mode = "final"
-    elif settings.native_streaming and in_dm:
+    elif settings.surfaces.native_streaming and in_dm:
         # In a DM the thread status ("is thinking…") shows progress before the first
         # words; in a channel only the placeholder can, so channels keep chat.update.
         mode = "native"
@@ -693,7 +693,7 @@ async def slack_surface(
         msg.channel,
         msg.thread_ts,
         mode=mode,
-        interval=settings.update_interval_seconds,
+        interval=settings.surfaces.update_interval_seconds,
         recipient_user=msg.user,
         recipient_team=me.team_id,
         assistant_thread=in_dm,

@@ -128,8 +128,12 @@ def test_access_settings_are_parsed_and_checked():
         },
         dotenv_path=None,
     )
-    assert s.allowed_users == {"U1", "U2", "W3"} and s.allowed_channels == {"C1", "G2"}
-    assert s.admin_users == {"UA"} and s.native_streaming is False and s.settings_command == "/ai"
+    assert s.surfaces.allowed_users == {"U1", "U2", "W3"} and s.surfaces.allowed_channels == {"C1", "G2"}
+    assert (
+        s.surfaces.admin_users == {"UA"}
+        and s.surfaces.native_streaming is False
+        and s.surfaces.settings_command == "/ai"
+    )
     for bad in (
         {"ALLOWED_USERS": "bob"},
         {"ALLOWED_CHANNELS": "U1"},

@@ -290,12 +290,12 @@ def test_fallback_rule(text, has_image, expected):
 def test_media_settings():
     env = {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1", "OPENAI_API_KEY": "sk"}
     defaults = load_settings(env, dotenv_path=None)
-    assert (defaults.max_file_mb, defaults.image_model, defaults.max_context_images) == (
+    assert (defaults.media.max_file_mb, defaults.media.image_model, defaults.media.max_context_images) == (
         20.0,
         "gpt-image-2.5-sunburst",
         4,
     )
-    assert defaults.allow_loopback_urls is False
+    assert defaults.media.allow_loopback_urls is False
     custom = load_settings(
         {
             **env,
@@ -308,13 +308,18 @@ def test_media_settings():
         },
         dotenv_path=None,
     )
-    assert (custom.max_file_mb, custom.image_model, custom.image_size, custom.image_quality) == (
+    assert (
+        custom.media.max_file_mb,
+        custom.media.image_model,
+        custom.media.image_size,
+        custom.media.image_quality,
+    ) == (
         5.0,
         "gpt-image-2",
         "1536x1024",
         "high",
     )
-    assert custom.max_context_images == 0 and custom.allow_loopback_urls is True
+    assert custom.media.max_context_images == 0 and custom.media.allow_loopback_urls is True
     for bad in (
         {"IMAGE_SIZE": "huge"},
         {"IMAGE_QUALITY": "hd"},

@@ -37,7 +37,7 @@ def no_models(monkeypatch):
 
 async def _stream(ai: FakeOpenAI, **kwargs):
     deltas: list[str] = []
-    settings = test_settings()
+    settings = test_settings().openai
     async with openai_client(settings, transport=httpx2.MockTransport(ai.handle), max_retries=0) as client:
         result = await stream_chat(
             client,
@@ -107,7 +107,9 @@ async def test_a_silent_stream_is_cut_at_the_idle_gap_and_closed(ai):
 
 async def test_the_no_models_guard_would_catch_the_sdks_model_path(ai, no_models):
     """The guard above is real: the SDK's own typed stream builds a model per chunk."""
-    async with openai_client(test_settings(), transport=httpx2.MockTransport(ai.handle), max_retries=0) as client:
+    async with openai_client(
+        test_settings().openai, transport=httpx2.MockTransport(ai.handle), max_retries=0
+    ) as client:
         stream = await client.chat.completions.create(model="gpt-5-mini", messages=MESSAGES, stream=True)
         with pytest.raises(AssertionError, match="built as an SDK model"):
             async for _ in stream:

@@ -37,7 +37,6 @@ observed) is attributed to the process that did it: what the replica invariants 
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import json
 import math
 import os
@@ -54,7 +53,6 @@ import anyio
 import httpx2
 
 import bot.replica
-from bot.config import Settings
 from bot.processing.answer import FINALIZE_SECONDS
 from bot.startup import run_bot
 from bot.storage import StorageError
@@ -62,7 +60,7 @@ from bot.storage.sql_store import SQLStore
 from bot.storage.sqlite import open_sqlite
 from tests.fakes.openai import Behaviour, FakeOpenAI, last_user_text
 from tests.fakes.slack import FakeSlack, NoConnection, _parse_args
-from tests.harness import test_settings
+from tests.harness import SETTING_DEFAULTS, test_settings
 from tests.simulation.scenario import Fault, Msg, Scenario
 from tests.simulation_support import (
     PRODUCTION,
@@ -71,7 +69,7 @@ from tests.simulation_support import (
     no_response,
 )
 
-SETTINGS = {f.name: f.default for f in dataclasses.fields(Settings)}
+SETTINGS = SETTING_DEFAULTS  # by the flat names the harness takes
 # What ships, where the test harness turns a feature off for the narrower tests.
 PRODUCT_DEFAULTS = {name: SETTINGS[name] for name in ("welcome", "native_streaming") if name in SETTINGS}
 RETRY_SCHEDULE = (3.0, 10.0, 30.0, 60.0, 120.0, 300.0)  # Slack's redelivery of un-acked events
