@@ -391,8 +391,9 @@ class Nursery:
         waited for: the message gets the busy reply."""
 
         def closing() -> bool:
-            here = [s for s in self.active.values() if s.message.thread == thread]
-            return self.gates.busy(thread) and all(s.stage == "finishing" for s in here)
+            if not self.gates.busy(thread):  # (the usual case: nothing to look through)
+                return False
+            return all(s.stage == "finishing" for s in self.active.values() if s.message.thread == thread)
 
         with anyio.move_on_after(CLOSING_WAIT_SECONDS):
             while closing():  # noqa: ASYNC110 (polled: the gate has no event to wait on)
