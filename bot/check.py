@@ -19,7 +19,7 @@ import anyio
 import httpx2
 import openai
 
-from bot.config import Settings
+from bot.config import OpenAISettings, Settings, SlackSettings, StorageSettings
 from bot.openai_client import openai_client
 from bot.slack.web_api import SlackAPIError, SlackWebAPI
 from bot.storage import StorageError, ThreadKey, open_store
@@ -39,15 +39,15 @@ class CheckResult:
     fix: str = ""
 
 
-def _slack_unreachable(settings: Settings, error: str) -> str:
+def _slack_unreachable(config: SlackSettings, error: str) -> str:
     if error.startswith("http_error") or error.startswith("bad_response"):
-        return f"Slack did not answer at {settings.slack.api_url}: check the network (and SLACK_API_URL if you set it)."
+        return f"Slack did not answer at {config.api_url}: check the network (and SLACK_API_URL if you set it)."
     return ""
 
 
-async def check_bot_token(settings: Settings, slack: SlackWebAPI) -> CheckResult:
+async def check_bot_token(config: SlackSettings, slack: SlackWebAPI) -> CheckResult:
     name = "Slack bot token"
-    if not settings.slack.bot_token:
+    if not config.bot_token:
         return CheckResult(
             name,
             False,
@@ -58,7 +58,7 @@ async def check_bot_token(settings: Settings, slack: SlackWebAPI) -> CheckResult
     try:
         body = await slack.call("auth.test")
     except SlackAPIError as exc:
-        fix = _slack_unreachable(settings, exc.error) or (
+        fix = _slack_unreachable(config, exc.error) or (
             "The token is wrong or revoked: copy the Bot User OAuth Token (xoxb-…) again from Install App "
             "(reinstall the app if it was removed)."
             if exc.error in BAD_TOKEN
@@ -70,9 +70,9 @@ async def check_bot_token(settings: Settings, slack: SlackWebAPI) -> CheckResult
     )
 
 
-async def check_app_token(settings: Settings, slack: SlackWebAPI) -> CheckResult:
+async def check_app_token(config: SlackSettings, slack: SlackWebAPI) -> CheckResult:
     name = "Slack app token"
-    if not settings.slack.app_token:
+    if not config.app_token:
         return CheckResult(
             name,
             False,
@@ -83,7 +83,7 @@ async def check_app_token(settings: Settings, slack: SlackWebAPI) -> CheckResult
     try:
         await slack.call("apps.connections.open", app_token=True)
     except SlackAPIError as exc:
-        fix = _slack_unreachable(settings, exc.error) or (
+        fix = _slack_unreachable(config, exc.error) or (
             "The app-level token is wrong or lacks connections:write: generate a new one under Basic "
             "Information → App-Level Tokens."
             if exc.error in BAD_TOKEN
@@ -93,10 +93,10 @@ async def check_app_token(settings: Settings, slack: SlackWebAPI) -> CheckResult
     return CheckResult(name, True, "Socket Mode connection allowed")
 
 
-async def check_openai(settings: Settings, client: openai.AsyncOpenAI) -> tuple[CheckResult, list[str] | None]:
+async def check_openai(config: OpenAISettings, client: openai.AsyncOpenAI) -> tuple[CheckResult, list[str] | None]:
     name = "OpenAI endpoint"
-    where = settings.openai.base_url or "api.openai.com"
-    if not settings.openai.api_key and not settings.openai.base_url:
+    where = config.base_url or "api.openai.com"
+    if not config.api_key and not config.base_url:
         return CheckResult(
             name,
             False,
@@ -144,31 +144,31 @@ async def check_openai(settings: Settings, client: openai.AsyncOpenAI) -> tuple[
     return CheckResult(name, True, f"{len(models)} models at {where}"), models
 
 
-def check_model(settings: Settings, models: list[str] | None) -> CheckResult:
+def check_model(config: OpenAISettings, models: list[str] | None) -> CheckResult:
     name = "OpenAI model"
     if models is None:
         return CheckResult(
-            name, False, f"{settings.openai.model}: not checked (the endpoint check failed)", "Fix the endpoint first."
+            name, False, f"{config.model}: not checked (the endpoint check failed)", "Fix the endpoint first."
         )
-    if settings.openai.model in models:
-        return CheckResult(name, True, f"{settings.openai.model} is available")
+    if config.model in models:
+        return CheckResult(name, True, f"{config.model} is available")
     shown = ", ".join(sorted(models)[:10]) + (" …" if len(models) > 10 else "")
     return CheckResult(
         name,
         False,
-        f"{settings.openai.model} is not offered by the endpoint",
+        f"{config.model} is not offered by the endpoint",
         f"Set OPENAI_MODEL to one of: {shown or '(the endpoint lists no models)'}.",
     )
 
 
-async def check_database(settings: Settings) -> CheckResult:
+async def check_database(config: StorageSettings) -> CheckResult:
     """For real: connect (which applies any pending migration, so the schema is current,
     or says it is newer than this bot), write, and take and give back a thread lease."""
     name = "Database"
-    where = redact(settings.storage.database_url)
-    postgres = locate(settings.storage.database_url).engine == "postgresql"
+    where = redact(config.database_url)
+    postgres = locate(config.database_url).engine == "postgresql"
     try:
-        store = await open_store(settings.storage.database_url)
+        store = await open_store(config.database_url)
     except Exception as exc:
         fix = (
             "Check the host, port, database name, user and password in DATABASE_URL, and that the "
@@ -225,13 +225,13 @@ async def run_checks(
             client=http,
             max_rate_limit_retries=1,
         )
-        results.append(await _bounded("Slack bot token", check_bot_token(settings, slack)))
-        results.append(await _bounded("Slack app token", check_app_token(settings, slack)))
+        results.append(await _bounded("Slack bot token", check_bot_token(settings.slack, slack)))
+        results.append(await _bounded("Slack app token", check_app_token(settings.slack, slack)))
     async with openai_client(settings.openai, transport=openai_transport, max_retries=0) as client:
-        outcome = await _bounded("OpenAI endpoint", check_openai(settings, client))
+        outcome = await _bounded("OpenAI endpoint", check_openai(settings.openai, client))
     endpoint, models = outcome if isinstance(outcome, tuple) else (outcome, None)
-    results += [endpoint, check_model(settings, models)]
-    results.append(await _bounded("Database", check_database(settings)))
+    results += [endpoint, check_model(settings.openai, models)]
+    results.append(await _bounded("Database", check_database(settings.storage)))
     return results
 
 

@@ -71,10 +71,8 @@ class Nursery:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.services = services
-        settings = services.settings
-        self.gates = ThreadGates(
-            services.store, owner=settings.replica.id, lease_seconds=settings.replica.timeout_seconds
-        )
+        replica = services.settings.replica
+        self.gates = ThreadGates(services.store, owner=replica.id, lease_seconds=replica.timeout_seconds)
         self.recent = RecentKeys()
         self.active: dict[str, RequestState] = {}
         # Outcomes Slack shows that storage could not take yet (keep_alive records them).
@@ -103,25 +101,23 @@ class Nursery:
     # ---- the task group -------------------------------------------------------------
 
     async def run(self) -> None:
-        settings = self.services.settings
+        observability, replica = self.services.settings.observability, self.services.settings.replica
         async with anyio.create_task_group() as tg:
             self._tg = tg
             if self._handle_signals:
                 tg.start_soon(self._watch_signals)
-            if settings.observability.metrics_port is not None:
+            if observability.metrics_port is not None:
                 ready = partial(check_ready, lambda: self.reader.ready_sockets > 0, self.services.store)
                 self.metrics_port = await tg.start(
                     serve_endpoints,
                     self.services.metrics,
                     ready,
-                    settings.observability.metrics_host,
-                    settings.observability.metrics_port,
+                    observability.metrics_host,
+                    observability.metrics_port,
                 )
             tg.start_soon(self._run_reader)
             tg.start_soon(
-                self._watchdog,
-                settings.observability.watchdog_interval_seconds,
-                settings.observability.watchdog_threshold_seconds,
+                self._watchdog, observability.watchdog_interval_seconds, observability.watchdog_threshold_seconds
             )
             tg.start_soon(self._cleanup)
             tg.start_soon(self.gates.renew_forever)
@@ -131,12 +127,12 @@ class Nursery:
                     self.services.slack,
                     self.services.store,
                     self.gates,
-                    replica_timeout=settings.replica.timeout_seconds,
+                    replica_timeout=replica.timeout_seconds,
                     unrecorded=self.unrecorded,
                 )
             )
             await self._stop.wait()
-            await self._shutdown(settings.replica.shutdown_grace_seconds)
+            await self._shutdown(replica.shutdown_grace_seconds)
             await stop_replica(self.services.store, self.gates, self.unrecorded)
             tg.cancel_scope.cancel()
         log.info("stopped; outcomes: %s", self.outcomes or "none")
@@ -293,7 +289,7 @@ class Nursery:
                         slack_surface,
                         self.services.slack,
                         self.services.me,
-                        self.services.settings,
+                        self.services.settings.surfaces,
                         self.services.store,
                         msg,
                     ),

@@ -22,14 +22,14 @@ NO_KEY = "no-key-needed"
 
 @asynccontextmanager
 async def openai_client(
-    settings: OpenAISettings, *, transport: httpx2.AsyncBaseTransport | None = None, max_retries: int = 2
+    config: OpenAISettings, *, transport: httpx2.AsyncBaseTransport | None = None, max_retries: int = 2
 ) -> AsyncIterator[openai.AsyncOpenAI]:
     """The client and its HTTP client, both closed on exit. `transport` replaces the
     network (tests, the simulation)."""
     # The SDK's default pool allows 1000 connections and keeps 100 idle; the pool's
     # bookkeeping walks every pooled connection on each request and each response close,
     # so a pool sized to what the bot runs at once (its model slots) costs less CPU.
-    slots = max(1, settings.async_max_concurrent_requests)
+    slots = max(1, config.async_max_concurrent_requests)
     limits = httpx2.Limits(max_connections=slots + 10, max_keepalive_connections=min(slots, 20))
     http = (
         openai.DefaultAsyncHttpx2Client(transport=transport, limits=limits)
@@ -39,8 +39,8 @@ async def openai_client(
     async with (
         http,
         openai.AsyncOpenAI(
-            api_key=settings.api_key or NO_KEY,
-            base_url=settings.base_url,
+            api_key=config.api_key or NO_KEY,
+            base_url=config.base_url,
             http_client=http,
             max_retries=max_retries,
         ) as client,

@@ -30,7 +30,7 @@ import anyio
 import anyio.to_thread
 import httpx2
 
-from bot.config import Settings
+from bot.config import MediaSettings, Settings
 from bot.file_problem import FileProblem
 from bot.openai_client import openai_client
 from bot.processing.answer import answer_message
@@ -118,7 +118,7 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
     return data
 
 
-async def attach(path_text: str, settings: Settings, workers: anyio.CapacityLimiter) -> tuple[str, str]:
+async def attach(path_text: str, media: MediaSettings, workers: anyio.CapacityLimiter) -> tuple[str, str]:
     """Read the document at `path_text`. Returns (the block to add to the next message,
     a line for the user); the block is "" when it could not be read."""
     path = Path(path_text)  # `~` is expanded in the worker thread that reads it
@@ -128,8 +128,8 @@ async def attach(path_text: str, settings: Settings, workers: anyio.CapacityLimi
     kind = document_kind(name)
     if kind is None:
         return "", f"{name} {unsupported_reason(name)}"
-    max_bytes = int(settings.media.max_file_mb * MB)
-    limits = DocumentLimits(max_pdf_pages=settings.media.max_pdf_pages, max_chars=settings.media.max_document_chars)
+    max_bytes = int(media.max_file_mb * MB)
+    limits = DocumentLimits.from_settings(media)
     try:
         data = await anyio.to_thread.run_sync(_read_file, path, max_bytes, limiter=workers)
         document = await anyio.to_thread.run_sync(
@@ -189,7 +189,7 @@ async def run_shell(
                     if not argument.strip():
                         await say("Usage: /file PATH")
                         continue
-                    block, note = await attach(argument.strip(), settings, workers)
+                    block, note = await attach(argument.strip(), settings.media, workers)
                     if block:
                         conversation.attachments.append(block)
                     await say(note)

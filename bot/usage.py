@@ -30,7 +30,7 @@ from typing import Literal
 
 import anyio
 
-from bot.config import MAX_MONTHLY_TOKENS, Settings
+from bot.config import MAX_MONTHLY_TOKENS, BudgetSettings
 from bot.storage.base import Store, UsageSummary, UsageTotal
 
 log = logging.getLogger(__name__)
@@ -79,17 +79,15 @@ def stored_budget(value: object) -> int | None:
     return None
 
 
-def default_budgets(settings: Settings) -> Budgets:
+def default_budgets(config: BudgetSettings) -> Budgets:
     """The environment's budgets (USER_MONTHLY_TOKENS, WORKSPACE_MONTHLY_TOKENS)."""
-    return Budgets(
-        user=settings.budgets.user_monthly_tokens or None, workspace=settings.budgets.workspace_monthly_tokens or None
-    )
+    return Budgets(user=config.user_monthly_tokens or None, workspace=config.workspace_monthly_tokens or None)
 
 
-def budgets_from(settings: Settings, workspace: Mapping[str, object]) -> Budgets:
+def budgets_from(config: BudgetSettings, workspace: Mapping[str, object]) -> Budgets:
     """The budgets in force: the workspace defaults' (`PreferenceLayers.workspace`), each
     falling back to the environment's where none is stored."""
-    defaults = default_budgets(settings)
+    defaults = default_budgets(config)
     return Budgets(
         user=stored_budget(workspace.get(USER_BUDGET_KEY)) or defaults.user,
         workspace=stored_budget(workspace.get(WORKSPACE_BUDGET_KEY)) or defaults.workspace,

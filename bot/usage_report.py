@@ -59,7 +59,7 @@ async def usage_report(settings: Settings, start: datetime, as_csv: bool) -> tup
         await store.aclose()
     if as_csv:
         return 0, render_csv(totals, start)
-    return 0, render_table(totals, start, budgets_from(settings, workspace))
+    return 0, render_table(totals, start, budgets_from(settings.budgets, workspace))
 
 
 def render_csv(totals: list[UsageTotal], start: datetime) -> str:

@@ -101,13 +101,13 @@ def test_month_bounds_are_the_calendar_month_in_utc():
 
 def test_budgets_come_from_the_workspace_defaults_then_the_environment():
     settings = test_settings(user_monthly_tokens=1000, workspace_monthly_tokens=None)
-    assert budgets_from(settings, {}) == Budgets(user=1000, workspace=None)
+    assert budgets_from(settings.budgets, {}) == Budgets(user=1000, workspace=None)
     stored = {"user_monthly_tokens": 50, "workspace_monthly_tokens": 9000}
-    assert budgets_from(settings, stored) == Budgets(user=50, workspace=9000)
+    assert budgets_from(settings.budgets, stored) == Budgets(user=50, workspace=9000)
     # 0, absent or damaged: the environment's default applies.
     for damaged in (0, None, "50", True, -5, 2.5, 10**13):
-        assert budgets_from(settings, {"user_monthly_tokens": damaged}) == Budgets(user=1000), damaged
-    assert budgets_from(test_settings(), {}).unlimited
+        assert budgets_from(settings.budgets, {"user_monthly_tokens": damaged}) == Budgets(user=1000), damaged
+    assert budgets_from(test_settings().budgets, {}).unlimited
 
 
 def test_budget_settings_parse_and_default_to_unlimited():

@@ -8,7 +8,7 @@ ALLOWED_USERS alone. Refusals are polite and said once per thread (storage remem
 
 from __future__ import annotations
 
-from bot.config import Settings
+from bot.config import SurfaceSettings
 from bot.slack.events import is_dm_channel
 
 REFUSAL_USER = (
@@ -21,18 +21,18 @@ REFUSAL_CHANNEL = (
 )
 
 
-def refusal(settings: Settings, user: str, channel: str | None) -> str:
+def refusal(surfaces: SurfaceSettings, user: str, channel: str | None) -> str:
     """ "" when `user` may use the bot in `channel` (None: no channel involved, e.g. the
     settings modal); otherwise the polite line to show them."""
-    if user in settings.surfaces.admin_users:
+    if user in surfaces.admin_users:
         return ""
-    if settings.surfaces.allowed_users and user not in settings.surfaces.allowed_users:
+    if surfaces.allowed_users and user not in surfaces.allowed_users:
         return REFUSAL_USER
     if (
         channel
-        and settings.surfaces.allowed_channels
+        and surfaces.allowed_channels
         and not is_dm_channel(channel)
-        and channel not in settings.surfaces.allowed_channels
+        and channel not in surfaces.allowed_channels
     ):
         return REFUSAL_CHANNEL
     return ""

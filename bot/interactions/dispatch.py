@@ -78,21 +78,21 @@ class SlackUX:
 
     def ack_payload(self, envelope_type: str, payload: dict[str, Any]) -> dict[str, Any] | None:
         """The payload to send with the ack of an envelope that accepts one, or None."""
-        settings = self.services.settings
+        surfaces = self.services.settings.surfaces
         if envelope_type == "slash_commands":
             command = payload.get("command")
-            if command != settings.surfaces.settings_command:
+            if command != surfaces.settings_command:
                 return {
                     "response_type": "ephemeral",
-                    "text": f"I don't know {command}. Try {settings.surfaces.settings_command}.",
+                    "text": f"I don't know {command}. Try {surfaces.settings_command}.",
                 }
-            why = refusal(settings, str(payload.get("user_id") or ""), None)
+            why = refusal(surfaces, str(payload.get("user_id") or ""), None)
             return {"response_type": "ephemeral", "text": why} if why else None
         if envelope_type == "interactive" and payload.get("type") == "view_submission":
             view = payload.get("view")
             if isinstance(view, dict) and view.get("callback_id") == CALLBACK_ID:
                 user = str((payload.get("user") or {}).get("id") or "")
-                submission = parse_submission(view, user=user, admins=settings.surfaces.admin_users)
+                submission = parse_submission(view, user=user, admins=surfaces.admin_users)
                 if submission.errors:
                     return errors_ack(submission.errors)
         return None
@@ -120,7 +120,7 @@ class SlackUX:
     async def admit(self, msg: IncomingMessage) -> bool:
         """Whether `msg` may be answered. Refuses (once per thread) users and channels outside
         ALLOWED_USERS / ALLOWED_CHANNELS; welcomes a user's first DM."""
-        why = refusal(self.services.settings, msg.user, msg.channel)
+        why = refusal(self.services.settings.surfaces, msg.user, msg.channel)
         if why:
             log.info("message %s from %s in %s refused by access control", msg.ts, msg.user, msg.channel)
             if await self.first("refusal", str(msg.thread)):
@@ -145,9 +145,9 @@ class SlackUX:
             await self._event(payload.get("event") or {})
 
     async def _slash_command(self, payload: dict[str, Any]) -> None:
-        settings = self.services.settings
+        surfaces = self.services.settings.surfaces
         user, trigger = payload.get("user_id"), payload.get("trigger_id")
-        if payload.get("command") != settings.surfaces.settings_command or refusal(settings, str(user or ""), None):
+        if payload.get("command") != surfaces.settings_command or refusal(surfaces, str(user or ""), None):
             return  # answered in the ack
         if not isinstance(user, str) or not user or not isinstance(trigger, str) or not trigger:
             log.warning("slash command without user_id or trigger_id; ignored")
@@ -191,7 +191,7 @@ class SlackUX:
             except Exception as exc:
                 log.error("could not record feedback from %s: %s", user, exc)
         elif action_id.startswith(OPEN_SETTINGS_ACTION):
-            if refusal(self.services.settings, user, None):
+            if refusal(self.services.settings.surfaces, user, None):
                 return
             await settings_flow.open_settings(
                 self.services,
@@ -213,7 +213,7 @@ class SlackUX:
         raw_message = payload.get("message")
         message: dict[str, Any] = raw_message if isinstance(raw_message, dict) else {}
         trigger = str(payload.get("trigger_id") or "")
-        why = refusal(self.services.settings, user, channel if isinstance(channel, str) else None)
+        why = refusal(self.services.settings.surfaces, user, channel if isinstance(channel, str) else None)
         if why:
             await self._open_notice(trigger, "Not available", why)
             return
@@ -246,7 +246,7 @@ class SlackUX:
             if not isinstance(user, str) or not user:
                 log.warning("app_home_opened without a user; ignored")
             elif event.get("tab") == "messages":
-                if isinstance(channel, str) and channel and not refusal(self.services.settings, user, None):
+                if isinstance(channel, str) and channel and not refusal(self.services.settings.surfaces, user, None):
                     await assistant.suggest_prompts(self.services.slack, channel)  # agent view
             else:
                 await settings_flow.refresh_home(self.services, user)

@@ -63,7 +63,7 @@ def _budget_inputs(services: SlackServices, stored: dict[str, object]) -> Budget
         stored=Budgets(
             user=stored_budget(stored.get(USER_BUDGET_KEY)), workspace=stored_budget(stored.get(WORKSPACE_BUDGET_KEY))
         ),
-        defaults=default_budgets(services.settings),
+        defaults=default_budgets(services.settings.budgets),
     )
 
 
@@ -207,12 +207,12 @@ async def refresh_home(services: SlackServices, user: str) -> None:
     and their usage this month (an admin's also shows the workspace's)."""
     settings = services.settings
     is_admin = user in settings.surfaces.admin_users
-    allowed = not refusal(settings, user, None)
+    allowed = not refusal(settings.surfaces, user, None)
     layers = await load_layers(services.store, user, None)
     prefs = merge(baseline(settings), layers.workspace, layers.user)
     usage = None
     if allowed:
-        budgets = budgets_from(settings, layers.workspace)
+        budgets = budgets_from(settings.budgets, layers.workspace)
         usage = await month_usage(services.store, user, budgets, now=time.time(), admin=is_admin)
     view = home_view(
         prefs,

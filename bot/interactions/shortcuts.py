@@ -142,19 +142,19 @@ async def _translate(services: SlackServices, options: RequestOptions, user: str
 
 
 async def _ask(services: SlackServices, options: RequestOptions, user: str, system: str, user_text: str) -> str:
-    settings = services.settings
+    openai_settings = services.settings.openai
     prompt = build_prompt(
         system,
         [],
         user_text,
-        budget_tokens=settings.openai.context_budget_tokens,
+        budget_tokens=openai_settings.context_budget_tokens,
         reserve_for_answer=options.max_answer_tokens,
     )
     pieces: list[str] = []
     tokens_in = tokens_out = 0
     outcome = "error"  # until the stream ends: an OpenAI error raises out of here
     try:
-        with anyio.move_on_after(settings.openai.async_timeout_seconds) as deadline:
+        with anyio.move_on_after(openai_settings.async_timeout_seconds) as deadline:
             async with services.model_slots:
                 result = await stream_chat(
                     services.openai,
@@ -163,7 +163,7 @@ async def _ask(services: SlackServices, options: RequestOptions, user: str, syst
                     max_tokens=options.max_answer_tokens,
                     temperature=options.temperature,
                     reasoning_effort=options.reasoning_effort,
-                    idle_timeout=settings.openai.stream_idle_timeout_seconds,
+                    idle_timeout=openai_settings.stream_idle_timeout_seconds,
                     on_delta=pieces.append,
                 )
                 outcome, tokens_in, tokens_out = "answered", result.prompt_tokens, result.completion_tokens
@@ -181,5 +181,5 @@ async def _ask(services: SlackServices, options: RequestOptions, user: str, syst
                 now=time.time(),
             )
     if deadline.cancelled_caught:
-        return timeout_notice(settings.openai.async_timeout_seconds)
+        return timeout_notice(openai_settings.async_timeout_seconds)
     return "".join(pieces).strip() or "_(The model returned an empty answer. Please try again.)_"

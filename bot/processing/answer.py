@@ -65,7 +65,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
     one (native streaming, paced chat.update, or one finished message, as the options
     say); `slackbot shell` a terminal one. Nothing here talks to Slack."""
     msg = state.message
-    settings = services.settings
+    openai_settings = services.settings.openai
     # First, and never raising: the options pick the surface's mode.
     options = await resolve_options(services, msg)
     writer = await make_surface(options)
@@ -73,7 +73,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
     outcome: RequestOutcome
     outcome, notice, detail = "error", "", ""
     try:
-        with anyio.move_on_after(settings.openai.async_timeout_seconds) as deadline:
+        with anyio.move_on_after(openai_settings.async_timeout_seconds) as deadline:
             # The model request does not wait for the placeholder: the answer is opened
             # (posted, then recorded) beside the preparation of the request, and what the
             # model sends meanwhile is shown once the answer is open.
@@ -94,8 +94,8 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
             elif not writer.text and progress.turn is not None and progress.turn.answerable:
                 notice = EMPTY_NOTICE
         if deadline.cancelled_caught:
-            outcome, detail = "timeout", f"no answer within {settings.openai.async_timeout_seconds:g}s"
-            notice = timeout_notice(settings.openai.async_timeout_seconds)
+            outcome, detail = "timeout", f"no answer within {openai_settings.async_timeout_seconds:g}s"
+            notice = timeout_notice(openai_settings.async_timeout_seconds)
     except anyio.get_cancelled_exc_class():
         if state.stop_reason:  # the user pressed Stop (the nursery set it before cancelling)
             outcome, notice, detail = "stopped", STOPPED_NOTICE, state.stop_reason
@@ -240,7 +240,7 @@ async def _prepare_and_stream(
     seen (its own placeholder left out), to show progress while reading files, and
     before it returns (so that the request is recorded before it is finished)."""
     msg = state.message
-    settings = services.settings
+    openai_settings = services.settings.openai
     # Before anything is read or downloaded and before a model slot is taken; a request
     # already running is never cut by a budget.
     refusal = await check_budget(services.store, options.budgets, msg.user, now=time.time())
@@ -267,7 +267,7 @@ async def _prepare_and_stream(
         options.system_prompt,
         history,
         turn.user_text,
-        budget_tokens=settings.openai.context_budget_tokens,
+        budget_tokens=openai_settings.context_budget_tokens,
         reserve_for_answer=options.max_answer_tokens,
         user_parts=turn.image_parts,
         parts_tokens=turn.image_tokens,
@@ -313,7 +313,7 @@ async def _stream_answer(
     """Wait for a model slot, then stream; the writer's flush task starts once the answer
     is open (`opened`) and lives only as long as the stream. Errors are caught inside
     the task group so they leave it unwrapped."""
-    settings = services.settings
+    openai_settings = services.settings.openai
     error: Exception | None = None
     finish_reason: str | None = None
     async with anyio.create_task_group() as tg:
@@ -335,7 +335,7 @@ async def _stream_answer(
                     max_tokens=options.max_answer_tokens,
                     temperature=options.temperature,
                     reasoning_effort=options.reasoning_effort,
-                    idle_timeout=settings.openai.stream_idle_timeout_seconds,
+                    idle_timeout=openai_settings.stream_idle_timeout_seconds,
                     on_delta=first_call_timer(
                         writer.append,
                         lambda: services.metrics.first_token_latency.observe(anyio.current_time() - state.started_at),

@@ -40,6 +40,7 @@ import anyio.from_thread
 import anyio.to_thread
 from openai.types.chat import ChatCompletionContentPartImageParam
 
+from bot.config import MediaSettings
 from bot.file_problem import FileProblem
 from bot.processing.context import MediaServices, RequestState, Services
 from bot.processing.documents import (
@@ -127,11 +128,6 @@ async def in_worker(media: MediaServices, fn: Callable[P, T], *args: P.args, **k
     return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=media.workers)
 
 
-def _limits(services: Services) -> DocumentLimits:
-    s = services.settings
-    return DocumentLimits(max_pdf_pages=s.media.max_pdf_pages, max_chars=s.media.max_document_chars)
-
-
 @dataclass
 class _Collected:
     documents: list[Document] = field(default_factory=list)
@@ -166,7 +162,7 @@ async def read_attachments(
     async with anyio.create_task_group() as tg:  # the surface shows the tasks meanwhile
         tg.start_soon(writer.run)
         try:
-            await _read_all(services, media, state, writer, urls, collected)
+            await _read_all(settings.media, media, state, writer, urls, collected)
             if collected.documents:
                 state.stage = "fitting documents"
                 room = (
@@ -221,7 +217,7 @@ def _turn(text: str, collected: _Collected, earlier: list[ThreadImage]) -> Turn:
 
 
 async def _read_all(
-    services: Services,
+    media_settings: MediaSettings,
     media: MediaServices,
     state: RequestState,
     writer: ReplySurface,
@@ -229,7 +225,7 @@ async def _read_all(
     collected: _Collected,
 ) -> None:
     msg = state.message
-    limit = services.settings.media.max_files_per_message
+    limit = media_settings.max_files_per_message
     sources: list[dict[str, Any] | str] = [*msg.files, *urls]
     if len(sources) > limit:
         skipped = len(sources) - limit
@@ -240,9 +236,9 @@ async def _read_all(
         sources = sources[:limit]
     for source in sources:
         if isinstance(source, str):
-            await _read_url(services, media, state, writer, source, collected)
+            await _read_url(media_settings, media, state, writer, source, collected)
         else:
-            await _read_file(services, media, state, writer, source, collected)
+            await _read_file(media_settings, media, state, writer, source, collected)
 
 
 def _problem(collected: _Collected, state: RequestState, name: str, problem: FileProblem) -> None:
@@ -256,14 +252,13 @@ def _problem(collected: _Collected, state: RequestState, name: str, problem: Fil
 
 
 async def _read_file(
-    services: Services,
+    media_settings: MediaSettings,
     media: MediaServices,
     state: RequestState,
     writer: ReplySurface,
     obj: dict[str, Any],
     collected: _Collected,
 ) -> None:
-    settings = services.settings
     name = str(obj.get("name") or obj.get("title") or obj.get("id") or "a file")
     try:
         state.stage = f"looking up {name}"
@@ -275,10 +270,10 @@ async def _read_file(
             raise FileProblem(unsupported_reason(file.name), "unsupported")
         with progress(writer, f"Reading {_clean(name)}"):  # failed if a FileProblem leaves it
             state.stage = f"downloading {name}"
-            data = await writer.download_file(file, max_bytes=int(settings.media.max_file_mb * MB))
+            data = await writer.download_file(file, max_bytes=int(media_settings.max_file_mb * MB))
             if kind is None:  # an image: a file that is neither was refused above
                 state.stage = f"processing image {name}"
-                prepared = await in_worker(media, prepare_image, data, max_pixels=settings.media.max_image_pixels)
+                prepared = await in_worker(media, prepare_image, data, max_pixels=media_settings.max_image_pixels)
                 _add_image(collected, name, prepared, "attached by the user")
             else:
                 state.stage = f"parsing {name}"
@@ -288,7 +283,7 @@ async def _read_file(
                     name,
                     data,
                     kind,
-                    _limits(services),
+                    DocumentLimits.from_settings(media_settings),
                     checkpoint=anyio.from_thread.check_cancelled,
                 )
                 collected.documents.append(document)
@@ -298,9 +293,13 @@ async def _read_file(
 
 
 async def _read_url(
-    services: Services, media: MediaServices, state: RequestState, writer: ReplySurface, url: str, collected: _Collected
+    media_settings: MediaSettings,
+    media: MediaServices,
+    state: RequestState,
+    writer: ReplySurface,
+    url: str,
+    collected: _Collected,
 ) -> None:
-    settings = services.settings
     name = url if len(url) <= 80 else url[:77] + "…"
     try:
         with progress(writer, "Fetching the image"):
@@ -308,12 +307,12 @@ async def _read_url(
             fetched = await fetch_image(
                 media.url_client,
                 url,
-                max_bytes=int(settings.media.max_file_mb * MB),
-                timeout=settings.media.url_fetch_timeout_seconds,
-                allow_loopback=settings.media.allow_loopback_urls,
+                max_bytes=int(media_settings.max_file_mb * MB),
+                timeout=media_settings.url_fetch_timeout_seconds,
+                allow_loopback=media_settings.allow_loopback_urls,
             )
             state.stage = "processing an image URL"
-            prepared = await in_worker(media, prepare_image, fetched.data, max_pixels=settings.media.max_image_pixels)
+            prepared = await in_worker(media, prepare_image, fetched.data, max_pixels=media_settings.max_image_pixels)
             short = urlsplit(url).path.rsplit("/", 1)[-1] or "image"
             _add_image(collected, short, prepared, f"from the link {url}")
     except FileProblem as problem:

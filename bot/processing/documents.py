@@ -24,6 +24,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bot.config import MediaSettings
 from bot.file_problem import FileProblem
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,11 @@ class DocumentLimits:
     max_unzipped_bytes: int = 200 * MB
     max_rows: int = 200_000  # spreadsheet rows over all sheets
     max_columns: int = 500  # per row; the rest of a row is cut
+
+    @classmethod
+    def from_settings(cls, media: MediaSettings) -> DocumentLimits:
+        """MAX_PDF_PAGES and MAX_DOCUMENT_CHARS; the other bounds are fixed."""
+        return cls(max_pdf_pages=media.max_pdf_pages, max_chars=media.max_document_chars)
 
 
 @dataclass(frozen=True)

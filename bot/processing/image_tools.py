@@ -236,11 +236,11 @@ class ImageTools:
         """What drawing and editing both send besides the prompt: the configured model,
         size and quality, one image, and the time left as the SDK's timeout (so it is
         taken at the call). (Any: spread into the SDK's keyword arguments.)"""
-        settings = self.services.settings
+        media_settings = self.services.settings.media
         return {
-            "model": settings.media.image_model,
-            "size": settings.media.image_size,
-            "quality": settings.media.image_quality,
+            "model": media_settings.image_model,
+            "size": media_settings.image_size,
+            "quality": media_settings.image_quality,
             "n": 1,
             "timeout": sdk_timeout(),
         }

@@ -45,7 +45,7 @@ async def options_for(services: Services, user: str, thread: ThreadKey | None) -
     settings = services.settings
     layers = await load_layers(services.store, user, thread)
     prefs = merge(baseline(settings), layers.workspace, layers.user, layers.thread)
-    return options_from(settings, prefs, budgets_from(settings, layers.workspace))
+    return options_from(settings, prefs, budgets_from(settings.budgets, layers.workspace))
 
 
 def options_from(settings: Settings, prefs: Preferences, budgets: Budgets | None = None) -> RequestOptions:
@@ -68,5 +68,5 @@ def options_from(settings: Settings, prefs: Preferences, budgets: Budgets | None
         image_size=prefs.image_size,
         image_quality=prefs.image_quality,
         language=prefs.language,
-        budgets=budgets_from(settings, {}) if budgets is None else budgets,
+        budgets=budgets_from(settings.budgets, {}) if budgets is None else budgets,
     )

@@ -49,7 +49,7 @@ from typing import Any
 
 import anyio
 
-from bot.config import Settings
+from bot.config import SurfaceSettings
 from bot.processing.message import IncomingMessage
 from bot.processing.options import RequestOptions
 from bot.processing.surface import AttachedFile, Receipt, SurfaceError, task_status
@@ -667,13 +667,18 @@ def thread_title(text: str) -> str:
 
 
 async def slack_surface(
-    slack: SlackWebAPI, me: BotIdentity, settings: Settings, store: Store, msg: IncomingMessage, options: RequestOptions
+    slack: SlackWebAPI,
+    me: BotIdentity,
+    surfaces: SurfaceSettings,
+    store: Store,
+    msg: IncomingMessage,
+    options: RequestOptions,
 ) -> SlackAnswerWriter:
     """The Slack surface for one request (the nursery binds all but `options`). Never raises."""
     in_dm = is_dm_channel(msg.channel)
     if not options.stream:
         mode = "final"
-    elif settings.surfaces.native_streaming and in_dm:
+    elif surfaces.native_streaming and in_dm:
         # In a DM the thread status ("is thinking…") shows progress before the first
         # words; in a channel only the placeholder can, so channels keep chat.update.
         mode = "native"
@@ -693,7 +698,7 @@ async def slack_surface(
         msg.channel,
         msg.thread_ts,
         mode=mode,
-        interval=settings.surfaces.update_interval_seconds,
+        interval=surfaces.update_interval_seconds,
         recipient_user=msg.user,
         recipient_team=me.team_id,
         assistant_thread=in_dm,

@@ -107,12 +107,12 @@ def test_access_rules():
     s = test_settings(
         allowed_users=frozenset({"U1"}), allowed_channels=frozenset({"C1"}), admin_users=frozenset({"UADMIN"})
     )
-    assert refusal(s, "U1", "D1") == ""  # DMs follow ALLOWED_USERS only
-    assert refusal(s, "U1", "C1") == ""
-    assert refusal(s, "U1", "C2") == REFUSAL_CHANNEL
-    assert refusal(s, "U2", "D2") == REFUSAL_USER
-    assert refusal(s, "UADMIN", "C2") == ""  # admins everywhere
-    assert refusal(test_settings(), "Uanyone", "Canywhere") == ""  # no lists: everyone
+    assert refusal(s.surfaces, "U1", "D1") == ""  # DMs follow ALLOWED_USERS only
+    assert refusal(s.surfaces, "U1", "C1") == ""
+    assert refusal(s.surfaces, "U1", "C2") == REFUSAL_CHANNEL
+    assert refusal(s.surfaces, "U2", "D2") == REFUSAL_USER
+    assert refusal(s.surfaces, "UADMIN", "C2") == ""  # admins everywhere
+    assert refusal(test_settings().surfaces, "Uanyone", "Canywhere") == ""  # no lists: everyone
 
 
 def test_access_settings_are_parsed_and_checked():

@@ -37,8 +37,8 @@ def no_models(monkeypatch):
 
 async def _stream(ai: FakeOpenAI, **kwargs):
     deltas: list[str] = []
-    settings = test_settings().openai
-    async with openai_client(settings, transport=httpx2.MockTransport(ai.handle), max_retries=0) as client:
+    settings = test_settings()
+    async with openai_client(settings.openai, transport=httpx2.MockTransport(ai.handle), max_retries=0) as client:
         result = await stream_chat(
             client,
             model="gpt-5-mini",
