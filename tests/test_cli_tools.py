@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -288,3 +289,32 @@ async def test_shell_shows_failures_as_a_line(tmp_path):
 async def test_shell_needs_a_key_or_a_server(tmp_path):
     code, _, err = await run_cli(tmp_path, ["shell"], env_for(tmp_path))
     assert code == 2 and "OPENAI_API_KEY is not set" in err and "OPENAI_BASE_URL" in err
+
+
+# A stand-in for an installed aiohttp: importing it leaves a mark, then fails as a broken
+# install would (the SDK then takes its "not installed" path either way).
+FAKE_AIOHTTP = "import sys\nsys.aiohttp_imported = True\nraise ImportError('stand-in')\n"
+PROBE = (
+    "import sys\n"
+    "{prepare}"
+    "import bot.startup, openai\n"
+    "openai.AsyncOpenAI(api_key='sk-test')\n"
+    "print(getattr(sys, 'aiohttp_imported', False))\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("prepare", "imported"),
+    [("", "True"), ("import bot.cli\nbot.cli._without_the_sdks_aiohttp_transport()\n", "False")],
+)
+def test_the_bot_keeps_the_sdks_aiohttp_transport_out(tmp_path, prepare, imported):
+    """The run path marks the SDK's aiohttp transport absent, so an aiohttp installed
+    beside the bot is never imported (its memory); the control shows the SDK would."""
+    (tmp_path / "aiohttp").mkdir()
+    (tmp_path / "aiohttp" / "__init__.py").write_text(FAKE_AIOHTTP)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])}
+    run = subprocess.run(
+        [sys.executable, "-c", PROBE.format(prepare=prepare)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == imported
