@@ -1,7 +1,7 @@
 """Benchmark: N concurrent conversations through the real bot process, over real sockets.
 
     python benchmarks/bench_conversations.py [--conversations 200] [--latency 2.0]
-                                             [--backend trio|asyncio] [--runs 1]
+                                             [--backend trio|asyncio|uvloop] [--runs 1]
                                              [--bot slackbot|bolt-sync|bolt-async]
                                              [--hangs 15 --request-timeout 10]
 
@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency", type=float, default=2.0, help="model latency before the first chunk, s")
     parser.add_argument("--chunks", type=int, default=8, help="content chunks per answer (default 8)")
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="delay between chunks, s (default 0)")
-    parser.add_argument("--backend", choices=("trio", "asyncio"), default="trio", help="the bot's backend")
+    parser.add_argument("--backend", choices=("trio", "asyncio", "uvloop"), default="trio", help="the bot's backend")
     parser.add_argument("--runs", type=int, default=1, help="repeat the whole measurement (default 1)")
     parser.add_argument(
         "--max-concurrent",

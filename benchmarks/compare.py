@@ -44,6 +44,8 @@ HANGS = 15
 HANG_TIMEOUT = 10.0
 LABELS = {
     "slackbot": "slackbot (this bot, Trio)",
+    "slackbot-asyncio": "slackbot (this bot, asyncio)",
+    "slackbot-uvloop": "slackbot (this bot, uvloop)",
     "bolt-sync": "Bolt sync (10 threads)",
     "bolt-async": "Bolt async (aiohttp)",
 }
@@ -94,8 +96,10 @@ def run_one(
     bot: str, *, conversations: int, hangs: int, cap: float, request_timeout: float, backend: str, tiers: bool = True
 ) -> Row:
     args = build_parser().parse_args([] if tiers else ["--no-slack-tiers"])
-    args.bot, args.conversations, args.latency, args.timeout = bot, conversations, LATENCY, cap
-    args.hangs, args.request_timeout, args.backend = hangs, request_timeout, backend
+    # "slackbot-asyncio" / "slackbot-uvloop": this bot on that backend (plain "slackbot": --backend)
+    name, _, on = bot.partition("-") if bot.startswith("slackbot-") else (bot, "", backend)
+    args.bot, args.conversations, args.latency, args.timeout = name, conversations, LATENCY, cap
+    args.hangs, args.request_timeout, args.backend = hangs, request_timeout, on or backend
     scenario = f"{hangs} hanging + 1" if hangs else f"burst {conversations}"
     print(f"running {bot}: {scenario} …", flush=True)
     started = time.perf_counter()
@@ -201,7 +205,13 @@ def chart(rows: list[Row], sizes: list[int], bots: list[str], path: Path) -> Non
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     width = 0.8 / len(bots)
-    colors = {"slackbot": "#2a9d8f", "bolt-sync": "#e76f51", "bolt-async": "#457b9d"}
+    colors = {
+        "slackbot": "#2a9d8f",
+        "slackbot-asyncio": "#8ab17d",
+        "slackbot-uvloop": "#e9c46a",
+        "bolt-sync": "#e76f51",
+        "bolt-async": "#457b9d",
+    }
 
     def bars(ax, metric, title, ylabel, log=False):
         for k, bot in enumerate(bots):
@@ -242,11 +252,17 @@ def chart(rows: list[Row], sizes: list[int], bots: list[str], path: Path) -> Non
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--bots", default="slackbot,bolt-async,bolt-sync", help="comma-separated subset of " + ", ".join(BOTS)
+        "--bots",
+        default="slackbot,bolt-async,bolt-sync",
+        help="comma-separated subset of "
+        + ", ".join(BOTS)
+        + "; slackbot-asyncio and slackbot-uvloop run this bot on that backend in the same comparison",
     )
     parser.add_argument("--sizes", default="50,200,1000", help="burst sizes (default 50,200,1000)")
     parser.add_argument("--cap", type=float, default=60.0, help="stop waiting for a burst's answers after this")
-    parser.add_argument("--backend", choices=("trio", "asyncio"), default="trio", help="this bot's backend")
+    parser.add_argument(
+        "--backend", choices=("trio", "asyncio", "uvloop"), default="trio", help="this bot's backend as 'slackbot'"
+    )
     parser.add_argument("--no-hang", action="store_true", help="skip the hanging-requests scenario")
     parser.add_argument(
         "--no-slack-tiers", action="store_true", help="the fake Slack without its rate limits (earlier figures)"
@@ -256,6 +272,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     bots = [b for b in args.bots.split(",") if b]
+    unknown = [b for b in bots if b not in LABELS]
+    if unknown:
+        parser.error(f"unknown bots: {', '.join(unknown)}")
     sizes = [int(s) for s in args.sizes.split(",") if s]
     RESULTS.mkdir(exist_ok=True)
     command = "python benchmarks/compare.py" + "".join(f" {a}" for a in sys.argv[1:])

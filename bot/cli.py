@@ -16,6 +16,8 @@ import gc
 import json
 import logging
 import sys
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
 
@@ -23,6 +25,7 @@ from bot.config import ConfigError, load_settings
 from bot.logs import setup_logging
 
 log = logging.getLogger("bot")
+T = TypeVar("T")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,7 +87,7 @@ def _check() -> int:
         return 1
     setup_logging("ERROR", settings.secrets)  # the table is the output; keep library chatter out of it
     print(f"Checking the configuration (backend {settings.async_backend})…\n")
-    results = anyio.run(run_checks, settings, backend=settings.async_backend)
+    results = _run_on(settings.async_backend, run_checks, settings)
     print(render(results))
     return 0 if all(r.ok for r in results) else 1
 
@@ -102,7 +105,7 @@ def _shell() -> int:
         settings.secrets,
     )
     try:
-        return anyio.run(run_shell, settings, backend=settings.async_backend)
+        return _run_on(settings.async_backend, run_shell, settings)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 0
@@ -123,7 +126,7 @@ def _usage(month: str | None, *, as_csv: bool) -> int:
         print(f"slackbot: configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging("ERROR", settings.secrets)  # the report is the output
-    code, text = anyio.run(usage_report, settings, start, as_csv, backend=settings.async_backend)
+    code, text = _run_on(settings.async_backend, usage_report, settings, start, as_csv)
     print(text, end="", file=sys.stdout if code == 0 else sys.stderr)
     return code
 
@@ -153,7 +156,7 @@ def _run() -> int:
         settings.openai.async_max_concurrent_requests,
     )
     try:
-        anyio.run(run_bot, settings, backend=settings.async_backend)
+        _run_on(settings.async_backend, run_bot, settings)
     except StartupError as exc:
         log.error("%s", exc)
         print(f"slackbot: {exc}", file=sys.stderr)
@@ -161,6 +164,14 @@ def _run() -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _run_on(backend: str, func: Callable[..., Awaitable[T]], *args: object) -> T:
+    """Run `func` on BOT_ASYNC_BACKEND's event loop: Trio, asyncio, or asyncio on uvloop
+    (which AnyIO starts for us; the bot's code is the same on all three)."""
+    if backend == "uvloop":
+        return anyio.run(func, *args, backend="asyncio", backend_options={"use_uvloop": True})
+    return anyio.run(func, *args, backend=backend)
 
 
 def _without_the_sdks_aiohttp_transport() -> None:

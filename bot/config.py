@@ -11,6 +11,7 @@ that needs only one group is handed that group.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import socket
@@ -143,7 +144,7 @@ class Settings:
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     replica: ReplicaSettings = field(default_factory=ReplicaSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
-    async_backend: str = "trio"  # BOT_ASYNC_BACKEND: read by the CLI only, to start the event loop
+    async_backend: str = "trio"  # BOT_ASYNC_BACKEND (trio, asyncio, uvloop): read by the CLI only, to start the loop
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -223,8 +224,10 @@ def load_settings(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     backend = env.get("BOT_ASYNC_BACKEND", "").strip().lower() or "trio"
-    if backend not in ("trio", "asyncio"):
-        raise ConfigError(f"BOT_ASYNC_BACKEND must be 'trio' or 'asyncio', got {backend!r}")
+    if backend not in ("trio", "asyncio", "uvloop"):
+        raise ConfigError(f"BOT_ASYNC_BACKEND must be 'trio', 'asyncio' or 'uvloop', got {backend!r}")
+    if backend == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("BOT_ASYNC_BACKEND=uvloop needs the uvloop package, which is not installed here")
     log_level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, got {log_level!r}")

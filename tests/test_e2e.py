@@ -180,8 +180,10 @@ def bot_backend(request):
     return request.param
 
 
+@pytest.mark.parametrize("bot_backend", ["trio", "asyncio", "uvloop"])  # uvloop: here, not in every e2e test
 async def test_dm_is_answered_in_its_thread(tmp_path, bot_backend):
     async with running(tmp_path, backend=bot_backend) as (bot, slack, ai):
+        await bot.wait_log(f"starting on {bot_backend} ")
         eid, ev = await send_dm(slack, "hello over real sockets")
         assert await slack.wait_acked(eid) >= slack.deliveries[eid].sent_at
         replies = await wait_reply(slack, "D1", ev["ts"], "Echo: hello over real sockets")

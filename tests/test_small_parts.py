@@ -1,9 +1,13 @@
 """In-memory dedupe, settings and log redaction."""
 
+import asyncio
+import importlib.util
 import logging
 
 import pytest
+import sniffio
 
+from bot.cli import _run_on
 from bot.config import ConfigError, load_settings
 from bot.dedupe import RecentKeys
 from bot.logs import RedactSecrets
@@ -58,6 +62,27 @@ def test_the_harness_puts_flat_overrides_in_their_group_and_refuses_unknown_name
 def test_bad_settings_name_the_variable(change, name):
     with pytest.raises(ConfigError, match=name):
         load_settings({**BASE_ENV, **change}, dotenv_path=None)
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio", "uvloop"])
+def test_each_backend_is_accepted_and_runs_its_own_event_loop(backend):
+    """BOT_ASYNC_BACKEND names the loop the CLI starts: uvloop is asyncio on libuv."""
+    settings = load_settings({**BASE_ENV, "BOT_ASYNC_BACKEND": backend.upper()}, dotenv_path=None)
+    assert settings.async_backend == backend
+
+    async def which_loop() -> str:
+        if sniffio.current_async_library() == "trio":
+            return "trio"
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+    assert _run_on(settings.async_backend, which_loop) == backend
+
+
+def test_uvloop_without_the_package_is_a_configuration_error(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match="uvloop package"):
+        load_settings({**BASE_ENV, "BOT_ASYNC_BACKEND": "uvloop"}, dotenv_path=None)
 
 
 def test_redaction_hides_configured_and_token_shaped_secrets():
