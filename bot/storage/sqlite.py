@@ -32,8 +32,10 @@ import contextlib
 import os
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -246,43 +248,117 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
+MAX_BATCH = 64  # transactions one worker call runs back to back, at most
+
+
+@dataclass(eq=False)
+class _Job(Generic[T]):
+    """One transaction waiting for, or run by, the worker call (`SQLiteDatabase`)."""
+
+    operation: str
+    body: Callable[[Connection], T]
+    write: bool
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: T | None = None
+    error: BaseException | None = None
+
+
 class SQLiteDatabase:
-    """One SQLite connection behind a `CapacityLimiter(1)`: the engine of an `SQLStore`."""
+    """One SQLite connection behind a `CapacityLimiter(1)`: the engine of an `SQLStore`.
+
+    Handing a transaction to a worker thread and its result back costs several times the
+    transaction itself (about 0.2 ms of CPU against 0.04 ms for a claim, measured), so
+    transactions that queue while one worker call runs are run by that same call, back to
+    back, each its own `BEGIN` … `COMMIT` (up to `MAX_BATCH` per call). Under load a
+    burst of calls then costs one hop per batch; a lone call costs what it did.
+
+    A caller cancelled while its transaction waits in the queue takes it out (it never
+    runs); once the worker has taken it, the caller waits for it to finish and sees the
+    cancellation after, as with any uncancellable worker call. (`deque.remove` and the
+    worker's `popleft` are each atomic under the GIL: exactly one of them gets the job.)
+    """
 
     def __init__(self, conn: sqlite3.Connection, *, inline: bool = False) -> None:
         self._conn: sqlite3.Connection | None = conn
         self._inline = inline
         self._limiter = anyio.CapacityLimiter(1)
+        self._queue: deque[_Job[Any]] = deque()
+        self._batch_over = anyio.Event()  # set (and replaced) each time a worker call ends
 
     async def transaction(self, operation: str, body: Callable[[Connection], T], *, write: bool = True) -> T:
-        """Run `body` inside one transaction, as one worker call (or inline)."""
+        """Run `body` inside one transaction, in a worker call (or inline)."""
         if self._conn is None:
             raise StoreClosed(f"{operation}: the store is closed")
+        job = _Job(operation, body, write)
+        if self._inline:
+            async with self._limiter:
+                self._run(job)
+        else:
+            self._queue.append(job)
+            try:
+                await self._run_queue(job)
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    try:
+                        self._queue.remove(job)  # not taken yet: it never runs
+                    except ValueError:
+                        await job.done.wait()  # running or run: let it finish first
+                raise
+        if job.error is not None:
+            raise job.error
+        return cast(T, job.result)
 
-        def run() -> T:
-            conn = self._conn  # read again under the limiter: aclose() may have run
+    async def _run_queue(self, job: _Job[Any]) -> None:
+        """Wait for `job` to be run: by this caller's own worker call when none is
+        running, else by the one that is (or, if it ends first, a later one)."""
+        while not job.done.is_set():
+            try:
+                self._limiter.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._batch_over.wait()
+                continue
+            ran: list[_Job[Any]] = []
+            try:
+                await anyio.to_thread.run_sync(self._run_batch, ran)
+            finally:
+                self._limiter.release()
+                for done in ran:
+                    done.done.set()
+                over, self._batch_over = self._batch_over, anyio.Event()
+                over.set()  # the callers still waiting look again: one of them runs the rest
+
+    def _run_batch(self, ran: list[_Job[Any]]) -> None:
+        """In the worker thread: run queued transactions until the queue is empty."""
+        while len(ran) < MAX_BATCH:
+            try:
+                job = self._queue.popleft()
+            except IndexError:
+                return
+            ran.append(job)
+            self._run(job)
+
+    def _run(self, job: _Job[Any]) -> None:
+        """One transaction; its result or error is kept in the job (blocking)."""
+        conn = self._conn  # read again here: aclose() may have run
+        try:
             if conn is None:
-                raise StoreClosed(f"{operation}: the store is closed")
+                raise StoreClosed(f"{job.operation}: the store is closed")
             try:
                 # Writers take the write lock up front (no lock upgrade, so no deadlock
                 # between processes); readers get a consistent snapshot without it.
-                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                conn.execute("BEGIN IMMEDIATE" if job.write else "BEGIN")
                 try:
-                    result = body(conn)
+                    job.result = job.body(conn)
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
                         with contextlib.suppress(sqlite3.Error):  # the original error is the one to report
                             conn.execute("ROLLBACK")
                     raise
-                return result
             except sqlite3.Error as exc:
-                raise StorageError(f"{operation} failed: {exc}") from exc
-
-        if self._inline:
-            async with self._limiter:
-                return run()
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter)
+                raise StorageError(f"{job.operation} failed: {exc}") from exc
+        except Exception as exc:  # re-raised in the caller's task
+            job.error = exc
 
     async def aclose(self) -> None:
         """Close the connection once no transaction is running. Idempotent, and shielded
@@ -298,7 +374,8 @@ class SQLiteDatabase:
                 async with self._limiter:
                     close()
             else:
-                await anyio.to_thread.run_sync(close, limiter=self._limiter)
+                async with self._limiter:
+                    await anyio.to_thread.run_sync(close)
 
 
 async def open_sqlite(path: str, *, inline: bool = False, clock: Callable[[], float] = time.time) -> SQLStore:

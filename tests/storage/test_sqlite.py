@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 
 import anyio
 import pytest
@@ -153,6 +155,96 @@ async def test_cancel_during_transaction_lets_it_complete(db_path: str) -> None:
     assert scope.cancel_called
     # The cancellation reached the caller only after the whole transaction committed.
     assert assert_whole_or_nothing(db_path) == ("answered", 2)
+    await store.aclose()
+
+
+@contextlib.contextmanager
+def write_lock_held(db_path: str) -> Iterator[sqlite3.Connection]:
+    """Another connection holds the write lock, so the store's worker waits in BEGIN."""
+    other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        yield other
+    finally:
+        if other.in_transaction:
+            other.execute("ROLLBACK")
+        other.close()
+
+
+async def test_transactions_queued_behind_a_running_one_share_its_worker_call(db_path: str, monkeypatch) -> None:
+    store = await open_sqlite(db_path)
+    calls = 0
+    run_sync = anyio.to_thread.run_sync
+
+    async def counted(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return await run_sync(*args, **kwargs)
+
+    results: dict[str, bool] = {}
+
+    async def claim(key: str) -> None:
+        results[key] = await store.claim_event(key)
+
+    with write_lock_held(db_path) as other:
+        monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(claim, "first")
+            await wait_until_busy(store)
+            for n in range(20):
+                tg.start_soon(claim, f"queued-{n}")
+            await anyio.sleep(0.05)
+            assert results == {}  # all wait behind the lock
+            other.execute("ROLLBACK")
+    assert calls == 1  # one worker call ran all 21, each its own transaction
+    assert results == {"first": True, **{f"queued-{n}": True for n in range(20)}}
+    assert len(raw(db_path, "SELECT key FROM events")) == 21
+    await store.aclose()
+
+
+async def test_a_transaction_cancelled_while_queued_never_runs(db_path: str) -> None:
+    store = await open_sqlite(db_path)
+    scope = anyio.CancelScope()
+
+    async def queued() -> None:
+        with scope:
+            await store.claim_event("never")
+
+    with write_lock_held(db_path) as other:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.claim_event, "first")
+            await wait_until_busy(store)
+            tg.start_soon(queued)
+            await anyio.sleep(0.02)
+            scope.cancel()
+            with anyio.fail_after(1):  # the caller leaves at once, the lock still held
+                while not scope.cancelled_caught:
+                    await anyio.sleep(0.005)
+            other.execute("ROLLBACK")
+    assert raw(db_path, "SELECT key FROM events") == [("first",)]
+    await store.aclose()
+
+
+async def test_a_failing_transaction_in_a_batch_rolls_back_alone(db_path: str) -> None:
+    store = await open_sqlite(db_path)
+
+    def insert_then_fail(conn) -> None:
+        conn.execute("INSERT INTO events (key, claimed_at) VALUES ('half', 0)")
+        raise ValueError("the body failed")
+
+    async def failing() -> None:
+        with pytest.raises(ValueError, match="the body failed"):
+            await store.database.transaction("failing", insert_then_fail)
+
+    with write_lock_held(db_path) as other:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.claim_event, "before")
+            await wait_until_busy(store)
+            tg.start_soon(failing)
+            tg.start_soon(store.claim_event, "after")
+            await anyio.sleep(0.02)
+            other.execute("ROLLBACK")
+    assert sorted(raw(db_path, "SELECT key FROM events")) == [("after",), ("before",)]
     await store.aclose()
 
 
