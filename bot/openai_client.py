@@ -9,6 +9,7 @@ to OpenAI itself, where `load_settings` requires a real key (and always for the 
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,19 +23,25 @@ NO_KEY = "no-key-needed"
 
 @asynccontextmanager
 async def openai_client(
-    config: OpenAISettings, *, transport: httpx2.AsyncBaseTransport | None = None, max_retries: int = 2
+    config: OpenAISettings,
+    *,
+    transport: httpx2.AsyncBaseTransport | None = None,
+    max_retries: int = 2,
+    tls: ssl.SSLContext | None = None,
 ) -> AsyncIterator[openai.AsyncOpenAI]:
     """The client and its HTTP client, both closed on exit. `transport` replaces the
-    network (tests, the simulation)."""
+    network (tests, the simulation); `tls` is the TLS context to verify servers with
+    (default: one of its own, as httpx2 builds it)."""
     # The SDK's default pool allows 1000 connections and keeps 100 idle; the pool's
     # bookkeeping walks every pooled connection on each request and each response close,
     # so a pool sized to what the bot runs at once (its model slots) costs less CPU.
     slots = max(1, config.async_max_concurrent_requests)
     limits = httpx2.Limits(max_connections=slots + 10, max_keepalive_connections=min(slots, 20))
+    verify: ssl.SSLContext | bool = tls if tls is not None else True
     http = (
-        openai.DefaultAsyncHttpx2Client(transport=transport, limits=limits)
+        openai.DefaultAsyncHttpx2Client(transport=transport, limits=limits, verify=verify)
         if transport is not None
-        else openai.DefaultAsyncHttpx2Client(limits=limits)
+        else openai.DefaultAsyncHttpx2Client(limits=limits, verify=verify)
     )
     async with (
         http,

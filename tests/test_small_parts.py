@@ -94,3 +94,17 @@ def test_redaction_hides_configured_and_token_shaped_secrets():
     text = record.getMessage()
     assert "my-very-secret" not in text and "sk-live" not in text and "xoxb-999" not in text
     assert text.count("[redacted]") == 3
+
+
+async def test_the_openai_client_verifies_with_the_tls_context_it_is_given():
+    """The bot builds one TLS context (each loads the CA bundle) and hands it to every
+    HTTP client, the OpenAI one included."""
+    import ssl
+
+    from bot.openai_client import openai_client
+
+    tls = ssl.create_default_context()
+    async with openai_client(test_settings().openai, tls=tls) as client:
+        assert client._client._transport._pool._ssl_context is tls
+    async with openai_client(test_settings().openai) as client:
+        assert client._client._transport._pool._ssl_context is not tls
