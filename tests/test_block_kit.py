@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from slack_sdk.models.blocks import ContextActionsBlock, FeedbackButtonsElement, MarkdownBlock
 
 from bot.interactions.app_home import home_view
 from bot.interactions.dispatch import notice_view
@@ -311,6 +312,28 @@ def test_answer_blocks_cut_what_one_message_cannot_hold():
 def test_feedback_block():
     block = feedback_block()
     check_message([block])
+    # The plain dict is what slack_sdk's models build (the bot skips them for speed).
+    assert (
+        block
+        == ContextActionsBlock(
+            elements=[
+                FeedbackButtonsElement(
+                    action_id="answer_feedback",
+                    positive_button={
+                        "text": "Good answer",
+                        "accessibility_label": "This answer was helpful",
+                        "value": "good",
+                    },
+                    negative_button={
+                        "text": "Bad answer",
+                        "accessibility_label": "This answer was not helpful",
+                        "value": "bad",
+                    },
+                )
+            ],
+        ).to_dict()
+    )
+    assert answer_blocks("*hi*", feedback=False) == [MarkdownBlock(text="*hi*").to_dict()]
     buttons = block["elements"][0]
     assert {buttons["positive_button"]["value"], buttons["negative_button"]["value"]} == {"good", "bad"}
 

@@ -1,12 +1,14 @@
 """The thumbs up / down under each answer: Slack's `feedback_buttons` element in a
-`context_actions` block, built with slack_sdk's models (which validate lengths). A click
-comes back as a `block_actions` interaction (`bot.interactions.feedback`)."""
+`context_actions` block. A click comes back as a `block_actions` interaction
+(`bot.interactions.feedback`).
+
+The blocks are plain dicts, built fresh for each answer: slack_sdk's models cost about
+45 µs an answer to build and validate what is constant here. tests/test_block_kit.py
+checks them against those models and Slack's limits."""
 
 from __future__ import annotations
 
 from typing import Any
-
-from slack_sdk.models.blocks import ContextActionsBlock, FeedbackButtonsElement, MarkdownBlock
 
 from bot.slack.try_again import try_again_block
 
@@ -16,23 +18,25 @@ MARKDOWN_LIMIT = 12_000  # characters in all of a message's markdown blocks toge
 
 
 def feedback_block() -> dict[str, Any]:
-    return ContextActionsBlock(
-        elements=[
-            FeedbackButtonsElement(
-                action_id=FEEDBACK_ACTION,
-                positive_button={
-                    "text": "Good answer",
+    return {
+        "type": "context_actions",
+        "elements": [
+            {
+                "type": "feedback_buttons",
+                "action_id": FEEDBACK_ACTION,
+                "positive_button": {
+                    "text": {"type": "plain_text", "text": "Good answer", "emoji": True},
                     "accessibility_label": "This answer was helpful",
                     "value": "good",
                 },
-                negative_button={
-                    "text": "Bad answer",
+                "negative_button": {
+                    "text": {"type": "plain_text", "text": "Bad answer", "emoji": True},
                     "accessibility_label": "This answer was not helpful",
                     "value": "bad",
                 },
-            )
+            }
         ],
-    ).to_dict()
+    }
 
 
 def answer_blocks(text: str, *, feedback: bool = True, try_again: str = "") -> list[dict[str, Any]]:
@@ -48,4 +52,4 @@ def answer_blocks(text: str, *, feedback: bool = True, try_again: str = "") -> l
         return buttons
     if len(text) > MARKDOWN_LIMIT:
         text = text[: MARKDOWN_LIMIT - 1].rstrip() + "…"
-    return [MarkdownBlock(text=text).to_dict(), *buttons]
+    return [{"type": "markdown", "text": text}, *buttons]
