@@ -12,6 +12,7 @@ sockets; the simulation passes httpx2 mock transports and an in-memory socket.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from functools import partial
@@ -82,14 +83,17 @@ async def run_bot(
 ) -> None:
     """Run until stopped (signal, or `nursery.stop()` via `on_ready(nursery)`)."""
     metrics = Metrics()
-    # One TLS context for every HTTP client: each loads the whole CA bundle, about 2.5 MB
-    # of memory apiece (it reads files: a worker thread).
-    tls = await anyio.to_thread.run_sync(httpx2.create_ssl_context)
+    # One TLS context for every HTTP client: each would load the whole CA bundle (it
+    # reads files: a worker thread). None when Slack's and OpenAI's networks are replaced
+    # (tests, the virtual-clock simulation, which allows no worker thread).
+    real_network = slack_transport is None or openai_transport is None
+    tls = await anyio.to_thread.run_sync(httpx2.create_ssl_context) if real_network else None
+    verify: ssl.SSLContext | bool = tls if tls is not None else True
     async with AsyncExitStack() as stack:
         slack_http = await stack.enter_async_context(
             httpx2.AsyncClient(
                 transport=slack_transport,
-                verify=tls,
+                verify=verify,
                 timeout=httpx2.Timeout(30.0, connect=10.0),
                 limits=httpx2.Limits(max_connections=200, max_keepalive_connections=50),
             )
@@ -99,7 +103,7 @@ async def run_bot(
         url_http = await stack.enter_async_context(
             httpx2.AsyncClient(
                 transport=url_transport,
-                verify=tls,
+                verify=verify,
                 trust_env=False,
                 follow_redirects=False,
                 timeout=httpx2.Timeout(settings.media.url_fetch_timeout_seconds, connect=5.0),
