@@ -59,7 +59,7 @@ from bot.slack.feedback_blocks import feedback_block
 from bot.slack.files import SlackFile, download_file, resolve_file, upload_to_thread
 from bot.slack.markdown import SLACK_MARKDOWN_LIMIT, neutralize_broadcasts, stable_length
 from bot.slack.receipts import receipt_metadata
-from bot.slack.reply import PLACEHOLDER, POST_TIMEOUT, ReplyWriter
+from bot.slack.reply import PLACEHOLDER, POST_TIMEOUT, ReplyWriter, pace
 from bot.slack.transcripts import history_from_replies
 from bot.slack.try_again import try_again_block
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
@@ -190,6 +190,7 @@ class SlackAnswerWriter:
         self._stream_stopped = False  # the stream's message is out of streaming state
         self._stop_failed = False  # chat.stopStream was tried to the end and refused
         self._dirty = anyio.Event()
+        self._text_came = anyio.Event()  # the answer's first text (it is not held back)
         self._tg: anyio.abc.TaskGroup | None = None
         self.fell_back = ""  # why native streaming was given up ("" while it was not)
         self.cards_fell_back = ""  # why task cards were given up ("" while they were not)
@@ -308,6 +309,7 @@ class SlackAnswerWriter:
         if self.mode == "update":
             self._fallback.append(delta)
         self._dirty.set()
+        self._text_came.set()
 
     async def run(self) -> None:
         """Until cancelled: thread status and title, and the native stream's appends (the
@@ -324,11 +326,12 @@ class SlackAnswerWriter:
                     with anyio.move_on_after(STATUS_REFRESH_SECONDS):
                         await self._dirty.wait()
                     self._dirty = anyio.Event()
+                    sent = self._sent
                     if not self._answer_visible():
                         await self._show_status()
                     if self.mode == "native" and (len(self.text) > self._sent or self._task_updates()):
                         await self._append_native()
-                    await anyio.sleep(self._interval)
+                    await pace(self._interval, text_sent=self._sent > sent, text_came=self._text_came)
         finally:
             self._tg = None  # finish() runs after this; it must not start tasks in a closed group
 

@@ -60,6 +60,17 @@ def fallback_text(part: str) -> str:
     return line if len(line) <= FALLBACK_TEXT_CHARS else line[: FALLBACK_TEXT_CHARS - 1].rstrip() + "…"
 
 
+async def pace(interval: float, *, text_sent: bool, text_came: anyio.Event) -> None:
+    """The pause after a flush of a streaming answer: `interval`, except after a flush
+    that showed only a status while no text had come yet. The answer's first text then
+    ends the pause, so it goes out at once; pacing applies to the text after it."""
+    if text_sent or text_came.is_set():
+        await anyio.sleep(interval)
+        return
+    with anyio.move_on_after(interval):
+        await text_came.wait()
+
+
 class ReplyWriter:
     def __init__(
         self,
@@ -82,6 +93,7 @@ class ReplyWriter:
         self._pieces: list[str] = []
         self._status = PLACEHOLDER
         self._dirty = anyio.Event()
+        self._text_came = anyio.Event()  # the answer's first text (it is not held back)
         self.message_ts: list[str] = []  # the placeholder first, then continuation messages
         self._shown: list[str] = []
         self._committed = False  # a final chat.update promised in the workspace budget
@@ -140,6 +152,7 @@ class ReplyWriter:
     def append(self, delta: str) -> None:
         self._pieces.append(delta)
         self._dirty.set()
+        self._text_came.set()
 
     def _render(self, extra: str = "") -> list[str]:
         body = neutralize_broadcasts(self.text)
@@ -153,6 +166,7 @@ class ReplyWriter:
         while True:
             await self._dirty.wait()
             self._dirty = anyio.Event()
+            with_text = bool(self._pieces)
             if self.message_ts:
                 try:
                     await self._show(self._render(), interim=True)
@@ -160,7 +174,7 @@ class ReplyWriter:
                     self._dirty.set()  # the budget is low: try again at the next tick
                 except SlackAPIError as exc:
                     log.warning("streaming update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
-            await anyio.sleep(self._interval)
+            await pace(self._interval, text_sent=with_text, text_came=self._text_came)
 
     async def finish(self, notice: str = "", receipt: Receipt | None = None) -> bool:
         """Write the final answer (plus `notice`), waiting for the budget as long as the

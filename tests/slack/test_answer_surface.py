@@ -168,6 +168,34 @@ async def test_appends_are_paced_and_coalesced():
     assert slack.messages["D1"][-1]["text"] == "".join(f"word{i} " for i in range(20))
 
 
+@pytest.mark.parametrize("mode", ["native", "update"])
+async def test_the_first_text_is_not_held_back_by_a_status_shown_just_before(mode):
+    """A status flush (the model slot taken, a file read) starts the pacing interval;
+    the answer's first words arriving right after must still go out at once: pacing
+    applies to the text after them."""
+    slack = FakeSlack()
+    async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as http:
+        api = SlackWebAPI(
+            bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/", client=http
+        )
+        ts = slack.add_user_message("D1", "U1", "hi")
+        writer = SlackAnswerWriter(api, "D1", ts, mode=mode, interval=5.0)
+        answer_ts = await writer.start()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.run)
+            writer.set_status("_Reading a file…_")
+            await anyio.sleep(0.1)  # the status is flushed; the 5 s pause begins
+            writer.append("First words")
+            with anyio.fail_after(2):  # well inside the interval
+                while "First words" not in (slack._find("D1", answer_ts) or {}).get("text", ""):
+                    await anyio.sleep(0.01)
+            writer.append(", then more")
+            await anyio.sleep(0.3)
+            assert ", then more" not in slack._find("D1", answer_ts)["text"]  # the rest is paced
+            tg.cancel_scope.cancel()
+        assert await writer.finish("")
+
+
 def test_status_and_title_wording():
     assert assistant_status("_Thinking…_") == "is thinking…"
     assert assistant_status("_Reading report.pdf…_") == "is reading report.pdf…"
