@@ -47,7 +47,6 @@ SHUTDOWN_FINALIZE_SECONDS = SHUTDOWN_WRITE_SECONDS + STORE_RESERVE_SECONDS  # ..
 RECORD_PAUSES = doubling(0.1)  # 0.1 s, then 0.2 s
 FINISH_ATTEMPTS = 3  # finish_request tries (0.1 s, then 0.2 s apart) within the store reserve
 WAITING_STATUS = "_Waiting for a free slot: many conversations are running right now…_"
-NOT_RETRIED = frozenset({"over_budget", "context_too_long"})  # failure kinds without "Try again"
 LENGTH_NOTICE = "_(The answer was cut short: it reached the maximum length.)_"
 EMPTY_NOTICE = "_(The model returned an empty answer. Please try rephrasing.)_"
 
@@ -72,6 +71,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
     opening, progress = _Opening(), _Progress()
     outcome: RequestOutcome
     outcome, notice, detail = "error", "", ""
+    retryable = True  # a failure's notice offers "Try again" unless a second try cannot mend it
     try:
         with anyio.move_on_after(openai_settings.async_timeout_seconds) as deadline:
             # The model request does not wait for the placeholder: the answer is opened
@@ -106,7 +106,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
         raise
     except Exception as exc:  # every failure becomes a clear line in the thread
         failure = describe(exc)
-        outcome, notice, detail = "error", failure.message, failure.kind
+        outcome, notice, detail, retryable = "error", failure.message, failure.kind, failure.retryable
         services.metrics.request_errors.labels(kind=failure.kind).inc()
         log.warning(
             "request %s failed: %s (%s)",
@@ -136,6 +136,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
                 notice,
                 detail,
                 opening.recorded,
+                retryable=retryable,
                 user_text=turn.stored_text if turn is not None else msg.text,
             )
         services.metrics.reply_latency.labels(outcome=outcome).observe(anyio.current_time() - state.started_at)
@@ -370,6 +371,7 @@ async def _finalize(
     detail: str,
     recorded: bool,
     *,
+    retryable: bool = True,
     user_text: str | None = None,
 ) -> RequestOutcome:
     """Write the final text, then record the outcome; returns the outcome as it ended
@@ -386,7 +388,7 @@ async def _finalize(
     with anyio.move_on_after(bound) as slack_bound:
         state.watch(slack_bound)
         try:
-            receipt = Receipt(state.request_id, _stored(outcome), msg.ts, try_again=_may_try_again(outcome, detail))
+            receipt = Receipt(state.request_id, _stored(outcome), msg.ts, try_again=outcome != "answered" and retryable)
             delivered = await writer.finish(notice, receipt)
         except Exception as exc:
             log.error("request %s: could not write the final text: %s", state.request_id, exc)
@@ -417,13 +419,6 @@ async def _finalize(
                 services, state, writer, outcome, detail, user_text=msg.text if user_text is None else user_text
             )
     return outcome
-
-
-def _may_try_again(outcome: RequestOutcome, detail: str) -> bool:
-    """Every failure's notice offers "Try again", but those a second try cannot mend as
-    it stands: a budget spent, a thread too long for the model (its notice says to start
-    a new one)."""
-    return outcome != "answered" and detail not in NOT_RETRIED
 
 
 def _stored(outcome: RequestOutcome) -> Outcome:

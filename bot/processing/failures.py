@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 class Failure:
     kind: str
     message: str
+    retryable: bool = True  # its notice offers "Try again" (a second try may mend it)
 
 
 def timeout_notice(seconds: float) -> str:
@@ -49,7 +50,7 @@ BUSY_NOTICE = (
 def describe(exc: BaseException) -> Failure:
     code = getattr(exc, "code", None)
     if isinstance(exc, OverBudget):  # refused before the model call (bot.usage.check_budget)
-        return Failure("over_budget", f":no_entry_sign: {exc.refusal.message}")
+        return Failure("over_budget", f":no_entry_sign: {exc.refusal.message}", retryable=False)
     if isinstance(exc, StreamStalled):
         return Failure(
             "stalled",
@@ -74,7 +75,9 @@ def describe(exc: BaseException) -> Failure:
         )
     if isinstance(exc, openai.BadRequestError) and code == "context_length_exceeded":
         return Failure(
-            "context_too_long", ":scroll: This conversation is too long for the model. Please start a new thread."
+            "context_too_long",
+            ":scroll: This conversation is too long for the model. Please start a new thread.",
+            retryable=False,
         )
     if isinstance(exc, openai.NotFoundError):
         return Failure(
