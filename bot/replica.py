@@ -55,6 +55,7 @@ NOTICE_SECONDS = 20.0  # for reading one abandoned answer's thread, and for edit
 UNRECORDED_KEPT = 1000  # outcomes kept for late recording while storage is out of reach
 LATE_ATTEMPTS = 3  # tries to record one of them late before it is left to a takeover
 TAKEOVERS_AT_ONCE = 8  # abandoned requests taken over side by side
+SWEEP_SECONDS = 1.0  # the look for abandoned requests comes at least this often (a cheap read)
 
 
 async def start_replica(slack: SlackWebAPI, store: Store, gates: ThreadGates, *, replica_timeout: float) -> int:
@@ -83,10 +84,14 @@ async def keep_alive(
     replica_timeout: float,
     unrecorded: dict[str, UnrecordedOutcome] | None = None,
 ) -> None:
-    """Until cancelled, three times per REPLICA_TIMEOUT_SECONDS each, in two tasks: a
-    heartbeat and this replica's share of Slack's rate limits (from the live replicas'
-    heartbeats); and the late recording of this run's outcomes storage could not take,
-    then a look for abandoned requests. A storage error costs one round, never the bot."""
+    """Until cancelled, in two tasks: three times per REPLICA_TIMEOUT_SECONDS, a heartbeat
+    and this replica's share of Slack's rate limits (from the live replicas' heartbeats);
+    and as often (every SWEEP_SECONDS at least), the late recording of this run's
+    outcomes storage could not take, then a look for abandoned requests. A request is
+    abandoned REPLICA_TIMEOUT_SECONDS after its owner's last heartbeat at most, and taken
+    over at the next look: with a long timeout, a look every third of it would spend most
+    of the 5 s a takeover has beyond the timeout. A storage error costs one round, never
+    the bot."""
     async with anyio.create_task_group() as tg:
         tg.start_soon(_beat_forever, slack, store, gates, replica_timeout)
         tg.start_soon(_sweep_forever, slack, store, gates, replica_timeout, unrecorded)
@@ -113,7 +118,7 @@ async def _sweep_forever(
 ) -> None:
     late = unrecorded if unrecorded is not None else {}
     while True:
-        await anyio.sleep(replica_timeout / 3)
+        await anyio.sleep(min(replica_timeout / 3, SWEEP_SECONDS))
         try:
             await record_late(store, gates, late)
             await take_over(slack, store, gates, [], replica_timeout=replica_timeout, skip=set(late))
@@ -212,13 +217,47 @@ async def take_over(
     # the message), and one after another they would take many seconds for a replica
     # that left several requests behind. Their calls go ahead of this replica's own in
     # each budget (`priority`): their users see "Thinking…" until they are done.
+    todo = [r for r in found.values() if not (skip and r.request_id in skip)]
     closed: list[str] = []
     limit = anyio.CapacityLimiter(TAKEOVERS_AT_ONCE)
     async with anyio.create_task_group() as tg:
-        for req in found.values():
-            if not (skip and req.request_id in skip):
-                tg.start_soon(_take_over_one, slack, store, gates, req, limit, closed)
+        for req in _ours_now(slack, todo):
+            tg.start_soon(_take_over_one, slack, store, gates, req, limit, closed)
     return len(closed)
+
+
+def _ours_now(slack: SlackWebAPI, requests: list[InFlightRequest]) -> list[InFlightRequest]:
+    """The requests this sweep takes over. Each takeover needs two calls from budgets
+    split between the live replicas (a stream: chat.stopStream, Tier 2, one call every
+    few seconds, then chat.update; else conversations.replies, then chat.update if it
+    has a placeholder). While other replicas are alive, the requests beyond what this
+    one's budgets let out now are left to them (or to this replica's next sweep, within
+    SWEEP_SECONDS), so that the survivors take a dead replica's requests over side by
+    side. One request at least is taken at every sweep."""
+    if slack.limits.shared_by <= 1:
+        return requests
+    room: dict[str, int] = {}
+    taken: list[InFlightRequest] = []
+    for req in requests:
+        calls = _budgeted_calls(req)
+        for method in calls:
+            if method not in room:
+                bucket = slack.limits.bucket(method)
+                room[method] = bucket.available() if bucket is not None else len(requests)
+        if taken and any(room[m] < calls.count(m) for m in calls):
+            continue
+        for method in calls:
+            room[method] -= 1
+        taken.append(req)
+    if len(taken) < len(requests):
+        log.info("%d abandoned request(s) left to another replica or the next sweep", len(requests) - len(taken))
+    return taken
+
+
+def _budgeted_calls(req: InFlightRequest) -> list[str]:
+    """The split-budget calls a takeover of `req` makes when nothing was delivered."""
+    first = "chat.stopStream" if req.streamed else "conversations.replies"
+    return [first, "chat.update"] if req.placeholder_ts else [first]
 
 
 async def _take_over_one(

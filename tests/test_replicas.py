@@ -11,11 +11,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 
 from bot.nursery import Nursery
 from bot.processing.failures import BUSY_NOTICE, INTERRUPTED_NOTICE, STORAGE_DOWN_NOTICE
-from bot.storage import SQLStore, StorageError, Store, ThreadKey, open_store
+from bot.replica import _ours_now
+from bot.slack.web_api import SlackWebAPI
+from bot.storage import InFlightRequest, SQLStore, StorageError, Store, ThreadKey, open_store
 from tests.fakes.openai import Behaviour, FakeOpenAI
 from tests.fakes.slack import FakeSlack
 from tests.harness import eventually, running_bot, send_dm
@@ -439,3 +442,41 @@ async def test_replicas_split_slacks_rate_limits_between_those_alive(slack, ai, 
         async with replicas(slack, ai, database_url, ["replica-b"], **fast) as ([b], _):
             await eventually(lambda: limits.shared_by == 2 and b.services.slack.limits.shared_by == 2, timeout=10)
         await eventually(lambda: limits.shared_by == 1, timeout=10)  # b left cleanly: a has it all again
+
+
+def _abandoned(n: int, *, streamed: bool = False, placeholder: bool = True) -> InFlightRequest:
+    return InFlightRequest(
+        f"r{n}",
+        ThreadKey(f"D{n}", f"{n}.0"),
+        f"{n}.5" if placeholder or streamed else "",
+        float(n),
+        "replica-gone",
+        f"{n}.1",
+        streamed,
+    )
+
+
+async def test_a_sweep_takes_what_its_budgets_let_out_now_and_leaves_the_rest_to_the_other_replicas():
+    async with httpx2.AsyncClient() as client:
+        _sweep_shares(SlackWebAPI(bot_token="xoxb-1", app_token="xapp-1", client=client))
+
+
+def _sweep_shares(slack: SlackWebAPI) -> None:
+    requests = [_abandoned(1, streamed=True), _abandoned(2, streamed=True), _abandoned(3), _abandoned(4)]
+    assert _ours_now(slack, requests) == requests  # alone: it takes everything (at its own pace)
+    slack.limits.share(2)
+    stop = slack.limits.bucket("chat.stopStream")
+    assert stop is not None and stop.available() == 1
+    # Its half of the budgets lets out one chat.stopStream and two chat.update now: one
+    # stream (stopped, then edited), and one of the others (read, then edited).
+    assert [r.request_id for r in _ours_now(slack, requests)] == ["r1", "r3"]
+    update = slack.limits.bucket("chat.update")
+    assert update is not None
+    while update.available():
+        update.reserve()
+    while stop.available():
+        stop.reserve()
+    # Nothing left in the budgets: one request all the same (every sweep makes progress).
+    assert [r.request_id for r in _ours_now(slack, requests)] == ["r1"]
+    # A request without a placeholder needs no chat.update: it still fits.
+    assert [r.request_id for r in _ours_now(slack, [_abandoned(5), _abandoned(6, placeholder=False)])] == ["r5", "r6"]
