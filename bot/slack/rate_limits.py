@@ -186,9 +186,15 @@ class Bucket:
         self._tat = max(self._tat, self._clock() + seconds + self.tolerance)
 
     def set_rate(self, per_second: float, burst: int) -> None:
-        """A new rate and burst from now on (the calls already out stay counted)."""
+        """A new rate and burst from now on (the calls already out stay counted). A bucket
+        empty now (or closed by a Retry-After) lets its next call out when it would have:
+        a larger burst must not open a Retry-After window early, nor a smaller one push
+        the window's end later."""
+        next_call = self._tat - self.tolerance
         self.interval = 1.0 / per_second
         self.tolerance = (max(1, burst) - 1) * self.interval
+        if next_call > self._clock():
+            self._tat = next_call + self.tolerance
         self._wake_first()  # the first in the queue may go sooner (or later) now
 
     def full(self) -> bool:

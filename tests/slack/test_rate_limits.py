@@ -75,6 +75,20 @@ def test_retry_after_closes_the_method_for_everyone_and_empties_the_bucket():
     assert limits.bucket("chat.update").available() == 1
 
 
+def test_a_new_share_neither_opens_a_retry_after_window_early_nor_prolongs_it():
+    clock = Clock()
+    limits = SlackRateLimits(clock=clock)
+    limits.retry_after("chat.stopStream", None, 3.0)
+    limits.share(3)  # a smaller burst: the window still ends in 3 s
+    assert limits.wait_time("chat.stopStream") == pytest.approx(3.0)
+    limits.retry_after("chat.update", None, 3.0)
+    limits.share(1)  # a larger burst: no call inside the window all the same
+    assert limits.wait_time("chat.update") == pytest.approx(3.0)
+    assert limits.wait_time("chat.stopStream") == pytest.approx(3.0)
+    clock.now += 3.0
+    assert limits.wait_time("chat.update") == 0 and limits.wait_time("chat.stopStream") == 0
+
+
 def test_post_message_budget_is_per_channel_and_unlimited_methods_pass():
     clock = Clock()
     limits = SlackRateLimits(clock=clock)
