@@ -20,7 +20,14 @@ Two things keep a takeover from replacing an answer the user already reads:
 - Every final write carries a receipt in the message's metadata (`bot.slack.receipts`).
   A takeover first reads the thread: a delivered answer is left alone and recorded
   from what Slack shows. If the thread cannot be read, the request waits for the next
-  heartbeat rather than risk overwriting it.
+  heartbeat rather than risk overwriting it. (A placeholder recorded as a native stream
+  is stopped first instead: if it was still streaming, no final write was made, and the
+  thread is not read.)
+
+A takeover should be done within REPLICA_TIMEOUT_SECONDS + 5 s of its owner's death,
+and its Slack calls draw on the same budgets as this replica's own answers: they go
+ahead of those in each budget (`priority`, at the same rate), and the dead replica's
+share of the budgets is taken at once.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ NOTICE_SECONDS = 20.0  # for reading one abandoned answer's thread, and for edit
 UNRECORDED_KEPT = 1000  # outcomes kept for late recording while storage is out of reach
 LATE_ATTEMPTS = 3  # tries to record one of them late before it is left to a takeover
 TAKEOVERS_AT_ONCE = 8  # abandoned requests taken over side by side
+SWEEP_SECONDS = 1.0  # the look for abandoned requests comes at least this often (a cheap read)
 
 
 async def start_replica(slack: SlackWebAPI, store: Store, gates: ThreadGates, *, replica_timeout: float) -> int:
@@ -76,10 +84,14 @@ async def keep_alive(
     replica_timeout: float,
     unrecorded: dict[str, UnrecordedOutcome] | None = None,
 ) -> None:
-    """Until cancelled, three times per REPLICA_TIMEOUT_SECONDS each, in two tasks: a
-    heartbeat and this replica's share of Slack's rate limits (from the live replicas'
-    heartbeats); and the late recording of this run's outcomes storage could not take,
-    then a look for abandoned requests. A storage error costs one round, never the bot."""
+    """Until cancelled, in two tasks: three times per REPLICA_TIMEOUT_SECONDS, a heartbeat
+    and this replica's share of Slack's rate limits (from the live replicas' heartbeats);
+    and as often (every SWEEP_SECONDS at least), the late recording of this run's
+    outcomes storage could not take, then a look for abandoned requests. A request is
+    abandoned REPLICA_TIMEOUT_SECONDS after its owner's last heartbeat at most, and taken
+    over at the next look: with a long timeout, a look every third of it would spend most
+    of the 5 s a takeover has beyond the timeout. A storage error costs one round, never
+    the bot."""
     async with anyio.create_task_group() as tg:
         tg.start_soon(_beat_forever, slack, store, gates, replica_timeout)
         tg.start_soon(_sweep_forever, slack, store, gates, replica_timeout, unrecorded)
@@ -106,7 +118,7 @@ async def _sweep_forever(
 ) -> None:
     late = unrecorded if unrecorded is not None else {}
     while True:
-        await anyio.sleep(replica_timeout / 3)
+        await anyio.sleep(min(replica_timeout / 3, SWEEP_SECONDS))
         try:
             await record_late(store, gates, late)
             await take_over(slack, store, gates, [], replica_timeout=replica_timeout, skip=set(late))
@@ -193,18 +205,59 @@ async def take_over(
     """Take over every abandoned request (and those in `also`) whose thread is free,
     but none in `skip` (this run's own, recorded late instead)."""
     found = {r.request_id: r for r in also}
-    for req in await store.abandoned_requests(replica_timeout=replica_timeout):
+    abandoned = await store.abandoned_requests(replica_timeout=replica_timeout)
+    for req in abandoned:
         found.setdefault(req.request_id, req)
+    if any(r.owner != gates.owner for r in abandoned):
+        # Another replica's: it is gone (or lost its threads). Its share of Slack's budgets
+        # is free now; take it before the calls below, not at the next heartbeat (their
+        # slots would be handed out at the smaller share).
+        _share_limits(slack, gates.owner, await store.replicas(), replica_timeout)
     # At once, a few at a time: each waits for Slack's budgets (reading the thread, editing
     # the message), and one after another they would take many seconds for a replica
-    # that left several requests behind.
+    # that left several requests behind. Their calls go ahead of this replica's own in
+    # each budget (`priority`): their users see "Thinking…" until they are done.
+    todo = [r for r in found.values() if not (skip and r.request_id in skip)]
     closed: list[str] = []
     limit = anyio.CapacityLimiter(TAKEOVERS_AT_ONCE)
     async with anyio.create_task_group() as tg:
-        for req in found.values():
-            if not (skip and req.request_id in skip):
-                tg.start_soon(_take_over_one, slack, store, gates, req, limit, closed)
+        for req in _ours_now(slack, todo):
+            tg.start_soon(_take_over_one, slack, store, gates, req, limit, closed)
     return len(closed)
+
+
+def _ours_now(slack: SlackWebAPI, requests: list[InFlightRequest]) -> list[InFlightRequest]:
+    """The requests this sweep takes over. Each takeover needs two calls from budgets
+    split between the live replicas (a stream: chat.stopStream, Tier 2, one call every
+    few seconds, then chat.update; else conversations.replies, then chat.update if it
+    has a placeholder). While other replicas are alive, the requests beyond what this
+    one's budgets let out now are left to them (or to this replica's next sweep, within
+    SWEEP_SECONDS), so that the survivors take a dead replica's requests over side by
+    side. One request at least is taken at every sweep."""
+    if slack.limits.shared_by <= 1:
+        return requests
+    room: dict[str, int] = {}
+    taken: list[InFlightRequest] = []
+    for req in requests:
+        calls = _budgeted_calls(req)
+        for method in calls:
+            if method not in room:
+                bucket = slack.limits.bucket(method)
+                room[method] = bucket.available() if bucket is not None else len(requests)
+        if taken and any(room[m] < calls.count(m) for m in calls):
+            continue
+        for method in calls:
+            room[method] -= 1
+        taken.append(req)
+    if len(taken) < len(requests):
+        log.info("%d abandoned request(s) left to another replica or the next sweep", len(requests) - len(taken))
+    return taken
+
+
+def _budgeted_calls(req: InFlightRequest) -> list[str]:
+    """The split-budget calls a takeover of `req` makes when nothing was delivered."""
+    first = "chat.stopStream" if req.streamed else "conversations.replies"
+    return [first, "chat.update"] if req.placeholder_ts else [first]
 
 
 async def _take_over_one(
@@ -228,7 +281,7 @@ async def _take_over_one(
                     delivered = await _delivered(slack, req)
                 except (SlackAPIError, TimeoutError) as exc:
                     log.warning(
-                        "request %s: cannot read thread %s to see whether it was answered (%s); next time",
+                        "request %s: cannot tell from thread %s whether it was answered (%s); next time",
                         req.request_id,
                         req.thread,
                         exc.error if isinstance(exc, SlackAPIError) else "no answer",
@@ -279,16 +332,41 @@ async def _delivered(slack: SlackWebAPI, req: InFlightRequest) -> Delivered | No
     """The request's final write if it reached Slack (its receipt is in the thread);
     None also when the thread is gone (deleted, or the bot left the channel). Raises
     SlackAPIError when Slack cannot say now (5xx, rate limited), or TimeoutError after
-    NOTICE_SECONDS."""
+    NOTICE_SECONDS.
+
+    A placeholder that is a native stream is stopped first (it has to be, before it can
+    be edited into the notice). If it was still streaming, the request never made its
+    final write — that is the stop itself, or comes after the stream is closed
+    (`SlackAnswerWriter.finish`) — so no receipt can be in the thread, and it is not read."""
     with anyio.fail_after(NOTICE_SECONDS):
+        if req.streamed and await _stopped_streaming(slack, req):
+            log.info("request %s: its stream was still open: not answered, the thread is not read", req.request_id)
+            return None
         try:
-            replies = await slack.thread_replies(req.thread.channel, req.thread.thread_ts, include_all_metadata=True)
+            replies = await slack.thread_replies(
+                req.thread.channel, req.thread.thread_ts, include_all_metadata=True, priority=True
+            )
         except SlackAPIError as exc:
             if exc.transient or isinstance(exc, SlackRateLimited):
                 raise
             log.info("request %s: thread %s cannot be read (%s)", req.request_id, req.thread, exc.error)
             return None
     return find_delivered(replies, req.request_id, placeholder_ts=req.placeholder_ts, user_ts=req.user_ts)
+
+
+async def _stopped_streaming(slack: SlackWebAPI, req: InFlightRequest) -> bool:
+    """chat.stopStream on the request's placeholder: True if it was streaming (it is
+    stopped now), False if it was not (or is gone). Raises SlackAPIError when Slack
+    cannot say now (5xx, rate limited): whether it stopped is then unknown, and the next
+    sweep finds out."""
+    try:
+        await slack.call("chat.stopStream", channel=req.thread.channel, ts=req.placeholder_ts, priority=True)
+    except SlackAPIError as exc:
+        if exc.transient or isinstance(exc, SlackRateLimited):
+            raise
+        log.debug("request %s: chat.stopStream on %s: %s", req.request_id, req.placeholder_ts, exc.error)
+        return False
+    return True
 
 
 async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> bool:
@@ -311,6 +389,7 @@ async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> bool:
                     blocks=_notice_blocks(receipt),
                     text=fallback_text(INTERRUPTED_NOTICE),
                     payload=receipt_payload(receipt),
+                    priority=True,
                 )
             shown = True
         except SlackAPIError as exc:
@@ -320,14 +399,19 @@ async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> bool:
             shown = not retry_later
         with contextlib.suppress(SlackAPIError):  # the dead request's "is thinking…", if it set one
             await slack.call(
-                "assistant.threads.setStatus", channel_id=channel, thread_ts=req.thread.thread_ts, status=""
+                "assistant.threads.setStatus",
+                channel_id=channel,
+                thread_ts=req.thread.thread_ts,
+                status="",
+                priority=True,
             )
     return shown
 
 
 async def _mark_interrupted(slack: SlackWebAPI, channel: str, ts: str, receipt: Receipt | None = None) -> None:
     """Edit the message into the notice; a message still streaming is stopped first
-    (only then: chat.stopStream's budget is small). The notice goes in a markdown block,
+    (only then: chat.stopStream's budget is small; a placeholder known to be a stream
+    was stopped already, by `_delivered`). The notice goes in a markdown block,
     so it replaces blocks a final write may already have left there (an edit without
     blocks keeps a message's blocks, and they are what Slack shows)."""
     try:
@@ -337,7 +421,7 @@ async def _mark_interrupted(slack: SlackWebAPI, channel: str, ts: str, receipt: 
         if exc.error != "streaming_state_conflict":
             raise
     try:
-        await slack.call("chat.stopStream", channel=channel, ts=ts)
+        await slack.call("chat.stopStream", channel=channel, ts=ts, priority=True)
     except SlackAPIError as exc:
         log.debug("chat.stopStream on %s before marking it interrupted: %s", ts, exc.error)
     await _edit_to_notice(slack, channel, ts, receipt)
@@ -350,6 +434,7 @@ async def _edit_to_notice(slack: SlackWebAPI, channel: str, ts: str, receipt: Re
         blocks=_notice_blocks(receipt),
         text=fallback_text(INTERRUPTED_NOTICE),
         metadata=receipt_metadata(receipt) if receipt is not None else None,
+        priority=True,
     )
 
 

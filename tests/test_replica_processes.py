@@ -64,7 +64,10 @@ from tests.test_e2e import API_KEY, APP_TOKEN, BOT_TOKEN, READY_TIMEOUT, BotProc
 # Out of `make test` for now: on the 2-core CI box these real-process runs failed 2 of
 # the last 3 CI runs on timing (a wait for requests to be recorded, a request left in
 # flight after a rolling restart), which would keep everything else from landing. Run
-# them with RUN_REPLICA_PROCESSES=1 (and TEST_POSTGRES_URL); stabilising them is open.
+# them with RUN_REPLICA_PROCESSES=1 (and TEST_POSTGRES_URL). The wait for requests to be
+# recorded now looks at the killed replica's messages only (another replica's, held by a
+# Retry-After, could outlast its slow ones: seen 3 times in 8 runs); they have not yet
+# passed the 4 runs in a row, with the final code, that putting them back would take.
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.e2e,
@@ -621,13 +624,17 @@ async def test_a_killed_replicas_threads_are_taken_over_and_nothing_new_is_lost(
         slow = [await traffic.new_thread(slow=True, connection=r.link) for r in node.replicas for _ in range(2)]
         mine = slow[2 * victim : 2 * victim + 2]  # the ones the replica to be killed has
 
+        theirs = [m for m in quick + slow if slack.deliveries[m.envelope_id].connection is dead.link]
+
         async def picked_up() -> bool:
-            """Nothing acked and not yet recorded, so none is lost with the replica (a
-            placeholder may wait a Retry-After: replicas that started together can go
-            over Slack's tier for chat.startStream)."""
+            """Nothing the replica to be killed acked is not yet recorded, so none is lost
+            with it (a placeholder may wait a Retry-After: replicas that started together
+            can go over Slack's tier for chat.startStream). Only its messages: another
+            replica's held by a Retry-After could outlast its slow ones, and those are
+            checked once everything has settled."""
             flying = {r.thread for r in await store.in_flight()}
             return all(m.thread.key in flying for m in mine) and all(
-                m.thread.key in flying or traffic.answers(m.thread)[0] for m in quick + slow
+                m.thread.key in flying or traffic.answers(m.thread)[0] for m in theirs
             )
 
         await poll(picked_up, timeout=45)  # (a Retry-After can hold a placeholder on a busy box)
@@ -687,12 +694,20 @@ async def test_a_killed_replicas_threads_are_taken_over_and_nothing_new_is_lost(
         took = anyio.current_time() - killed_at
         if bound.cancelled_caught and not heartbeats.starved():
             assert all(finalized(r) for r in held), f"not all of {held} finalized, even {took:.0f}s after the kill"
-            # Seen: each takeover reads the thread (for a receipt) and edits the message,
-            # two Tier-3 calls, from the budget the live replica's own answers also draw on.
+            streams = [r for r in held if r.streamed]
+            # Seen: each native stream's takeover must stop it first (chat.stopStream, Tier 2:
+            # 20 a minute for the whole workspace, one every 3 s with one survivor, every 6 s
+            # each with two) and the survivors' own streams spend those slots too. The
+            # takeover's calls go first in each queue, but a second (third…) stop still waits
+            # for its slot, on top of the 2-4 s it takes to find the dead replica's requests.
+            # With at most one stream to stop, the bound is asserted.
+            assert len(streams) >= 2, (
+                f"the takeover of {len(held)} requests took {took:.1f}s (bound {TAKEOVER_BOUND:g}s): {held}"
+            )
             known.append(
-                f"bot limit: the takeover of {len(held)} requests took {took:.1f}s (bound {TAKEOVER_BOUND:g}s): "
-                "each needs conversations.replies and chat.update from Slack's Tier-3 budgets, which the "
-                "survivor's own answers had spent"
+                f"bot limit: the takeover of {len(held)} requests, {len(streams)} of them native streams, took "
+                f"{took:.1f}s (bound {TAKEOVER_BOUND:g}s): each stream needs a chat.stopStream, whose Tier-2 "
+                f"budget ({count - 1} survivor(s) sharing 20 a minute) their own streams also use"
             )
         elif bound.cancelled_caught:
             assert heartbeats.starved(), f"not all of {held} finalized within {TAKEOVER_BOUND:g}s of the kill"

@@ -11,11 +11,14 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
+import httpx2
 import pytest
 
 from bot.nursery import Nursery
 from bot.processing.failures import BUSY_NOTICE, INTERRUPTED_NOTICE, STORAGE_DOWN_NOTICE
-from bot.storage import SQLStore, StorageError, Store, ThreadKey, open_store
+from bot.replica import _ours_now
+from bot.slack.web_api import SlackWebAPI
+from bot.storage import InFlightRequest, SQLStore, StorageError, Store, ThreadKey, open_store
 from tests.fakes.openai import Behaviour, FakeOpenAI
 from tests.fakes.slack import FakeSlack
 from tests.harness import eventually, running_bot, send_dm
@@ -155,6 +158,90 @@ async def test_a_frozen_replicas_request_is_taken_over_and_it_is_fenced_off_when
             finally:
                 await store.aclose()
             assert INTERRUPTED_NOTICE in slack.visible_text("D1", state.placeholder_ts)
+
+
+async def _frozen_with_a_request(
+    slack: FakeSlack, ai: FakeOpenAI, a: Nursery, a_handle: Freezable, text: str
+) -> tuple[str, str, int]:
+    """replica-a holds a request (recorded, placeholder up, model asked), then freezes:
+    (its request id, its placeholder's ts, the number of Slack calls before the freeze)."""
+    await send_dm(slack, text)
+    await eventually(lambda: bool(ai.requests), timeout=10)
+    [state] = a.active.values()
+    await eventually(lambda: bool(state.placeholder_ts), timeout=10)
+    a_handle.frozen = True  # its Slack calls wait from now on: every call after is replica-b's
+    return state.request_id, state.placeholder_ts, len(slack.calls)
+
+
+async def test_a_native_stream_left_streaming_is_stopped_first_and_its_thread_not_read(slack, ai, database_url):
+    """The dead replica's placeholder is a native stream, still streaming: the takeover stops
+    it before anything else (an edit would be refused) and, the stream being still open,
+    knows no final write was made: it writes the notice without reading the thread."""
+    ai.enqueue(Behaviour(hang=True))
+    fast = {"replica_timeout_seconds": 1.0, "native_streaming": True}
+    async with replicas(slack, ai, database_url, ["replica-a"], **fast) as ([a], [a_handle]):
+        request_id, ts, mark = await _frozen_with_a_request(slack, ai, a, a_handle, "stream, then freeze")
+        assert slack.is_streaming("D1", ts)
+        async with replicas(slack, ai, database_url, ["replica-b"], **fast):
+            await slack.wait_until(lambda: slack.visible_text("D1", ts) == INTERRUPTED_NOTICE, timeout=10)
+            await _until_closed(database_url, request_id)
+            after = slack.calls[mark:]
+            assert [m for m, args in after if args.get("ts") == ts] == ["chat.stopStream", "chat.update"]
+            assert "conversations.replies" not in [m for m, _ in after]
+            assert not slack.is_streaming("D1", ts)
+        a_handle.thaw()
+
+
+async def test_a_native_stream_already_closed_is_read_for_its_receipt_before_the_notice(slack, ai, database_url):
+    """The stream was stopped (the dead replica gave streaming up, say): the takeover
+    finds it no longer streaming, so it reads the thread as for any message, finds no
+    receipt, and edits the message into the notice."""
+    ai.enqueue(Behaviour(hang=True))
+    fast = {"replica_timeout_seconds": 1.0, "native_streaming": True}
+    async with replicas(slack, ai, database_url, ["replica-a"], **fast) as ([a], [a_handle]):
+        request_id, ts, mark = await _frozen_with_a_request(slack, ai, a, a_handle, "stopped, then freeze")
+        slack._stop_stream({"channel": "D1", "ts": ts})  # as its own give-up would have, before it froze
+        async with replicas(slack, ai, database_url, ["replica-b"], **fast):
+            await slack.wait_until(lambda: slack.visible_text("D1", ts) == INTERRUPTED_NOTICE, timeout=10)
+            await _until_closed(database_url, request_id)
+            after = [m for m, args in slack.calls[mark:] if args.get("ts") in (ts, _thread_of(slack, ts))]
+            assert after[:3] == ["chat.stopStream", "conversations.replies", "chat.update"], after
+        a_handle.thaw()
+
+
+async def test_a_takeover_takes_the_dead_replicas_share_of_slacks_budgets_before_its_calls(slack, ai, database_url):
+    ai.enqueue(Behaviour(hang=True))
+    fast = {"replica_timeout_seconds": 1.0}
+    async with replicas(slack, ai, database_url, ["replica-a"], **fast) as ([a], [a_handle]):
+        _, ts, _ = await _frozen_with_a_request(slack, ai, a, a_handle, "share, then freeze")
+        seen: list[tuple[str, int]] = []
+        b_limits: list[Any] = []
+
+        async def handler(request):
+            method = request.url.path.rsplit("/", 1)[-1]
+            if b_limits and method in ("conversations.replies", "chat.update"):
+                seen.append((method, b_limits[0].shared_by))
+            return await slack.handle(request)
+
+        store = await open_store(database_url)
+        try:
+            async with running_bot(slack, ai, store=store, slack_handler=handler, replica_id="replica-b", **fast) as b:
+                b_limits.append(b.services.slack.limits)
+                await slack.wait_until(lambda: slack.visible_text("D1", ts) == INTERRUPTED_NOTICE, timeout=10)
+        finally:
+            await store.aclose()
+        assert seen and all(shared == 1 for _, shared in seen), seen  # replica-a's half was taken first
+        a_handle.thaw()
+
+
+def _thread_of(slack: FakeSlack, ts: str) -> str:
+    return next((str(m.get("thread_ts")) for m in slack.messages.get("D1", []) if m.get("ts") == ts), "")
+
+
+async def _until_closed(url: str, request_id: str) -> None:
+    with anyio.fail_after(10):
+        while (await _request_row(url, request_id))[0] == "in_flight":
+            await anyio.sleep(0.1)
 
 
 async def test_a_rolling_restart_loses_and_doubles_nothing(slack, ai, database_url):
@@ -355,3 +442,41 @@ async def test_replicas_split_slacks_rate_limits_between_those_alive(slack, ai, 
         async with replicas(slack, ai, database_url, ["replica-b"], **fast) as ([b], _):
             await eventually(lambda: limits.shared_by == 2 and b.services.slack.limits.shared_by == 2, timeout=10)
         await eventually(lambda: limits.shared_by == 1, timeout=10)  # b left cleanly: a has it all again
+
+
+def _abandoned(n: int, *, streamed: bool = False, placeholder: bool = True) -> InFlightRequest:
+    return InFlightRequest(
+        f"r{n}",
+        ThreadKey(f"D{n}", f"{n}.0"),
+        f"{n}.5" if placeholder or streamed else "",
+        float(n),
+        "replica-gone",
+        f"{n}.1",
+        streamed,
+    )
+
+
+async def test_a_sweep_takes_what_its_budgets_let_out_now_and_leaves_the_rest_to_the_other_replicas():
+    async with httpx2.AsyncClient() as client:
+        _sweep_shares(SlackWebAPI(bot_token="xoxb-1", app_token="xapp-1", client=client))
+
+
+def _sweep_shares(slack: SlackWebAPI) -> None:
+    requests = [_abandoned(1, streamed=True), _abandoned(2, streamed=True), _abandoned(3), _abandoned(4)]
+    assert _ours_now(slack, requests) == requests  # alone: it takes everything (at its own pace)
+    slack.limits.share(2)
+    stop = slack.limits.bucket("chat.stopStream")
+    assert stop is not None and stop.available() == 1
+    # Its half of the budgets lets out one chat.stopStream and two chat.update now: one
+    # stream (stopped, then edited), and one of the others (read, then edited).
+    assert [r.request_id for r in _ours_now(slack, requests)] == ["r1", "r3"]
+    update = slack.limits.bucket("chat.update")
+    assert update is not None
+    while update.available():
+        update.reserve()
+    while stop.available():
+        stop.reserve()
+    # Nothing left in the budgets: one request all the same (every sweep makes progress).
+    assert [r.request_id for r in _ours_now(slack, requests)] == ["r1"]
+    # A request without a placeholder needs no chat.update: it still fits.
+    assert [r.request_id for r in _ours_now(slack, [_abandoned(5), _abandoned(6, placeholder=False)])] == ["r5", "r6"]

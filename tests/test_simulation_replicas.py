@@ -140,7 +140,9 @@ def test_a_replica_paused_past_its_lease_is_fenced_off():
     ops = [op for op in world.store_log if op.thread == rec.thread or op.rid == rec.rid]
     grants = [op for op in ops if op.op == "acquire" and op.result is not None]
     assert [op.inc for op in grants] == [1, 2] and grants[1].result > grants[0].result
-    assert 13.0 - 1e-6 <= grants[1].t < 43.0  # r0's lease had expired, r0 still paused
+    # r0's lease had expired (by the store's clock: its last grant or renewal + its ttl), r0 still paused
+    held = [op for op in ops if op.inc == 1 and op.op in ("acquire", "renew") and op.result]
+    assert max(op.clock + op.ttl for op in held) - 1e-6 <= grants[1].clock and grants[1].t < 43.0
     refused = [op for op in ops if op.op == "renew" and op.inc == 1 and op.result is False]
     assert refused and refused[0].t >= 43.0 - 1e-6  # it learnt on resuming
     closes = [op for op in ops if op.op == "finish"]

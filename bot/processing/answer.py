@@ -213,6 +213,7 @@ async def _open(
             started_at=time.time(),
             owner=state.owner,
             fence=state.fence,
+            streamed=writer.placeholder_streams,
         ):
             # The thread's lease passed to another replica before the request was even
             # recorded: it is theirs now. End here, as a shutdown would. Its own

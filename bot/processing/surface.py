@@ -83,6 +83,12 @@ class ReplySurface(Protocol):
     @property
     def placeholder_ts(self) -> str: ...
 
+    @property
+    def placeholder_streams(self) -> bool:
+        """The answer was opened as a stream the platform shows live (Slack's native
+        streaming): it must be stopped before it can be edited. Stored with the request,
+        for whoever has to finish it after a crash."""
+
     async def start(self, status: str = PLACEHOLDER) -> str:
         """Open the answer (a placeholder, a stream…); its id, or "" if the answer will
         appear only when it is finished. Raises SurfaceError."""

@@ -212,6 +212,11 @@ class SlackAnswerWriter:
     def placeholder_ts(self) -> str:
         return self.message_ts[0] if self.message_ts else ""
 
+    @property
+    def placeholder_streams(self) -> bool:
+        """The answer opened as a native stream (given up since or not: the message was one)."""
+        return bool(self._stream_ts)
+
     async def start(self, status: str = PLACEHOLDER) -> str:
         """Open the answer message: a native stream, else a placeholder, else nothing yet
         (the budget is low: the answer is posted when done). Raises SlackAPIError only
@@ -358,6 +363,12 @@ class SlackAnswerWriter:
             await self._stop_stream()  # given up mid-answer and not stopped yet: Slack refuses edits till then
         if self.mode == "final":
             self._fallback.append(text)
+        if self._stream_ts and self._stop_failed:
+            # A message still streaming refuses edits: the final write must not skip it as
+            # already shown and post the rest of the answer (with the receipt) after it.
+            # Every final write thus comes after its stream is closed, which is what lets a
+            # takeover that finds the stream still open know there is no receipt to look for.
+            self._fallback.forget_shown(self._stream_ts)
         posted = len(self._fallback.message_ts)
         ok = await self._fallback.finish(notice, receipt)
         if len(self._fallback.message_ts) == posted:  # (a new message: Slack cleared the status itself)

@@ -7,15 +7,22 @@ A bot that paces each answer on its own, and retries its own 429s, spends most o
 calls inside windows Slack has already announced, and its final writes lose the race.
 
 Each budget is a GCRA ("virtual scheduling") bucket: `_tat` is the time at which the
-bucket would be full again. A caller that must wait is given its slot at once and sleeps
-until then, so waiters are served in order and nobody polls. A 429 moves `_tat` past the
-announced window: nobody calls that method again before it ends. The bursts we allow are
-smaller than the ones Slack tolerates, at the same rate, so a lone process never meets a
-429 it caused itself; restarts and other apps' calls still can, and are handled.
+bucket would be full again after every call let out so far. Callers that must wait queue
+in order; only the first sleeps (until the bucket lets one more call out), and each call
+let out wakes the next, so nobody polls. A slot is handed out when the call goes, never
+promised ahead, so every call of the bucket — in whatever order — passes the one GCRA
+test and the method's rate is never exceeded. A 429 moves `_tat` past the announced
+window: nobody calls that method again before it ends. The bursts we allow are smaller
+than the ones Slack tolerates, at the same rate, so a lone process never meets a 429 it
+caused itself; restarts and other apps' calls still can, and are handled.
 
-Two ways to draw on a budget:
+Three ways to draw on a budget:
 - `acquire` (final writes, notices, everything that must get through): wait for a slot,
   inside the caller's cancel scope, so the request's deadline still wins;
+- `acquire(priority=True)` (the takeover of a dead replica's requests, whose users see
+  "Thinking…" until it is done): the same, but ahead of every waiter without priority,
+  so it waits for the next slot, not for the queue. It takes nothing more than its turn:
+  the others wait one slot longer each, and the rate is the same;
 - `try_acquire` (interim updates of a streaming answer): take a slot only while the
   bucket is at least half full, otherwise skip. As the workspace gets busier, interim
   updates thin out on their own and the final writes keep the rest.
@@ -70,6 +77,17 @@ UNLIMITED_PER_SECOND, UNLIMITED_BURST = 1000.0, 1000  # methods without a tier (
 MAX_CHANNEL_BUCKETS = 2000  # per-channel postMessage budgets kept; full ones are dropped first
 
 
+class _Waiter:
+    """A caller queued for a slot; `turn` is set when it may look again (it is first now,
+    or the head it was behind changed)."""
+
+    __slots__ = ("priority", "turn")
+
+    def __init__(self, priority: bool) -> None:
+        self.priority = priority
+        self.turn = anyio.Event()
+
+
 class Bucket:
     """One method's budget (or one channel's, for chat.postMessage)."""
 
@@ -78,43 +96,109 @@ class Bucket:
         self.tolerance = (max(1, burst) - 1) * self.interval
         self._clock = clock
         self._tat = -math.inf
+        self._queue: list[_Waiter] = []  # callers waiting for a slot: priority first, then in order
         self.committed = 0  # final writes promised to answers in flight (see module doc)
-        self.blocks = 0  # Retry-After windows seen: a slot reserved before one is void
 
     def available(self) -> int:
-        """How many calls could go out right now."""
+        """How many calls could go out right now (the queued callers' first)."""
         now = self._clock()
         room = now + self.tolerance - max(self._tat, now)
-        return 0 if room < -1e-6 else int(room / self.interval + 1e-6) + 1
+        free = 0 if room < -1e-6 else int(room / self.interval + 1e-6) + 1
+        return max(0, free - len(self._queue))
 
     @property
     def burst(self) -> int:
         return round(self.tolerance / self.interval) + 1
 
+    @property
+    def waiting(self) -> int:
+        """Callers queued for a slot."""
+        return len(self._queue)
+
     def reserve(self) -> float:
-        """Take the next slot; returns how long to wait for it (0: go now)."""
+        """Take the next slot; returns how long to wait for it (0: go now). (`acquire`
+        takes its slot only when it may go; `try_acquire` only when there is room.)"""
         now = self._clock()
         tat = max(self._tat, now)
         self._tat = tat + self.interval
         wait = tat - self.tolerance - now
         return wait if wait > 1e-6 else 0.0
 
-    def refund(self) -> None:
-        """Give back a slot that was reserved and not used (the caller was cancelled)."""
-        self._tat -= self.interval
+    def _due(self) -> float:
+        """Seconds until one more call may go out (0: now)."""
+        now = self._clock()
+        wait = max(self._tat, now) - self.tolerance - now
+        return wait if wait > 1e-6 else 0.0
+
+    def wait_time(self) -> float:
+        """Seconds a new caller without priority would wait (behind those queued)."""
+        now = self._clock()
+        wait = max(self._tat, now) + len(self._queue) * self.interval - self.tolerance - now
+        return wait if wait > 1e-6 else 0.0
+
+    async def acquire(self, *, priority: bool = False) -> None:
+        """Wait for a slot, behind the callers queued before (with `priority`: behind the
+        queued priority callers only). Cancelled, it leaves the queue having taken nothing."""
+        if not self._queue and self._due() <= 0:
+            self.reserve()
+            return
+        waiter = _Waiter(priority)
+        self._enqueue(waiter)
+        try:
+            while True:
+                if self._queue[0] is waiter:
+                    wait = self._due()
+                    if wait <= 0:
+                        break
+                    with anyio.move_on_after(wait):  # (woken sooner if a priority caller goes first)
+                        await waiter.turn.wait()
+                else:
+                    await waiter.turn.wait()
+                waiter.turn = anyio.Event()
+        except BaseException:
+            self._leave(waiter)
+            raise
+        self._queue.pop(0)
+        self.reserve()
+        self._wake_first()
+
+    def _enqueue(self, waiter: _Waiter) -> None:
+        if not waiter.priority:
+            self._queue.append(waiter)
+            return
+        at = next((i for i, w in enumerate(self._queue) if not w.priority), len(self._queue))
+        self._queue.insert(at, waiter)
+        if at == 0 and len(self._queue) > 1:
+            self._queue[1].turn.set()  # the one it displaced stops sleeping on the clock
+
+    def _leave(self, waiter: _Waiter) -> None:
+        first = bool(self._queue) and self._queue[0] is waiter
+        self._queue.remove(waiter)
+        if first:
+            self._wake_first()
+
+    def _wake_first(self) -> None:
+        if self._queue:
+            self._queue[0].turn.set()
 
     def block(self, seconds: float) -> None:
         """Slack said `Retry-After: seconds`: no slot before then, and the bucket is empty."""
         self._tat = max(self._tat, self._clock() + seconds + self.tolerance)
-        self.blocks += 1
 
     def set_rate(self, per_second: float, burst: int) -> None:
-        """A new rate and burst from now on (the slots already taken stay taken)."""
+        """A new rate and burst from now on (the calls already out stay counted). A bucket
+        empty now (or closed by a Retry-After) lets its next call out when it would have:
+        a larger burst must not open a Retry-After window early, nor a smaller one push
+        the window's end later."""
+        next_call = self._tat - self.tolerance
         self.interval = 1.0 / per_second
         self.tolerance = (max(1, burst) - 1) * self.interval
+        if next_call > self._clock():
+            self._tat = next_call + self.tolerance
+        self._wake_first()  # the first in the queue may go sooner (or later) now
 
     def full(self) -> bool:
-        return self._tat <= self._clock() and not self.committed
+        return self._tat <= self._clock() and not self.committed and not self._queue
 
 
 class SlackRateLimits:
@@ -164,25 +248,12 @@ class SlackRateLimits:
             found = self._methods[method] = Bucket(*self._pace(method), self._clock)
         return found
 
-    async def acquire(self, method: str, channel: str | None = None) -> None:
-        """Wait for a slot (inside the caller's cancel scope)."""
+    async def acquire(self, method: str, channel: str | None = None, *, priority: bool = False) -> None:
+        """Wait for a slot (inside the caller's cancel scope); with `priority`, ahead of
+        every caller without it."""
         bucket = self.bucket(method, channel)
-        if bucket is None:
-            return
-        while True:
-            blocks = bucket.blocks
-            wait = bucket.reserve()
-            if wait <= 0:
-                return
-            try:
-                await anyio.sleep(wait)
-            except anyio.get_cancelled_exc_class():
-                bucket.refund()
-                raise
-            if bucket.blocks == blocks:
-                return
-            # A Retry-After arrived while we slept: our slot may be inside its window. Take a
-            # new one, behind the window (the old one is void: the window emptied the bucket).
+        if bucket is not None:
+            await bucket.acquire(priority=priority)
 
     def try_acquire(self, method: str, channel: str | None = None) -> bool:
         """Take a slot now if the budget is at least half full after the promised final
@@ -219,9 +290,6 @@ class SlackRateLimits:
             bucket.block(seconds)
 
     def wait_time(self, method: str, channel: str | None = None) -> float:
-        """Seconds until the next slot (0 when one is free now); takes nothing."""
+        """Seconds until a new caller's slot (0 when one is free now); takes nothing."""
         bucket = self.bucket(method, channel)
-        if bucket is None:
-            return 0.0
-        now = self._clock()
-        return max(0.0, max(bucket._tat, now) - bucket.tolerance - now)
+        return 0.0 if bucket is None else bucket.wait_time()

@@ -106,6 +106,10 @@ class ReplyWriter:
     def placeholder_ts(self) -> str:
         return self.message_ts[0] if self.message_ts else ""
 
+    @property
+    def placeholder_streams(self) -> bool:
+        return False
+
     async def start(self, status: str = PLACEHOLDER) -> str:
         """Post the placeholder in the thread; returns its ts, or "" when the workspace's
         chat.update budget has no room for one more final edit (the answer is then posted
@@ -143,6 +147,12 @@ class ReplyWriter:
         if not self._committed:
             self._slack.limits.commit("chat.update")
             self._committed = True
+
+    def forget_shown(self, ts: str) -> None:
+        """Take nothing as shown in message `ts` (its next write is always sent)."""
+        for i, mine in enumerate(self.message_ts):
+            if mine == ts:
+                self._shown[i] = "\x00unknown"
 
     def set_status(self, status: str) -> None:
         """Show `status` in the placeholder until the answer starts arriving."""

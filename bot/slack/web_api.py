@@ -181,8 +181,11 @@ class SlackWebAPI:
         self._client = client
         self._max_retries = max_rate_limit_retries
 
-    async def call(self, method: str, *, app_token: bool = False, interim: bool = False, **args: Any) -> dict[str, Any]:
-        """Call `method` with `args`; returns the JSON body when `ok` is true.
+    async def call(
+        self, method: str, *, app_token: bool = False, interim: bool = False, priority: bool = False, **args: Any
+    ) -> dict[str, Any]:
+        """Call `method` with `args`; returns the JSON body when `ok` is true. With
+        `priority` (a takeover's calls) it waits for its method's budget ahead of the others.
 
         Raises SlackAPIError (`ok: false`, non-JSON answers, HTTP errors),
         SlackRateLimited once the retries are spent, or — with `interim` — SlackSkipped
@@ -191,7 +194,7 @@ class SlackWebAPI:
         args = {k: v for k, v in args.items() if v is not None}
         result = "error"
         try:
-            body = await self._call(method, app_token, args, interim)
+            body = await self._call(method, app_token, args, interim, priority)
             result = "ok"
             return body
         except SlackSkipped:
@@ -203,7 +206,9 @@ class SlackWebAPI:
         finally:
             self._metrics.slack_calls.labels(method=method, result=result).inc()
 
-    async def _call(self, method: str, app_token: bool, args: dict[str, Any], interim: bool) -> dict[str, Any]:
+    async def _call(
+        self, method: str, app_token: bool, args: dict[str, Any], interim: bool, priority: bool = False
+    ) -> dict[str, Any]:
         """One call, tried again — `max_rate_limit_retries` times at most, whatever the
         reasons — after a 429 (the budget's wait is the Retry-After; never for an interim
         call) and, for RETRY_SERVER_ERRORS, after a 5xx or a broken connection (doubling
@@ -222,7 +227,7 @@ class SlackWebAPI:
 
         try:
             return await retry(
-                partial(self._send, method, app_token, args, channel, interim),
+                partial(self._send, method, app_token, args, channel, interim, priority),
                 errors=SlackAPIError,
                 attempts=self._max_retries + 1,
                 pause=pause,
@@ -235,7 +240,13 @@ class SlackWebAPI:
         return self._read(method, last.http_response, channel)
 
     async def _send(
-        self, method: str, app_token: bool, args: dict[str, Any], channel: str | None, interim: bool
+        self,
+        method: str,
+        app_token: bool,
+        args: dict[str, Any],
+        channel: str | None,
+        interim: bool,
+        priority: bool = False,
     ) -> dict[str, Any]:
         """One try: the budget, the request, the answer. Raises _ServerError for what a
         method of RETRY_SERVER_ERRORS may try again."""
@@ -243,7 +254,7 @@ class SlackWebAPI:
             if not self.limits.try_acquire(method, channel):
                 raise SlackSkipped(method)
         else:
-            await self.limits.acquire(method, channel)
+            await self.limits.acquire(method, channel, priority=priority)
         # A cancelled caller sends nothing more (a request that lost its thread's lease,
         # say). Costs no scheduling step when not cancelled; a shielded write still goes.
         await anyio.lowlevel.checkpoint_if_cancelled()
@@ -303,6 +314,7 @@ class SlackWebAPI:
         markdown_text: str | None = None,
         blocks: list[dict[str, Any]] | None = None,
         payload: dict[str, str] | None = None,
+        priority: bool = False,
     ) -> str:
         """Post in a thread; returns the new message's ts. `payload` goes into the
         message's metadata beside the post's marker (an answer's receipt).
@@ -322,13 +334,19 @@ class SlackWebAPI:
             markdown_text=markdown_text,
             blocks=blocks,
             metadata={"event_type": POST_MARKER, "event_payload": {**(payload or {}), "post_id": marker}},
+            priority=priority,
         )
         if not thread_ts:  # no thread to search for the marker: one try
             return str((await post()).get("ts", ""))
-        return await self._post_exactly_once(post, channel, thread_ts, marker)
+        return await self._post_exactly_once(post, channel, thread_ts, marker, priority)
 
     async def _post_exactly_once(
-        self, post: Callable[[], Awaitable[dict[str, Any]]], channel: str, thread_ts: str, marker: str
+        self,
+        post: Callable[[], Awaitable[dict[str, Any]]],
+        channel: str,
+        thread_ts: str,
+        marker: str,
+        priority: bool = False,
     ) -> str:
         """`post()` up to POST_ATTEMPTS times; before each repeat, the thread is searched
         for `marker` (POST_LOOKUPS searches at most for the whole post, one at least
@@ -340,7 +358,7 @@ class SlackWebAPI:
             nonlocal lookups
             lookups += 1
             await anyio.sleep(_server_error_pause("chat.postMessage", what, min(lookups, 5)))
-            return await self.find_post(channel, thread_ts, marker)
+            return await self.find_post(channel, thread_ts, marker, priority=priority)
 
         async def attempt() -> str:
             nonlocal failure
@@ -378,9 +396,10 @@ class SlackWebAPI:
         except _Unconfirmed as exc:
             raise exc.failure from None
 
-    async def find_post(self, channel: str, thread_ts: str, marker: str) -> str:
+    async def find_post(self, channel: str, thread_ts: str, marker: str, *, priority: bool = False) -> str:
         """The ts of our message in the thread that carries `marker`, or ""."""
-        for message in reversed(await self.thread_replies(channel, thread_ts, include_all_metadata=True)):
+        replies = await self.thread_replies(channel, thread_ts, include_all_metadata=True, priority=priority)
+        for message in reversed(replies):
             meta = message.get("metadata") or {}
             if meta.get("event_type") == POST_MARKER and (meta.get("event_payload") or {}).get("post_id") == marker:
                 return str(message.get("ts") or "")
@@ -396,6 +415,7 @@ class SlackWebAPI:
         blocks: list[dict[str, Any]] | None = None,
         metadata: dict[str, Any] | None = None,
         interim: bool = False,
+        priority: bool = False,
     ) -> None:
         """Edit a message; `metadata` replaces the message's (without it, Slack keeps it)."""
         await self.call(
@@ -407,10 +427,17 @@ class SlackWebAPI:
             blocks=blocks,
             metadata=metadata,
             interim=interim,
+            priority=priority,
         )
 
     async def thread_replies(
-        self, channel: str, thread_ts: str, *, limit: int = 200, include_all_metadata: bool = False
+        self,
+        channel: str,
+        thread_ts: str,
+        *,
+        limit: int = 200,
+        include_all_metadata: bool = False,
+        priority: bool = False,
     ) -> list[dict[str, Any]]:
         """All messages of a thread, parent first (follows cursors, capped at 1,000)."""
         messages: list[dict[str, Any]] = []
@@ -423,6 +450,7 @@ class SlackWebAPI:
                 limit=limit,
                 cursor=cursor,
                 include_all_metadata=include_all_metadata or None,
+                priority=priority,
             )
             messages.extend(m for m in body.get("messages", []) if isinstance(m, dict))
             cursor = (body.get("response_metadata") or {}).get("next_cursor")

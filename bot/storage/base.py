@@ -69,6 +69,7 @@ class InFlightRequest:
     started_at: float
     owner: str = ""  # the replica that started it ("" for requests stored before replicas)
     user_ts: str = ""  # the message it answers
+    streamed: bool = False  # its placeholder is a native stream (chat.startStream)
 
 
 PreferenceScope = Literal["workspace", "user", "thread"]
@@ -159,10 +160,11 @@ class Store(Protocol):
         started_at: float,
         owner: str,
         fence: int,
+        streamed: bool = False,
     ) -> bool:
         """Record a request of replica `owner` as in flight (its placeholder is on
-        screen) and mark the thread known. False, and nothing written, unless `fence`
-        is the thread's current lease token."""
+        screen; `streamed`: a native stream) and mark the thread known. False, and
+        nothing written, unless `fence` is the thread's current lease token."""
 
     async def finish_request(
         self,

@@ -170,6 +170,7 @@ class SQLStore:
         started_at: float,
         owner: str,
         fence: int,
+        streamed: bool = False,
     ) -> bool:
         """Record the request as in flight and the thread as known, if `fence` is the
         thread's current lease. A repeated `request_id` is a bug in the caller and
@@ -182,9 +183,19 @@ class SQLStore:
             _ensure_thread(conn, thread, started_at)
             conn.execute(
                 "INSERT INTO requests"
-                " (request_id, channel, thread_ts, user_ts, placeholder_ts, status, started_at, owner, fence)"
-                " VALUES (?, ?, ?, ?, ?, 'in_flight', ?, ?, ?)",
-                (request_id, thread.channel, thread.thread_ts, user_ts, placeholder_ts, started_at, owner, fence),
+                " (request_id, channel, thread_ts, user_ts, placeholder_ts, status, started_at, owner, fence, streamed)"
+                " VALUES (?, ?, ?, ?, ?, 'in_flight', ?, ?, ?, ?)",
+                (
+                    request_id,
+                    thread.channel,
+                    thread.thread_ts,
+                    user_ts,
+                    placeholder_ts,
+                    started_at,
+                    owner,
+                    fence,
+                    int(streamed),
+                ),
             )
             return True
 
@@ -243,8 +254,8 @@ class SQLStore:
     async def in_flight(self) -> list[InFlightRequest]:
         def body(conn: Connection) -> list[InFlightRequest]:
             rows = conn.execute(
-                "SELECT request_id, channel, thread_ts, placeholder_ts, started_at, owner, user_ts FROM requests"
-                " WHERE status = 'in_flight' ORDER BY started_at, request_id"
+                "SELECT request_id, channel, thread_ts, placeholder_ts, started_at, owner, user_ts, streamed"
+                " FROM requests WHERE status = 'in_flight' ORDER BY started_at, request_id"
             ).fetchall()
             return [_in_flight(row) for row in rows]
 
@@ -253,7 +264,8 @@ class SQLStore:
     async def abandoned_requests(self, *, replica_timeout: float) -> list[InFlightRequest]:
         def body(conn: Connection) -> list[InFlightRequest]:
             rows = conn.execute(
-                "SELECT r.request_id, r.channel, r.thread_ts, r.placeholder_ts, r.started_at, r.owner, r.user_ts"
+                "SELECT r.request_id, r.channel, r.thread_ts, r.placeholder_ts, r.started_at, r.owner, r.user_ts,"
+                " r.streamed"
                 " FROM requests r WHERE r.status = 'in_flight' AND ("
                 " NOT EXISTS (SELECT 1 FROM replicas p WHERE p.replica_id = r.owner AND p.heartbeat_at > bot_now() - ?)"
                 " OR NOT EXISTS (SELECT 1 FROM thread_leases l WHERE l.channel = r.channel"
@@ -539,7 +551,7 @@ def _image_row(thread: ThreadKey, i: ThreadImage, now: float) -> tuple[object, .
 
 
 def _in_flight(row: Sequence[Any]) -> InFlightRequest:
-    request_id, channel, thread_ts, placeholder_ts, started_at, owner, user_ts = row
+    request_id, channel, thread_ts, placeholder_ts, started_at, owner, user_ts, streamed = row
     return InFlightRequest(
         request_id=request_id,
         thread=ThreadKey(channel, thread_ts),
@@ -547,6 +559,7 @@ def _in_flight(row: Sequence[Any]) -> InFlightRequest:
         started_at=float(started_at),
         owner=owner,
         user_ts=user_ts,
+        streamed=bool(streamed),
     )
 
 

@@ -182,6 +182,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX usage_daily_user ON usage_daily (user_id, day);
     """,
+    # Whether a request's placeholder is a native stream (chat.startStream): a takeover
+    # stops it first, and reads the thread only if it was no longer streaming.
+    """
+    ALTER TABLE requests ADD COLUMN streamed INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 

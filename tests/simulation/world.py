@@ -799,10 +799,10 @@ class World:
         limits = nursery.services.slack.limits
         original_acquire = limits.acquire
 
-        async def acquire(method, channel=None):
+        async def acquire(method, channel=None, **kw):
             t0 = world.now()
             try:
-                await original_acquire(method, channel)
+                await original_acquire(method, channel, **kw)
             finally:
                 if world.now() > t0:
                     world.budget_waits.append(BudgetWait(HANDLING.get(), method, t0, world.now()))

@@ -2,14 +2,16 @@
 one Retry-After honoured by every caller, interim calls skipped while the budget is low,
 and chat.postMessage retried on a 5xx without ever posting twice."""
 
+import itertools
 import json
 from urllib.parse import parse_qsl
 
 import anyio
+import anyio.lowlevel
 import httpx2
 import pytest
 
-from bot.slack.rate_limits import METHOD_TIERS, TIER_PER_MINUTE, SlackRateLimits
+from bot.slack.rate_limits import METHOD_TIERS, TIER_PER_MINUTE, Bucket, SlackRateLimits
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackSkipped, SlackWebAPI
 
 
@@ -71,6 +73,20 @@ def test_retry_after_closes_the_method_for_everyone_and_empties_the_bucket():
     assert limits.wait_time("chat.stopStream") == 0  # other methods are not affected
     clock.now += 7.0
     assert limits.bucket("chat.update").available() == 1
+
+
+def test_a_new_share_neither_opens_a_retry_after_window_early_nor_prolongs_it():
+    clock = Clock()
+    limits = SlackRateLimits(clock=clock)
+    limits.retry_after("chat.stopStream", None, 3.0)
+    limits.share(3)  # a smaller burst: the window still ends in 3 s
+    assert limits.wait_time("chat.stopStream") == pytest.approx(3.0)
+    limits.retry_after("chat.update", None, 3.0)
+    limits.share(1)  # a larger burst: no call inside the window all the same
+    assert limits.wait_time("chat.update") == pytest.approx(3.0)
+    assert limits.wait_time("chat.stopStream") == pytest.approx(3.0)
+    clock.now += 3.0
+    assert limits.wait_time("chat.update") == 0 and limits.wait_time("chat.stopStream") == 0
 
 
 def test_post_message_budget_is_per_channel_and_unlimited_methods_pass():
@@ -230,3 +246,112 @@ async def test_post_message_is_not_repeated_when_the_look_up_fails():
             await slack.post_message("C1", "1.0", markdown_text="the answer")
     assert info.value.transient
     assert [m for m, _, _ in rec.calls] == ["chat.postMessage", "conversations.replies"]
+
+
+# ---------------------------------------------------------------- priority (a takeover's calls)
+
+FAST_RATE = 5.0  # calls a second: a 200 ms interval (short waits; room for a slow box to queue every caller)
+
+
+async def _queued(bucket: Bucket, n: int) -> None:
+    """Until `n` callers wait in the bucket's queue."""
+    with anyio.fail_after(5):
+        while bucket.waiting != n:
+            await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.anyio
+async def test_a_priority_caller_goes_ahead_of_those_already_waiting_and_the_rate_holds():
+    bucket = Bucket(FAST_RATE, 1, anyio.current_time)
+    bucket.reserve()  # empty: the next slot is one interval away
+    order: list[str] = []
+    times: list[float] = []
+
+    async def caller(name: str, priority: bool) -> None:
+        await bucket.acquire(priority=priority)
+        order.append(name)
+        times.append(anyio.current_time())
+
+    async with anyio.create_task_group() as tg:
+        for n in range(3):
+            tg.start_soon(caller, f"normal-{n}", False)
+            await _queued(bucket, n + 1)
+        tg.start_soon(caller, "takeover-0", True)  # the first normal one is already asleep on its slot
+        await _queued(bucket, 4)
+        tg.start_soon(caller, "takeover-1", True)
+        await _queued(bucket, 5)
+        assert bucket.available() == 0
+    assert order == ["takeover-0", "takeover-1", "normal-0", "normal-1", "normal-2"]
+    # One slot per interval for all of them together, priority or not: the rate is kept.
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(gap >= bucket.interval - 1e-3 for gap in gaps), gaps
+    assert bucket.waiting == 0
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_waiter_leaves_the_queue_having_taken_nothing():
+    bucket = Bucket(FAST_RATE, 1, anyio.current_time)
+    bucket.reserve()
+    went: list[str] = []
+
+    async def caller(name: str) -> None:
+        await bucket.acquire()
+        went.append(name)
+
+    async with anyio.create_task_group() as tg:
+        first = anyio.CancelScope()
+        tg.start_soon(_in, first, caller, "first")
+        await _queued(bucket, 1)
+        tg.start_soon(caller, "second")
+        await _queued(bucket, 2)
+        first.cancel()  # the head of the queue gives up: the next one takes its slot
+        await _queued(bucket, 0)
+    assert went == ["second"]
+    assert bucket.waiting == 0
+    assert bucket.wait_time() <= bucket.interval  # one slot taken since the bucket was emptied, not two
+
+
+async def _in(scope: anyio.CancelScope, func, *args) -> None:
+    with scope:
+        await func(*args)
+
+
+@pytest.mark.anyio
+async def test_waiters_are_counted_by_available_and_wait_time_and_a_retry_after_holds_them():
+    clock_start = anyio.current_time()
+    bucket = Bucket(FAST_RATE, 2, anyio.current_time)
+    bucket.reserve()
+    bucket.reserve()
+    went: list[float] = []
+
+    async def caller() -> None:
+        await bucket.acquire()
+        went.append(anyio.current_time())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(caller)
+        tg.start_soon(caller)
+        await _queued(bucket, 2)
+        assert bucket.available() == 0
+        # A new caller would wait behind both: three intervals at most from the start.
+        assert bucket.wait_time() == pytest.approx(3 * bucket.interval, abs=0.02)
+        bucket.block(0.2)  # Slack's Retry-After while they wait: nobody goes before its end
+        blocked_at = anyio.current_time()
+    assert len(went) == 2 and min(went) >= blocked_at + 0.2 - 1e-3
+    assert anyio.current_time() - clock_start < 5
+
+
+@pytest.mark.anyio
+async def test_a_takeovers_call_goes_ahead_of_an_answers_queued_final_write():
+    rec = Recorder(lambda rec, method, args: _ok(ts="1.1"))
+    client, slack = _api(rec)
+    bucket = slack.limits.bucket("chat.update")
+    assert bucket is not None
+    bucket.set_rate(FAST_RATE, 1)
+    bucket.reserve()
+    async with client, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: slack.update_message("C1", "1.0", markdown_text="an answer"))
+        await _queued(bucket, 1)
+        tg.start_soon(lambda: slack.update_message("C2", "2.0", markdown_text="notice", priority=True))
+        await _queued(bucket, 2)
+    assert [args["channel"] for _, _, args in rec.calls] == ["C2", "C1"]

@@ -236,6 +236,25 @@ async def test_in_flight_lists_unfinished_requests_oldest_first(store: SQLStore)
     assert [r.request_id for r in await store.in_flight()] == ["late"]
 
 
+async def test_a_request_opened_as_a_native_stream_is_listed_as_one(store: SQLStore) -> None:
+    fence = await lease(store, THREAD)
+    assert await store.start_request(
+        "streamed",
+        THREAD,
+        user_ts="u-streamed",
+        placeholder_ts="p-streamed",
+        started_at=1.0,
+        owner="replica-a",
+        fence=fence,
+        streamed=True,
+    )
+    await start(store, "posted", thread=OTHER, started_at=2.0)
+    assert [(r.request_id, r.streamed) for r in await store.in_flight()] == [("streamed", True), ("posted", False)]
+    # replica-a has no heartbeat: both are abandoned, and the takeover knows which one streams.
+    abandoned = await store.abandoned_requests(replica_timeout=30.0)
+    assert [(r.request_id, r.streamed) for r in abandoned] == [("streamed", True), ("posted", False)]
+
+
 async def test_in_flight_survives_a_crash(reopen: Opener) -> None:
     store = await reopen()
     await start(store, "r1", started_at=3.0)
