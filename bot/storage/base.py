@@ -160,9 +160,17 @@ class Store(Protocol):
         owner: str,
         fence: int,
     ) -> bool:
-        """Record a request of replica `owner` as in flight (its placeholder is on
-        screen) and mark the thread known. False, and nothing written, unless `fence`
-        is the thread's current lease token."""
+        """Record a request of replica `owner` as in flight and mark the thread known.
+        False, and nothing written, unless `fence` is the thread's current lease token.
+        It is recorded before anything is posted (`placeholder_ts` ""), so a crash leaves
+        no message that no takeover knows of; `record_placeholder` or `finish_request`
+        adds the answer's first message later."""
+
+    async def record_placeholder(self, request_id: str, placeholder_ts: str, *, fence: int) -> bool:
+        """Say which message opened the request's answer (one that a takeover cannot find
+        in the thread by itself: a native stream). True if stored; False, and nothing
+        written, if the request is not in flight, already has one, or `fence` is not the
+        current lease token of its thread."""
 
     async def finish_request(
         self,
@@ -175,12 +183,15 @@ class Store(Protocol):
         reply_text: str,
         finished_at: float,
         detail: str = "",
+        placeholder_ts: str = "",
     ) -> bool:
         """Close a request and, in the same transaction, append the exchange to the
-        thread's history. Only answered exchanges enter the history the model sees;
-        the others are kept with their outcome for the record. True if this call closed
-        it; False, and nothing written, if it was not in flight or `fence` is not the
-        current lease token of its thread (the lease was lost to another replica)."""
+        thread's history. Only answered exchanges enter the history the model sees; the
+        others are kept with their outcome for the record. `placeholder_ts`: the
+        answer's first message, kept if the request had none recorded yet (the reply in
+        the history carries it). True if this call closed it; False, and nothing
+        written, if it was not in flight or `fence` is not the current lease token of
+        its thread (the lease was lost to another replica)."""
 
     async def in_flight(self) -> list[InFlightRequest]:
         """Requests started and never finished, on every replica, oldest first."""
