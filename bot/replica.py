@@ -28,14 +28,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
 
+from bot.processing.answer import START_SECONDS
 from bot.processing.context import UnrecordedOutcome
 from bot.processing.failures import INTERRUPTED_NOTICE
 from bot.processing.surface import Receipt
-from bot.slack.receipts import Delivered, find_delivered, receipt_metadata, receipt_payload
+from bot.slack.receipts import find_delivered, find_opening, receipt_metadata, receipt_payload
 from bot.slack.reply import fallback_text
 from bot.slack.try_again import notice_blocks
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackWebAPI
@@ -48,9 +50,12 @@ NOTICE_SECONDS = 20.0  # for reading one abandoned answer's thread, and for edit
 UNRECORDED_KEPT = 1000  # outcomes kept for late recording while storage is out of reach
 LATE_ATTEMPTS = 3  # tries to record one of them late before it is left to a takeover
 TAKEOVERS_AT_ONCE = 8  # abandoned requests taken over side by side
+OPENING_GRACE_SECONDS = 5.0  # beyond START_SECONDS: a post sent just before its bound may still land
 
 
-async def start_replica(slack: SlackWebAPI, store: Store, gates: ThreadGates, *, replica_timeout: float) -> int:
+async def start_replica(
+    slack: SlackWebAPI, store: Store, gates: ThreadGates, *, replica_timeout: float, bot_id: str
+) -> int:
     """Before this replica takes messages: say it is alive and recover its previous run's
     requests (and any other replica's that are already abandoned). Returns how many."""
     ages = await store.replicas()
@@ -65,7 +70,7 @@ async def start_replica(slack: SlackWebAPI, store: Store, gates: ThreadGates, *,
     own = [r for r in await store.in_flight() if r.owner == gates.owner]
     await store.heartbeat(gates.owner)
     _share_limits(slack, gates.owner, ages, replica_timeout)
-    return await take_over(slack, store, gates, own, replica_timeout=replica_timeout)
+    return await take_over(slack, store, gates, own, replica_timeout=replica_timeout, bot_id=bot_id)
 
 
 async def keep_alive(
@@ -74,6 +79,7 @@ async def keep_alive(
     gates: ThreadGates,
     *,
     replica_timeout: float,
+    bot_id: str,
     unrecorded: dict[str, UnrecordedOutcome] | None = None,
 ) -> None:
     """Until cancelled, three times per REPLICA_TIMEOUT_SECONDS each, in two tasks: a
@@ -82,7 +88,7 @@ async def keep_alive(
     then a look for abandoned requests. A storage error costs one round, never the bot."""
     async with anyio.create_task_group() as tg:
         tg.start_soon(_beat_forever, slack, store, gates, replica_timeout)
-        tg.start_soon(_sweep_forever, slack, store, gates, replica_timeout, unrecorded)
+        tg.start_soon(_sweep_forever, slack, store, gates, replica_timeout, bot_id, unrecorded)
 
 
 async def _beat_forever(slack: SlackWebAPI, store: Store, gates: ThreadGates, replica_timeout: float) -> None:
@@ -102,14 +108,25 @@ async def _sweep_forever(
     store: Store,
     gates: ThreadGates,
     replica_timeout: float,
+    bot_id: str,
     unrecorded: dict[str, UnrecordedOutcome] | None,
 ) -> None:
     late = unrecorded if unrecorded is not None else {}
+    unopened: dict[str, float] = {}
     while True:
         await anyio.sleep(replica_timeout / 3)
         try:
             await record_late(store, gates, late)
-            await take_over(slack, store, gates, [], replica_timeout=replica_timeout, skip=set(late))
+            await take_over(
+                slack,
+                store,
+                gates,
+                [],
+                replica_timeout=replica_timeout,
+                bot_id=bot_id,
+                skip=set(late),
+                unopened=unopened,
+            )
         except StorageError as exc:
             log.warning("replica %s: takeover failed: %s", gates.owner, exc)
 
@@ -188,11 +205,16 @@ async def take_over(
     also: list[InFlightRequest],
     *,
     replica_timeout: float,
+    bot_id: str,
     skip: set[str] | None = None,
+    unopened: dict[str, float] | None = None,
 ) -> int:
-    """Take over every abandoned request (and those in `also`) whose thread is free,
-    but none in `skip` (this run's own, recorded late instead)."""
+    """Take over every abandoned request (and those in `also`: this replica's previous
+    run's, whose process is gone) whose thread is free, but none in `skip` (this run's
+    own, recorded late instead). `bot_id` is the bot's: its messages in the threads.
+    `unopened` is the sweep's memory of requests found with no first message yet."""
     found = {r.request_id: r for r in also}
+    gone = set(found)
     for req in await store.abandoned_requests(replica_timeout=replica_timeout):
         found.setdefault(req.request_id, req)
     # At once, a few at a time: each waits for Slack's budgets (reading the thread, editing
@@ -203,8 +225,31 @@ async def take_over(
     async with anyio.create_task_group() as tg:
         for req in found.values():
             if not (skip and req.request_id in skip):
-                tg.start_soon(_take_over_one, slack, store, gates, req, limit, closed)
+                tg.start_soon(
+                    _take_over_one,
+                    slack,
+                    store,
+                    gates,
+                    req,
+                    _Taking(bot_id, req.request_id in gone, unopened),
+                    limit,
+                    closed,
+                )
+    if unopened is not None:  # only those still abandoned and not closed now are remembered
+        for request_id in set(unopened) - (set(found) - set(closed)):
+            del unopened[request_id]
     return len(closed)
+
+
+@dataclass(frozen=True)
+class _Taking:
+    """How one request is taken over."""
+
+    bot_id: str  # the bot's messages in the thread are its
+    owner_gone: bool  # its owner is this replica's previous run: nothing of it runs any more
+    # Requests found with no first message, and when first (see `_may_still_open`);
+    # None at start-up.
+    unopened: dict[str, float] | None
 
 
 async def _take_over_one(
@@ -212,6 +257,7 @@ async def _take_over_one(
     store: Store,
     gates: ThreadGates,
     req: InFlightRequest,
+    taking: _Taking,
     limit: anyio.CapacityLimiter,
     closed: list[str],
 ) -> None:
@@ -225,7 +271,7 @@ async def _take_over_one(
                     log.debug("request %s: thread %s still leased; next time", req.request_id, req.thread)
                     return
                 try:
-                    delivered = await _delivered(slack, req)
+                    replies = await _thread(slack, req)
                 except (SlackAPIError, TimeoutError) as exc:
                     log.warning(
                         "request %s: cannot read thread %s to see whether it was answered (%s); next time",
@@ -233,6 +279,21 @@ async def _take_over_one(
                         req.thread,
                         exc.error if isinstance(exc, SlackAPIError) else "no answer",
                     )
+                    return
+                if not req.placeholder_ts and replies:
+                    # Recorded before its first message was posted, which storage may
+                    # not have yet: found in the thread, if it was posted.
+                    req = replace(
+                        req,
+                        placeholder_ts=find_opening(replies, req.request_id, user_ts=req.user_ts, bot_id=taking.bot_id),
+                    )
+                delivered = (
+                    find_delivered(replies, req.request_id, placeholder_ts=req.placeholder_ts, user_ts=req.user_ts)
+                    if replies
+                    else None
+                )
+                if delivered is None and _may_still_open(req, taking, bool(replies)):
+                    log.info("request %s: its owner may still be posting its first message; next time", req.request_id)
                     return
                 left_by = f"replica {req.owner or 'unknown'}"
                 if delivered is not None:
@@ -251,6 +312,7 @@ async def _take_over_one(
                             else f"{left_by} delivered it but could not record it; taken over by {gates.owner}, "
                             "recorded from its receipt in Slack"
                         ),
+                        placeholder_ts=req.placeholder_ts,
                     )
                     what = f"found delivered ({delivered.outcome}), left as it is"
                 else:
@@ -266,6 +328,7 @@ async def _take_over_one(
                         reply_text="",
                         finished_at=time.time(),
                         detail=f"{left_by} stopped; taken over by {gates.owner}",
+                        placeholder_ts=req.placeholder_ts,
                     )
                     what = "marked interrupted"
                 if done:
@@ -275,20 +338,37 @@ async def _take_over_one(
             log.warning("request %s: takeover failed: %s; next time", req.request_id, exc)
 
 
-async def _delivered(slack: SlackWebAPI, req: InFlightRequest) -> Delivered | None:
-    """The request's final write if it reached Slack (its receipt is in the thread);
-    None also when the thread is gone (deleted, or the bot left the channel). Raises
+def _may_still_open(req: InFlightRequest, taking: _Taking, thread_read: bool) -> bool:
+    """Whether the owner of a request with no first message anywhere may still be
+    posting it: it records the request first and posts right after, for at most
+    START_SECONDS. A replica paused or cut off from storage, not dead, would post it
+    after a notice posted now, and leave it for nobody to finish (it no longer writes
+    to a thread whose lease it lost). So such a request waits START_SECONDS (and a
+    little) from when this replica first saw it so, by this process's clock (the
+    owner's may differ); at start-up, for the first sweep. A previous run of this
+    replica posts nothing any more: its requests never wait."""
+    if req.placeholder_ts or taking.owner_gone or not thread_read:
+        return False
+    if taking.unopened is None:
+        return True
+    now = anyio.current_time()
+    first = taking.unopened.setdefault(req.request_id, now)
+    return now < first + START_SECONDS + OPENING_GRACE_SECONDS
+
+
+async def _thread(slack: SlackWebAPI, req: InFlightRequest) -> list[dict[str, Any]]:
+    """The request's thread with its messages' metadata (receipts, placeholders); []
+    when the thread is gone (deleted, or the bot left the channel). Raises
     SlackAPIError when Slack cannot say now (5xx, rate limited), or TimeoutError after
     NOTICE_SECONDS."""
     with anyio.fail_after(NOTICE_SECONDS):
         try:
-            replies = await slack.thread_replies(req.thread.channel, req.thread.thread_ts, include_all_metadata=True)
+            return await slack.thread_replies(req.thread.channel, req.thread.thread_ts, include_all_metadata=True)
         except SlackAPIError as exc:
             if exc.transient or isinstance(exc, SlackRateLimited):
                 raise
             log.info("request %s: thread %s cannot be read (%s)", req.request_id, req.thread, exc.error)
-            return None
-    return find_delivered(replies, req.request_id, placeholder_ts=req.placeholder_ts, user_ts=req.user_ts)
+            return []
 
 
 async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> bool:
