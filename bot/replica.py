@@ -8,6 +8,14 @@ races a request answering in that thread), edits the answer into the interrupted
 (stopping a native stream first) and stores the outcome under its own fencing token.
 A thread whose lease has not expired yet is simply tried again at the next heartbeat.
 
+A request is recorded before its answer's first message is posted (`answer._open`), and
+storage learns that message's id only with the outcome (a native stream's as soon as it
+is known). So a takeover may have to find it in the thread: `find_opening` (the
+placeholder's metadata names its request; a stream is the bot's one message without
+metadata). Finding none, it posts a new notice, but not while the owner's post may still
+land (`_may_still_open`): a replica paused or cut off mid-post would post after it, and
+nobody would finish that message.
+
 At start, a replica also takes over the requests still recorded under its own id: they
 belong to its previous run, which is dead (it is this process). That is the crash
 recovery of a single bot, and it happens at once; other replicas' requests wait for

@@ -1,5 +1,5 @@
-"""Answer one message: placeholder → history → attachments → model (with the image tools)
-→ streamed reply → stored exchange.
+"""Answer one message: recorded request → placeholder → history → attachments → model
+(with the image tools) → streamed reply → stored exchange.
 
 The whole request runs under one deadline (`ASYNC_TIMEOUT_SECONDS`, a `move_on_after`),
 which covers waiting for a free model slot too. Whatever happens — answer, timeout,

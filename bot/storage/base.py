@@ -61,7 +61,7 @@ class HistoryMessage:
 @dataclass(frozen=True)
 class InFlightRequest:
     """A request recorded as started and not yet finished: the placeholder to fix up
-    after a crash."""
+    after a crash ("" while storage has no id of it: see `Store.start_request`)."""
 
     request_id: str
     thread: ThreadKey
