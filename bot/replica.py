@@ -12,9 +12,9 @@ A request is recorded before its answer's first message is posted (`answer._open
 storage learns that message's id only with the outcome (a native stream's as soon as it
 is known). So a takeover may have to find it in the thread: `find_opening` (the
 placeholder's metadata names its request; a stream is the bot's one message without
-metadata). Finding none, it posts a new notice, but not while the owner's post may still
-land (`_may_still_open`): a replica paused or cut off mid-post would post after it, and
-nobody would finish that message.
+metadata). Finding none, it posts a new notice. (Not handled: an owner paused or cut
+off from storage *while* its post was on the wire, whose message lands after that
+notice; having lost its lease, it does not finish it.)
 
 At start, a replica also takes over the requests still recorded under its own id: they
 belong to its previous run, which is dead (it is this process). That is the crash
@@ -36,12 +36,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import anyio
 
-from bot.processing.answer import START_SECONDS
 from bot.processing.context import UnrecordedOutcome
 from bot.processing.failures import INTERRUPTED_NOTICE
 from bot.processing.surface import Receipt
@@ -58,7 +57,6 @@ NOTICE_SECONDS = 20.0  # for reading one abandoned answer's thread, and for edit
 UNRECORDED_KEPT = 1000  # outcomes kept for late recording while storage is out of reach
 LATE_ATTEMPTS = 3  # tries to record one of them late before it is left to a takeover
 TAKEOVERS_AT_ONCE = 8  # abandoned requests taken over side by side
-OPENING_GRACE_SECONDS = 5.0  # beyond START_SECONDS: a post sent just before its bound may still land
 
 
 async def start_replica(
@@ -120,7 +118,6 @@ async def _sweep_forever(
     unrecorded: dict[str, UnrecordedOutcome] | None,
 ) -> None:
     late = unrecorded if unrecorded is not None else {}
-    unopened: dict[str, float] = {}
     while True:
         await anyio.sleep(replica_timeout / 3)
         try:
@@ -133,7 +130,6 @@ async def _sweep_forever(
                 replica_timeout=replica_timeout,
                 bot_id=bot_id,
                 skip=set(late),
-                unopened=unopened,
             )
         except StorageError as exc:
             log.warning("replica %s: takeover failed: %s", gates.owner, exc)
@@ -215,14 +211,11 @@ async def take_over(
     replica_timeout: float,
     bot_id: str,
     skip: set[str] | None = None,
-    unopened: dict[str, float] | None = None,
 ) -> int:
-    """Take over every abandoned request (and those in `also`: this replica's previous
-    run's, whose process is gone) whose thread is free, but none in `skip` (this run's
-    own, recorded late instead). `bot_id` is the bot's: its messages in the threads.
-    `unopened` is the sweep's memory of requests found with no first message yet."""
+    """Take over every abandoned request (and those in `also`) whose thread is free,
+    but none in `skip` (this run's own, recorded late instead). `bot_id` is the bot's:
+    its messages in the threads."""
     found = {r.request_id: r for r in also}
-    gone = set(found)
     for req in await store.abandoned_requests(replica_timeout=replica_timeout):
         found.setdefault(req.request_id, req)
     # At once, a few at a time: each waits for Slack's budgets (reading the thread, editing
@@ -239,25 +232,11 @@ async def take_over(
                     store,
                     gates,
                     req,
-                    _Taking(bot_id, req.request_id in gone, unopened),
+                    bot_id,
                     limit,
                     closed,
                 )
-    if unopened is not None:  # only those still abandoned and not closed now are remembered
-        for request_id in set(unopened) - (set(found) - set(closed)):
-            del unopened[request_id]
     return len(closed)
-
-
-@dataclass(frozen=True)
-class _Taking:
-    """How one request is taken over."""
-
-    bot_id: str  # the bot's messages in the thread are its
-    owner_gone: bool  # its owner is this replica's previous run: nothing of it runs any more
-    # Requests found with no first message, and when first (see `_may_still_open`);
-    # None at start-up.
-    unopened: dict[str, float] | None
 
 
 async def _take_over_one(
@@ -265,7 +244,7 @@ async def _take_over_one(
     store: Store,
     gates: ThreadGates,
     req: InFlightRequest,
-    taking: _Taking,
+    bot_id: str,
     limit: anyio.CapacityLimiter,
     closed: list[str],
 ) -> None:
@@ -293,16 +272,13 @@ async def _take_over_one(
                     # not have yet: found in the thread, if it was posted.
                     req = replace(
                         req,
-                        placeholder_ts=find_opening(replies, req.request_id, user_ts=req.user_ts, bot_id=taking.bot_id),
+                        placeholder_ts=find_opening(replies, req.request_id, user_ts=req.user_ts, bot_id=bot_id),
                     )
                 delivered = (
                     find_delivered(replies, req.request_id, placeholder_ts=req.placeholder_ts, user_ts=req.user_ts)
                     if replies
                     else None
                 )
-                if delivered is None and _may_still_open(req, taking, bool(replies)):
-                    log.info("request %s: its owner may still be posting its first message; next time", req.request_id)
-                    return
                 left_by = f"replica {req.owner or 'unknown'}"
                 if delivered is not None:
                     answered = delivered.outcome == "answered"
@@ -344,24 +320,6 @@ async def _take_over_one(
                     log.info("request %s in %s: left by %s, %s", req.request_id, req.thread, left_by, what)
         except StorageError as exc:
             log.warning("request %s: takeover failed: %s; next time", req.request_id, exc)
-
-
-def _may_still_open(req: InFlightRequest, taking: _Taking, thread_read: bool) -> bool:
-    """Whether the owner of a request with no first message anywhere may still be
-    posting it: it records the request first and posts right after, for at most
-    START_SECONDS. A replica paused or cut off from storage, not dead, would post it
-    after a notice posted now, and leave it for nobody to finish (it no longer writes
-    to a thread whose lease it lost). So such a request waits START_SECONDS (and a
-    little) from when this replica first saw it so, by this process's clock (the
-    owner's may differ); at start-up, for the first sweep. A previous run of this
-    replica posts nothing any more: its requests never wait."""
-    if req.placeholder_ts or taking.owner_gone or not thread_read:
-        return False
-    if taking.unopened is None:
-        return True
-    now = anyio.current_time()
-    first = taking.unopened.setdefault(req.request_id, now)
-    return now < first + START_SECONDS + OPENING_GRACE_SECONDS
 
 
 async def _thread(slack: SlackWebAPI, req: InFlightRequest) -> list[dict[str, Any]]:
