@@ -128,6 +128,7 @@ class Nursery:
                     self.services.store,
                     self.gates,
                     replica_timeout=replica.timeout_seconds,
+                    bot_id=self.services.me.bot_id,
                     unrecorded=self.unrecorded,
                 )
             )
@@ -292,6 +293,7 @@ class Nursery:
                         self.services.settings.surfaces,
                         self.services.store,
                         msg,
+                        request_id=state.request_id,
                     ),
                 )
         finally:

@@ -8,6 +8,14 @@ races a request answering in that thread), edits the answer into the interrupted
 (stopping a native stream first) and stores the outcome under its own fencing token.
 A thread whose lease has not expired yet is simply tried again at the next heartbeat.
 
+A request is recorded before its answer's first message is posted (`answer._open`), and
+storage learns that message's id only with the outcome (a native stream's as soon as it
+is known). So a takeover may have to find it in the thread: `find_opening` (the
+placeholder's metadata names its request; a stream is the bot's one message without
+metadata). Finding none, it posts a new notice. (Not handled: an owner paused or cut
+off from storage *while* its post was on the wire, whose message lands after that
+notice; having lost its lease, it does not finish it.)
+
 At start, a replica also takes over the requests still recorded under its own id: they
 belong to its previous run, which is dead (it is this process). That is the crash
 recovery of a single bot, and it happens at once; other replicas' requests wait for
@@ -35,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -42,7 +51,7 @@ import anyio
 from bot.processing.context import UnrecordedOutcome
 from bot.processing.failures import INTERRUPTED_NOTICE
 from bot.processing.surface import Receipt
-from bot.slack.receipts import Delivered, find_delivered, receipt_metadata, receipt_payload
+from bot.slack.receipts import find_delivered, find_opening, receipt_metadata, receipt_payload
 from bot.slack.reply import fallback_text
 from bot.slack.try_again import notice_blocks
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackWebAPI
@@ -58,7 +67,9 @@ TAKEOVERS_AT_ONCE = 8  # abandoned requests taken over side by side
 SWEEP_SECONDS = 1.0  # the look for abandoned requests comes at least this often (a cheap read)
 
 
-async def start_replica(slack: SlackWebAPI, store: Store, gates: ThreadGates, *, replica_timeout: float) -> int:
+async def start_replica(
+    slack: SlackWebAPI, store: Store, gates: ThreadGates, *, replica_timeout: float, bot_id: str
+) -> int:
     """Before this replica takes messages: say it is alive and recover its previous run's
     requests (and any other replica's that are already abandoned). Returns how many."""
     ages = await store.replicas()
@@ -73,7 +84,7 @@ async def start_replica(slack: SlackWebAPI, store: Store, gates: ThreadGates, *,
     own = [r for r in await store.in_flight() if r.owner == gates.owner]
     await store.heartbeat(gates.owner)
     _share_limits(slack, gates.owner, ages, replica_timeout)
-    return await take_over(slack, store, gates, own, replica_timeout=replica_timeout)
+    return await take_over(slack, store, gates, own, replica_timeout=replica_timeout, bot_id=bot_id)
 
 
 async def keep_alive(
@@ -82,6 +93,7 @@ async def keep_alive(
     gates: ThreadGates,
     *,
     replica_timeout: float,
+    bot_id: str,
     unrecorded: dict[str, UnrecordedOutcome] | None = None,
 ) -> None:
     """Until cancelled, in two tasks: three times per REPLICA_TIMEOUT_SECONDS, a heartbeat
@@ -94,7 +106,7 @@ async def keep_alive(
     the bot."""
     async with anyio.create_task_group() as tg:
         tg.start_soon(_beat_forever, slack, store, gates, replica_timeout)
-        tg.start_soon(_sweep_forever, slack, store, gates, replica_timeout, unrecorded)
+        tg.start_soon(_sweep_forever, slack, store, gates, replica_timeout, bot_id, unrecorded)
 
 
 async def _beat_forever(slack: SlackWebAPI, store: Store, gates: ThreadGates, replica_timeout: float) -> None:
@@ -114,6 +126,7 @@ async def _sweep_forever(
     store: Store,
     gates: ThreadGates,
     replica_timeout: float,
+    bot_id: str,
     unrecorded: dict[str, UnrecordedOutcome] | None,
 ) -> None:
     late = unrecorded if unrecorded is not None else {}
@@ -121,7 +134,15 @@ async def _sweep_forever(
         await anyio.sleep(min(replica_timeout / 3, SWEEP_SECONDS))
         try:
             await record_late(store, gates, late)
-            await take_over(slack, store, gates, [], replica_timeout=replica_timeout, skip=set(late))
+            await take_over(
+                slack,
+                store,
+                gates,
+                [],
+                replica_timeout=replica_timeout,
+                bot_id=bot_id,
+                skip=set(late),
+            )
         except StorageError as exc:
             log.warning("replica %s: takeover failed: %s", gates.owner, exc)
 
@@ -200,10 +221,12 @@ async def take_over(
     also: list[InFlightRequest],
     *,
     replica_timeout: float,
+    bot_id: str,
     skip: set[str] | None = None,
 ) -> int:
     """Take over every abandoned request (and those in `also`) whose thread is free,
-    but none in `skip` (this run's own, recorded late instead)."""
+    but none in `skip` (this run's own, recorded late instead). `bot_id` is the bot's:
+    its messages in the threads."""
     found = {r.request_id: r for r in also}
     abandoned = await store.abandoned_requests(replica_timeout=replica_timeout)
     for req in abandoned:
@@ -222,7 +245,7 @@ async def take_over(
     limit = anyio.CapacityLimiter(TAKEOVERS_AT_ONCE)
     async with anyio.create_task_group() as tg:
         for req in _ours_now(slack, todo):
-            tg.start_soon(_take_over_one, slack, store, gates, req, limit, closed)
+            tg.start_soon(_take_over_one, slack, store, gates, req, bot_id, limit, closed)
     return len(closed)
 
 
@@ -265,6 +288,7 @@ async def _take_over_one(
     store: Store,
     gates: ThreadGates,
     req: InFlightRequest,
+    bot_id: str,
     limit: anyio.CapacityLimiter,
     closed: list[str],
 ) -> None:
@@ -278,7 +302,7 @@ async def _take_over_one(
                     log.debug("request %s: thread %s still leased; next time", req.request_id, req.thread)
                     return
                 try:
-                    delivered = await _delivered(slack, req)
+                    replies = await _thread(slack, req)
                 except (SlackAPIError, TimeoutError) as exc:
                     log.warning(
                         "request %s: cannot tell from thread %s whether it was answered (%s); next time",
@@ -287,6 +311,18 @@ async def _take_over_one(
                         exc.error if isinstance(exc, SlackAPIError) else "no answer",
                     )
                     return
+                if not req.placeholder_ts and replies:
+                    # Recorded before its first message was posted, which storage may
+                    # not have yet: found in the thread, if it was posted.
+                    req = replace(
+                        req,
+                        placeholder_ts=find_opening(replies, req.request_id, user_ts=req.user_ts, bot_id=bot_id),
+                    )
+                delivered = (
+                    find_delivered(replies, req.request_id, placeholder_ts=req.placeholder_ts, user_ts=req.user_ts)
+                    if replies
+                    else None
+                )
                 left_by = f"replica {req.owner or 'unknown'}"
                 if delivered is not None:
                     answered = delivered.outcome == "answered"
@@ -304,6 +340,7 @@ async def _take_over_one(
                             else f"{left_by} delivered it but could not record it; taken over by {gates.owner}, "
                             "recorded from its receipt in Slack"
                         ),
+                        placeholder_ts=req.placeholder_ts,
                     )
                     what = f"found delivered ({delivered.outcome}), left as it is"
                 else:
@@ -319,6 +356,7 @@ async def _take_over_one(
                         reply_text="",
                         finished_at=time.time(),
                         detail=f"{left_by} stopped; taken over by {gates.owner}",
+                        placeholder_ts=req.placeholder_ts,
                     )
                     what = "marked interrupted"
                 if done:
@@ -328,9 +366,10 @@ async def _take_over_one(
             log.warning("request %s: takeover failed: %s; next time", req.request_id, exc)
 
 
-async def _delivered(slack: SlackWebAPI, req: InFlightRequest) -> Delivered | None:
-    """The request's final write if it reached Slack (its receipt is in the thread);
-    None also when the thread is gone (deleted, or the bot left the channel). Raises
+async def _thread(slack: SlackWebAPI, req: InFlightRequest) -> list[dict[str, Any]] | None:
+    """The request's thread with its messages' metadata (receipts, placeholders); []
+    when the thread is gone (deleted, or the bot left the channel); None when it was
+    not read (a stream still open: see below). Raises
     SlackAPIError when Slack cannot say now (5xx, rate limited), or TimeoutError after
     NOTICE_SECONDS.
 
@@ -343,15 +382,14 @@ async def _delivered(slack: SlackWebAPI, req: InFlightRequest) -> Delivered | No
             log.info("request %s: its stream was still open: not answered, the thread is not read", req.request_id)
             return None
         try:
-            replies = await slack.thread_replies(
+            return await slack.thread_replies(
                 req.thread.channel, req.thread.thread_ts, include_all_metadata=True, priority=True
             )
         except SlackAPIError as exc:
             if exc.transient or isinstance(exc, SlackRateLimited):
                 raise
             log.info("request %s: thread %s cannot be read (%s)", req.request_id, req.thread, exc.error)
-            return None
-    return find_delivered(replies, req.request_id, placeholder_ts=req.placeholder_ts, user_ts=req.user_ts)
+            return []
 
 
 async def _stopped_streaming(slack: SlackWebAPI, req: InFlightRequest) -> bool:

@@ -137,7 +137,9 @@ async def run_bot(
             media=MediaServices(url_client=url_http, workers=anyio.CapacityLimiter(settings.media.media_workers)),
         )
         nursery = Nursery(services, connector, handle_signals=handle_signals)
-        await start_replica(slack, store, nursery.gates, replica_timeout=settings.replica.timeout_seconds)
+        await start_replica(
+            slack, store, nursery.gates, replica_timeout=settings.replica.timeout_seconds, bot_id=me.bot_id
+        )
         if on_ready is not None:
             on_ready(nursery)
         await nursery.run()

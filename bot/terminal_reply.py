@@ -47,6 +47,10 @@ class TerminalWriter:
     def placeholder_streams(self) -> bool:
         return False
 
+    @property
+    def opening_marked(self) -> bool:
+        return True  # nobody takes a terminal's answer over: nothing to record
+
     async def start(self, status: str = PLACEHOLDER) -> str:
         ts = f"shell-{uuid.uuid4().hex[:12]}"  # stands for the message id storage keeps
         self.message_ts.append(ts)

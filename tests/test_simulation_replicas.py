@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from tests.simulation import report, run_scenario
 from tests.simulation.runner import Result
 from tests.simulation.scenario import Fault, Msg, Scenario
@@ -189,3 +191,47 @@ def test_three_replicas_with_every_fault():
     assert not others, report(result)
     assert len({rec.inc for rec in world.requests}) >= 3
     assert result.stats.get("requests_taken_over", 0) >= 1
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["placeholder", "native stream"])
+@pytest.mark.parametrize("replicas_running", [1, 2], ids=["restarted", "taken over by another replica"])
+def test_killed_while_its_first_message_is_on_the_wire(native, replicas_running):
+    """Issue 11, the orphaned placeholder: m0's request starts at 2.0 and its first
+    message (a "Thinking…" placeholder, or a native stream) is on the wire until 3.0
+    (Slack takes 1 s a call); the process is killed at 2.5. Slack makes the message, and
+    no id of it ever reaches storage. The request was recorded before the post, so the
+    restarted process (its own previous run's request, at once) or the other replica
+    (once the dead one's heartbeat aged) takes it over, finds the message in the thread
+    — the placeholder's metadata names the request; a stream is the bot's one message
+    without metadata — and edits it into the interrupted notice: nothing is left
+    "Thinking…" or streaming, and no second message is posted."""
+    crash = (
+        Fault(2.5, "crash", restart_after=1.0)
+        if replicas_running == 1
+        else Fault(2.5, "crash", "r0", restart_after=None)
+    )
+    scenario = Scenario(
+        1,
+        1,
+        1,
+        100,
+        1.0,
+        (Msg(0, 1.0, 0, "dm", ai=SLOW),),
+        (crash,),
+        native,
+        replicas=replicas_running,
+        replica_timeout=10.0,
+    )
+    result, world = run(scenario)
+    assert not result.failed, report(result)
+    [rec] = world.requests
+    assert rec.inc == 1 and not rec.placeholder_ts  # it never learnt its message's id
+    channel, thread_ts = rec.thread
+    [made] = [c.created_ts for c in world.slack_calls if c.tag and c.tag.rid == rec.rid and c.created_ts]
+    assert "Interrupted" in world.slack.visible_text(channel, made)
+    assert not world.slack.is_streaming(channel, made)
+    replies = world.slack.bot_replies(channel, thread_ts)
+    assert [r for r in replies if "Interrupted" in r] == [world.slack.visible_text(channel, made)]  # no new notice
+    finish = [op for op in world.store_log if op.op == "finish" and op.rid == rec.rid and op.result]
+    assert len(finish) == 1 and finish[0].inc == 2 and finish[0].outcome == "interrupted"
+    assert result.stats["requests_taken_over"] == 1

@@ -181,6 +181,36 @@ def _scenario(text: str) -> Scenario:
 
 
 REGRESSIONS = {  # bugs the simulator found, as the smallest scenarios that showed them
+    # Issue 11: killed while its answer's first message was on the wire (Slack made it, the
+    # process never heard back). The request was recorded only after the post, so nobody
+    # knew of it: "Thinking…" (or a stream) forever, excused as a "crash orphan". Fixed:
+    # recorded first, then posted; the takeover finds the message in the thread (a
+    # placeholder's metadata names its request; a stream is the bot's one message
+    # without metadata) when storage does not have its id.
+    "a crash as the answer opens leaves its message unfinished": [
+        Scenario(
+            1,
+            1,
+            1,
+            100,
+            1.0,
+            (Msg(0, 1.0, 0, "dm", ai=(("ok", 20.0, 4, 1.0),)),),
+            (Fault(2.5, "crash", restart_after=1.0),),
+            False,
+        ),
+        Scenario(
+            1,
+            1,
+            1,
+            100,
+            1.0,
+            (Msg(0, 1.0, 0, "dm", ai=(("ok", 20.0, 4, 1.0),)),),
+            (Fault(2.5, "crash", "r0", restart_after=None),),
+            True,
+            replicas=2,
+            replica_timeout=10.0,
+        ),
+    ],
     # Slack rate-limits one stream's chat.stopStream (429 x3); its retries take the Tier-2
     # budget's slots (one per 3 s), so the other stream, interrupted by the SIGTERM, got no
     # slot within the 3 s shutdown write: left streaming (empty) and stored interrupted, a

@@ -1,5 +1,5 @@
-"""Answer one message: placeholder → history → attachments → model (with the image tools)
-→ streamed reply → stored exchange.
+"""Answer one message: recorded request → placeholder → history → attachments → model
+(with the image tools) → streamed reply → stored exchange.
 
 The whole request runs under one deadline (`ASYNC_TIMEOUT_SECONDS`, a `move_on_after`),
 which covers waiting for a free model slot too. Whatever happens — answer, timeout,
@@ -75,7 +75,7 @@ async def answer_message(services: Services, state: RequestState, make_surface: 
     try:
         with anyio.move_on_after(openai_settings.async_timeout_seconds) as deadline:
             # The model request does not wait for the placeholder: the answer is opened
-            # (posted, then recorded) beside the preparation of the request, and what the
+            # (recorded, then posted) beside the preparation of the request, and what the
             # model sends meanwhile is shown once the answer is open.
             error: Exception | None = None
             async with anyio.create_task_group() as tg:
@@ -175,7 +175,7 @@ async def _record_usage(services: Services, user: str, model: str, outcome: Outc
 @dataclass
 class _Opening:
     """The answer's opening (`_open`), which runs beside the preparation of the model
-    request: `done` once the answer is posted and the request recorded, or either failed."""
+    request: `done` once the request is recorded and the answer posted, or either failed."""
 
     done: anyio.Event = field(default_factory=anyio.Event)
     recorded: bool = False  # start_request was called: the request is to be finished in storage
@@ -198,35 +198,56 @@ class _Progress:
 async def _open(
     services: Services, state: RequestState, writer: ReplySurface, opening: _Opening, fail: Callable[[], None]
 ) -> None:
-    """Post the answer's first message (or open its stream), then record the request
-    under the thread's lease. A failure to post ends the request (`fail` cancels the
-    preparation and the model call beside it)."""
+    """Record the request under the thread's lease, then post the answer's first message
+    (or open its stream). In that order, so that a crash at any point leaves no message
+    that no takeover knows of: a recorded request's first message is found in its
+    thread (a placeholder's metadata says which message it answers), and one that
+    cannot be found there (a native stream) has its id recorded as soon as it is known.
+    A failure to record or to post ends the request (`fail` cancels the preparation and
+    the model call beside it)."""
     msg = state.message
     try:
-        state.placeholder_ts = await _start(state, writer)
         opening.recorded = True  # before the call: finishing a request never started is a no-op
         if not await services.store.start_request(
             state.request_id,
             msg.thread,
             user_ts=msg.ts,
-            placeholder_ts=state.placeholder_ts,
+            placeholder_ts="",
             started_at=time.time(),
             owner=state.owner,
             fence=state.fence,
-            streamed=writer.placeholder_streams,
         ):
             # The thread's lease passed to another replica before the request was even
-            # recorded: it is theirs now. End here, as a shutdown would. Its own
-            # placeholder is still its to fix (nobody else knows of it), so the notice
-            # is written; nothing is stored.
+            # recorded: it is theirs now. End here, as a shutdown would; nothing is
+            # posted or stored but the notice (nobody else knows of this request).
             log.warning("request %s: the lease on %s was lost before it started", state.request_id, msg.thread)
             opening.recorded = False
             state.lose_lease()
+            return
+        state.placeholder_ts = await _start(state, writer)
+        if state.placeholder_ts and not writer.opening_marked:
+            await _record_placeholder(services, state, streamed=writer.placeholder_streams)
     except Exception as exc:
         opening.error = exc
         fail()
     finally:
         opening.done.set()
+
+
+async def _record_placeholder(services: Services, state: RequestState, *, streamed: bool) -> None:
+    """Record the id of an answer's first message that a takeover could not find in the
+    thread by itself (one fenced UPDATE). Refused: the lease passed on, and the request
+    with it. A storage error costs nothing but that: the final write records it anyway."""
+    try:
+        if not await services.store.record_placeholder(
+            state.request_id, state.placeholder_ts, fence=state.fence, streamed=streamed
+        ):
+            log.warning("request %s: the lease on %s was lost as it opened", state.request_id, state.message.thread)
+            state.lose_lease()
+    except StorageError as exc:
+        log.warning(
+            "request %s: could not record its first message %s: %s", state.request_id, state.placeholder_ts, exc
+        )
 
 
 async def _prepare_and_stream(
@@ -459,6 +480,7 @@ async def _record_outcome(
         reply_text=writer.text,
         finished_at=time.time(),
         detail=detail,
+        placeholder_ts=state.placeholder_ts,
     )
 
     async def record() -> None:

@@ -61,6 +61,7 @@ class UnrecordedOutcome:
     reply_text: str
     finished_at: float
     detail: str
+    placeholder_ts: str = ""  # the answer's first message (storage may not have it yet)
     late_attempts: int = 0  # tries to record it late that storage refused (see bot.replica.record_late)
 
     async def record(self, store: Store, *, fence: int) -> bool:
@@ -75,6 +76,7 @@ class UnrecordedOutcome:
             reply_text=self.reply_text,
             finished_at=self.finished_at,
             detail=self.detail,
+            placeholder_ts=self.placeholder_ts,
         )
 
 

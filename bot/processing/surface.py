@@ -93,6 +93,13 @@ class ReplySurface(Protocol):
         """Open the answer (a placeholder, a stream…); its id, or "" if the answer will
         appear only when it is finished. Raises SurfaceError."""
 
+    @property
+    def opening_marked(self) -> bool:
+        """Whether the message `start` opened says itself which message it answers, so
+        that a replica taking the request over after a crash finds it in the thread
+        (a placeholder's metadata). False when it cannot (a native stream:
+        chat.startStream takes no metadata): its id is then recorded in storage."""
+
     def set_status(self, status: str) -> None: ...
 
     def begin_task(self, title: str) -> str:

@@ -156,6 +156,7 @@ class SlackAnswerWriter:
         limit: int = SLACK_MARKDOWN_LIMIT,
         me: BotIdentity | None = None,
         reply_to: str = "",
+        request_id: str = "",
     ) -> None:
         if mode not in ("native", "update", "final"):
             raise ValueError(f"mode must be native, update or final, got {mode!r}")
@@ -172,7 +173,14 @@ class SlackAnswerWriter:
         self._feedback = feedback
         self._limit = limit
         self._fallback = ReplyWriter(
-            slack, channel, thread_ts, interval=interval, limit=limit, feedback=feedback, reply_to=reply_to
+            slack,
+            channel,
+            thread_ts,
+            interval=interval,
+            limit=limit,
+            feedback=feedback,
+            reply_to=reply_to,
+            request_id=request_id,
         )
         self._pieces: list[str] = []
         self._stream_ts = ""
@@ -216,6 +224,12 @@ class SlackAnswerWriter:
     def placeholder_streams(self) -> bool:
         """The answer opened as a native stream (given up since or not: the message was one)."""
         return bool(self._stream_ts)
+
+    @property
+    def opening_marked(self) -> bool:
+        """A placeholder is (its metadata says which message it answers); a native
+        stream is not: chat.startStream takes no metadata."""
+        return not self._stream_ts and self._fallback.opening_marked
 
     async def start(self, status: str = PLACEHOLDER) -> str:
         """Open the answer message: a native stream, else a placeholder, else nothing yet
@@ -350,6 +364,10 @@ class SlackAnswerWriter:
         answer, and `receipt` in the metadata of the last message written. Call it
         shielded and time-bounded. False if Slack refused (logged)."""
         text = self.text
+        if self.mode == "native" and not self._stream_ts:
+            # Never opened (the request ended before: storage refused to record it, say):
+            # there is no stream to stop; the answer is posted as one message.
+            self._give_up_stream("the answer was never opened")
         if self.mode == "native":
             shown = neutralize_broadcasts(text)
             if len(shown) + len(notice) + 2 > self._limit:
@@ -687,8 +705,11 @@ async def slack_surface(
     store: Store,
     msg: IncomingMessage,
     options: RequestOptions,
+    *,
+    request_id: str = "",
 ) -> SlackAnswerWriter:
-    """The Slack surface for one request (the nursery binds all but `options`). Never raises."""
+    """The Slack surface for one request `request_id` (the nursery binds all but
+    `options`). Never raises."""
     in_dm = is_dm_channel(msg.channel)
     if not options.stream:
         mode = "final"
@@ -719,4 +740,5 @@ async def slack_surface(
         title=title,
         me=me,
         reply_to=msg.ts,
+        request_id=request_id,
     )

@@ -34,10 +34,13 @@ def receipt_payload(receipt: Receipt) -> dict[str, str]:
     return {"request_id": receipt.request_id, "outcome": receipt.outcome, "reply_to": receipt.reply_to}
 
 
-def reply_payload(reply_to: str) -> dict[str, str]:
-    """What an answer's first message (a placeholder) says about itself before it is
-    finished: the message it answers."""
-    return {"reply_to": reply_to} if reply_to else {}
+def reply_payload(reply_to: str, request_id: str = "") -> dict[str, str]:
+    """What a message of the bot that answers another says about itself before it is
+    finished (a busy reply, a notice; an answer's placeholder): the message it answers,
+    and for a placeholder the request whose answer it opens (a takeover finds it by
+    that: `find_opening`). No outcome: that makes a receipt."""
+    payload = {"reply_to": reply_to} if reply_to else {}
+    return payload | {"request_id": request_id} if request_id else payload
 
 
 def answers_message(message: dict[str, Any], ts: str, bot_id: str) -> bool:
@@ -84,6 +87,35 @@ def find_delivered(
         shown="".join(shown_text(m) for m in parts),
         asked=asked,
     )
+
+
+def find_opening(replies: list[dict[str, Any]], request_id: str, *, user_ts: str, bot_id: str) -> str:
+    """The first message of the answer of `request_id` (to the message `user_ts`), still
+    in progress, among a thread's messages (read with `include_all_metadata`), for a
+    request storage knows without it (its process died between posting it and
+    recording it); "" if there is none.
+
+    - A placeholder says in its metadata which request's answer it opens (until a final
+      write replaces that with a receipt).
+    - A native stream says nothing (chat.startStream takes no metadata), but it is then
+      the only kind of message of the bot without metadata (every post carries the
+      exactly-once marker, every final write its receipt) bar a file's: the bot's newest
+      such message after the question and after the thread's last receipt (the end of
+      the answer before it)."""
+    after = ts_order(user_ts)
+    mine = [m for m in replies if bot_id and m.get("bot_id") == bot_id and _ts(m) > after]
+    placeholders = [m for m in mine if _payload(m).get("request_id") == request_id and not _receipt_of(m)]
+    if placeholders:
+        return str(placeholders[0].get("ts") or "")
+    last_end = max((_ts(m) for m in replies if _receipt_of(m)), default=(0, 0))
+    streams = [m for m in mine if not m.get("metadata") and not m.get("files") and _ts(m) > last_end]
+    return str(streams[-1].get("ts") or "") if streams else ""
+
+
+def _payload(message: dict[str, Any]) -> dict[str, Any]:
+    meta = message.get("metadata")
+    payload = meta.get("event_payload") if isinstance(meta, dict) else None
+    return payload if isinstance(payload, dict) else {}
 
 
 def _outcome(value: object) -> Outcome:

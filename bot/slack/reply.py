@@ -82,9 +82,11 @@ class ReplyWriter:
         limit: int = SLACK_MARKDOWN_LIMIT,
         feedback: bool = False,
         reply_to: str = "",
+        request_id: str = "",
     ) -> None:
         self._slack = slack
         self._reply_to = reply_to  # the message answered (in the placeholder's metadata)
+        self._request_id = request_id  # the request answering it (there too)
         self.channel = channel
         self.thread_ts = thread_ts
         self._interval = interval
@@ -110,6 +112,11 @@ class ReplyWriter:
     def placeholder_streams(self) -> bool:
         return False
 
+    @property
+    def opening_marked(self) -> bool:
+        """The placeholder's metadata says which request's answer it opens (`reply_payload`)."""
+        return bool(self._request_id)
+
     async def start(self, status: str = PLACEHOLDER) -> str:
         """Post the placeholder in the thread; returns its ts, or "" when the workspace's
         chat.update budget has no room for one more final edit (the answer is then posted
@@ -128,7 +135,10 @@ class ReplyWriter:
         ts = ""
         try:
             ts = await self._slack.post_message(
-                self.channel, self.thread_ts, markdown_text=status, payload=reply_payload(self._reply_to)
+                self.channel,
+                self.thread_ts,
+                markdown_text=status,
+                payload=reply_payload(self._reply_to, self._request_id),
             )
         finally:
             if not ts:

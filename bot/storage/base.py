@@ -61,7 +61,7 @@ class HistoryMessage:
 @dataclass(frozen=True)
 class InFlightRequest:
     """A request recorded as started and not yet finished: the placeholder to fix up
-    after a crash."""
+    after a crash ("" while storage has no id of it: see `Store.start_request`)."""
 
     request_id: str
     thread: ThreadKey
@@ -162,9 +162,21 @@ class Store(Protocol):
         fence: int,
         streamed: bool = False,
     ) -> bool:
-        """Record a request of replica `owner` as in flight (its placeholder is on
-        screen; `streamed`: a native stream) and mark the thread known. False, and
-        nothing written, unless `fence` is the thread's current lease token."""
+        """Record a request of replica `owner` as in flight and mark the thread known
+        (`streamed`: its placeholder is a native stream). False, and nothing written,
+        unless `fence` is the thread's current lease token.
+        It is recorded before anything is posted (`placeholder_ts` ""), so a crash leaves
+        no message that no takeover knows of; `record_placeholder` or `finish_request`
+        adds the answer's first message later."""
+
+    async def record_placeholder(
+        self, request_id: str, placeholder_ts: str, *, fence: int, streamed: bool = False
+    ) -> bool:
+        """Say which message opened the request's answer (one that a takeover cannot find
+        in the thread by itself: a native stream, `streamed`, which a takeover stops
+        before anything else). True if stored; False, and nothing
+        written, if the request is not in flight, already has one, or `fence` is not the
+        current lease token of its thread."""
 
     async def finish_request(
         self,
@@ -177,12 +189,15 @@ class Store(Protocol):
         reply_text: str,
         finished_at: float,
         detail: str = "",
+        placeholder_ts: str = "",
     ) -> bool:
         """Close a request and, in the same transaction, append the exchange to the
-        thread's history. Only answered exchanges enter the history the model sees;
-        the others are kept with their outcome for the record. True if this call closed
-        it; False, and nothing written, if it was not in flight or `fence` is not the
-        current lease token of its thread (the lease was lost to another replica)."""
+        thread's history. Only answered exchanges enter the history the model sees; the
+        others are kept with their outcome for the record. `placeholder_ts`: the
+        answer's first message, kept if the request had none recorded yet (the reply in
+        the history carries it). True if this call closed it; False, and nothing
+        written, if it was not in flight or `fence` is not the current lease token of
+        its thread (the lease was lost to another replica)."""
 
     async def in_flight(self) -> list[InFlightRequest]:
         """Requests started and never finished, on every replica, oldest first."""

@@ -78,6 +78,12 @@ CURRENT_FENCE = (
     + ")"
 )
 
+# The same, for a write to a row of `requests`: its thread's lease holds the token (`?`).
+_REQUEST_FENCE = (
+    "EXISTS (SELECT 1 FROM thread_leases l WHERE l.channel = requests.channel AND l.thread_ts = requests.thread_ts"
+    " AND l.token = ? AND " + VALID_LEASE + ")"
+)
+
 
 class SQLStore:
     """`Store` over any `Database`. Open one with `bot.storage.open_store`."""
@@ -201,6 +207,21 @@ class SQLStore:
 
         return await self._run("start_request", body)
 
+    async def record_placeholder(
+        self, request_id: str, placeholder_ts: str, *, fence: int, streamed: bool = False
+    ) -> bool:
+        """One UPDATE, fenced like `finish_request`; write-once (a takeover may rely on it)."""
+
+        def body(conn: Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE requests SET placeholder_ts = ?, streamed = ?"
+                " WHERE request_id = ? AND status = 'in_flight' AND placeholder_ts = '' AND " + _REQUEST_FENCE,
+                (placeholder_ts, int(streamed), request_id, fence),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run("record_placeholder", body)
+
     async def finish_request(
         self,
         request_id: str,
@@ -212,6 +233,7 @@ class SQLStore:
         reply_text: str,
         finished_at: float,
         detail: str = "",
+        placeholder_ts: str = "",
     ) -> bool:
         """Close the request and append the exchange, in one transaction. Only a request
         still in flight, under the thread's current lease, is finished: a second call, an
@@ -226,21 +248,21 @@ class SQLStore:
             # One statement checks and closes: two replicas finishing the same request
             # (the owner, late, and the one taking it over) cannot both win.
             row = conn.execute(
-                "UPDATE requests SET status = ?, finished_at = ?, detail = ?"
-                " WHERE request_id = ? AND status = 'in_flight' AND EXISTS (SELECT 1 FROM thread_leases l"
-                " WHERE l.channel = requests.channel AND l.thread_ts = requests.thread_ts AND l.token = ? AND "
-                + VALID_LEASE
-                + ") RETURNING channel, thread_ts, placeholder_ts",
-                (outcome, finished_at, detail, request_id, fence),
+                "UPDATE requests SET status = ?, finished_at = ?, detail = ?,"
+                " placeholder_ts = CASE WHEN placeholder_ts = '' THEN ? ELSE placeholder_ts END"
+                " WHERE request_id = ? AND status = 'in_flight' AND "
+                + _REQUEST_FENCE
+                + " RETURNING channel, thread_ts, placeholder_ts",
+                (outcome, finished_at, detail, placeholder_ts, request_id, fence),
             ).fetchone()
             if row is None:
                 return False
-            channel, thread_ts, placeholder_ts = row
+            channel, thread_ts, first_ts = row
             in_context = 1 if outcome == "answered" else 0
             exchange = [("user", user_text, user_ts)] if user_text else []
             if reply_text:
                 # The placeholder message is edited into the reply, so it carries its ts.
-                exchange.append(("assistant", reply_text, placeholder_ts))
+                exchange.append(("assistant", reply_text, first_ts))
             if exchange:
                 conn.executemany(
                     "INSERT INTO messages (channel, thread_ts, role, content, ts, request_id, in_context)"

@@ -196,6 +196,38 @@ async def test_the_first_text_is_not_held_back_by_a_status_shown_just_before(mod
         assert await writer.finish("")
 
 
+async def test_a_native_answer_never_opened_is_posted_as_one_message():
+    """The request ended before its answer was opened (storage refused to record it):
+    its one line is posted; there is no stream to stop."""
+    slack = FakeSlack()
+    async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as http:
+        api = SlackWebAPI(
+            bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/", client=http
+        )
+        ts = slack.add_user_message("D1", "U1", "hi")
+        writer = SlackAnswerWriter(api, "D1", ts, mode="native", reply_to=ts, request_id="r1")
+        assert await writer.finish("the notice")
+    assert "chat.stopStream" not in methods(slack)
+    assert slack.bot_replies("D1", ts) == ["the notice"]
+
+
+async def test_only_a_native_stream_is_an_unmarked_opening():
+    slack = FakeSlack()
+    async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as http:
+        api = SlackWebAPI(
+            bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/", client=http
+        )
+        ts = slack.add_user_message("D1", "U1", "hi")
+        for mode, marked in (("native", False), ("update", True), ("final", True)):
+            writer = SlackAnswerWriter(api, "D1", ts, mode=mode, reply_to=ts, request_id=f"r-{mode}")
+            assert await writer.start()
+            assert writer.opening_marked is marked, mode
+            assert await writer.finish("")
+        placeholder = [m for m in slack.thread_messages("D1", ts) if m.get("bot_id")][1]
+        # (finished: its receipt replaced what it said while open)
+        assert placeholder["metadata"]["event_payload"]["request_id"] == "r-update"
+
+
 def test_status_and_title_wording():
     assert assistant_status("_Thinking…_") == "is thinking…"
     assert assistant_status("_Reading report.pdf…_") == "is reading report.pdf…"

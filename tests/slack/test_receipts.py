@@ -4,7 +4,15 @@ include_all_metadata), and what it shows."""
 from __future__ import annotations
 
 from bot.processing.surface import Receipt
-from bot.slack.receipts import find_delivered, receipt_metadata, receipt_payload, shown_text, ts_order
+from bot.slack.receipts import (
+    find_delivered,
+    find_opening,
+    receipt_metadata,
+    receipt_payload,
+    reply_payload,
+    shown_text,
+    ts_order,
+)
 
 BOT = {"bot_id": "B1", "user": "UBOT"}
 
@@ -87,3 +95,49 @@ def test_shown_text_prefers_markdown_blocks_and_ts_order_is_numeric():
     assert shown_text({"text": "plain"}) == "plain"
     assert ts_order("1700000000.000100") < ts_order("1700000000.000200") < ts_order("1700000001.000001")
     assert ts_order("garbage") == (0, 0)
+
+
+def _posted(payload: dict) -> dict:
+    return {"event_type": "slackbot_post", "event_payload": {**payload, "post_id": "x"}}
+
+
+def test_an_unfinished_placeholder_is_found_by_its_request():
+    replies = thread(
+        {**BOT, "ts": "100.000002", "text": "busy", "metadata": _posted(reply_payload("100.000001"))},
+        {**BOT, "ts": "100.000003", "text": "_Thinking…_", "metadata": _posted(reply_payload("100.000001", "r1"))},
+        {"bot_id": "B2", "ts": "100.000004", "text": "another bot"},
+    )
+    assert find_opening(replies, "r1", user_ts="100.000001", bot_id="B1") == "100.000003"
+    # Not another request's, nor a notice that answers the same message (a busy reply).
+    assert find_opening(replies[:3], "r2", user_ts="100.000001", bot_id="B1") == ""
+    assert find_opening(replies[:2], "r1", user_ts="100.000001", bot_id="B1") == ""
+
+
+def test_a_finished_placeholder_is_no_opening_to_fix():
+    replies = thread(
+        {
+            **BOT,
+            "ts": "100.000002",
+            "text": "done",
+            "metadata": receipt_metadata(Receipt("r1", "answered", "100.000001")),
+        }
+    )
+    assert find_opening(replies, "r1", user_ts="100.000001", bot_id="B1") == ""
+
+
+def test_an_unrecorded_stream_is_the_bots_one_message_without_metadata_after_the_last_answer():
+    earlier = [
+        {**BOT, "ts": "100.000002", "text": "an old stream, given up"},  # before the last answer
+        {**BOT, "ts": "100.000003", "text": "old", "metadata": receipt_metadata(Receipt("r0", "answered"))},
+        {"user": "U1", "ts": "100.000004", "text": "again"},
+    ]
+    replies = thread(
+        *earlier,
+        {**BOT, "ts": "100.000005", "text": "", "files": [{"id": "F1"}]},  # a file of it: not the stream
+        {**BOT, "ts": "100.000006", "text": "streaming so far"},
+        {**BOT, "ts": "100.000007", "text": "busy", "metadata": _posted(reply_payload("100.000008"))},
+        {"bot_id": "B2", "ts": "100.000009", "text": "another bot"},
+    )
+    assert find_opening(replies, "r1", user_ts="100.000004", bot_id="B1") == "100.000006"
+    assert find_opening(thread(*earlier), "r1", user_ts="100.000004", bot_id="B1") == ""
+    assert find_opening(replies, "r1", user_ts="100.000004", bot_id="") == ""  # whose messages: unknown

@@ -255,6 +255,60 @@ async def test_a_request_opened_as_a_native_stream_is_listed_as_one(store: SQLSt
     assert [(r.request_id, r.streamed) for r in abandoned] == [("streamed", True), ("posted", False)]
 
 
+async def test_a_request_recorded_before_its_placeholder_gets_it_once(store: SQLStore) -> None:
+    fence = await lease(store, THREAD)
+    assert await store.start_request(
+        "r1", THREAD, user_ts="u-r1", placeholder_ts="", started_at=1.0, owner="replica-a", fence=fence
+    )
+    assert [r.placeholder_ts for r in await store.in_flight()] == [""]  # recorded before anything is posted
+    assert await store.record_placeholder("r1", "p-r1", fence=fence, streamed=True) is True
+    assert await store.in_flight() == [InFlightRequest("r1", THREAD, "p-r1", 1.0, "replica-a", "u-r1", streamed=True)]
+    assert await store.record_placeholder("r1", "p-other", fence=fence) is False  # write-once
+    assert await store.record_placeholder("nope", "p-x", fence=fence) is False
+    assert [r.placeholder_ts for r in await store.in_flight()] == ["p-r1"]
+    await finish(store, "r1")
+    assert await store.record_placeholder("r1", "p-late", fence=fence) is False  # closed
+    assert await store.load_history(THREAD) == [
+        HistoryMessage("user", "question r1", "u-r1"),
+        HistoryMessage("assistant", "answer", "p-r1"),
+    ]
+
+
+async def test_record_placeholder_is_fenced_by_the_lease(store: SQLStore) -> None:
+    old = await lease(store, THREAD)
+    assert await store.start_request(
+        "r1", THREAD, user_ts="u-r1", placeholder_ts="", started_at=1.0, owner="replica-a", fence=old
+    )
+    await raw(store, "UPDATE thread_leases SET expires_at = 0 RETURNING token")  # replica-a paused past its lease
+    assert await store.acquire_lease(THREAD, "replica-b", ttl=60) == old + 1
+    assert await store.record_placeholder("r1", "p-r1", fence=old) is False
+    assert [r.placeholder_ts for r in await store.in_flight()] == [""]
+
+
+async def test_finish_request_gives_a_request_without_one_its_placeholder(store: SQLStore) -> None:
+    fence = await lease(store, THREAD)
+    for rid, recorded in (("r1", ""), ("r2", "p-r2")):
+        assert await store.start_request(
+            rid, THREAD, user_ts=f"u-{rid}", placeholder_ts=recorded, started_at=1.0, owner="a", fence=fence
+        )
+        assert await store.finish_request(
+            rid,
+            fence=fence,
+            outcome="answered",
+            user_text="q",
+            user_ts=f"u-{rid}",
+            reply_text=f"answer {rid}",
+            finished_at=2.0,
+            placeholder_ts=f"given-{rid}",
+        )
+    # One recorded earlier stays (it is the message the takeover would have fixed).
+    assert [(m.content, m.ts) for m in await store.load_history(THREAD) if m.role == "assistant"] == [
+        ("answer r1", "given-r1"),
+        ("answer r2", "p-r2"),
+    ]
+    assert await raw(store, "SELECT placeholder_ts FROM requests ORDER BY request_id") == [("given-r1",), ("p-r2",)]
+
+
 async def test_in_flight_survives_a_crash(reopen: Opener) -> None:
     store = await reopen()
     await start(store, "r1", started_at=3.0)
