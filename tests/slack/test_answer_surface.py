@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import anyio
 import httpx2
 import pytest
@@ -16,6 +19,15 @@ from tests.harness import eventually, running_bot, send_dm, wait_reply
 pytestmark = pytest.mark.anyio
 
 ANSWER = "The quick brown fox jumps over the lazy dog, twice over and again."
+
+
+@asynccontextmanager
+async def web_api(slack: FakeSlack) -> AsyncIterator[SlackWebAPI]:
+    """The bot's Web API client, over the fake without a socket (for a writer alone)."""
+    async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as http:
+        yield SlackWebAPI(
+            bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/", client=http
+        )
 
 
 def methods(slack: FakeSlack) -> list[str]:
@@ -148,10 +160,7 @@ async def _wait_feedback(store, channel, ts, expected):
 
 async def test_appends_are_paced_and_coalesced():
     slack = FakeSlack()
-    async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as http:
-        api = SlackWebAPI(
-            bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/", client=http
-        )
+    async with web_api(slack) as api:
         ts = slack.add_user_message("D1", "U1", "hi")
         writer = SlackAnswerWriter(api, "D1", ts, mode="native", interval=0.2)
         await writer.start()
@@ -174,10 +183,7 @@ async def test_the_first_text_is_not_held_back_by_a_status_shown_just_before(mod
     the answer's first words arriving right after must still go out at once: pacing
     applies to the text after them."""
     slack = FakeSlack()
-    async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as http:
-        api = SlackWebAPI(
-            bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/", client=http
-        )
+    async with web_api(slack) as api:
         ts = slack.add_user_message("D1", "U1", "hi")
         writer = SlackAnswerWriter(api, "D1", ts, mode=mode, interval=5.0)
         answer_ts = await writer.start()
@@ -200,10 +206,7 @@ async def test_a_native_answer_never_opened_is_posted_as_one_message():
     """The request ended before its answer was opened (storage refused to record it):
     its one line is posted; there is no stream to stop."""
     slack = FakeSlack()
-    async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as http:
-        api = SlackWebAPI(
-            bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/", client=http
-        )
+    async with web_api(slack) as api:
         ts = slack.add_user_message("D1", "U1", "hi")
         writer = SlackAnswerWriter(api, "D1", ts, mode="native", reply_to=ts, request_id="r1")
         assert await writer.finish("the notice")
@@ -213,10 +216,7 @@ async def test_a_native_answer_never_opened_is_posted_as_one_message():
 
 async def test_only_a_native_stream_is_an_unmarked_opening():
     slack = FakeSlack()
-    async with httpx2.AsyncClient(transport=httpx2.MockTransport(slack.handle)) as http:
-        api = SlackWebAPI(
-            bot_token=slack.bot_token, app_token=slack.app_token, base_url="http://slack.test/api/", client=http
-        )
+    async with web_api(slack) as api:
         ts = slack.add_user_message("D1", "U1", "hi")
         for mode, marked in (("native", False), ("update", True), ("final", True)):
             writer = SlackAnswerWriter(api, "D1", ts, mode=mode, reply_to=ts, request_id=f"r-{mode}")
