@@ -170,6 +170,10 @@ async def _frozen_with_a_request(
     await eventually(lambda: bool(ai.requests), timeout=10)
     [state] = a.active.values()
     await eventually(lambda: bool(state.placeholder_ts), timeout=10)
+    if a.services.settings.surfaces.native_streaming:  # a stream's id is recorded just after: wait for it
+        with anyio.fail_after(10):
+            while [r.placeholder_ts for r in await a_handle.inner.in_flight()] != [state.placeholder_ts]:
+                await anyio.sleep(0.02)
     a_handle.frozen = True  # its Slack calls wait from now on: every call after is replica-b's
     return state.request_id, state.placeholder_ts, len(slack.calls)
 
