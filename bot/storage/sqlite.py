@@ -381,6 +381,8 @@ class SQLiteDatabase:
             else:
                 async with self._limiter:
                     await anyio.to_thread.run_sync(close)
+                over, self._batch_over = self._batch_over, anyio.Event()
+                over.set()  # callers queued behind it look again (and find the store closed)
 
 
 async def open_sqlite(path: str, *, inline: bool = False, clock: Callable[[], float] = time.time) -> SQLStore:

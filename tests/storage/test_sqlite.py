@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator
 
 import anyio
@@ -223,6 +224,41 @@ async def test_a_transaction_cancelled_while_queued_never_runs(db_path: str) -> 
             other.execute("ROLLBACK")
     assert raw(db_path, "SELECT key FROM events") == [("first",)]
     await store.aclose()
+
+
+class SlowToClose:
+    """The store's connection, with a close() that takes a while (in the worker thread)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def close(self) -> None:
+        time.sleep(0.2)
+        self._conn.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._conn, name)
+
+
+async def test_transactions_that_queue_while_the_store_closes_are_told_so(db_path: str) -> None:
+    store = await open_sqlite(db_path)
+    store.database._conn = SlowToClose(store.database._conn)
+    outcomes: list[str] = []
+
+    async def queued(key: str) -> None:
+        try:
+            await store.claim_event(key)
+            outcomes.append("claimed")
+        except StoreClosed:
+            outcomes.append("closed")
+
+    with anyio.fail_after(5):  # none is left waiting for a worker call that never comes
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.aclose)
+            await wait_until_busy(store)  # closing, in the worker thread
+            for n in range(3):
+                tg.start_soon(queued, f"queued-{n}")
+    assert outcomes == ["closed"] * 3
 
 
 async def test_a_failing_transaction_in_a_batch_rolls_back_alone(db_path: str) -> None:
