@@ -317,22 +317,22 @@ class SQLiteDatabase:
         """Wait for `job` to be run: by this caller's own worker call when none is
         running, else by the one that is (or, if it ends first, a later one)."""
         while not job.done.is_set():
-            # Taken without waiting, and given back in the `finally` below, in this task:
-            # an `async with` would add two checkpoints (0.1 ms) to every lone call.
-            try:
-                self._limiter.acquire_nowait()
-            except anyio.WouldBlock:
+            if self._limiter.borrowed_tokens:
                 await self._batch_over.wait()
                 continue
-            ran: list[_Job[Any]] = []
-            try:
-                await anyio.to_thread.run_sync(self._run_batch, ran)
-            finally:
-                self._limiter.release()
-                for done in ran:
-                    done.done.set()
-                over, self._batch_over = self._batch_over, anyio.Event()
-                over.set()  # the callers still waiting look again: one of them runs the rest
+            async with self._limiter:
+                if job.done.is_set():  # run by the call that held the limiter just before
+                    return
+                ran: list[_Job[Any]] = []
+                try:
+                    await anyio.to_thread.run_sync(self._run_batch, ran)
+                finally:
+                    for done in ran:
+                        done.done.set()
+                    # The callers still waiting look again (once the limiter is given back,
+                    # before they run): one of them runs the rest.
+                    over, self._batch_over = self._batch_over, anyio.Event()
+                    over.set()
 
     def _run_batch(self, ran: list[_Job[Any]]) -> None:
         """In the worker thread: run queued transactions until the queue is empty."""
