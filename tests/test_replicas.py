@@ -264,6 +264,27 @@ class DiesOnOpening(Freezable):
         return response
 
 
+async def _stopped_on_opening(
+    stack: AsyncExitStack,
+    handle: type[Freezable],
+    slack: FakeSlack,
+    ai: FakeOpenAI,
+    database_url: str,
+    settings: dict[str, Any],
+) -> tuple[Nursery, Freezable, dict[str, Any]]:
+    """replica-a, its store and Slack calls wrapped in `handle`, asked a DM; returns once
+    `handle` has stopped it as its answer opens (replica-a, its handle, the DM's event)."""
+    store = await open_store(database_url)
+    stack.push_async_callback(store.aclose)
+    a_handle = handle(store, slack)
+    a = await stack.enter_async_context(
+        running_bot(slack, ai, store=a_handle, slack_handler=a_handle.handle, replica_id="replica-a", **settings)
+    )
+    _, ev = await send_dm(slack, "will you answer?")
+    await eventually(lambda: a_handle.frozen, timeout=10)
+    return a, a_handle, ev
+
+
 @pytest.mark.parametrize("native", [False, True], ids=["placeholder", "native stream"])
 async def test_a_replica_killed_as_its_answer_opens_leaves_nothing_unfinished(slack, ai, database_url, native):
     """Issue 11: the request is recorded before its first message is posted, so a
@@ -275,14 +296,7 @@ async def test_a_replica_killed_as_its_answer_opens_leaves_nothing_unfinished(sl
     ai.enqueue(Behaviour(hang=True))
     fast = {"replica_timeout_seconds": 1.0, "native_streaming": native}
     async with AsyncExitStack() as stack:
-        store = await open_store(database_url)
-        stack.push_async_callback(store.aclose)
-        a_handle = DiesOnOpening(store, slack)
-        a = await stack.enter_async_context(
-            running_bot(slack, ai, store=a_handle, slack_handler=a_handle.handle, replica_id="replica-a", **fast)
-        )
-        _, ev = await send_dm(slack, "will you answer?")
-        await eventually(lambda: a_handle.frozen, timeout=10)
+        a, a_handle, ev = await _stopped_on_opening(stack, DiesOnOpening, slack, ai, database_url, fast)
         [state] = a.active.values()
         assert not state.placeholder_ts  # it never learnt its message's id
         [opened] = [m for m in slack.thread_messages("D1", ev["ts"]) if m.get("bot_id") == slack.bot_id]
@@ -328,14 +342,7 @@ async def test_a_takeover_waits_for_the_first_message_of_a_paused_replica(slack,
     ai.enqueue(Behaviour(hang=True))  # (and no idle deadline: replica-a's request ends by its lease only)
     fast = {"replica_timeout_seconds": 1.0, "native_streaming": native, "stream_idle_timeout_seconds": 60.0}
     async with AsyncExitStack() as stack:
-        store = await open_store(database_url)
-        stack.push_async_callback(store.aclose)
-        a_handle = PausedOnOpening(store, slack)
-        a = await stack.enter_async_context(
-            running_bot(slack, ai, store=a_handle, slack_handler=a_handle.handle, replica_id="replica-a", **fast)
-        )
-        _, ev = await send_dm(slack, "will you answer?")
-        await eventually(lambda: a_handle.frozen, timeout=10)
+        a, a_handle, ev = await _stopped_on_opening(stack, PausedOnOpening, slack, ai, database_url, fast)
         [state] = a.active.values()
         async with replicas(slack, ai, database_url, ["replica-b"], **fast):
             try:
