@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 import tempfile
 import time
@@ -45,6 +46,7 @@ from benchmarks.bench_conversations import RunResult, build_parser, ms, one_run,
 from bot.storage import ThreadKey, open_store  # noqa: E402
 
 TARGET_SPEEDUP = 1.7
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @contextmanager
@@ -67,8 +69,23 @@ def fresh_database(url: str) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def cpu_per_answer(r: RunResult) -> float:
-    return r.phases.get("bot CPU in window", math.nan) / r.answered if r.answered else math.nan
+def cpu_per_answer(r: RunResult, who: str = "bot") -> float:
+    return r.phases.get(f"{who} CPU in window", math.nan) / r.answered if r.answered else math.nan
+
+
+def cores_busy(r: RunResult) -> float:
+    """The bots' and the fakes' CPU seconds over the burst's wall time: how many of the
+    box's cores the run kept busy."""
+    cpu = r.phases.get("bot CPU in window", math.nan) + r.phases.get("fakes CPU in window", math.nan)
+    return cpu / r.wall if r.wall > 0 else math.nan
+
+
+def box_ceiling(r: RunResult, cores: int, conversations: int, latency: float) -> float:
+    """The answers/s no number of replicas could beat on this box with these fakes: the
+    whole CPU of an answer (bot and fakes) spread over every core, and every conversation
+    waiting the model's latency at least once."""
+    per_answer = cpu_per_answer(r) + cpu_per_answer(r, "fakes")
+    return min(cores / per_answer, conversations / latency)
 
 
 async def lease_overhead(database_url: str, rounds: int) -> dict[str, list[float]]:
@@ -135,6 +152,17 @@ def main() -> int:
         print(
             f"  bot CPU per answer   {ms(cpu_per_answer(one))} → {ms(cpu_per_answer(two))}   "
             f"×{cpu_per_answer(two) / cpu_per_answer(one):.2f}"
+        )
+        print(
+            f"  fakes CPU per answer {ms(cpu_per_answer(one, 'fakes'))} → {ms(cpu_per_answer(two, 'fakes'))}   "
+            f"(the fake Slack and OpenAI, in this process)"
+        )
+        print(f"  cores kept busy      {cores_busy(one):.2f} → {cores_busy(two):.2f}   (of {CORES})")
+        ceiling = box_ceiling(two, CORES, args.conversations, args.latency)
+        print(
+            f"  this box's ceiling   {ceiling:.1f}/s = ×{ceiling / rate[1]:.2f} of 1 replica   "
+            f"(min of {CORES} cores / CPU per answer, bots and fakes, and conversations / latency); "
+            f"2 replicas reach {rate[2] / ceiling:.0%} of it"
         )
         print(f"  reply p50            {ms(percentile(one.reply, 50))} → {ms(percentile(two.reply, 50))}")
         print(f"  duplicates           {one.duplicates} / {two.duplicates}   errors {one.errors} / {two.errors}")
