@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import sqlite3
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import pytest
 
 from bot.storage import HistoryMessage, SQLStore, StorageError, StoreClosed, open_store
-from bot.storage.sqlite import MIGRATIONS, open_sqlite
+from bot.storage.sqlite import MIGRATIONS, _connect, open_sqlite
 from tests.storage.conftest import lease
 from tests.storage.test_sql_store import THREAD, finish, start
 
@@ -65,6 +67,32 @@ async def wait_until_busy(store: SQLStore) -> None:
 
 
 # -- schema, lifecycle, errors -----------------------------------------------------------
+
+OPENERS = 6  # processes opening one fresh file together (replicas started at once)
+
+
+def _open_when_all_are_ready(path: str, barrier: Any) -> str:
+    """In a process of its own: open `path` with the bot's set-up, as a replica starts."""
+    barrier.wait()
+    try:
+        _connect(path).close()
+    except StorageError as exc:
+        return str(exc)
+    return "ok"
+
+
+def test_processes_opening_a_fresh_file_together_all_open_it(tmp_path) -> None:
+    """Replicas started together on one SQLite file each switch it to WAL: on a fresh
+    file SQLite refused some of them at once ("database is locked", in 1 trial in 3 of
+    six processes), not waiting out the busy timeout. Each trial is a new file."""
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(OPENERS) as pool:
+        for trial in range(8):
+            barrier = manager.Barrier(OPENERS)
+            path = str(tmp_path / f"{trial}.db")
+            results = pool.starmap(_open_when_all_are_ready, [(path, barrier)] * OPENERS)
+            assert results == ["ok"] * OPENERS, f"trial {trial}: {results}"
+            assert raw(path, "PRAGMA journal_mode") == [("wal",)]
 
 
 async def test_migrations_are_applied_once_and_reopen_is_idempotent(db_path: str, inline: bool) -> None:
