@@ -278,9 +278,12 @@ def _ours_now(slack: SlackWebAPI, requests: list[InFlightRequest]) -> list[InFli
 
 
 def _budgeted_calls(req: InFlightRequest) -> list[str]:
-    """The split-budget calls a takeover of `req` makes when nothing was delivered."""
+    """The split-budget calls a takeover of `req` makes when nothing was delivered. A
+    chat.update even when storage knows no placeholder: the request was recorded before
+    its post, which is then mostly found in the thread (a new notice, when none is, draws
+    on the channel's chat.postMessage budget instead, which is not split)."""
     first = "chat.stopStream" if req.streamed else "conversations.replies"
-    return [first, "chat.update"] if req.placeholder_ts else [first]
+    return [first, "chat.update"]
 
 
 async def _take_over_one(
