@@ -51,7 +51,7 @@ import anyio
 from bot.processing.context import UnrecordedOutcome
 from bot.processing.failures import INTERRUPTED_NOTICE
 from bot.processing.surface import Receipt
-from bot.slack.receipts import find_delivered, find_opening, receipt_metadata, receipt_payload
+from bot.slack.receipts import find_continuations, find_delivered, find_opening, receipt_metadata, receipt_payload
 from bot.slack.reply import fallback_text
 from bot.slack.try_again import notice_blocks
 from bot.slack.web_api import SlackAPIError, SlackRateLimited, SlackWebAPI
@@ -350,6 +350,7 @@ async def _take_over_one(
                     if not await _notify(slack, req):
                         log.warning("request %s: its notice is not shown yet; next time", req.request_id)
                         return
+                    await _remove_continuations(slack, req, replies or [], bot_id)
                     done = await store.finish_request(
                         req.request_id,
                         fence=hold.fence,
@@ -367,6 +368,22 @@ async def _take_over_one(
                     log.info("request %s in %s: left by %s, %s", req.request_id, req.thread, left_by, what)
         except StorageError as exc:
             log.warning("request %s: takeover failed: %s; next time", req.request_id, exc)
+
+
+async def _remove_continuations(
+    slack: SlackWebAPI, req: InFlightRequest, replies: list[dict[str, Any]], bot_id: str
+) -> None:
+    """The messages a long unfinished answer continued in, after its first one (now the
+    notice): deleted, so the thread does not show the end of an answer whose beginning
+    the notice replaced. Best-effort: one that cannot be deleted is logged and left."""
+    for ts in find_continuations(replies, req.request_id, opening_ts=req.placeholder_ts, bot_id=bot_id):
+        with anyio.move_on_after(NOTICE_SECONDS) as bound:
+            try:
+                await slack.call("chat.delete", channel=req.thread.channel, ts=ts, priority=True)
+            except SlackAPIError as exc:
+                log.warning("request %s: could not delete its unfinished part %s: %s", req.request_id, ts, exc.error)
+        if bound.cancelled_caught:
+            log.warning("request %s: its unfinished part %s was not deleted in time", req.request_id, ts)
 
 
 async def _thread(slack: SlackWebAPI, req: InFlightRequest) -> list[dict[str, Any]] | None:

@@ -161,6 +161,28 @@ async def test_a_frozen_replicas_request_is_taken_over_and_it_is_fenced_off_when
             assert INTERRUPTED_NOTICE in slack.visible_text("D1", state.placeholder_ts)
 
 
+async def test_a_long_unfinished_answer_taken_over_leaves_only_the_notice(slack, ai, database_url):
+    """replica-a dies in the middle of an answer longer than one Slack message: it has
+    filled its placeholder and continued in a second message. The takeover edits the
+    first into the notice and deletes the second (its metadata names the request): the
+    thread does not show the end of an answer whose beginning is gone."""
+    words = " ".join(f"word{n}" for n in range(6000))  # ~50,000 characters: several messages
+    ai.enqueue(Behaviour(text=words, chunks=4, stall_after=2, chunk_delay=0.05))  # then nothing, forever
+    fast = {"replica_timeout_seconds": 1.0, "stream_idle_timeout_seconds": 60.0}
+    async with replicas(slack, ai, database_url, ["replica-a"], **fast) as ([a], [a_handle]):
+        _, ev = await send_dm(slack, "a long one, please")
+        await slack.wait_until(lambda: len(slack.bot_replies("D1", ev["ts"])) >= 2, timeout=10)
+        [state] = a.active.values()
+        parts = [m["ts"] for m in slack.thread_messages("D1", ev["ts"]) if m.get("bot_id") == slack.bot_id]
+        a_handle.frozen = True  # replica-a stops mid-answer
+        async with replicas(slack, ai, database_url, ["replica-b"], **fast):
+            await slack.wait_until(lambda: slack.bot_replies("D1", ev["ts"]) == [INTERRUPTED_NOTICE], timeout=10)
+            await _until_closed(database_url, state.request_id)
+            assert [ts for _, ts in slack.deleted] == parts[1:]
+            assert slack.visible_text("D1", parts[0]) == INTERRUPTED_NOTICE
+        a_handle.thaw()
+
+
 async def _frozen_with_a_request(
     slack: FakeSlack, ai: FakeOpenAI, a: Nursery, a_handle: Freezable, text: str
 ) -> tuple[str, str, int]:

@@ -112,6 +112,21 @@ def find_opening(replies: list[dict[str, Any]], request_id: str, *, user_ts: str
     return str(streams[-1].get("ts") or "") if streams else ""
 
 
+def find_continuations(replies: list[dict[str, Any]], request_id: str, *, opening_ts: str, bot_id: str) -> list[str]:
+    """The further messages of the unfinished answer of `request_id` (an answer longer
+    than one message continues in more, each saying in its metadata which request's
+    answer it is part of, as the placeholder does), its opening `opening_ts` left out."""
+    return [
+        str(m.get("ts"))
+        for m in replies
+        if bot_id
+        and m.get("bot_id") == bot_id
+        and m.get("ts") != opening_ts
+        and _payload(m).get("request_id") == request_id
+        and not _receipt_of(m)
+    ]
+
+
 def _payload(message: dict[str, Any]) -> dict[str, Any]:
     meta = message.get("metadata")
     payload = meta.get("event_payload") if isinstance(meta, dict) else None

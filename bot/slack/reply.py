@@ -258,7 +258,11 @@ class ReplyWriter:
                         )
                     self._shown[i] = shown
             else:
-                payload = receipt_payload(stamp) if stamp is not None else None
+                # A continuation says, as the placeholder does, which request's answer it
+                # is part of: a takeover of an unfinished answer finds it, and removes it.
+                payload = (
+                    receipt_payload(stamp) if stamp is not None else reply_payload(self._reply_to, self._request_id)
+                )
                 if blocks is None:
                     ts = await self._slack.post_message(
                         self.channel, self.thread_ts, markdown_text=part, payload=payload
