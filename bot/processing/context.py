@@ -96,6 +96,9 @@ class RequestState:
     # shortens it (`hurry`), and the same shortened deadline holds for the next one.
     final_write: anyio.CancelScope | None = None
     hurry_deadline: float = math.inf
+    # The write now running opens the answer: losing the lease does not cut it (the
+    # message may be made all the same, and only its id lets it be withdrawn).
+    opening_write: bool = False
     # Who holds the thread for this request: this replica's id and the lease's fencing
     # token (storage takes the request's writes only under that token).
     owner: str = ""
@@ -111,7 +114,7 @@ class RequestState:
         would land on what the new owner shows)."""
         self.lease_lost = True
         self.scope.cancel()
-        if self.final_write is not None:
+        if self.final_write is not None and not self.opening_write:
             self.final_write.cancel()
 
     @classmethod
@@ -131,7 +134,9 @@ class RequestState:
         if self.final_write is not None:
             self.final_write.deadline = min(self.final_write.deadline, self.hurry_deadline)
 
-    def watch(self, scope: anyio.CancelScope) -> None:
-        """`scope` bounds the Slack write now running (None: none is)."""
+    def watch(self, scope: anyio.CancelScope, *, opening: bool = False) -> None:
+        """`scope` bounds the Slack write now running (None: none is); `opening`: it
+        opens the answer (`opening_write`)."""
         self.final_write = scope
+        self.opening_write = opening
         scope.deadline = min(scope.deadline, self.hurry_deadline)
