@@ -363,6 +363,8 @@ async def test_a_paused_replicas_first_message_landing_after_the_takeovers_notic
             # replica-a did post, after the notice, and took that message back.
             assert state.placeholder_ts and float(state.placeholder_ts) > float(notice)
             assert ("D1", state.placeholder_ts) in slack.deleted
+            on_it = [m for m, args in slack.calls if args.get("ts") == state.placeholder_ts]  # (the opening aside)
+            assert on_it == (["chat.stopStream", "chat.delete"] if native else ["chat.delete"]), on_it
             [shown] = slack.bot_replies("D1", ev["ts"])  # one bot message under the question: the notice
             assert INTERRUPTED_NOTICE in shown and "Thinking" not in shown
             assert not slack.is_streaming("D1", notice)
