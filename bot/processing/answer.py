@@ -209,6 +209,9 @@ async def _open(
     that no takeover knows of: a recorded request's first message is found in its
     thread (a placeholder's metadata says which message it answers), and one that
     cannot be found there (a native stream) has its id recorded as soon as it is known.
+    One that lands after a takeover read the thread (this process paused or cut off
+    while the post was on the wire) is withdrawn by this request itself, once it learns
+    its lease is gone (`_withdraw_if_orphaned`).
     A failure to record or to post ends the request (`fail` cancels the preparation and
     the model call beside it)."""
     msg = state.message
@@ -530,7 +533,9 @@ def _stored(outcome: RequestOutcome) -> Outcome:
 def _taken_over(state: RequestState, recorded: bool) -> bool:
     """Another replica owns the thread and takes this recorded request over (its notice,
     its stored outcome): a write from here could only overwrite what it shows. (A request
-    that was never recorded still fixes its own placeholder: nobody else knows of it.)"""
+    that was never recorded still fixes its own placeholder: nobody else knows of it.
+    One whose first message the takeover did not know withdraws it, and writes nothing
+    else: `_withdraw_if_orphaned`.)"""
     if state.lease_lost and recorded:
         log.warning("request %s: lease lost; leaving the answer to the replica that took it over", state.request_id)
         return True

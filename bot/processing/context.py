@@ -104,7 +104,8 @@ class RequestState:
     owner: str = ""
     fence: int = 0
     # The lease passed to another replica: from then on this request writes nothing,
-    # to Slack or to storage (the new owner takes the request over).
+    # to Slack or to storage (the new owner takes the request over), but for the
+    # withdrawal of a first message the takeover did not know (`answer._withdraw_if_orphaned`).
     lease_lost: bool = False
     # Set while the outcome is not in storage yet; left set if storage could not take it.
     unrecorded: UnrecordedOutcome | None = None

@@ -23,7 +23,9 @@ Each check appends a readable line to `world.violations`. What is checked:
    read to find it (stored as an error: never the other way round); an answer posted
    without a placeholder by a process killed before it recorded it (the recovery's
    notice follows it); a final write, or the crash recovery's fix-up, cut by its bound
-   while Slack refused every call of it.
+   while Slack refused every call of it; a request taken over whose one message, posted
+   after the takeover read the thread, it withdrew itself (the takeover's notice is what
+   the user sees: 3.).
    Answered means shown: every request stored as answered has its stored text visible in
    its messages, joined (broadcast mentions inert: "@" + WORD JOINER; split over
    messages), and none of them still streaming. No bot message shows a live broadcast
@@ -53,9 +55,13 @@ Each check appends a readable line to `world.violations`. What is checked:
    under a lease that passed on never takes effect (each request is closed once, and a
    takeover's outcome stands — what Slack shows is held to it by 2.); two requests in
    one thread on different processes overlap only if the earlier one's lease passed to
-   the later one while its process was crashed, paused or cut off from storage.
-   Across replicas, 1.–5. hold as for one process: a message handled by one replica is
-   handled by no other; a request taken over shows the interrupted notice.
+   the later one while its process was crashed, paused or cut off from storage; a
+   request that learnt it lost its lease writes nothing more to Slack, but the
+   withdrawal (chat.delete, and the chat.stopStream of a stream before it) of its own
+   first message when the takeover closed the request naming another message or none
+   (that message landed after the takeover read the thread). Across replicas, 1.–5.
+   hold as for one process: a message handled by one replica is handled by no other; a
+   request taken over shows the interrupted notice.
 (Per-thread exclusion and "limiters back to zero" are checked live, in `world.py`.)
 """
 
