@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -16,10 +17,13 @@ import httpx2
 import pytest
 
 from bot.nursery import Nursery
+from bot.processing import answer
+from bot.processing.context import RequestState
 from bot.processing.failures import BUSY_NOTICE, INTERRUPTED_NOTICE, STORAGE_DOWN_NOTICE
+from bot.processing.message import IncomingMessage
 from bot.replica import _ours_now
 from bot.slack.web_api import SlackWebAPI
-from bot.storage import InFlightRequest, SQLStore, StorageError, Store, ThreadKey, open_store
+from bot.storage import InFlightRequest, RequestRecord, SQLStore, StorageError, Store, ThreadKey, open_store
 from tests.fakes.openai import Behaviour, FakeOpenAI
 from tests.fakes.slack import FakeSlack
 from tests.harness import eventually, running_bot, send_dm
@@ -606,3 +610,71 @@ def _sweep_shares(slack: SlackWebAPI) -> None:
     assert [r.request_id for r in _ours_now(slack, requests)] == ["r1"]
     # A request without a placeholder needs no chat.update: it still fits.
     assert [r.request_id for r in _ours_now(slack, [_abandoned(5), _abandoned(6, placeholder=False)])] == ["r5", "r6"]
+
+
+class ScriptedRecords:
+    """A store whose `request_record` answers from a script (a StorageError is raised),
+    the last answer repeating; it counts the reads."""
+
+    def __init__(self, *answers: RequestRecord | StorageError) -> None:
+        self.answers = list(answers)
+        self.reads = 0
+
+    async def request_record(self, request_id: str) -> RequestRecord | None:
+        self.reads += 1
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, StorageError):
+            raise answer
+        return answer
+
+
+class WithdrawCount:
+    withdrawn = 0
+
+    async def withdraw(self) -> None:
+        self.withdrawn += 1
+
+
+def _lost_request(store: ScriptedRecords) -> tuple[Any, RequestState]:
+    msg = IncomingMessage("Ev1", "dm", "D1", "U1", "hi", "1.000100", "1.000100", in_existing_thread=False)
+    state = RequestState(request_id="r1", message=msg, started_at=0.0, placeholder_ts="1.000300", lease_lost=True)
+    return SimpleNamespace(store=store), state
+
+
+IN_FLIGHT = RequestRecord("in_flight", "")
+
+
+@pytest.mark.parametrize(
+    ("answers", "reads", "withdrawn"),
+    [
+        ((RequestRecord("interrupted", "1.000300"),), 1, 0),  # the takeover edited it: left alone
+        ((RequestRecord("interrupted", ""),), 1, 1),  # closed without it (its own notice): withdrawn
+        ((RequestRecord("interrupted", "1.000200"),), 1, 1),  # closed naming another message: withdrawn
+        ((IN_FLIGHT, IN_FLIGHT, RequestRecord("interrupted", "")), 3, 1),  # the takeover finished meanwhile
+        ((IN_FLIGHT,), answer.WITHDRAW_CHECKS, 0),  # still undecided: left, and said
+        ((StorageError("request_record failed: could not connect"),), 1, 0),  # cut off: left, and said
+    ],
+    ids=["kept", "closed-without-it", "closed-with-another", "waited-for", "undecided", "storage-down"],
+)
+async def test_a_request_that_lost_its_thread_withdraws_its_first_message_only_if_the_takeover_did_not_know_it(
+    answers, reads, withdrawn, monkeypatch, caplog
+):
+    monkeypatch.setattr(answer, "WITHDRAW_PAUSE_SECONDS", 0.01)
+    store = ScriptedRecords(*answers)
+    services, state = _lost_request(store)
+    surface = WithdrawCount()
+    await answer._withdraw_if_orphaned(services, state, surface)
+    assert (store.reads, surface.withdrawn) == (reads, withdrawn)
+    if answers[-1] is IN_FLIGHT or isinstance(answers[-1], StorageError):
+        assert "1.000300" in caplog.text and any(r.levelname == "WARNING" for r in caplog.records)
+    assert state.final_write is None  # the bound it ran under is gone with it
+
+
+async def test_the_wait_for_an_undecided_takeover_is_cut_short_by_a_shutdown():
+    store = ScriptedRecords(IN_FLIGHT)
+    services, state = _lost_request(store)
+    surface = WithdrawCount()
+    state.hurry(0.05)  # SIGTERM: its Slack writes (and this) have 0.05 s left
+    with anyio.fail_after(answer.WITHDRAW_PAUSE_SECONDS):
+        await answer._withdraw_if_orphaned(services, state, surface)
+    assert store.reads == 1 and surface.withdrawn == 0
