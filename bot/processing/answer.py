@@ -411,6 +411,9 @@ async def _finalize(
     (an answer Slack did not take is an error; one taken over is interrupted)."""
     msg = state.message
     if _taken_over(state, recorded):
+        # Only here, before any final write: once one was tried, a takeover may have
+        # found its receipt and closed the request naming no message (a placeholder
+        # with a receipt is not an opening to it), and that answer must stay.
         if state.placeholder_ts:
             await _withdraw_if_orphaned(services, state, writer)
         state.outcome = "interrupted"
