@@ -12,9 +12,12 @@ A request is recorded before its answer's first message is posted (`answer._open
 storage learns that message's id only with the outcome (a native stream's as soon as it
 is known). So a takeover may have to find it in the thread: `find_opening` (the
 placeholder's metadata names its request; a stream is the bot's one message without
-metadata). Finding none, it posts a new notice. (Not handled: an owner paused or cut
-off from storage *while* its post was on the wire, whose message lands after that
-notice; having lost its lease, it does not finish it.)
+metadata). Finding none, it posts a new notice, and closes the request without a
+message of its own. An owner paused or cut off from storage *while* its post was on the
+wire has that message land after the notice: having lost its lease, it writes no
+answer, but it reads the request's row and, finding it closed without that message,
+withdraws it (`answer._withdraw_if_orphaned`: chat.delete, a stream stopped first). A
+message found here is recorded with the outcome, and its owner leaves it alone.
 
 At start, a replica also takes over the requests still recorded under its own id: they
 belong to its previous run, which is dead (it is this process). That is the crash

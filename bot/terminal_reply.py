@@ -95,6 +95,9 @@ class TerminalWriter:
     # The shell keeps its whole conversation in storage and attaches files by path
     # (`/file`), so nothing is read through the surface; images are not drawn here.
 
+    async def withdraw(self) -> None:
+        """Nothing to take back: a terminal's answer has no other replica to lose it to."""
+
     async def read_thread(self, exclude_ts: set[str]) -> list[HistoryMessage]:
         return []
 

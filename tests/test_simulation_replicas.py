@@ -235,3 +235,37 @@ def test_killed_while_its_first_message_is_on_the_wire(native, replicas_running)
     finish = [op for op in world.store_log if op.op == "finish" and op.rid == rec.rid and op.result]
     assert len(finish) == 1 and finish[0].inc == 2 and finish[0].outcome == "interrupted"
     assert result.stats["requests_taken_over"] == 1
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["placeholder", "native stream"])
+def test_paused_while_its_first_message_is_on_the_wire(native):
+    """Issue 11, the late first message: r0 records m0's request, then pauses for 13 s
+    as its first message (a placeholder, or a native stream) leaves it, before Slack
+    makes it. r1 takes the request over once r0's heartbeat is 10 s old, finds no message
+    in the thread and posts its notice; r0 resumes, its post lands after that notice
+    (within chat.startStream's own bound: a longer pause gives the stream up for a
+    placeholder), and it learns its lease is gone. It asks storage, finds the request
+    closed without its message, and withdraws it (a stream stopped first: Slack refuses
+    to delete one still streaming): one bot message under the question, the notice, and
+    nothing of r0's after it but the withdrawal (invariant 7 allows exactly that)."""
+    scenario = replicas(
+        [Msg(0, 1.0, 0, "dm", ai=SLOW)], [Fault(0.5, "pause", "r0", seconds=13.0, on="opening")], native=native
+    )
+    result, world = run(scenario)
+    assert not result.failed, report(result)
+    [rec] = world.requests
+    assert rec.inc == 1
+    channel, thread_ts = rec.thread
+    [made] = [c for c in world.slack_calls if c.tag and c.tag.rid == rec.rid and c.created_ts]
+    [notice] = [c for c in world.slack_calls if c.tag and c.tag.kind == "takeover" and c.created_ts]
+    assert notice.inc == 2 and notice.seq1 < made.seq1  # r0's message landed after r1's notice
+    assert (channel, made.created_ts) in world.slack.deleted
+    mine = [
+        c.method for c in world.slack_calls if c.tag and c.tag.rid == rec.rid and c.args.get("ts") == made.created_ts
+    ]
+    assert mine == (["chat.stopStream", "chat.delete"] if native else ["chat.delete"]), mine
+    [shown] = world.slack.bot_replies(channel, thread_ts)
+    assert "Interrupted" in shown and shown == world.slack.visible_text(channel, notice.created_ts)
+    finish = [op for op in world.store_log if op.op == "finish" and op.rid == rec.rid and op.result]
+    assert len(finish) == 1 and finish[0].inc == 2 and finish[0].outcome == "interrupted"
+    assert result.stats["orphans_withdrawn"] == 1

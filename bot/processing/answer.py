@@ -33,7 +33,7 @@ from bot.processing.surface import PLACEHOLDER, Receipt, ReplySurface, SurfaceEr
 from bot.processing.tool_chat import chat_with_tools
 from bot.retrying import doubling, retry
 from bot.storage import StorageError
-from bot.storage.base import HistoryMessage, Outcome
+from bot.storage.base import HistoryMessage, Outcome, RequestRecord
 from bot.usage import OverBudget, check_budget, record_usage
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 START_SECONDS = 60.0  # bound on opening the answer (a placeholder post retried through an outage)
 FINAL_WRITE_SECONDS = 90.0  # bound on the final Slack write (it may wait out Retry-After windows)
 SHUTDOWN_WRITE_SECONDS = 3.0  # the same at shutdown (interrupted requests; `hurry`): exit under 10 s
+# A request that lost its thread asks storage up to WITHDRAW_CHECKS times, this far apart,
+# whether the takeover knew its first message (`_withdraw_if_orphaned`), all within
+# WITHDRAW_SECONDS (Slack's chat.delete included).
+WITHDRAW_CHECKS = 5
+WITHDRAW_PAUSE_SECONDS = 1.0
+WITHDRAW_SECONDS = 10.0
 STORE_RESERVE_SECONDS = 1.0  # closing the request in storage, after the Slack write
 FINALIZE_SECONDS = FINAL_WRITE_SECONDS + STORE_RESERVE_SECONDS  # the longest a request outlives its deadline
 SHUTDOWN_FINALIZE_SECONDS = SHUTDOWN_WRITE_SECONDS + STORE_RESERVE_SECONDS  # ... once shutdown interrupts it
@@ -203,6 +209,9 @@ async def _open(
     that no takeover knows of: a recorded request's first message is found in its
     thread (a placeholder's metadata says which message it answers), and one that
     cannot be found there (a native stream) has its id recorded as soon as it is known.
+    One that lands after a takeover read the thread (this process paused or cut off
+    while the post was on the wire) is withdrawn by this request itself, once it learns
+    its lease is gone (`_withdraw_if_orphaned`).
     A failure to record or to post ends the request (`fail` cancels the preparation and
     the model call beside it)."""
     msg = state.message
@@ -313,9 +322,11 @@ async def _start(state: RequestState, writer: ReplySurface) -> str:
     """Open the answer. Shielded: a cancellation while Slack creates the message would
     leave one whose id we never learnt (so never finalized). Bounded by START_SECONDS —
     long enough for a post retried through a short outage — and shortened by a shutdown
-    (`RequestState.hurry`); cancellation takes effect right after."""
+    (`RequestState.hurry`), never by a lost lease: the message is then withdrawn if the
+    takeover did not know of it (`_withdraw_if_orphaned`), which takes its id.
+    Cancellation takes effect right after."""
     with anyio.CancelScope(shield=True), anyio.move_on_after(START_SECONDS) as posting:
-        state.watch(posting)
+        state.watch(posting, opening=True)
         try:
             return await writer.start()
         finally:
@@ -400,6 +411,11 @@ async def _finalize(
     (an answer Slack did not take is an error; one taken over is interrupted)."""
     msg = state.message
     if _taken_over(state, recorded):
+        # Only here, before any final write: once one was tried, a takeover may have
+        # found its receipt and closed the request naming no message (a placeholder
+        # with a receipt is not an opening to it), and that answer must stay.
+        if state.placeholder_ts:
+            await _withdraw_if_orphaned(services, state, writer)
         state.outcome = "interrupted"
         return "interrupted"
     # The final write waits its turn in the workspace's budget for as long as Slack's
@@ -443,6 +459,75 @@ async def _finalize(
     return outcome
 
 
+async def _withdraw_if_orphaned(services: Services, state: RequestState, writer: ReplySurface) -> None:
+    """The request lost its thread with its first message posted, before any final
+    write: if the takeover closed it without that message (it read the thread before the
+    message landed — this process paused or cut off from storage while the post was on
+    the wire — and posted a notice of its own), nobody will ever finish it, so it is
+    withdrawn. Left as it is if the takeover recorded it as the request's (it edited it
+    into its notice), or cannot be told: storage out of reach, or the takeover still
+    between its read of the thread and its outcome after WITHDRAW_CHECKS looks (then it
+    stays, and is logged). Bounded by WITHDRAW_SECONDS, and shortened by a shutdown,
+    as the final write is."""
+    mine = state.placeholder_ts
+    with anyio.move_on_after(WITHDRAW_SECONDS) as bound:
+        state.watch(bound)
+        try:
+            record = await _closed_record(services, state)
+            if record is None:
+                return
+            if record.placeholder_ts == mine:
+                log.info("request %s: the takeover kept its first message %s", state.request_id, mine)
+                return
+            try:
+                await writer.withdraw()
+            except SurfaceError as exc:
+                log.warning(
+                    "request %s: could not withdraw its first message %s, posted after the takeover's notice (%s)",
+                    state.request_id,
+                    mine,
+                    exc.code,
+                )
+                return
+            log.warning(
+                "request %s: its first message %s landed after the takeover's notice (it was %s); withdrawn",
+                state.request_id,
+                mine,
+                f"closed with message {record.placeholder_ts}" if record.placeholder_ts else "closed without one",
+            )
+        finally:
+            state.final_write = None
+    if bound.cancelled_caught:
+        log.warning("request %s: no time left to tell whether its first message %s is orphaned", state.request_id, mine)
+
+
+async def _closed_record(services: Services, state: RequestState) -> RequestRecord | None:
+    """The request's record once the takeover closed it, looked up to WITHDRAW_CHECKS
+    times, WITHDRAW_PAUSE_SECONDS apart; None (logged) if it is still in flight, or
+    storage cannot say."""
+    for n in range(WITHDRAW_CHECKS):
+        if n:
+            await anyio.sleep(WITHDRAW_PAUSE_SECONDS)
+        try:
+            record = await services.store.request_record(state.request_id)
+        except StorageError as exc:
+            log.warning(
+                "request %s: cannot tell whether the takeover knew its first message %s (%s); left as it is",
+                state.request_id,
+                state.placeholder_ts,
+                exc,
+            )
+            return None
+        if record is None or record.status != "in_flight":
+            return record
+    log.warning(
+        "request %s: still in flight after its lease passed on; its first message %s is left to the takeover",
+        state.request_id,
+        state.placeholder_ts,
+    )
+    return None
+
+
 def _stored(outcome: RequestOutcome) -> Outcome:
     """Storage keeps a user's Stop as "interrupted" (its detail says who stopped it)."""
     return "interrupted" if outcome == "stopped" else outcome
@@ -451,7 +536,9 @@ def _stored(outcome: RequestOutcome) -> Outcome:
 def _taken_over(state: RequestState, recorded: bool) -> bool:
     """Another replica owns the thread and takes this recorded request over (its notice,
     its stored outcome): a write from here could only overwrite what it shows. (A request
-    that was never recorded still fixes its own placeholder: nobody else knows of it.)"""
+    that was never recorded still fixes its own placeholder: nobody else knows of it.
+    One whose first message the takeover did not know withdraws it, and writes nothing
+    else: `_withdraw_if_orphaned`.)"""
     if state.lease_lost and recorded:
         log.warning("request %s: lease lost; leaving the answer to the replica that took it over", state.request_id)
         return True

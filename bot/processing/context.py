@@ -96,12 +96,16 @@ class RequestState:
     # shortens it (`hurry`), and the same shortened deadline holds for the next one.
     final_write: anyio.CancelScope | None = None
     hurry_deadline: float = math.inf
+    # The write now running opens the answer: losing the lease does not cut it (the
+    # message may be made all the same, and only its id lets it be withdrawn).
+    opening_write: bool = False
     # Who holds the thread for this request: this replica's id and the lease's fencing
     # token (storage takes the request's writes only under that token).
     owner: str = ""
     fence: int = 0
     # The lease passed to another replica: from then on this request writes nothing,
-    # to Slack or to storage (the new owner takes the request over).
+    # to Slack or to storage (the new owner takes the request over), but for the
+    # withdrawal of a first message the takeover did not know (`answer._withdraw_if_orphaned`).
     lease_lost: bool = False
     # Set while the outcome is not in storage yet; left set if storage could not take it.
     unrecorded: UnrecordedOutcome | None = None
@@ -111,7 +115,7 @@ class RequestState:
         would land on what the new owner shows)."""
         self.lease_lost = True
         self.scope.cancel()
-        if self.final_write is not None:
+        if self.final_write is not None and not self.opening_write:
             self.final_write.cancel()
 
     @classmethod
@@ -131,7 +135,9 @@ class RequestState:
         if self.final_write is not None:
             self.final_write.deadline = min(self.final_write.deadline, self.hurry_deadline)
 
-    def watch(self, scope: anyio.CancelScope) -> None:
-        """`scope` bounds the Slack write now running (None: none is)."""
+    def watch(self, scope: anyio.CancelScope, *, opening: bool = False) -> None:
+        """`scope` bounds the Slack write now running (None: none is); `opening`: it
+        opens the answer (`opening_write`)."""
         self.final_write = scope
+        self.opening_write = opening
         scope.deadline = min(scope.deadline, self.hurry_deadline)

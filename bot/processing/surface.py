@@ -119,6 +119,12 @@ class ReplySurface(Protocol):
         """The final text plus `notice` — posted now if nothing was shown yet — carrying
         `receipt` where the platform can keep it. True only when the user can see it."""
 
+    async def withdraw(self) -> None:
+        """Take the answer's first message back (delete it; a stream is stopped first if
+        the platform requires it): it opened an answer nobody will finish, its request
+        having passed to another replica that did not know of it. Gone already counts as
+        withdrawn. Raises SurfaceError."""
+
     async def read_thread(self, exclude_ts: set[str]) -> list[HistoryMessage]:
         """The thread's earlier conversation as the platform holds it (for a thread the
         bot has not stored), leaving out `exclude_ts`. Raises SurfaceError."""

@@ -393,6 +393,26 @@ class SlackAnswerWriter:
             await self._clear_status()
         return ok
 
+    async def withdraw(self) -> None:
+        """chat.delete of the answer's first message. Slack refuses to delete a message
+        still streaming (`streaming_state_conflict`, as for chat.update), so a native
+        stream not yet out of streaming state is stopped first. The budgets promised for
+        a final write that will not come are given back."""
+        ts = self.placeholder_ts
+        try:
+            if not ts:
+                return
+            if self._stream_ts == ts and not self._stream_stopped and not await self._stop_stream():
+                raise SurfaceError("withdrawing the answer", "streaming_state_conflict")
+            try:
+                await self._slack.call("chat.delete", channel=self.channel, ts=ts)
+            except SlackAPIError as exc:
+                if exc.error != "message_not_found":
+                    raise SurfaceError("withdrawing the answer", exc.error) from None
+        finally:
+            self._release_stop()
+            self._fallback.release()
+
     # ---- what the thread holds: earlier messages, files; images the bot posts ----------
 
     async def read_thread(self, exclude_ts: set[str]) -> list[HistoryMessage]:

@@ -142,7 +142,7 @@ class ReplyWriter:
             )
         finally:
             if not ts:
-                self._release()
+                self.release()
         self.message_ts.append(ts)
         self._shown.append(status)
         return ts
@@ -216,14 +216,15 @@ class ReplyWriter:
             log.error("final update failed in %s/%s: %s", self.channel, self.thread_ts, exc.error)
             return False
         finally:
-            self._release()
+            self.release()
 
     def _final_retry_pause(self, n: int, exc: SlackAPIError) -> float:
         """0.2 s, then 0.4 s: short, since the final write already waits for its budget."""
         log.warning("final update failed in %s/%s (%s); retrying", self.channel, self.thread_ts, exc.error)
         return 0.2 * n
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Give back the final edit promised in the workspace's budget (once)."""
         if self._committed:
             self._committed = False
             self._slack.limits.uncommit("chat.update")

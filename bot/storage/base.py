@@ -72,6 +72,18 @@ class InFlightRequest:
     streamed: bool = False  # its placeholder is a native stream (chat.startStream)
 
 
+RequestStatus = Literal["in_flight", "answered", "timeout", "error", "interrupted"]
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What storage holds of one request now: in flight or its outcome, and the message
+    recorded as its answer's first ("" when none was)."""
+
+    status: RequestStatus
+    placeholder_ts: str
+
+
 PreferenceScope = Literal["workspace", "user", "thread"]
 Rating = Literal["good", "bad"]
 
@@ -198,6 +210,11 @@ class Store(Protocol):
         the history carries it). True if this call closed it; False, and nothing
         written, if it was not in flight or `fence` is not the current lease token of
         its thread (the lease was lost to another replica)."""
+
+    async def request_record(self, request_id: str) -> RequestRecord | None:
+        """The request's status and recorded first message, as storage holds them now
+        (None for an unknown id). A request that lost its thread asks it, to learn
+        whether the takeover knew of the message it posted late."""
 
     async def in_flight(self) -> list[InFlightRequest]:
         """Requests started and never finished, on every replica, oldest first."""

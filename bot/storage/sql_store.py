@@ -32,6 +32,7 @@ from bot.storage.base import (
     PreferenceLayers,
     PreferenceScope,
     Rating,
+    RequestRecord,
     ThreadImage,
     ThreadKey,
     UsageSummary,
@@ -272,6 +273,15 @@ class SQLStore:
             return True
 
         return await self._run("finish_request", body)
+
+    async def request_record(self, request_id: str) -> RequestRecord | None:
+        def body(conn: Connection) -> RequestRecord | None:
+            row = conn.execute(
+                "SELECT status, placeholder_ts FROM requests WHERE request_id = ?", (request_id,)
+            ).fetchone()
+            return RequestRecord(status=row[0], placeholder_ts=row[1]) if row is not None else None
+
+        return await self._run("request_record", body, write=False)
 
     async def in_flight(self) -> list[InFlightRequest]:
         def body(conn: Connection) -> list[InFlightRequest]:

@@ -23,7 +23,9 @@ Each check appends a readable line to `world.violations`. What is checked:
    read to find it (stored as an error: never the other way round); an answer posted
    without a placeholder by a process killed before it recorded it (the recovery's
    notice follows it); a final write, or the crash recovery's fix-up, cut by its bound
-   while Slack refused every call of it.
+   while Slack refused every call of it; a request taken over whose one message, posted
+   after the takeover read the thread, it withdrew itself (the takeover's notice is what
+   the user sees: 3.).
    Answered means shown: every request stored as answered has its stored text visible in
    its messages, joined (broadcast mentions inert: "@" + WORD JOINER; split over
    messages), and none of them still streaming. No bot message shows a live broadcast
@@ -53,9 +55,13 @@ Each check appends a readable line to `world.violations`. What is checked:
    under a lease that passed on never takes effect (each request is closed once, and a
    takeover's outcome stands — what Slack shows is held to it by 2.); two requests in
    one thread on different processes overlap only if the earlier one's lease passed to
-   the later one while its process was crashed, paused or cut off from storage.
-   Across replicas, 1.–5. hold as for one process: a message handled by one replica is
-   handled by no other; a request taken over shows the interrupted notice.
+   the later one while its process was crashed, paused or cut off from storage; a
+   request that learnt it lost its lease writes nothing more to Slack, but the
+   withdrawal (chat.delete, and the chat.stopStream of a stream before it) of its own
+   first message when the takeover closed the request naming another message or none
+   (that message landed after the takeover read the thread). Across replicas, 1.–5.
+   hold as for one process: a message handled by one replica is handled by no other; a
+   request taken over shows the interrupted notice.
 (Per-thread exclusion and "limiters back to zero" are checked live, in `world.py`.)
 """
 
@@ -143,6 +149,7 @@ def check(world: World) -> None:
     rows = _rows(world)
     stored = {r["request_id"]: r for r in rows}
     by_rid = {rec.rid: rec for rec in world.requests}
+    withdrawn = _withdrawals(world, stored)
     # Requests another process closed (a takeover, after their owner's lease passed to it):
     # that outcome stands, whatever their owner, fenced off, thought it was.
     # (by another replica, or by the replica's own sweep after its finish_request failed)
@@ -236,6 +243,11 @@ def check(world: World) -> None:
                 f"{who} ended {rec.outcome} with nothing visible in Slack "
                 f"(posts tried: {[(c.method, c.error) for c in calls]})"
             )
+            continue
+        if rec.rid in taken_over and rec.rid in withdrawn and made == [withdrawn[rec.rid].ts]:
+            # Its one message landed after the takeover's notice (checked in 3.), which
+            # did not know of it, and it withdrew it: the notice is what the user sees.
+            world.count("orphans_withdrawn")
             continue
         messages = [bot_messages.get(ts) for ts in made]
         # An answer longer than one Slack message goes on in more messages; every one but
@@ -629,6 +641,45 @@ def _recovery_refused(world: World, rec, recovered: dict) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _Withdrawal:
+    ts: str  # the request's first message, which it deleted
+    opened_by: str  # the call that made it: chat.postMessage or chat.startStream
+    deleted_at: int  # the chat.delete's seq0
+
+
+def _withdrawals(world: World, stored: dict[str, dict]) -> dict[str, _Withdrawal]:
+    """Requests that deleted their own first message (a chat.delete Slack took) after a
+    takeover closed them naming another message, or none: a late first message of a
+    process paused or cut off while it was on the wire (`answer._withdraw_if_orphaned`)."""
+    first: dict[str, object] = {}
+    for call in world.slack_calls:
+        tag = call.tag
+        if tag and tag.kind == "request" and call.created_ts and tag.rid not in first:
+            first[tag.rid] = call
+    found: dict[str, _Withdrawal] = {}
+    for call in world.slack_calls:
+        tag = call.tag
+        if not (tag and tag.kind == "request" and call.ok and call.method == "chat.delete"):
+            continue
+        opening, row = first.get(tag.rid), stored.get(tag.rid)
+        if opening is None or row is None or call.args.get("ts") != opening.created_ts:
+            continue
+        if row["status"] != "in_flight" and row["placeholder_ts"] != opening.created_ts:
+            found.setdefault(tag.rid, _Withdrawal(opening.created_ts, opening.method, call.seq0))
+    return found
+
+
+def _part_of_withdrawal(call, gone: _Withdrawal | None) -> bool:
+    """`call` is the chat.delete of a withdrawn first message, or the chat.stopStream of
+    that stream before it."""
+    if gone is None or call.args.get("ts") != gone.ts:
+        return False
+    if call.method == "chat.delete":
+        return True
+    return call.method == "chat.stopStream" and gone.opened_by == "chat.startStream" and call.seq0 < gone.deleted_at
+
+
 def _cut_by_slack(world: World, rec) -> bool:
     """The request's final write ran out of its bounded time (FINAL_WRITE_SECONDS, or
     SHUTDOWN_WRITE_SECONDS once a shutdown interrupts it) while Slack was failing its calls
@@ -819,6 +870,13 @@ def check_replicas(world: World) -> None:
     # A request that learnt it lost its thread (a renewal refused, its start or finish
     # fenced off) writes nothing more to Slack: the thread is another's now, and so is
     # what its messages show (a takeover's notice, another request's answer and status).
+    # Bar one thing: its withdrawal of its own first message, when the request was closed
+    # naming another message (or none). Its process was paused or cut off while that post
+    # was on the wire, past its lease; the takeover read the thread before it landed and
+    # posted a notice of its own, so nobody else will ever finish it: a chat.delete of that
+    # message, and the chat.stopStream before it that Slack needs for a stream (it refuses
+    # to delete a message still streaming). Nothing else, and no other message.
+    withdrawn = _withdrawals(world, {r["request_id"]: r for r in _rows(world)})
     knew: dict[str, int] = {}  # request -> the seq at which its process learnt it
     fence_of = {rec.rid: (rec.inc, rec.thread, getattr(rec.state, "fence", 0)) for rec in world.requests}
     for op in world.store_log:
@@ -834,6 +892,8 @@ def check_replicas(world: World) -> None:
     for call in world.slack_calls:
         tag = call.tag
         if not (tag and tag.kind == "request" and tag.rid in knew and call.ok and call.issued > knew[tag.rid]):
+            continue
+        if _part_of_withdrawal(call, withdrawn.get(tag.rid)):
             continue
         if call.method in SLACK_WRITES:
             args = call.args

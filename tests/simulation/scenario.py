@@ -81,7 +81,11 @@ class Fault:
     names ("r1"; "" is r0), and its restart runs under a new replica id if `new_id`;
     kind "pause":     replica `target` freezes for `seconds` (SIGSTOP … SIGCONT): its Web
                     API and OpenAI calls, socket frames and store transactions wait until
-                    it resumes (its timers still fire, and their calls wait too);
+                    it resumes (its timers still fire, and their calls wait too); with
+                    `on` "opening", not at `at` but as the next answer's first message
+                    after `at` leaves it (chat.startStream, or the "Thinking…" post):
+                    that call reaches Slack when it resumes (a post on the wire, stopped
+                    before Slack makes the message);
     kind "partition": replica `target`'s store calls raise StorageError for `seconds`
                     (cut off from the database; Slack and OpenAI still reachable).
     """
@@ -97,6 +101,7 @@ class Fault:
     seconds: float = 0.0  # outage: how long
     after: bool = False  # slack: the call takes effect, then the 5xx
     new_id: bool = False  # sigterm/crash of a replica: it restarts under a new replica id
+    on: str = ""  # pause: "opening", as the replica's next answer's first message goes out
 
 
 @dataclass(frozen=True)
@@ -198,7 +203,8 @@ def _fault_text(f: Fault) -> str:
         return f"storage {f.target} fails ({f.error}) x{f.times}"
     who = f" of replica {f.target}" if f.target else ""
     if f.kind == "pause":
-        return f"replica {f.target or 'r0'} paused for {f.seconds:g}s"
+        when = " as its next answer opens" if f.on else ""
+        return f"replica {f.target or 'r0'} paused{when} for {f.seconds:g}s"
     if f.kind == "partition":
         return f"replica {f.target or 'r0'} cut off from storage for {f.seconds:g}s"
     restart = "stays down" if f.restart_after is None else f"restart after {f.restart_after:g}s"

@@ -231,6 +231,7 @@ class Incarnation:
     restarted: bool = False  # a replacement process was started
     store: Any = None
     paused: anyio.Event | None = None  # set when it resumes; None while it runs
+    pause_on: float | None = None  # a pause of this many seconds, due as its next answer opens (Fault.on)
     partitioned_until: float = -math.inf  # world time until which its store calls fail
     impaired: list[tuple[str, float, float]] = field(default_factory=list)  # (pause | partition | crash, from, to)
 
@@ -650,10 +651,14 @@ class World:
         # process's code still runs between its I/O, so what it sends meanwhile left it
         # before anything it learns on resuming.
         issued = self.next_seq()
+        method = request.url.path.rsplit("/", 1)[-1]
+        opening = method == "chat.startStream" or (method == "chat.postMessage" and b"Thinking" in request.content)
+        if inc.pause_on is not None and opening and not inc.dead:
+            seconds, inc.pause_on = inc.pause_on, None
+            self._pause(inc, seconds, self._tg)  # (Fault.on: this call waits, unsent, with the rest)
         await inc.hold()
         if inc.dead:
             await anyio.sleep_forever()
-        method = request.url.path.rsplit("/", 1)[-1]
         try:
             args = _parse_args(request)
         except Exception:
@@ -1071,14 +1076,11 @@ class World:
                 inc.impaired.append(("partition", self.now(), until))
                 self.log_trace("fault", f"#{inc.n} cut off from storage for {f.seconds:g}s")
                 return
-            if inc.paused is not None:
-                self.log_trace("fault", "(pause skipped: already paused)")
+            if f.on == "opening":
+                inc.pause_on = f.seconds
+                self.log_trace("fault", f"#{inc.n} pauses for {f.seconds:g}s as its next answer opens")
                 return
-            inc.paused = anyio.Event()
-            inc.impaired.append(("pause", self.now(), until))
-            self.log_trace("process", f"#{inc.n} PAUSED for {f.seconds:g}s")
-            self.pending_resumes += 1
-            tg.start_soon(self._resume, inc, until)
+            self._pause(inc, f.seconds, tg)
         elif f.kind in ("sigterm", "crash"):
             inc = self._target(f)
             if inc is None or inc.dead or inc.ended is not None or (f.kind == "sigterm" and inc.stopped_at is not None):
@@ -1103,6 +1105,17 @@ class World:
         if slot >= self.s.replicas:  # (the shrinker took that replica away)
             return None
         return self.current_of(slot)
+
+    def _pause(self, inc: Incarnation, seconds: float, tg) -> None:
+        if inc.paused is not None:
+            self.log_trace("fault", "(pause skipped: already paused)")
+            return
+        until = self.now() + seconds
+        inc.paused = anyio.Event()
+        inc.impaired.append(("pause", self.now(), until))
+        self.log_trace("process", f"#{inc.n} PAUSED for {seconds:g}s")
+        self.pending_resumes += 1
+        tg.start_soon(self._resume, inc, until)
 
     async def _resume(self, inc: Incarnation, until: float) -> None:
         await anyio.sleep_until(self.t0 + until)

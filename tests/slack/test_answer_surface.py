@@ -10,6 +10,7 @@ import anyio
 import httpx2
 import pytest
 
+from bot.processing.surface import SurfaceError
 from bot.slack.answer_surface import SlackAnswerWriter, assistant_status, thread_title
 from bot.slack.web_api import SlackWebAPI
 from tests.fakes.openai import Behaviour
@@ -156,6 +157,40 @@ async def _wait_feedback(store, channel, ts, expected):
     with anyio.fail_after(5):
         while await store.feedback_for(channel, ts) != expected:
             await anyio.sleep(0.02)
+
+
+@pytest.mark.parametrize("mode", ["native", "update"])
+async def test_withdraw_deletes_the_answers_first_message_a_stream_stopped_first(mode):
+    """An answer whose request passed to another replica that did not know of its first
+    message: that message is deleted. Slack refuses to delete a message still streaming,
+    so a native stream is stopped first; the final writes promised in the budgets are
+    given back (none will come)."""
+    slack = FakeSlack()
+    async with web_api(slack) as api:
+        ts = slack.add_user_message("D1", "U1", "hi")
+        writer = SlackAnswerWriter(api, "D1", ts, mode=mode, reply_to=ts, request_id="r1")
+        opened = await writer.start()
+        assert slack.is_streaming("D1", opened) == (mode == "native")
+        assert api.limits.bucket("chat.update").committed + api.limits.bucket("chat.stopStream").committed == 1
+        await writer.withdraw()
+        assert ("D1", opened) in slack.deleted and slack.bot_replies("D1", ts) == []
+        on_it = [m for m, args in slack.calls if args.get("ts") == opened]
+        assert on_it == (["chat.stopStream", "chat.delete"] if mode == "native" else ["chat.delete"])
+        assert api.limits.bucket("chat.update").committed == api.limits.bucket("chat.stopStream").committed == 0
+        await writer.withdraw()  # already gone: withdrawn all the same
+
+
+async def test_withdraw_says_when_slack_refuses():
+    slack = FakeSlack()
+    async with web_api(slack) as api:
+        ts = slack.add_user_message("D1", "U1", "hi")
+        writer = SlackAnswerWriter(api, "D1", ts, mode="update", reply_to=ts, request_id="r1")
+        opened = await writer.start()
+        slack.fail_next("chat.delete", status=200, error="cant_delete_message")
+        with pytest.raises(SurfaceError) as refused:
+            await writer.withdraw()
+        assert refused.value.code == "cant_delete_message"
+        assert slack.visible_text("D1", opened)  # still there
 
 
 async def test_appends_are_paced_and_coalesced():

@@ -11,6 +11,7 @@ import pytest
 from bot.storage import (
     HistoryMessage,
     InFlightRequest,
+    RequestRecord,
     SQLStore,
     StorageError,
     StoreClosed,
@@ -283,6 +284,35 @@ async def test_record_placeholder_is_fenced_by_the_lease(store: SQLStore) -> Non
     assert await store.acquire_lease(THREAD, "replica-b", ttl=60) == old + 1
     assert await store.record_placeholder("r1", "p-r1", fence=old) is False
     assert [r.placeholder_ts for r in await store.in_flight()] == [""]
+
+
+async def test_request_record_says_what_a_takeover_left_of_a_request(store: SQLStore) -> None:
+    """What a request that lost its thread reads to learn whether the takeover knew of
+    its first message: its status, and the first message storage holds."""
+    old = await lease(store, THREAD)
+    for rid in ("r1", "r2"):
+        assert await store.start_request(
+            rid, THREAD, user_ts=f"u-{rid}", placeholder_ts="", started_at=1.0, owner="replica-a", fence=old
+        )
+    assert await store.request_record("r1") == RequestRecord("in_flight", "")
+    assert await store.request_record("nope") is None
+    await raw(store, "UPDATE thread_leases SET expires_at = 0 RETURNING token")  # replica-a paused past its lease
+    new = await store.acquire_lease(THREAD, "replica-b", ttl=60)
+    assert new == old + 1
+    for rid, found in (("r1", "p-r1"), ("r2", "")):  # r1's message found in the thread; r2's not
+        assert await store.finish_request(
+            rid,
+            fence=new,
+            outcome="interrupted",
+            user_text="",
+            user_ts="",
+            reply_text="",
+            finished_at=2.0,
+            detail="taken over",
+            placeholder_ts=found,
+        )
+    assert await store.request_record("r1") == RequestRecord("interrupted", "p-r1")
+    assert await store.request_record("r2") == RequestRecord("interrupted", "")
 
 
 async def test_finish_request_gives_a_request_without_one_its_placeholder(store: SQLStore) -> None:
