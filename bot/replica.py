@@ -350,7 +350,8 @@ async def _take_over_one(
                     )
                     what = f"found delivered ({delivered.outcome}), left as it is"
                 else:
-                    if not await _notify(slack, req):
+                    notice_ts = await _notify(slack, req)
+                    if notice_ts is None:
                         log.warning("request %s: its notice is not shown yet; next time", req.request_id)
                         return
                     await _remove_continuations(slack, req, replies or [], bot_id)
@@ -363,7 +364,7 @@ async def _take_over_one(
                         reply_text="",
                         finished_at=time.time(),
                         detail=f"{left_by} stopped; taken over by {gates.owner}",
-                        placeholder_ts=req.placeholder_ts,
+                        placeholder_ts=req.placeholder_ts or notice_ts,
                     )
                     what = "marked interrupted"
                 if done:
@@ -430,21 +431,23 @@ async def _stopped_streaming(slack: SlackWebAPI, req: InFlightRequest) -> bool:
     return True
 
 
-async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> bool:
+async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> str | None:
     """The interrupted notice, itself a final write with its receipt: a takeover that
-    could not record it finds it at the next sweep instead of writing it again. True
-    when it is shown, or when there is nothing Slack will let it fix (the message or
-    channel is gone); False when Slack did not take it in time or failed for now: the
-    request then stays in flight for the next sweep."""
+    could not record it finds it at the next sweep instead of writing it again. Returns
+    the ts of the message that shows it (the placeholder edited, or a new message when
+    the request left none), so storage names it; "" when there is nothing Slack will let
+    it fix (the message or channel is gone); None when Slack did not take it in time or
+    failed for now: the request then stays in flight for the next sweep."""
     channel = req.thread.channel
     receipt = Receipt(req.request_id, "interrupted", req.user_ts, try_again=bool(req.user_ts))
-    shown = False
+    shown: str | None = None
     with anyio.move_on_after(NOTICE_SECONDS):
         try:
             if req.placeholder_ts:
                 await _mark_interrupted(slack, channel, req.placeholder_ts, receipt)
+                shown = req.placeholder_ts
             else:
-                await slack.post_message(
+                shown = await slack.post_message(
                     channel,
                     req.thread.thread_ts,
                     blocks=_notice_blocks(receipt),
@@ -452,12 +455,11 @@ async def _notify(slack: SlackWebAPI, req: InFlightRequest) -> bool:
                     payload=receipt_payload(receipt),
                     priority=True,
                 )
-            shown = True
         except SlackAPIError as exc:
             log.warning("could not mark request %s in %s interrupted: %s", req.request_id, req.thread, exc.error)
             # Gone (message_not_found, channel_not_found…): nothing left to fix. Else later.
             retry_later = exc.transient or isinstance(exc, SlackRateLimited) or exc.error == "streaming_state_conflict"
-            shown = not retry_later
+            shown = None if retry_later else ""
         with contextlib.suppress(SlackAPIError):  # the dead request's "is thinking…", if it set one
             await slack.call(
                 "assistant.threads.setStatus",

@@ -386,6 +386,11 @@ async def test_a_paused_replicas_first_message_landing_after_the_takeovers_notic
             await eventually(lambda: not a.active, timeout=10)
             status, detail = await _request_row(database_url, state.request_id)
             assert status == "interrupted" and "taken over by replica-b" in detail
+            store = await open_store(database_url)
+            try:  # storage names the message that shows the request's outcome: the notice
+                assert await store.request_record(state.request_id) == RequestRecord("interrupted", notice)
+            finally:
+                await store.aclose()
             # replica-a did post, after the notice, and took that message back.
             assert state.placeholder_ts and float(state.placeholder_ts) > float(notice)
             assert ("D1", state.placeholder_ts) in slack.deleted
