@@ -273,6 +273,7 @@ class Nursery:
     async def _answer(self, msg: IncomingMessage, hold: Hold) -> None:
         state = RequestState.begin(msg, owner=hold.owner, fence=hold.fence)
         hold.on_lost = state.lose_lease  # another replica has the thread now: stop writing
+        state.confirm_lease = partial(self.gates.confirm, hold)
         self.active[state.request_id] = state
         log.info(
             "request %s: %s in %s",
@@ -294,6 +295,7 @@ class Nursery:
                         self.services.store,
                         msg,
                         request_id=state.request_id,
+                        may_write=partial(self.gates.surely_held, hold),
                     ),
                 )
         finally:

@@ -64,6 +64,7 @@ class ThreadGates:
         self.lease_seconds = lease_seconds
         self._limiters: dict[ThreadKey, anyio.CapacityLimiter] = {}
         self._holds: dict[ThreadKey, Hold] = {}
+        self._renew_now = anyio.Event()  # set: a holder is unsure of its lease; renew without waiting
 
     @asynccontextmanager
     async def try_enter(self, thread: ThreadKey) -> AsyncIterator[Hold | None]:
@@ -100,8 +101,47 @@ class ThreadGates:
         failed renewal is tried again at the next tick (a lease lasts three of them); a
         refused one means the lease passed to someone else."""
         while True:
-            await anyio.sleep(self.lease_seconds / 3)
+            with anyio.move_on_after(self.lease_seconds / 3):
+                await self._renew_now.wait()
+            self._renew_now = anyio.Event()
             await self.renew_all()
+
+    def surely_held(self, hold: Hold) -> bool:
+        """Whether the lease is surely still `hold`'s, by this process's clock alone (no
+        storage call): True while more than a renewal tick of it is left, as it always
+        is when renewals keep their pace. False once it is lost, or when this process
+        fell behind — it was paused (SIGSTOP, a stalled VM) or could not renew — and the
+        lease may have passed on meanwhile: the request's writes to Slack then wait
+        (they could land on a takeover's notice), and a renewal is asked for at once,
+        which says whether the lease is still ours (`confirm`)."""
+        if hold.lost:
+            return False
+        if anyio.current_time() < hold.valid_until - self.lease_seconds / 3:
+            return True
+        self._renew_now.set()
+        return False
+
+    async def confirm(self, hold: Hold) -> bool:
+        """Before a write that must not land once the lease passed on (a request's final
+        text): True at once if it is surely held (`surely_held`), else after one renewal
+        says so. Refused, or storage out of reach: the lease is lost (`on_lost` runs),
+        and False."""
+        if self.surely_held(hold):
+            return True
+        if hold.lost:
+            return False
+        asked = anyio.current_time()
+        try:
+            renewed = await self._store.renew_lease(hold.thread, hold.fence, ttl=self.lease_seconds)
+        except StorageError as exc:
+            self._lose(hold, f"could not confirm it after falling behind ({exc})")
+            return False
+        if not renewed:
+            if not hold.lost:
+                self._lose(hold, "another replica has it")
+            return False
+        hold.valid_until = max(hold.valid_until, asked + self.lease_seconds)
+        return True
 
     async def renew_all(self) -> None:
         for hold in list(self._holds.values()):
@@ -118,8 +158,8 @@ class ThreadGates:
                     log.warning("could not renew the lease on thread %s: %s", hold.thread, exc)
                 continue
             if renewed:
-                hold.valid_until = asked + self.lease_seconds
-            elif self._holds.get(hold.thread) is hold:  # (else released while the renewal ran)
+                hold.valid_until = max(hold.valid_until, asked + self.lease_seconds)
+            elif self._holds.get(hold.thread) is hold and not hold.lost:  # (else released, or told, meanwhile)
                 self._lose(hold, "another replica has it")
 
     def _lose(self, hold: Hold, why: str) -> None:

@@ -156,3 +156,74 @@ async def test_a_holder_that_cannot_renew_gives_the_lease_up_before_it_can_pass_
         assert hold.lost and len(lost) == 1
         assert lost[0] < renewed_at + 3.0  # before the database lets it pass on
         assert await store.acquire_lease(T, "replica-b", ttl=3.0) is None  # and it had not yet
+
+
+async def test_a_holder_surely_holding_its_lease_confirms_it_without_storage(store: SQLStore):
+    gates = ThreadGates(store, owner="replica-a", lease_seconds=30.0)
+    calls: list[int] = []
+    real_renew = store.renew_lease
+
+    async def renew(thread, token, *, ttl):
+        calls.append(token)
+        return await real_renew(thread, token, ttl=ttl)
+
+    store.renew_lease = renew  # type: ignore[method-assign]
+    async with gates.try_enter(T) as hold:
+        assert hold is not None
+        assert gates.surely_held(hold)
+        assert await gates.confirm(hold) and calls == []
+
+
+async def test_a_holder_that_fell_behind_its_lease_holds_back_until_a_renewal_says(store: SQLStore):
+    """As after a pause (SIGSTOP): by its own clock less than a renewal tick of the lease
+    is left. Its writes wait (`surely_held` is False) and a renewal is run at once,
+    not at the next tick; renewed, it may write again."""
+    gates = ThreadGates(store, owner="replica-a", lease_seconds=30.0)
+    async with anyio.create_task_group() as tg, gates.try_enter(T) as hold:
+        assert hold is not None
+        tg.start_soon(gates.renew_forever)  # (its tick: every 10 s)
+        hold.valid_until = anyio.current_time() + 5.0  # fell behind: 5 s of 30 left, by its clock
+        assert not gates.surely_held(hold)
+        with anyio.fail_after(2):  # well before the next tick
+            while not gates.surely_held(hold):
+                await anyio.sleep(0.01)
+        assert hold.valid_until > anyio.current_time() + 25.0 and not hold.lost
+        tg.cancel_scope.cancel()
+
+
+async def test_a_holder_that_fell_behind_confirms_by_one_renewal(store: SQLStore):
+    gates = ThreadGates(store, owner="replica-a", lease_seconds=30.0)
+    other = ThreadGates(store, owner="replica-b", lease_seconds=30.0)
+    lost: list[bool] = []
+    async with gates.try_enter(T) as hold:
+        assert hold is not None
+        hold.on_lost = lambda: lost.append(True)
+        hold.valid_until = anyio.current_time() + 1.0
+        assert await gates.confirm(hold)  # still its own: renewed
+        assert gates.surely_held(hold) and lost == []
+        # Paused past its lease this time: the other replica took the thread meanwhile.
+        hold.valid_until = anyio.current_time() + 1.0
+        await store.database.transaction("expire", lambda c: c.execute("UPDATE thread_leases SET expires_at = 0"))
+        async with other.try_enter(T) as taken:
+            assert taken is not None
+            assert not await gates.confirm(hold)
+            assert hold.lost and lost == [True]
+            assert not await gates.confirm(hold) and lost == [True]  # told once
+            assert not gates.surely_held(hold)
+
+
+async def test_a_holder_that_fell_behind_and_cannot_reach_storage_gives_the_lease_up(store: SQLStore):
+    gates = ThreadGates(store, owner="replica-a", lease_seconds=30.0)
+    lost: list[bool] = []
+
+    async def down(thread, token, *, ttl):
+        raise StorageError("renew_lease failed: could not connect")
+
+    async with gates.try_enter(T) as hold:
+        assert hold is not None
+        hold.on_lost = lambda: lost.append(True)
+        store.renew_lease = down  # type: ignore[method-assign]
+        assert await gates.confirm(hold)  # surely held: storage is not asked
+        hold.valid_until = anyio.current_time() + 1.0
+        assert not await gates.confirm(hold)
+        assert hold.lost and lost == [True]

@@ -48,6 +48,7 @@ WITHDRAW_CHECKS = 5
 WITHDRAW_PAUSE_SECONDS = 1.0
 WITHDRAW_SECONDS = 10.0
 STORE_RESERVE_SECONDS = 1.0  # closing the request in storage, after the Slack write
+LEASE_CHECK_SECONDS = 5.0  # asking storage, before the final write, whether the lease held (rare)
 FINALIZE_SECONDS = FINAL_WRITE_SECONDS + STORE_RESERVE_SECONDS  # the longest a request outlives its deadline
 SHUTDOWN_FINALIZE_SECONDS = SHUTDOWN_WRITE_SECONDS + STORE_RESERVE_SECONDS  # ... once shutdown interrupts it
 RECORD_PAUSES = doubling(0.1)  # 0.1 s, then 0.2 s
@@ -410,6 +411,14 @@ async def _finalize(
     """Write the final text, then record the outcome; returns the outcome as it ended
     (an answer Slack did not take is an error; one taken over is interrupted)."""
     msg = state.message
+    if recorded and not state.lease_lost:
+        # (A lease found gone is lost, and `_taken_over` says so; one storage cannot
+        # confirm in time is treated as gone: the takeover then writes the notice.)
+        with anyio.move_on_after(LEASE_CHECK_SECONDS) as asking:
+            await state.confirm_lease()
+        if asking.cancelled_caught:
+            log.warning("request %s: could not confirm its thread's lease in time", state.request_id)
+            state.lose_lease()
     if _taken_over(state, recorded):
         # Only here, before any final write: once one was tried, a takeover may have
         # found its receipt and closed the request naming no message (a placeholder

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -80,6 +81,10 @@ class UnrecordedOutcome:
         )
 
 
+async def _yes() -> bool:
+    return True
+
+
 @dataclass
 class RequestState:
     request_id: str
@@ -109,6 +114,12 @@ class RequestState:
     lease_lost: bool = False
     # Set while the outcome is not in storage yet; left set if storage could not take it.
     unrecorded: UnrecordedOutcome | None = None
+    # Asked before the final write: is the thread's lease still this request's? Quick
+    # while renewals keep their pace; after this process fell behind (paused, cut off)
+    # it asks storage, and a lease found gone is lost (`lose_lease`) before anything is
+    # written over the takeover's notice. The nursery binds it to the request's hold
+    # (`ThreadGates.confirm`); without one (`slackbot shell`), always yes.
+    confirm_lease: Callable[[], Awaitable[bool]] = field(default=_yes)
 
     def lose_lease(self) -> None:
         """Stop: the request, and the shielded Slack write it may be in (its final text

@@ -44,6 +44,7 @@ them, never allowed to cost the answer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +158,7 @@ class SlackAnswerWriter:
         me: BotIdentity | None = None,
         reply_to: str = "",
         request_id: str = "",
+        may_write: Callable[[], bool] = lambda: True,
     ) -> None:
         if mode not in ("native", "update", "final"):
             raise ValueError(f"mode must be native, update or final, got {mode!r}")
@@ -181,7 +183,13 @@ class SlackAnswerWriter:
             feedback=feedback,
             reply_to=reply_to,
             request_id=request_id,
+            may_write=may_write,
         )
+        # Whether the request may write to Slack now (the thread's lease surely still
+        # its own, `ThreadGates.surely_held`): while not, the status, the stream's appends
+        # and the placeholder's edits wait, so that a process that was paused past its
+        # lease does not write over a takeover's notice before it learns of it.
+        self._may_write = may_write
         self._pieces: list[str] = []
         self._stream_ts = ""
         self._sent = 0  # characters of the (neutralized) text already in the native stream
@@ -346,10 +354,13 @@ class SlackAnswerWriter:
                         await self._dirty.wait()
                     self._dirty = anyio.Event()
                     sent = self._sent
-                    if not self._answer_visible():
-                        await self._show_status()
-                    if self.mode == "native" and (len(self.text) > self._sent or self._task_updates()):
-                        await self._append_native()
+                    if not self._may_write():
+                        self._dirty.set()  # (held back: at the next tick)
+                    else:
+                        if not self._answer_visible():
+                            await self._show_status()
+                        if self.mode == "native" and (len(self.text) > self._sent or self._task_updates()):
+                            await self._append_native()
                     await pace(self._interval, text_sent=self._sent > sent, text_came=self._text_came)
         finally:
             self._tg = None  # finish() runs after this; it must not start tasks in a closed group
@@ -727,9 +738,10 @@ async def slack_surface(
     options: RequestOptions,
     *,
     request_id: str = "",
+    may_write: Callable[[], bool] = lambda: True,
 ) -> SlackAnswerWriter:
     """The Slack surface for one request `request_id` (the nursery binds all but
-    `options`). Never raises."""
+    `options`; `may_write`: see `SlackAnswerWriter`). Never raises."""
     in_dm = is_dm_channel(msg.channel)
     if not options.stream:
         mode = "final"
@@ -761,4 +773,5 @@ async def slack_surface(
         me=me,
         reply_to=msg.ts,
         request_id=request_id,
+        may_write=may_write,
     )

@@ -21,6 +21,7 @@ made inert before anything is shown.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 
 import anyio
@@ -83,8 +84,10 @@ class ReplyWriter:
         feedback: bool = False,
         reply_to: str = "",
         request_id: str = "",
+        may_write: Callable[[], bool] = lambda: True,
     ) -> None:
         self._slack = slack
+        self._may_write = may_write  # False: interim edits wait (see SlackAnswerWriter)
         self._reply_to = reply_to  # the message answered (in the placeholder's metadata)
         self._request_id = request_id  # the request answering it (there too)
         self.channel = channel
@@ -187,7 +190,9 @@ class ReplyWriter:
             await self._dirty.wait()
             self._dirty = anyio.Event()
             with_text = bool(self._pieces)
-            if self.message_ts:
+            if self.message_ts and not self._may_write():
+                self._dirty.set()  # held back: at the next tick
+            elif self.message_ts:
                 try:
                     await self._show(self._render(), interim=True)
                 except (SlackSkipped, SlackRateLimited):

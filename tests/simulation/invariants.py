@@ -868,8 +868,9 @@ def check_replicas(world: World) -> None:
                     world.count("requests_taken_over")
 
     # A request that learnt it lost its thread (a renewal refused, its start or finish
-    # fenced off) writes nothing more to Slack: the thread is another's now, and so is
-    # what its messages show (a takeover's notice, another request's answer and status).
+    # fenced off), or was closed by another process, writes nothing more to Slack: the
+    # thread is another's now, and so is what its messages show (a takeover's notice,
+    # another request's answer and status).
     # Bar one thing: its withdrawal of its own first message, when the request was closed
     # naming another message (or none). Its process was paused or cut off while that post
     # was on the wire, past its lease; the takeover read the thread before it landed and
@@ -880,6 +881,12 @@ def check_replicas(world: World) -> None:
     knew: dict[str, int] = {}  # request -> the seq at which its process learnt it
     fence_of = {rec.rid: (rec.inc, rec.thread, getattr(rec.state, "fence", 0)) for rec in world.requests}
     for op in world.store_log:
+        # Or not learnt but past: another process closed the request (a takeover, its
+        # lease expired). A process paused past its lease writes nothing on waking
+        # either, before its next renewal tells it: its notice would be overwritten.
+        if op.op == "finish" and op.result and op.rid in fence_of and fence_of[op.rid][0] != op.inc:
+            knew[op.rid] = min(knew.get(op.rid, op.seq), op.seq)
+            continue
         if op.result is not False:
             continue
         for rid, (inc, thread, fence) in fence_of.items():

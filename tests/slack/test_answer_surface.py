@@ -237,6 +237,34 @@ async def test_the_first_text_is_not_held_back_by_a_status_shown_just_before(mod
         assert await writer.finish("")
 
 
+@pytest.mark.parametrize("mode", ["native", "update"])
+async def test_writes_wait_while_the_request_may_not_write(mode):
+    """While `may_write` says no (the thread's lease not surely the request's: its
+    process fell behind, say after a pause), no status, append or edit goes out; once
+    it says yes again, what came meanwhile is written."""
+    slack = FakeSlack()
+    allowed = True
+    async with web_api(slack) as api:
+        ts = slack.add_user_message("D1", "U1", "hi")
+        writer = SlackAnswerWriter(api, "D1", ts, mode=mode, interval=0.05, may_write=lambda: allowed)
+        answer_ts = await writer.start()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.run)
+            writer.append("First words")
+            await eventually(lambda: "First words" in (slack._find("D1", answer_ts) or {}).get("text", ""), timeout=2)
+            allowed = False
+            await anyio.sleep(0.1)  # (a write already under way finishes)
+            before = len(slack.calls)
+            writer.set_status("_Reading a file…_")
+            writer.append(", then more")
+            await anyio.sleep(0.5)  # ten ticks
+            assert slack.calls[before:] == []
+            allowed = True
+            await eventually(lambda: ", then more" in (slack._find("D1", answer_ts) or {}).get("text", ""), timeout=2)
+            tg.cancel_scope.cancel()
+        assert await writer.finish("")
+
+
 async def test_a_native_answer_never_opened_is_posted_as_one_message():
     """The request ended before its answer was opened (storage refused to record it):
     its one line is posted; there is no stream to stop."""
