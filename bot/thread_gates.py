@@ -52,6 +52,7 @@ class Hold:
     owner: str
     lost: bool = False
     on_lost: Callable[[], None] | None = None
+    behind: bool = False  # `surely_held` said no and no renewal has answered since (logged once)
     # Until when (anyio.current_time()) the lease is surely still ours: the moment its last
     # grant or renewal was asked for, plus its time to live.
     valid_until: float = math.inf
@@ -118,6 +119,13 @@ class ThreadGates:
             return False
         if anyio.current_time() < hold.valid_until - self.lease_seconds / 3:
             return True
+        if not hold.behind:
+            hold.behind = True
+            log.warning(
+                "fell behind the lease on thread %s (%.1fs of it left by this clock): its writes wait for a renewal",
+                hold.thread,
+                hold.valid_until - anyio.current_time(),
+            )
         self._renew_now.set()
         return False
 
@@ -141,6 +149,7 @@ class ThreadGates:
                 self._lose(hold, "another replica has it")
             return False
         hold.valid_until = max(hold.valid_until, asked + self.lease_seconds)
+        hold.behind = False
         return True
 
     async def renew_all(self) -> None:
@@ -159,6 +168,7 @@ class ThreadGates:
                 continue
             if renewed:
                 hold.valid_until = max(hold.valid_until, asked + self.lease_seconds)
+                hold.behind = False
             elif self._holds.get(hold.thread) is hold and not hold.lost:  # (else released, or told, meanwhile)
                 self._lose(hold, "another replica has it")
 
