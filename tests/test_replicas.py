@@ -437,7 +437,7 @@ class CutOff:
     """A replica's store that can be cut off from the database (its Slack calls go on):
     every write that closes or keeps a request then fails, as over a broken network."""
 
-    FAILING = frozenset({"finish_request", "renew_lease", "release_lease", "heartbeat"})
+    FAILING = frozenset({"finish_request", "renew_leases", "release_lease", "heartbeat"})
 
     def __init__(self, store: Store) -> None:
         self.inner = store

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from contextlib import AsyncExitStack
+
 import anyio
 import pytest
 
@@ -107,15 +109,15 @@ async def test_a_renewal_racing_the_release_is_not_a_lost_lease(store: SQLStore)
     lost: list[bool] = []
     release_now = anyio.Event()
     renewing = anyio.Event()
-    real_renew = store.renew_lease
+    real_renew = store.renew_leases
 
-    async def slow_renew(thread, token, *, ttl):
+    async def slow_renew(leases, *, ttl):
         renewing.set()
         await release_now.wait()
         await anyio.sleep(0.05)  # the release commits first
-        return await real_renew(thread, token, ttl=ttl)
+        return await real_renew(leases, ttl=ttl)
 
-    store.renew_lease = slow_renew  # type: ignore[method-assign]
+    store.renew_leases = slow_renew  # type: ignore[method-assign]
     async with anyio.create_task_group() as tg, gates.try_enter(T) as hold:
         assert hold is not None
         hold.on_lost = lambda: lost.append(True)
@@ -125,21 +127,59 @@ async def test_a_renewal_racing_the_release_is_not_a_lost_lease(store: SQLStore)
     assert lost == [] and not hold.lost
 
 
+async def test_every_held_lease_is_renewed_in_one_storage_call(store: SQLStore, caplog):
+    """However many requests run, a tick is one call: renewed one by one, many holds on
+    a slow database would take longer than the tick. A lease another replica has taken
+    meanwhile is lost alone; a failed call is one log line, not one per lease."""
+    gates = ThreadGates(store, owner="replica-a", lease_seconds=30.0)
+    calls: list[int] = []
+    real_renew = store.renew_leases
+    down = False
+
+    async def renew(leases, *, ttl):
+        calls.append(len(leases))
+        if down:
+            raise StorageError("renew_leases failed: could not connect")
+        return await real_renew(leases, ttl=ttl)
+
+    store.renew_leases = renew  # type: ignore[method-assign]
+    threads = [ThreadKey("C1", f"{i}.0") for i in range(40)]
+    lost: list[ThreadKey] = []
+    async with AsyncExitStack() as stack:
+        holds = [await stack.enter_async_context(gates.try_enter(t)) for t in threads]
+        for hold in holds:
+            assert hold is not None
+            hold.on_lost = lambda hold=hold: lost.append(hold.thread)
+            hold.valid_until = anyio.current_time() + 12.0  # by its clock, 12 s of 30 left
+        await store.database.transaction(
+            "expire", lambda c: c.execute("UPDATE thread_leases SET expires_at = 0 WHERE thread_ts = '7.0'")
+        )
+        assert await store.acquire_lease(threads[7], "replica-b", ttl=30.0) is not None
+        await gates.renew_all()
+        assert calls == [40] and lost == [threads[7]]
+        assert all(h.valid_until > anyio.current_time() + 29.0 for h in holds if h is not holds[7])
+        down = True
+        caplog.clear()
+        await gates.renew_all()
+        assert calls == [40, 39] and lost == [threads[7]]  # (the lost one is not asked for)
+        assert len([r for r in caplog.records if "could not renew" in r.getMessage()]) == 1
+
+
 async def test_a_holder_that_cannot_renew_gives_the_lease_up_before_it_can_pass_on(store: SQLStore):
     """Cut off from storage, the holder stops its request a third of a lease before the
     database would let another replica take the thread (by its own clock, counted from
     before the last renewal that succeeded)."""
     gates = ThreadGates(store, owner="replica-a", lease_seconds=3.0)
     lost: list[float] = []
-    real_renew = store.renew_lease
+    real_renew = store.renew_leases
     cut_off = False
 
-    async def renew(thread, token, *, ttl):
+    async def renew(leases, *, ttl):
         if cut_off:
-            raise StorageError("renew_lease failed: could not connect")
-        return await real_renew(thread, token, ttl=ttl)
+            raise StorageError("renew_leases failed: could not connect")
+        return await real_renew(leases, ttl=ttl)
 
-    store.renew_lease = renew  # type: ignore[method-assign]
+    store.renew_leases = renew  # type: ignore[method-assign]
     async with gates.try_enter(T) as hold:
         assert hold is not None
         hold.on_lost = lambda: lost.append(anyio.current_time())
@@ -160,14 +200,14 @@ async def test_a_holder_that_cannot_renew_gives_the_lease_up_before_it_can_pass_
 
 async def test_a_holder_surely_holding_its_lease_confirms_it_without_storage(store: SQLStore):
     gates = ThreadGates(store, owner="replica-a", lease_seconds=30.0)
-    calls: list[int] = []
-    real_renew = store.renew_lease
+    calls: list[list] = []
+    real_renew = store.renew_leases
 
-    async def renew(thread, token, *, ttl):
-        calls.append(token)
-        return await real_renew(thread, token, ttl=ttl)
+    async def renew(leases, *, ttl):
+        calls.append(leases)
+        return await real_renew(leases, ttl=ttl)
 
-    store.renew_lease = renew  # type: ignore[method-assign]
+    store.renew_leases = renew  # type: ignore[method-assign]
     async with gates.try_enter(T) as hold:
         assert hold is not None
         assert gates.surely_held(hold)
@@ -216,13 +256,13 @@ async def test_a_holder_that_fell_behind_and_cannot_reach_storage_gives_the_leas
     gates = ThreadGates(store, owner="replica-a", lease_seconds=30.0)
     lost: list[bool] = []
 
-    async def down(thread, token, *, ttl):
-        raise StorageError("renew_lease failed: could not connect")
+    async def down(leases, *, ttl):
+        raise StorageError("renew_leases failed: could not connect")
 
     async with gates.try_enter(T) as hold:
         assert hold is not None
         hold.on_lost = lambda: lost.append(True)
-        store.renew_lease = down  # type: ignore[method-assign]
+        store.renew_leases = down  # type: ignore[method-assign]
         assert await gates.confirm(hold)  # surely held: storage is not asked
         hold.valid_until = anyio.current_time() + 1.0
         assert not await gates.confirm(hold)

@@ -21,6 +21,7 @@ Several replicas may share one database. Three things make that safe:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Literal, Protocol
@@ -231,8 +232,11 @@ class Store(Protocol):
         holder's lease has not expired. A lease `owner` already holds is taken anew (a
         replica restarted under the same id). Never waits."""
 
-    async def renew_lease(self, thread: ThreadKey, token: int, *, ttl: float) -> bool:
-        """Extend the lease to `ttl` seconds from now; False if it passed to someone else."""
+    async def renew_leases(self, leases: Sequence[tuple[ThreadKey, int]], *, ttl: float) -> set[ThreadKey]:
+        """Extend each lease (thread, token) to `ttl` seconds from now, all in one
+        transaction: the threads renewed. One left out passed to someone else (or was
+        released). One call however many leases a replica holds, so a renewal tick
+        lasts one round trip, not one per request."""
 
     async def release_lease(self, thread: ThreadKey, token: int) -> None:
         """End the lease (a no-op if it already passed to someone else)."""

@@ -41,6 +41,7 @@ from bot.storage.base import (
 
 T = TypeVar("T")
 
+RENEW_BATCH = 300  # leases per UPDATE in renew_leases: 901 parameters (SQLite's old default cap is 999)
 OUTCOMES = ("answered", "timeout", "error", "interrupted")
 MAX_USAGE_OUTCOME = 40  # a usage outcome is a short word ("answered", "stopped"…), not free text
 
@@ -332,19 +333,30 @@ class SQLStore:
 
         return await self._run("acquire_lease", body)
 
-    async def renew_lease(self, thread: ThreadKey, token: int, *, ttl: float) -> bool:
+    async def renew_leases(self, leases: Sequence[tuple[ThreadKey, int]], *, ttl: float) -> set[ThreadKey]:
         """Renewing after expiry is allowed while nobody took the thread meanwhile (the
-        token would have changed): nobody else can have written under it."""
+        token would have changed): nobody else can have written under it. One UPDATE per
+        `RENEW_BATCH` leases, a row-value IN list (SQLite ≥ 3.15, PostgreSQL), so the
+        statement stays under either engine's limit on parameters."""
+        leases = list(leases)
+        if not leases:
+            return set()
 
-        def body(conn: Connection) -> bool:
-            cursor = conn.execute(
-                "UPDATE thread_leases SET expires_at = bot_now() + ?"
-                " WHERE channel = ? AND thread_ts = ? AND token = ? AND owner <> ''",
-                (ttl, thread.channel, thread.thread_ts, token),
-            )
-            return cursor.rowcount == 1
+        def body(conn: Connection) -> set[ThreadKey]:
+            renewed: set[ThreadKey] = set()
+            for start in range(0, len(leases), RENEW_BATCH):
+                chunk = leases[start : start + RENEW_BATCH]
+                rows = conn.execute(
+                    "UPDATE thread_leases SET expires_at = bot_now() + ?"
+                    " WHERE owner <> '' AND (channel, thread_ts, token) IN (VALUES "
+                    + ", ".join(["(?, ?, ?)"] * len(chunk))
+                    + ") RETURNING channel, thread_ts",
+                    (ttl, *(v for thread, token in chunk for v in (thread.channel, thread.thread_ts, token))),
+                ).fetchall()
+                renewed.update(ThreadKey(row[0], row[1]) for row in rows)
+            return renewed
 
-        return await self._run("renew_lease", body)
+        return await self._run("renew_leases", body)
 
     async def release_lease(self, thread: ThreadKey, token: int) -> None:
         def body(conn: Connection) -> None:

@@ -56,6 +56,7 @@ import bot.replica
 from bot.processing.answer import FINALIZE_SECONDS
 from bot.startup import run_bot
 from bot.storage import StorageError
+from bot.storage.base import ThreadKey
 from bot.storage.sql_store import SQLStore
 from bot.storage.sqlite import open_sqlite
 from tests.fakes.openai import Behaviour, FakeOpenAI, last_user_text
@@ -210,7 +211,7 @@ class StoreOp:
     seq: int = 0  # the world's event counter at the commit (orders it among Slack calls)
 
 
-STORE_OP: contextvars.ContextVar[StoreOp | None] = contextvars.ContextVar("sim_store_op", default=None)
+STORE_OP: contextvars.ContextVar[StoreOp | list[StoreOp] | None] = contextvars.ContextVar("sim_store_op", default=None)
 
 
 @dataclass
@@ -273,9 +274,10 @@ class SimStore(SQLStore):
         op = StoreOp(self.inc.n, "acquire", (thread.channel, thread.thread_ts), None, owner=owner, ttl=ttl)
         return await self._observed(op, super().acquire_lease(thread, owner, ttl=ttl))
 
-    async def renew_lease(self, thread, token, *, ttl):
-        op = StoreOp(self.inc.n, "renew", (thread.channel, thread.thread_ts), token, ttl=ttl)
-        return await self._observed(op, super().renew_lease(thread, token, ttl=ttl))
+    async def renew_leases(self, leases, *, ttl):
+        # One StoreOp per lease renewed or refused, all committed together.
+        ops = [StoreOp(self.inc.n, "renew", (t.channel, t.thread_ts), token, ttl=ttl) for t, token in leases]
+        return await self._observed(ops, super().renew_leases(leases, ttl=ttl))
 
     async def release_lease(self, thread, token):
         op = StoreOp(self.inc.n, "release", (thread.channel, thread.thread_ts), token)
@@ -323,7 +325,12 @@ class SimStore(SQLStore):
             if inc.dead:
                 raise _Dead
             result = body(conn)
-            if op is not None:  # in commit order: nothing else runs between body and commit
+            if isinstance(op, list):  # a batch (renew_leases): each lease's op, result its own
+                for each in op:
+                    each.t, each.clock, each.seq = world.now(), anyio.current_time(), world.next_seq()
+                    each.result = ThreadKey(*each.thread) in result
+                    world.store_log.append(each)
+            elif op is not None:  # in commit order: nothing else runs between body and commit
                 op.result, op.t, op.clock, op.seq = result, world.now(), anyio.current_time(), world.next_seq()
                 world.store_log.append(op)
                 if op.op == "acquire" and result is not None:

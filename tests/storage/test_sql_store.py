@@ -19,6 +19,7 @@ from bot.storage import (
     UsageSummary,
     UsageTotal,
 )
+from bot.storage.sql_store import RENEW_BATCH
 from tests.storage.conftest import Opener, lease, raw
 
 pytestmark = pytest.mark.anyio
@@ -433,6 +434,35 @@ async def test_a_lease_is_exclusive_until_released_and_tokens_only_grow(store: S
     assert await store.acquire_lease(THREAD, "replica-a", ttl=60) is None
 
 
+async def test_leases_are_renewed_together_and_only_the_ones_still_held(store: SQLStore) -> None:
+    """One call renews any number of leases (more than one UPDATE's worth here): the
+    ones still held under the token given are renewed and returned; a lease released,
+    taken by another holder since, or never taken is not."""
+    threads = [ThreadKey("C9", f"1700000000.{i:06d}") for i in range(RENEW_BATCH * 2 + 50)]
+    tokens = {t: await store.acquire_lease(t, "replica-a", ttl=5) for t in threads}
+    released, taken, never = threads[3], threads[RENEW_BATCH + 1], ThreadKey("C9", "1800000000.000000")
+    await store.release_lease(released, tokens[released])
+    await raw(
+        store,
+        "UPDATE thread_leases SET expires_at = 0 WHERE channel = ? AND thread_ts = ? RETURNING token",
+        (taken.channel, taken.thread_ts),
+    )
+    assert await store.acquire_lease(taken, "replica-b", ttl=60) == tokens[taken] + 1
+    asked = [(t, tokens[t]) for t in threads] + [(never, 1)]
+    renewed = await store.renew_leases(asked, ttl=600)
+    assert renewed == set(threads) - {released, taken}
+    [(now,)] = await raw(store, "SELECT bot_now()")
+    leases = {
+        ThreadKey(c, ts): (owner, expires)
+        for c, ts, owner, expires in await raw(store, "SELECT channel, thread_ts, owner, expires_at FROM thread_leases")
+    }
+    assert all(leases[t][1] > now + 590 for t in renewed)  # (they were taken for 5 s)
+    assert leases[released] == ("", 0)  # still released
+    assert leases[taken][0] == "replica-b" and leases[taken][1] < now + 61  # still the other's, as it was
+    assert never not in leases  # nothing created
+    assert await store.renew_leases([], ttl=600) == set()
+
+
 async def test_an_expired_lease_passes_on_and_its_old_holder_is_fenced_off(store: SQLStore) -> None:
     old = await store.acquire_lease(THREAD, "replica-a", ttl=0)  # expires at once, by the database's clock
     assert old is not None
@@ -442,14 +472,14 @@ async def test_an_expired_lease_passes_on_and_its_old_holder_is_fenced_off(store
         )
         is False
     )  # an expired lease does not start a request
-    assert await store.renew_lease(THREAD, old, ttl=60) is True  # nobody took it meanwhile: renewable
+    assert await store.renew_leases([(THREAD, old)], ttl=60) == {THREAD}  # nobody took it meanwhile: renewable
     assert await store.start_request(
         "r1", THREAD, user_ts="u1", placeholder_ts="p1", started_at=1.0, owner="replica-a", fence=old
     )
     await raw(store, "UPDATE thread_leases SET expires_at = 0 RETURNING token")  # replica-a paused past its lease
     new = await store.acquire_lease(THREAD, "replica-b", ttl=60)
     assert new is not None and new > old
-    assert await store.renew_lease(THREAD, old, ttl=60) is False  # lost for good
+    assert await store.renew_leases([(THREAD, old)], ttl=60) == set()  # lost for good
 
     # The old holder wakes up and tries to close its request: nothing changes.
     assert await finish(store, "r1", fence=old) is False
@@ -529,7 +559,7 @@ async def test_a_restarted_replica_takes_back_its_own_leases_at_once(store: SQLS
     assert await store.acquire_lease(THREAD, "replica-b", ttl=600) is None  # others wait for the expiry
     new = await store.acquire_lease(THREAD, "replica-a", ttl=600)  # replica-a, restarted
     assert new is not None and new > old
-    assert await store.renew_lease(THREAD, old, ttl=600) is False  # the dead run is fenced off
+    assert await store.renew_leases([(THREAD, old)], ttl=600) == set()  # the dead run is fenced off
 
 
 # -- usage ------------------------------------------------------------------------------
