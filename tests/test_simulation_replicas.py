@@ -293,3 +293,26 @@ def test_paused_while_its_first_message_is_on_the_wire(native):
     finish = [op for op in world.store_log if op.op == "finish" and op.rid == rec.rid and op.result]
     assert len(finish) == 1 and finish[0].inc == 2 and finish[0].outcome == "interrupted"
     assert result.stats["orphans_withdrawn"] == 1
+
+
+def test_withdrawing_a_message_the_takeover_kept_is_a_violation(monkeypatch):
+    """The other side of invariant 7's one allowance: a request that lost its thread may
+    delete its own first message only when the takeover closed it without that message.
+    Here r1 edited r0's placeholder into its notice (storage says so), and r0 is made to
+    believe otherwise: its withdrawal deletes the notice, and the invariants say so."""
+    from bot.processing import answer
+    from bot.storage import RequestRecord
+
+    async def closed_without_it(services, state):
+        return RequestRecord("interrupted", "")
+
+    monkeypatch.setattr(answer, "_closed_record", closed_without_it)
+    scenario = replicas(
+        [Msg(0, 1.0, 0, "dm", ai=(("ok", 2.0, 20, 0.5),))], [Fault(2.0, "pause", "r0", seconds=12.0)], seed=6
+    )
+    result, world = run(scenario)
+    [rec] = world.requests
+    deletes = [c for c in world.slack_calls if c.tag and c.tag.rid == rec.rid and c.ok and c.method == "chat.delete"]
+    assert [c.args["ts"] for c in deletes] == [rec.placeholder_ts]  # the notice r1 made of it is gone
+    assert result.failed
+    assert any("still wrote to Slack: chat.delete" in v for v in result.violations), report(result)
