@@ -165,7 +165,7 @@ class ThreadGates:
         except StorageError as exc:
             kept = 0
             for hold in holds:
-                if hold.lost:
+                if hold.lost or self._holds.get(hold.thread) is not hold:  # (released meanwhile)
                     continue
                 if anyio.current_time() + self.lease_seconds / 3 >= hold.valid_until:
                     # The next try would come after the lease may have passed on.
