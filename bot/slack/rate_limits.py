@@ -21,8 +21,12 @@ Three ways to draw on a budget:
   inside the caller's cancel scope, so the request's deadline still wins;
 - `acquire(priority=True)` (the takeover of a dead replica's requests, whose users see
   "Thinking…" until it is done): the same, but ahead of every waiter without priority,
-  so it waits for the next slot, not for the queue. It takes nothing more than its turn:
-  the others wait one slot longer each, and the rate is the same;
+  so it waits for the next slot, not for the queue; and it may go one call beyond our
+  burst (Slack tolerates larger bursts than ours; never inside a Retry-After window), so
+  a takeover's first call of a method does not wait out the slot this replica's own
+  answers just used — on a Tier 2 method split between replicas, that is 6–9 s. The
+  call borrowed is never given back while priority callers keep coming: they stay one
+  call ahead of the others, who wait one slot longer each, and the rate is the same;
 - `try_acquire` (interim updates of a streaming answer): take a slot only while the
   bucket is at least half full, otherwise skip. As the workspace gets busier, interim
   updates thin out on their own and the final writes keep the rest.
@@ -97,6 +101,7 @@ class Bucket:
         self._clock = clock
         self._tat = -math.inf
         self._queue: list[_Waiter] = []  # callers waiting for a slot: priority first, then in order
+        self._closed_until = -math.inf  # the end of Slack's last Retry-After window
         self.committed = 0  # final writes promised to answers in flight (see module doc)
 
     def available(self) -> int:
@@ -124,10 +129,13 @@ class Bucket:
         wait = tat - self.tolerance - now
         return wait if wait > 1e-6 else 0.0
 
-    def _due(self) -> float:
-        """Seconds until one more call may go out (0: now)."""
+    def _due(self, priority: bool = False) -> float:
+        """Seconds until one more call may go out (0: now); for a priority caller, one
+        call beyond our burst, but never before a Retry-After window ends."""
         now = self._clock()
         wait = max(self._tat, now) - self.tolerance - now
+        if priority:
+            wait = max(wait - self.interval, self._closed_until - now)
         return wait if wait > 1e-6 else 0.0
 
     def wait_time(self) -> float:
@@ -139,7 +147,7 @@ class Bucket:
     async def acquire(self, *, priority: bool = False) -> None:
         """Wait for a slot, behind the callers queued before (with `priority`: behind the
         queued priority callers only). Cancelled, it leaves the queue having taken nothing."""
-        if not self._queue and self._due() <= 0:
+        if not self._queue and self._due(priority) <= 0:
             self.reserve()
             return
         waiter = _Waiter(priority)
@@ -147,7 +155,7 @@ class Bucket:
         try:
             while True:
                 if self._queue[0] is waiter:
-                    wait = self._due()
+                    wait = self._due(priority)
                     if wait <= 0:
                         break
                     with anyio.move_on_after(wait):  # (woken sooner if a priority caller goes first)
@@ -183,7 +191,8 @@ class Bucket:
 
     def block(self, seconds: float) -> None:
         """Slack said `Retry-After: seconds`: no slot before then, and the bucket is empty."""
-        self._tat = max(self._tat, self._clock() + seconds + self.tolerance)
+        self._closed_until = max(self._closed_until, self._clock() + seconds)
+        self._tat = max(self._tat, self._closed_until + self.tolerance)
 
     def set_rate(self, per_second: float, burst: int) -> None:
         """A new rate and burst from now on (the calls already out stay counted). A bucket

@@ -263,7 +263,8 @@ async def _queued(bucket: Bucket, n: int) -> None:
 @pytest.mark.anyio
 async def test_a_priority_caller_goes_ahead_of_those_already_waiting_and_the_rate_holds():
     bucket = Bucket(FAST_RATE, 1, anyio.current_time)
-    bucket.reserve()  # empty: the next slot is one interval away
+    bucket.reserve()
+    bucket.reserve()  # empty, and the one call a priority caller may borrow beyond it taken too
     order: list[str] = []
     times: list[float] = []
 
@@ -286,6 +287,28 @@ async def test_a_priority_caller_goes_ahead_of_those_already_waiting_and_the_rat
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(gap >= bucket.interval - 1e-3 for gap in gaps), gaps
     assert bucket.waiting == 0
+
+
+@pytest.mark.anyio
+async def test_a_priority_caller_may_go_one_call_beyond_the_burst_but_never_inside_a_retry_after():
+    """A takeover's first call of a method does not wait out the slot this replica's own
+    answer just used (on Tier 2 split three ways, 9 s): it borrows one call beyond our
+    burst. Only one: the next waits a full interval, and the others wait one slot longer
+    (the rate over time is the same). A Retry-After window holds it as it holds everyone."""
+    bucket = Bucket(FAST_RATE, 1, anyio.current_time)
+    bucket.reserve()  # the replica's own answer took the only slot: the next is an interval away
+    started = anyio.current_time()
+    await bucket.acquire(priority=True)
+    first = anyio.current_time() - started
+    await bucket.acquire(priority=True)
+    second = anyio.current_time() - started
+    assert first < bucket.interval / 2 and second >= bucket.interval - 1e-3
+    assert bucket.wait_time() >= 2 * bucket.interval - 2e-3  # an answer's call: behind the borrowed one too
+    await anyio.sleep(4 * bucket.interval)  # (the bucket full again)
+    bucket.block(0.3)
+    blocked_at = anyio.current_time()
+    await bucket.acquire(priority=True)
+    assert anyio.current_time() >= blocked_at + 0.3 - 1e-3
 
 
 @pytest.mark.anyio
@@ -349,6 +372,7 @@ async def test_a_takeovers_call_goes_ahead_of_an_answers_queued_final_write():
     assert bucket is not None
     bucket.set_rate(FAST_RATE, 1)
     bucket.reserve()
+    bucket.reserve()  # (so that the takeover's call too has to queue: see the test below)
     async with client, anyio.create_task_group() as tg:
         tg.start_soon(lambda: slack.update_message("C1", "1.0", markdown_text="an answer"))
         await _queued(bucket, 1)
