@@ -121,19 +121,25 @@ class Nursery:
             )
             tg.start_soon(self._cleanup)
             tg.start_soon(self.gates.renew_forever)
-            tg.start_soon(
-                partial(
-                    keep_alive,
-                    self.services.slack,
-                    self.services.store,
-                    self.gates,
-                    replica_timeout=replica.timeout_seconds,
-                    bot_id=self.services.me.bot_id,
-                    unrecorded=self.unrecorded,
+            # The heartbeat (and the sweep) in a task group of their own: they go on
+            # through the shutdown's grace period, and have ended — a heartbeat already
+            # on its worker thread included — before `stop_replica` removes the row,
+            # which a late heartbeat would otherwise write back.
+            async with anyio.create_task_group() as alive:
+                alive.start_soon(
+                    partial(
+                        keep_alive,
+                        self.services.slack,
+                        self.services.store,
+                        self.gates,
+                        replica_timeout=replica.timeout_seconds,
+                        bot_id=self.services.me.bot_id,
+                        unrecorded=self.unrecorded,
+                    )
                 )
-            )
-            await self._stop.wait()
-            await self._shutdown(replica.shutdown_grace_seconds)
+                await self._stop.wait()
+                await self._shutdown(replica.shutdown_grace_seconds)
+                alive.cancel_scope.cancel()
             await stop_replica(self.services.store, self.gates, self.unrecorded)
             tg.cancel_scope.cancel()
         log.info("stopped; outcomes: %s", self.outcomes or "none")

@@ -66,9 +66,10 @@ REPLICA_TIMEOUT = 3.0  # REPLICA_TIMEOUT_SECONDS: small, so a takeover comes wit
 TAKEOVER_BOUND = REPLICA_TIMEOUT + 5.0  # a killed replica's requests are finalized by then
 # Each native stream taken over needs a chat.stopStream first, and that is Tier 2: 20 a
 # minute for the whole workspace, so one every 3 s for a lone survivor, every 6 s each for
-# two (they split the budget). A takeover's call goes first in the queue, but a second
-# (third…) stream stopped by one survivor waits for its slot: Slack's rate, not the bot,
-# sets that part of the bound.
+# two (they split the budget). A takeover's call goes first in the queue, and its first
+# one beyond the burst (it never waits out the slot the survivor's own answer just used),
+# but a second (third…) stream stopped by one survivor waits for its slot: Slack's rate,
+# not the bot, sets that part of the bound.
 STOP_STREAM_INTERVAL = 60.0 / 20
 REDELIVER_AFTER = 1.0  # Slack waits a few seconds for an ack; sooner here (dedupe works harder)
 FAST = 0.3  # model latency of an ordinary question

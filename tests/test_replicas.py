@@ -546,6 +546,42 @@ async def test_a_replica_records_its_own_unrecorded_outcome_once_storage_is_back
         await store.aclose()
 
 
+class SlowBeat:
+    """A replica's store whose heartbeat, once begun, cannot be cancelled and takes a
+    while, as a worker-thread call to a slow database does."""
+
+    def __init__(self, store: Store) -> None:
+        self.inner = store
+        self.beats = 0
+        self.beating = anyio.Event()  # a heartbeat after the start-up's is on its way
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def heartbeat(self, replica: str) -> None:
+        self.beats += 1
+        if self.beats > 1:
+            self.beating.set()
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.5)  # (longer than the shutdown of an idle replica)
+            await self.inner.heartbeat(replica)
+
+
+async def test_a_replica_that_stops_leaves_no_heartbeat_even_with_one_on_the_way(slack, ai, database_url):
+    """Stopped while a heartbeat is on its way: the heartbeat ends before the row is
+    removed, so no fresh row is left for the others to count as a live replica (they
+    would keep splitting Slack's budgets with it for REPLICA_TIMEOUT_SECONDS)."""
+    store = await open_store(database_url)
+    slow = SlowBeat(store)
+    try:
+        async with running_bot(slack, ai, store=slow, replica_id="replica-a", replica_timeout_seconds=1.0):
+            with anyio.fail_after(5):
+                await slow.beating.wait()
+        assert "replica-a" not in await store.replicas()
+    finally:
+        await store.aclose()
+
+
 class Unreachable(CutOff):
     """Cut off entirely: claiming events and taking leases fail too."""
 
