@@ -57,6 +57,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -153,6 +154,32 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return math.nan
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def local_postgres_cpu(database_url: str) -> float:
+    """User + system CPU seconds so far of every PostgreSQL server process on this
+    machine (Linux /proc: the postmaster and its backends), when `database_url` is a
+    PostgreSQL on this box; NaN otherwise. A run's database work shares the cores
+    with the bots and the fakes, so a ceiling that leaves it out is too high."""
+    if not database_url.startswith("postgresql") or urlsplit(database_url).hostname not in LOCAL_HOSTS:
+        return math.nan
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if f.read().strip() != "postgres":
+                    continue
+        except OSError:
+            continue
+        cpu = cpu_seconds(int(entry))
+        if not math.isnan(cpu):
+            total += cpu
+    return total
 
 
 def bot_env(
@@ -358,6 +385,7 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
                 if args.hangs:
                     await anyio.sleep(args.hang_lead)
                 bot_cpu0, fake_cpu0 = sum(cpu_seconds(bot.pid) for bot in bots), time.process_time()
+                db_cpu0 = local_postgres_cpu(args.database_url)
                 burst_start = anyio.current_time()
                 for i in range(n):
                     channel = f"D{i}"
@@ -371,9 +399,12 @@ async def one_run(args: argparse.Namespace, run_no: int) -> RunResult:
                 probe_scope.cancel()
                 bot_cpu = sum(cpu_seconds(bot.pid) for bot in bots) - bot_cpu0
                 fake_cpu = time.process_time() - fake_cpu0
+                db_cpu = local_postgres_cpu(args.database_url) - db_cpu0
                 phases["burst window"] = replies_done - burst_start
                 phases["bot CPU in window"] = bot_cpu
                 phases["fakes CPU in window"] = fake_cpu
+                if not math.isnan(db_cpu):
+                    phases["database CPU in window"] = db_cpu
                 await anyio.sleep(0.2)  # late acks
                 peak_rss = max(read_status_kb(bot.pid, "VmHWM") for bot in bots)
             exit_codes = {bot.exit_code for bot in bots}

@@ -73,18 +73,27 @@ def cpu_per_answer(r: RunResult, who: str = "bot") -> float:
     return r.phases.get(f"{who} CPU in window", math.nan) / r.answered if r.answered else math.nan
 
 
+def _cpu(r: RunResult) -> float:
+    """The run's CPU seconds in the burst window: bots, fakes, and a PostgreSQL on this
+    box when it is one (0 for SQLite: its work is in the bots' CPU)."""
+    return (
+        r.phases.get("bot CPU in window", math.nan)
+        + r.phases.get("fakes CPU in window", math.nan)
+        + r.phases.get("database CPU in window", 0.0)
+    )
+
+
 def cores_busy(r: RunResult) -> float:
-    """The bots' and the fakes' CPU seconds over the burst's wall time: how many of the
-    box's cores the run kept busy."""
-    cpu = r.phases.get("bot CPU in window", math.nan) + r.phases.get("fakes CPU in window", math.nan)
-    return cpu / r.wall if r.wall > 0 else math.nan
+    """The bots', the fakes' (and a local PostgreSQL's) CPU seconds over the burst's wall
+    time: how many of the box's cores the run kept busy."""
+    return _cpu(r) / r.wall if r.wall > 0 else math.nan
 
 
 def box_ceiling(r: RunResult, cores: int, conversations: int, latency: float) -> float:
     """The answers/s no number of replicas could beat on this box with these fakes: the
-    whole CPU of an answer (bot and fakes) spread over every core, and every conversation
-    waiting the model's latency at least once."""
-    per_answer = cpu_per_answer(r) + cpu_per_answer(r, "fakes")
+    whole CPU of an answer (bots, fakes, a local PostgreSQL) spread over every core, and
+    every conversation waiting the model's latency at least once."""
+    per_answer = _cpu(r) / r.answered if r.answered else math.nan
     return min(cores / per_answer, conversations / latency)
 
 
@@ -157,11 +166,16 @@ def main() -> int:
             f"  fakes CPU per answer {ms(cpu_per_answer(one, 'fakes'))} → {ms(cpu_per_answer(two, 'fakes'))}   "
             f"(the fake Slack and OpenAI, in this process)"
         )
+        if "database CPU in window" in two.phases:
+            print(
+                f"  database CPU/answer  {ms(cpu_per_answer(one, 'database'))} → "
+                f"{ms(cpu_per_answer(two, 'database'))}   (the PostgreSQL server on this box)"
+            )
         print(f"  cores kept busy      {cores_busy(one):.2f} → {cores_busy(two):.2f}   (of {CORES})")
         ceiling = box_ceiling(two, CORES, args.conversations, args.latency)
         print(
             f"  this box's ceiling   {ceiling:.1f}/s = ×{ceiling / rate[1]:.2f} of 1 replica   "
-            f"(min of {CORES} cores / CPU per answer, bots and fakes, and conversations / latency); "
+            f"(min of {CORES} cores / CPU per answer, bots, fakes and a local database, and conversations / latency); "
             f"2 replicas reach {rate[2] / ceiling:.0%} of it"
         )
         print(f"  reply p50            {ms(percentile(one.reply, 50))} → {ms(percentile(two.reply, 50))}")
