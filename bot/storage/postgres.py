@@ -3,9 +3,11 @@
 Why it looks the way it does:
 
 * psycopg 3's *synchronous* connections from a `psycopg_pool.ConnectionPool`, each
-  store call one transaction in one AnyIO worker-thread call behind a `CapacityLimiter`
-  as large as the pool, so a worker never waits for a connection while holding a
-  thread. This is the one model that runs on Trio and asyncio alike: psycopg's async
+  store call one transaction, run in an AnyIO worker-thread call behind a
+  `CapacityLimiter` as large as the pool, so a worker never waits for a connection
+  while holding a thread. Transactions that queue while every connection is busy are
+  run by the worker calls already running, one after another (`PostgresDatabase`).
+  This is the one model that runs on Trio and asyncio alike: psycopg's async
   connection and asyncpg both await asyncio futures.
 * A worker thread cannot be cancelled, and the call is not abandoned once started (a
   transaction always finishes or rolls back before the caller sees a cancellation).
@@ -22,8 +24,11 @@ Why it looks the way it does:
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -242,29 +247,127 @@ def _reason(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def _run(conn: psycopg.Connection[Any], wrapped: Connection, job: _Job[Any]) -> None:
+    """One transaction on `conn`; its result or error is kept in the job (blocking).
+    The transaction block commits when `body` returns and rolls back when it raises, so
+    the connection is clean for the next job of the batch."""
+    try:
+        try:
+            with conn.transaction():
+                job.result = job.body(wrapped)
+        except psycopg.Error as exc:
+            raise StorageError(f"{job.operation} failed: {_reason(exc)}") from exc
+    except Exception as exc:  # re-raised in the caller's task
+        job.error = exc
+
+
+MAX_BATCH = 64  # transactions one worker call runs back to back on its connection, at most
+MAX_BATCH_SECONDS = 0.02  # ... and for this long at most once its caller's own has run
+
+
+@dataclass(eq=False)
+class _Job(Generic[T]):
+    """One transaction waiting for, or run by, a worker call (`PostgresDatabase`)."""
+
+    operation: str
+    body: Callable[[Connection], T]
+    taken: bool = False  # a worker call has it (set just after it left the queue)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: T | None = None
+    error: BaseException | None = None
+
+
 class PostgresDatabase:
-    """A psycopg connection pool behind a `CapacityLimiter` of the same size."""
+    """A psycopg connection pool behind a `CapacityLimiter` of the same size.
+
+    As in the SQLite store, handing each transaction to a worker thread and back costs
+    more than its statements (0.44 ms of CPU per claim with 100 callers, against 0.06 ms
+    for SQLite's shared worker calls), so transactions that queue while every connection
+    is busy are run by the worker calls already running, back to back on their
+    connection, each its own transaction (up to `MAX_BATCH` per call). A caller that
+    finds a connection free starts a worker call of its own: a lone call costs what it
+    did. A caller cancelled while its transaction is still queued takes it out (it never
+    runs); once a worker has it, the caller waits for it to finish.
+    """
 
     def __init__(self, pool: psycopg_pool.ConnectionPool, size: int) -> None:
         self._pool: psycopg_pool.ConnectionPool | None = pool
         self._limiter = anyio.CapacityLimiter(size)
+        self._queue: deque[_Job[Any]] = deque()
+        self._batch_over = anyio.Event()  # set (and replaced) each time a worker call ends
 
     async def transaction(self, operation: str, body: Callable[[Connection], T], *, write: bool = True) -> T:
         """`write` is not needed here: PostgreSQL's row locks order the writers."""
-        pool = self._pool
-        if pool is None:
+        if self._pool is None:
             raise StoreClosed(f"{operation}: the store is closed")
+        job: _Job[T] = _Job(operation, body)
+        self._queue.append(job)
+        try:
+            await self._run_queue(job)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                try:
+                    self._queue.remove(job)  # not taken yet: it never runs
+                except ValueError:
+                    await job.done.wait()  # running or run: let it finish first
+            raise
+        if job.error is not None:
+            raise job.error
+        return cast(T, job.result)
 
-        def run() -> T:
+    async def _run_queue(self, job: _Job[Any]) -> None:
+        """Wait for `job` to be run: by a worker call of this caller's own when a
+        connection is free, else by one of those running (or a later one)."""
+        while not job.done.is_set():
+            if job.taken:
+                await job.done.wait()
+                return
+            if self._limiter.available_tokens < 1:
+                await self._batch_over.wait()
+                continue
+            async with self._limiter:
+                if job.done.is_set() or job.taken:
+                    continue
+                ran: list[_Job[Any]] = []
+                try:
+                    await anyio.to_thread.run_sync(self._run_batch, job, ran)
+                finally:
+                    for done in ran:
+                        done.done.set()
+                    over, self._batch_over = self._batch_over, anyio.Event()
+                    over.set()
+
+    def _run_batch(self, mine: _Job[Any], ran: list[_Job[Any]]) -> None:
+        """In the worker thread: on one connection, run queued transactions until the
+        queue is empty. No connection (the store closed, or the pool cannot hand one
+        out in time): the caller's own transaction fails with the reason, if still queued."""
+        pool = self._pool
+        try:
+            if pool is None:
+                raise StoreClosed(f"{mine.operation}: the store is closed")
+            with pool.connection() as conn:
+                wrapped = _PgConnection(conn)
+                started = time.monotonic()
+                # Its caller waits for the whole batch: once its own transaction is run,
+                # only a few milliseconds more of the others' (a slow server stays the
+                # bound of one transaction, not of sixty-four).
+                while len(ran) < MAX_BATCH and not (mine.taken and time.monotonic() - started > MAX_BATCH_SECONDS):
+                    try:
+                        job = self._queue.popleft()
+                    except IndexError:
+                        return
+                    job.taken = True
+                    ran.append(job)
+                    _run(conn, wrapped, job)
+        except (psycopg.Error, psycopg_pool.PoolTimeout, StoreClosed) as exc:
+            error = exc if isinstance(exc, StoreClosed) else StorageError(f"{mine.operation} failed: {_reason(exc)}")
             try:
-                # The pool's context commits when `body` returns and rolls back when it
-                # raises; either way the connection goes back clean.
-                with pool.connection() as conn:
-                    return body(_PgConnection(conn))
-            except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
-                raise StorageError(f"{operation} failed: {_reason(exc)}") from exc
-
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter)
+                self._queue.remove(mine)
+            except ValueError:
+                return  # a worker has it, or had it: its outcome stands
+            mine.taken = True
+            mine.error = error
+            ran.append(mine)
 
     async def aclose(self) -> None:
         """Close the pool once every running transaction has ended. Idempotent and shielded."""
@@ -281,6 +384,8 @@ class PostgresDatabase:
             finally:
                 for borrower in borrowers:
                     self._limiter.release_on_behalf_of(borrower)
+                over, self._batch_over = self._batch_over, anyio.Event()
+                over.set()  # callers queued behind it look again (and find the store closed)
 
 
 async def open_postgres(url: str, *, pool_size: int = POOL_SIZE) -> SQLStore:
