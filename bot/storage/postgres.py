@@ -27,8 +27,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -37,6 +36,7 @@ import psycopg_pool
 
 from bot.storage.base import StorageError, StoreClosed
 from bot.storage.location import redact
+from bot.storage.queued import Job, run_queued
 from bot.storage.sql_store import Connection, Cursor, SQLStore
 
 T = TypeVar("T")
@@ -247,7 +247,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def _run(conn: psycopg.Connection[Any], wrapped: Connection, job: _Job[Any]) -> None:
+def _run(conn: psycopg.Connection[Any], wrapped: Connection, job: Job[Any]) -> None:
     """One transaction on `conn`; its result or error is kept in the job (blocking).
     The transaction block commits when `body` returns and rolls back when it raises, so
     the connection is clean for the next job of the batch."""
@@ -263,18 +263,6 @@ def _run(conn: psycopg.Connection[Any], wrapped: Connection, job: _Job[Any]) -> 
 
 MAX_BATCH = 64  # transactions one worker call runs back to back on its connection, at most
 MAX_BATCH_SECONDS = 0.02  # ... and for this long at most once its caller's own has run
-
-
-@dataclass(eq=False)
-class _Job(Generic[T]):
-    """One transaction waiting for, or run by, a worker call (`PostgresDatabase`)."""
-
-    operation: str
-    body: Callable[[Connection], T]
-    taken: bool = False  # a worker call has it (set just after it left the queue)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    result: T | None = None
-    error: BaseException | None = None
 
 
 class PostgresDatabase:
@@ -293,29 +281,16 @@ class PostgresDatabase:
     def __init__(self, pool: psycopg_pool.ConnectionPool, size: int) -> None:
         self._pool: psycopg_pool.ConnectionPool | None = pool
         self._limiter = anyio.CapacityLimiter(size)
-        self._queue: deque[_Job[Any]] = deque()
+        self._queue: deque[Job[Any]] = deque()
         self._batch_over = anyio.Event()  # set (and replaced) each time a worker call ends
 
     async def transaction(self, operation: str, body: Callable[[Connection], T], *, write: bool = True) -> T:
         """`write` is not needed here: PostgreSQL's row locks order the writers."""
         if self._pool is None:
             raise StoreClosed(f"{operation}: the store is closed")
-        job: _Job[T] = _Job(operation, body)
-        self._queue.append(job)
-        try:
-            await self._run_queue(job)
-        except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True):
-                try:
-                    self._queue.remove(job)  # not taken yet: it never runs
-                except ValueError:
-                    await job.done.wait()  # running or run: let it finish first
-            raise
-        if job.error is not None:
-            raise job.error
-        return cast(T, job.result)
+        return await run_queued(self._queue, Job(operation, body), self._run_queue)
 
-    async def _run_queue(self, job: _Job[Any]) -> None:
+    async def _run_queue(self, job: Job[Any]) -> None:
         """Wait for `job` to be run: by a worker call of this caller's own when a
         connection is free, else by one of those running (or a later one)."""
         while not job.done.is_set():
@@ -328,7 +303,7 @@ class PostgresDatabase:
             async with self._limiter:
                 if job.done.is_set() or job.taken:
                     continue
-                ran: list[_Job[Any]] = []
+                ran: list[Job[Any]] = []
                 try:
                     await anyio.to_thread.run_sync(self._run_batch, job, ran)
                 finally:
@@ -337,7 +312,7 @@ class PostgresDatabase:
                     over, self._batch_over = self._batch_over, anyio.Event()
                     over.set()
 
-    def _run_batch(self, mine: _Job[Any], ran: list[_Job[Any]]) -> None:
+    def _run_batch(self, mine: Job[Any], ran: list[Job[Any]]) -> None:
         """In the worker thread: on one connection, run queued transactions until the
         queue is empty. No connection (the store closed, or the pool cannot hand one
         out in time): the caller's own transaction fails with the reason, if still queued."""

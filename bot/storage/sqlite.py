@@ -34,13 +34,13 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.to_thread
 
 from bot.storage.base import StorageError, StoreClosed
+from bot.storage.queued import Job, run_queued
 from bot.storage.sql_store import Connection, SQLStore
 
 T = TypeVar("T")
@@ -276,18 +276,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
 MAX_BATCH = 64  # transactions one worker call runs back to back, at most
 
 
-@dataclass(eq=False)
-class _Job(Generic[T]):
-    """One transaction waiting for, or run by, the worker call (`SQLiteDatabase`)."""
-
-    operation: str
-    body: Callable[[Connection], T]
-    write: bool
-    done: anyio.Event = field(default_factory=anyio.Event)
-    result: T | None = None
-    error: BaseException | None = None
-
-
 class SQLiteDatabase:
     """One SQLite connection behind a `CapacityLimiter(1)`: the engine of an `SQLStore`.
 
@@ -307,33 +295,23 @@ class SQLiteDatabase:
         self._conn: sqlite3.Connection | None = conn
         self._inline = inline
         self._limiter = anyio.CapacityLimiter(1)
-        self._queue: deque[_Job[Any]] = deque()
+        self._queue: deque[Job[Any]] = deque()
         self._batch_over = anyio.Event()  # set (and replaced) each time a worker call ends
 
     async def transaction(self, operation: str, body: Callable[[Connection], T], *, write: bool = True) -> T:
         """Run `body` inside one transaction, in a worker call (or inline)."""
         if self._conn is None:
             raise StoreClosed(f"{operation}: the store is closed")
-        job = _Job(operation, body, write)
+        job: Job[T] = Job(operation, body, write)
         if self._inline:
             async with self._limiter:
                 self._run(job)
-        else:
-            self._queue.append(job)
-            try:
-                await self._run_queue(job)
-            except anyio.get_cancelled_exc_class():
-                with anyio.CancelScope(shield=True):
-                    try:
-                        self._queue.remove(job)  # not taken yet: it never runs
-                    except ValueError:
-                        await job.done.wait()  # running or run: let it finish first
-                raise
-        if job.error is not None:
-            raise job.error
-        return cast(T, job.result)
+            if job.error is not None:
+                raise job.error
+            return cast(T, job.result)
+        return await run_queued(self._queue, job, self._run_queue)
 
-    async def _run_queue(self, job: _Job[Any]) -> None:
+    async def _run_queue(self, job: Job[Any]) -> None:
         """Wait for `job` to be run: by this caller's own worker call when none is
         running, else by the one that is (or, if it ends first, a later one)."""
         while not job.done.is_set():
@@ -343,7 +321,7 @@ class SQLiteDatabase:
             async with self._limiter:
                 if job.done.is_set():  # run by the call that held the limiter just before
                     return
-                ran: list[_Job[Any]] = []
+                ran: list[Job[Any]] = []
                 try:
                     await anyio.to_thread.run_sync(self._run_batch, ran)
                 finally:
@@ -354,7 +332,7 @@ class SQLiteDatabase:
                     over, self._batch_over = self._batch_over, anyio.Event()
                     over.set()
 
-    def _run_batch(self, ran: list[_Job[Any]]) -> None:
+    def _run_batch(self, ran: list[Job[Any]]) -> None:
         """In the worker thread: run queued transactions until the queue is empty."""
         while len(ran) < MAX_BATCH:
             try:
@@ -364,7 +342,7 @@ class SQLiteDatabase:
             ran.append(job)
             self._run(job)
 
-    def _run(self, job: _Job[Any]) -> None:
+    def _run(self, job: Job[Any]) -> None:
         """One transaction; its result or error is kept in the job (blocking)."""
         conn = self._conn  # read again here: aclose() may have run
         try:

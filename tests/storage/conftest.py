@@ -73,3 +73,30 @@ async def lease(store: SQLStore, thread: ThreadKey, owner: str = "replica-a") ->
     token = await store.acquire_lease(thread, owner, ttl=600)
     assert token is not None, f"{thread} is leased to someone else"
     return token
+
+
+class WorkerCalls:
+    """Counts `anyio.to_thread.run_sync` calls while installed (`monkeypatch`)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import anyio.to_thread
+
+        self.count = 0
+        real = anyio.to_thread.run_sync
+
+        async def counted(*args, **kwargs):
+            self.count += 1
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+
+
+async def failing_transaction(store: SQLStore) -> None:
+    """A transaction that inserts a row, then fails: nothing of it may stay."""
+
+    def insert_then_fail(conn) -> None:
+        conn.execute("INSERT INTO events (key, claimed_at) VALUES ('half', 0)")
+        raise ValueError("the body failed")
+
+    with pytest.raises(ValueError, match="the body failed"):
+        await store.database.transaction("failing", insert_then_fail)

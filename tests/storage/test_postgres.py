@@ -16,6 +16,7 @@ import pytest
 from bot.storage import SQLStore, StoreClosed
 from bot.storage.postgres import open_postgres
 from tests.postgres import fresh_database
+from tests.storage.conftest import WorkerCalls, failing_transaction
 
 pytestmark = pytest.mark.anyio
 
@@ -57,6 +58,15 @@ async def busy(store: SQLStore, n: int) -> None:
             await anyio.sleep(0.005)
 
 
+async def queue_behind_busy_connections(tg, store: SQLStore, claim, queued: int) -> None:
+    """A claim on every connection (each held by the lock), then `queued` more behind them."""
+    for n in range(POOL):
+        tg.start_soon(claim, f"first-{n}")
+    await busy(store, POOL)
+    for n in range(queued):
+        tg.start_soon(claim, f"queued-{n}")
+
+
 async def keys(url: str) -> list[str]:
     def read() -> list[str]:
         with psycopg.connect(url) as conn:
@@ -66,32 +76,20 @@ async def keys(url: str) -> list[str]:
 
 
 async def test_transactions_queued_behind_busy_connections_share_their_worker_calls(url, store, monkeypatch):
-    calls = 0
-    run_sync = anyio.to_thread.run_sync
-
-    async def counted(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        return await run_sync(*args, **kwargs)
-
     results: dict[str, bool] = {}
 
     async def claim(key: str) -> None:
         results[key] = await store.claim_event(key)
 
     with events_locked(url) as other:
-        monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+        calls = WorkerCalls(monkeypatch)
         async with anyio.create_task_group() as tg:
-            for n in range(POOL):
-                tg.start_soon(claim, f"first-{n}")
-            await busy(store, POOL)
-            for n in range(20):
-                tg.start_soon(claim, f"queued-{n}")
+            await queue_behind_busy_connections(tg, store, claim, 20)
             await anyio.sleep(0.05)
             assert results == {}  # all wait behind the lock
             other.rollback()
         monkeypatch.undo()
-    assert calls < 22 // 2  # a few worker calls ran all 22, each its own transaction (one each before)
+    assert calls.count < 22 // 2  # a few worker calls ran all 22, each its own transaction (one each before)
     assert results == {**{f"first-{n}": True for n in range(POOL)}, **{f"queued-{n}": True for n in range(20)}}
     assert len(await keys(url)) == 22
 
@@ -119,21 +117,13 @@ async def test_a_transaction_cancelled_while_queued_never_runs(url, store):
 
 
 async def test_a_failing_transaction_in_a_batch_rolls_back_alone(url, store):
-    def insert_then_fail(conn) -> None:
-        conn.execute("INSERT INTO events (key, claimed_at) VALUES ('half', 0)")
-        raise ValueError("the body failed")
-
-    async def failing() -> None:
-        with pytest.raises(ValueError, match="the body failed"):
-            await store.database.transaction("failing", insert_then_fail)
-
     with events_locked(url) as other:
         async with anyio.create_task_group() as tg:
             for n in range(POOL):
                 tg.start_soon(store.claim_event, f"first-{n}")
             await busy(store, POOL)
             tg.start_soon(store.claim_event, "before")
-            tg.start_soon(failing)
+            tg.start_soon(failing_transaction, store)
             tg.start_soon(store.claim_event, "after")
             await anyio.sleep(0.05)
             other.rollback()
@@ -157,11 +147,7 @@ async def test_transactions_queued_while_the_store_closes_are_told_so(url, store
 
     with events_locked(url) as other, anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
-            for n in range(POOL):
-                tg.start_soon(claim, f"first-{n}")
-            await busy(store, POOL)
-            for n in range(3):
-                tg.start_soon(claim, f"queued-{n}")
+            await queue_behind_busy_connections(tg, store, claim, 3)
             await anyio.sleep(0.02)
             tg.start_soon(store.aclose)  # it waits for the two running worker calls
             await anyio.sleep(0.02)

@@ -14,7 +14,7 @@ import pytest
 
 from bot.storage import HistoryMessage, SQLStore, StorageError, StoreClosed, open_store
 from bot.storage.sqlite import MIGRATIONS, _connect, open_sqlite
-from tests.storage.conftest import lease
+from tests.storage.conftest import WorkerCalls, failing_transaction, lease
 from tests.storage.test_sql_store import THREAD, finish, start
 
 pytestmark = pytest.mark.anyio
@@ -202,21 +202,13 @@ def write_lock_held(db_path: str) -> Iterator[sqlite3.Connection]:
 
 async def test_transactions_queued_behind_a_running_one_share_its_worker_call(db_path: str, monkeypatch) -> None:
     store = await open_sqlite(db_path)
-    calls = 0
-    run_sync = anyio.to_thread.run_sync
-
-    async def counted(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        return await run_sync(*args, **kwargs)
-
     results: dict[str, bool] = {}
 
     async def claim(key: str) -> None:
         results[key] = await store.claim_event(key)
 
     with write_lock_held(db_path) as other:
-        monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+        calls = WorkerCalls(monkeypatch)
         async with anyio.create_task_group() as tg:
             tg.start_soon(claim, "first")
             await wait_until_busy(store)
@@ -225,7 +217,7 @@ async def test_transactions_queued_behind_a_running_one_share_its_worker_call(db
             await anyio.sleep(0.05)
             assert results == {}  # all wait behind the lock
             other.execute("ROLLBACK")
-    assert calls == 1  # one worker call ran all 21, each its own transaction
+    assert calls.count == 1  # one worker call ran all 21, each its own transaction
     assert results == {"first": True, **{f"queued-{n}": True for n in range(20)}}
     assert len(raw(db_path, "SELECT key FROM events")) == 21
     await store.aclose()
@@ -292,19 +284,11 @@ async def test_transactions_that_queue_while_the_store_closes_are_told_so(db_pat
 async def test_a_failing_transaction_in_a_batch_rolls_back_alone(db_path: str) -> None:
     store = await open_sqlite(db_path)
 
-    def insert_then_fail(conn) -> None:
-        conn.execute("INSERT INTO events (key, claimed_at) VALUES ('half', 0)")
-        raise ValueError("the body failed")
-
-    async def failing() -> None:
-        with pytest.raises(ValueError, match="the body failed"):
-            await store.database.transaction("failing", insert_then_fail)
-
     with write_lock_held(db_path) as other:
         async with anyio.create_task_group() as tg:
             tg.start_soon(store.claim_event, "before")
             await wait_until_busy(store)
-            tg.start_soon(failing)
+            tg.start_soon(failing_transaction, store)
             tg.start_soon(store.claim_event, "after")
             await anyio.sleep(0.02)
             other.execute("ROLLBACK")
