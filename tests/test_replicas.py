@@ -334,7 +334,7 @@ async def test_a_replica_killed_as_its_answer_opens_leaves_nothing_unfinished(sl
             await slack.wait_until(lambda: INTERRUPTED_NOTICE in slack.visible_text("D1", opened["ts"]), timeout=10)
             assert not slack.is_streaming("D1", opened["ts"])
             assert b.outcomes == {}
-            status, detail = await _request_row(database_url, state.request_id)
+            status, detail = await _closed_row(database_url, state.request_id)  # (stored just after the notice)
             assert status == "interrupted" and "taken over by replica-b" in detail
             a_handle.thaw()  # (the dead replica's last calls, for the test to end: fenced off)
             await eventually(lambda: not a.active, timeout=10)
@@ -454,6 +454,15 @@ class CutOff:
             return await attr(*args, **kwargs)
 
         return call
+
+
+async def _closed_row(url: str, request_id: str, timeout: float = 10.0) -> tuple[str, str]:
+    """The request's row once it is no longer in flight (or as it is after `timeout`)."""
+    with anyio.move_on_after(timeout):
+        while (row := await _request_row(url, request_id))[0] == "in_flight":
+            await anyio.sleep(0.05)
+        return row
+    return await _request_row(url, request_id)
 
 
 async def _request_row(url: str, request_id: str) -> tuple[str, str]:

@@ -303,7 +303,7 @@ async def test_a_priority_caller_may_go_one_call_beyond_the_burst_but_never_insi
     await bucket.acquire(priority=True)
     second = anyio.current_time() - started
     assert first < bucket.interval / 2 and second >= bucket.interval - 1e-3
-    assert bucket.wait_time() >= 2 * bucket.interval - 2e-3  # an answer's call: behind the borrowed one too
+    assert bucket.wait_time() > 1.5 * bucket.interval  # an answer's call: behind the borrowed one too (2 intervals)
     await anyio.sleep(4 * bucket.interval)  # (the bucket full again)
     bucket.block(0.3)
     blocked_at = anyio.current_time()
